@@ -1,0 +1,3776 @@
+#!/usr/bin/env python3
+"""WhatSignal: read and answer your WhatsApp chats from Signal.
+
+One person, one bridge.  WAHA (the WhatsApp HTTP API) posts every WhatsApp
+event to WhatSignal as a signed webhook; WhatSignal stores it, then forwards it
+to the owner's Signal through signal-cli.  The owner answers in Signal (quote
+to pick a chat, or just write to answer the last one) and WhatSignal delivers
+the answer to the right WhatsApp chat.  The people on WhatsApp never know.
+
+    WhatsApp ──> WAHA ──webhook (HMAC)──> WhatSignal ──JSON-RPC / REST──> signal-cli ──> owner's Signal
+                  ^                        |  SQLite (WAL, encrypted)               |
+                  └──── sendText/... <─────┴──── SSE / poll / WebSocket <───────────┘
+
+Every event is committed to SQLite before it is acknowledged, delivered by a
+worker with retries and backoff, in order per chat, and deduplicated by its
+upstream id, so a crash, a restart or an upstream outage loses nothing.
+
+What it deliberately does not do: it is not a multi-user service (each
+channel has exactly one owner), not a cluster (two instances may share one
+volume on one host, only one delivers at a time), and it never trusts a
+payload: media is fetched only from WAHA's own origin, nothing from a payload
+becomes a file path, and only the configured owner can speak through it.
+
+Security: webhooks must carry WAHA's HMAC-SHA512 signature; message text,
+phone numbers, chat ids and names are encrypted at rest (scrypt-derived keys,
+BLAKE2b keystream, HMAC-SHA256 encrypt-then-MAC) with keyed lookup tokens;
+secrets, text and full numbers never reach the logs.  The server binds to
+127.0.0.1 by default.
+
+Sections (grep -n '^# .*###' whatsignal.py):
+    Constants and defaults, Errors, Logging and metrics, Configuration,
+    Pure helpers, Encryption, Translation, Store, Clients, Bridge, Workers,
+    HTTP server, Operations, Simulators, Command line
+
+XXX / Known gaps:
+    - Signal rich text (mentions, styles) and WhatsApp polls, stories and calls
+      are not bridged; they arrive as plain text or a short notice.
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import base64
+import binascii
+import collections
+import contextlib
+import datetime
+import difflib
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+###############################################################################
+# Constants and defaults ######################################################
+###############################################################################
+
+DEFAULT_PORT = 8082
+MAX_BODY_BYTES = 10 * 1024 * 1024     # webhook bodies above this get 413, unread
+READ_TIMEOUT = 30.0                   # idle keep-alive / slow client limit (s)
+UPSTREAM_TIMEOUT = 10.0               # one call to WAHA or signal-cli (s)
+BACKOFF_START = 1.0                   # first retry delay (s)
+BACKOFF_FACTOR = 2.0
+BACKOFF_CAP = 300.0                   # never wait longer than this between tries
+EXPIRE_AFTER_HOURS = 24               # a message still failing after this is given up
+AUTH_FAIL_LIMIT = 20                  # failed signatures per client before 429
+AUTH_FAIL_WINDOW = 60.0               # ... within this many seconds
+HEALTH_CACHE_SECONDS = 5.0            # upstream health checks are cached this long
+CONTACT_TTL = 24 * 3600               # contact names are refreshed after a day
+SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long is dead (keep-alive 15 s)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
+QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
+LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
+SCHEMA_VERSION = 1
+
+# WAHA events the bridge handles; every other event is stored nowhere and answered 200.
+WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
+               "message.ack", "message.ack.group", "session.status")
+SESSION_DOWN = ("STOPPED", "FAILED", "SCAN_QR_CODE", "PASSKEY_REQUIRED",
+                "PASSKEY_CONFIRMATION_REQUIRED")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class WhatSignalError(Exception):
+    """Base of every error WhatSignal raises on purpose."""
+
+
+class ConfigError(WhatSignalError):
+    """The configuration is unusable; ``problems`` has one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class PayloadError(WhatSignalError):
+    """A webhook or envelope is malformed: answer 4xx, never retry."""
+
+
+class CryptoError(WhatSignalError):
+    """A value failed authentication, or the secret does not open the database."""
+
+
+class StoreError(WhatSignalError):
+    """The database cannot take a write right now (locked, disk full)."""
+
+
+class UpstreamError(WhatSignalError):
+    """A call to WAHA or signal-cli failed."""
+
+
+class TransientError(UpstreamError):
+    """Worth retrying later: connection refused, timeout, 5xx, rate limit."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IdentityError(TransientError):
+    """signal-cli refuses to send: the owner's safety number changed."""
+
+
+class PermanentError(UpstreamError):
+    """Retrying cannot help: park the item as dead and tell the owner."""
+
+
+###############################################################################
+# Logging and metrics #########################################################
+###############################################################################
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+
+
+class Log:
+    """JSON lines on stderr: ``ts``, ``level``, ``msg`` and fields.
+
+    Callers pass only masked values (see ``mask_phone``); message text and
+    secrets are never given to the logger at any level.
+    """
+
+    def __init__(self, level="info", stream=None, clock=time.time):
+        self.level = LEVELS.get(level, 20)
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.lock = threading.Lock()
+
+    def _emit(self, level, msg, fields):
+        if LEVELS[level] < self.level:
+            return
+        ts = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        rec = {"ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
+               "level": "WARN" if level == "warn" else level.upper(), "msg": msg}
+        rec.update(fields)
+        line = json.dumps(rec, ensure_ascii=False, default=str)
+        with self.lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # pragma: no cover - stderr closed
+                pass
+
+    def debug(self, msg, **f):
+        self._emit("debug", msg, f)
+
+    def info(self, msg, **f):
+        self._emit("info", msg, f)
+
+    def warn(self, msg, **f):
+        self._emit("warn", msg, f)
+
+    def error(self, msg, **f):
+        self._emit("error", msg, f)
+
+
+class Metrics:
+    """Counters, gauges and histograms rendered as Prometheus text 0.0.4."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.kinds = {}      # name -> (type, help)
+        self.values = {}     # (name, labels) -> float
+        self.hists = {}      # (name, labels) -> [bucket counts..., sum, count]
+
+    def describe(self, name, kind, help_text):
+        self.kinds[name] = (kind, help_text)
+
+    def inc(self, name, value=1.0, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.values[key] = self.values.get(key, 0.0) + value
+
+    def set(self, name, value, **labels):
+        with self.lock:
+            self.values[(name, tuple(sorted(labels.items())))] = float(value)
+
+    def get(self, name, **labels):
+        return self.values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def observe(self, name, value, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            h = self.hists.setdefault(key, [0] * len(self.BUCKETS) + [0.0, 0])
+            for i, b in enumerate(self.BUCKETS):
+                if value <= b:
+                    h[i] += 1
+            h[-2] += value
+            h[-1] += 1
+
+    @staticmethod
+    def _labels(pairs, extra=()):
+        pairs = list(pairs) + list(extra)
+        if not pairs:
+            return ""
+        esc = lambda v: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return "{" + ",".join('%s="%s"' % (k, esc(v)) for k, v in pairs) + "}"
+
+    def render(self):
+        out, seen = [], set()
+        with self.lock:
+            items = sorted(self.values.items()) + sorted(self.hists.items())
+        for (name, labels), v in items:
+            if name not in seen:
+                seen.add(name)
+                kind, help_text = self.kinds.get(name, ("untyped", name))
+                out.append("# HELP %s %s" % (name, help_text))
+                out.append("# TYPE %s %s" % (name, kind))
+            if isinstance(v, list):
+                for i, b in enumerate(self.BUCKETS):
+                    out.append("%s_bucket%s %d" % (name, self._labels(labels, [("le", repr(float(b)))]), v[i]))
+                out.append("%s_bucket%s %d" % (name, self._labels(labels, [("le", "+Inf")]), v[-1]))
+                out.append("%s_sum%s %r" % (name, self._labels(labels), v[-2]))
+                out.append("%s_count%s %d" % (name, self._labels(labels), v[-1]))
+            else:
+                out.append("%s%s %r" % (name, self._labels(labels), v))
+        return "\n".join(out) + "\n"
+
+
+def new_metrics():
+    """Return a Metrics registry with every WhatSignal metric described."""
+    m = Metrics()
+    for name, kind, text in (
+        ("whatsignal_build_info", "gauge", "Version of the running bridge."),
+        ("whatsignal_messages_processed_total", "counter", "Bridged items by direction, kind and result."),
+        ("whatsignal_http_requests_total", "counter", "HTTP requests by path and status."),
+        ("whatsignal_webhook_auth_failures_total", "counter", "Webhooks refused for a bad or missing signature."),
+        ("whatsignal_unauthorized_senders_total", "counter", "Signal envelopes from someone other than the owner."),
+        ("whatsignal_dead_letters_total", "counter", "Items given up after a permanent failure."),
+        ("whatsignal_untrusted_identity_total", "counter", "Sends refused because the owner's safety number changed."),
+        ("whatsignal_rejected_total", "counter", "Malformed or hostile input refused, by reason."),
+        ("whatsignal_queue_depth", "gauge", "Items waiting for delivery, by direction."),
+        ("whatsignal_delivery_latency_seconds", "histogram", "From receipt to delivery, by direction."),
+        ("whatsignal_cleanup_duration_seconds", "gauge", "Duration of the last retention cleanup."),
+        ("whatsignal_cleanup_last_success_timestamp_seconds", "gauge", "Unix time of the last successful cleanup."),
+        ("whatsignal_database_size_bytes", "gauge", "Size of the database and its WAL."),
+        ("whatsignal_media_files_count", "gauge", "Files in the media cache."),
+        ("whatsignal_leader", "gauge", "1 when this instance runs the delivery workers."),
+    ):
+        m.describe(name, kind, text)
+    m.set("whatsignal_build_info", 1, version=__version__)
+    return m
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+# Every accepted key: dotted path -> (type, default, what it is).  A default of
+# REQUIRED means the key must be given; None means "absent is fine".
+REQUIRED = object()
+DEFAULTS = {
+    "server.host": (str, "127.0.0.1", "address to listen on (0.0.0.0 inside Docker)"),
+    "server.port": (int, DEFAULT_PORT, "port for webhooks, /health and /metrics"),
+    "server.metricsToken": (str, None, "bearer token required on /metrics when set"),
+    "server.maxBodyMB": (int, 10, "largest webhook body accepted, in MB"),
+    "whatsapp.apiUrl": (str, REQUIRED, "WAHA base URL; media is fetched only from its origin"),
+    "whatsapp.apiKey": (str, None, "WAHA X-Api-Key"),
+    "whatsapp.session": (str, "default", "WAHA session of the single default channel"),
+    "whatsapp.webhookSecret": (str, None, "WAHA webhook HMAC key (>= 32 chars); WEBHOOK_SECRET"),
+    "whatsapp.mirrorDeletes": (bool, True, "a WhatsApp deletion deletes the Signal copy (else a notice)"),
+    "whatsapp.sessionAutoRestart": (bool, False, "restart a FAILED/STOPPED WAHA session with backoff"),
+    "signal.rpcUrl": (str, None, "signal-cli daemon --http URL (JSON-RPC + SSE)"),
+    "signal.apiUrl": (str, None, "signal-cli-rest-api URL (instead of rpcUrl)"),
+    "signal.number": (str, REQUIRED, "the bridge's own Signal account, E.164"),
+    "signal.destination": (str, None, "the owner's Signal number, E.164"),
+    "signal.trustNewIdentity": (bool, False, "trust the owner's new safety number automatically"),
+    "signal.pollIntervalSeconds": (float, 1.0, "REST normal/native mode: receive poll interval"),
+    "bridge.layout": (str, "inbox", "inbox (one conversation) or groups (one Signal group per chat)"),
+    "bridge.expireAfterHours": (float, EXPIRE_AFTER_HOURS, "give up on a message still failing after this"),
+    "database.path": (str, "./whatsignal.db", "SQLite file; DB_PATH"),
+    "database.synchronous": (str, "NORMAL", "SQLite synchronous: NORMAL survives kill -9, FULL also power loss"),
+    "media.cacheDir": (str, "./cache", "media cache directory; MEDIA_DIR"),
+    "media.maxSizeMB": (int, 50, "largest media bridged, in MB"),
+    "media.retentionDays": (int, None, "media cache retention (default: retentionDays)"),
+    "retentionDays": (int, 30, "mappings and delivered items are kept this long"),
+    "cleanupIntervalHours": (float, 24.0, "how often the retention cleaner runs"),
+    "logLevel": (str, "info", "debug, info, warn or error"),
+}
+CHANNEL_KEYS = {"whatsappSession": str, "signalDestination": str}
+ENV_OVERRIDES = {"WHATSAPP_API_URL": "whatsapp.apiUrl", "SIGNAL_RPC_URL": "signal.rpcUrl",
+                 "SIGNAL_API_URL": "signal.apiUrl", "DB_PATH": "database.path",
+                 "MEDIA_DIR": "media.cacheDir", "WHATSIGNAL_HOST": "server.host"}
+SECRET_KEYS = ("whatsapp.apiKey", "whatsapp.webhookSecret", "server.metricsToken")
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+Channel = collections.namedtuple("Channel", "session destination")
+Channel.__doc__ = "One WAHA session paired with one owner's Signal number."
+
+
+def _flatten(tree, prefix=""):
+    for k, v in tree.items():
+        path = prefix + str(k)
+        if isinstance(v, dict):
+            yield from _flatten(v, path + ".")
+        else:
+            yield path, v
+
+
+def _resolve_env(value, path, environ, problems):
+    if isinstance(value, str) and value.startswith("env:"):
+        name = value[4:]
+        if name not in environ:
+            problems.append("%s: environment variable %s is not set; export it or put the value in the config"
+                            % (path, name))
+            return None
+        return environ[name]
+    return value
+
+
+def _check_type(path, value, kind, problems):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        problems.append("%s: expected %s, got %s %r; fix the value in the config"
+                        % (path, kind.__name__, type(value).__name__, value))
+        return None
+    return value
+
+
+def _check_url(path, value, problems):
+    u = urllib.parse.urlsplit(value)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        problems.append("%s: %r is not an http(s) URL; use e.g. http://localhost:3000" % (path, value))
+
+
+def load_config(path, environ):
+    """Read the JSON config at *path*, overlay *environ*, validate; return a Config.
+
+    Raises ConfigError with one line per problem.
+    """
+    problems = []
+    raw = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(["config file %s not found; copy config.example.json there or pass --config" % path])
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(["config file %s cannot be read (%s); check its permissions" % (path, e.__class__.__name__)])
+        except json.JSONDecodeError as e:
+            raise ConfigError(["config file %s is not valid JSON (line %d column %d: %s); fix the syntax"
+                               % (path, e.lineno, e.colno, e.msg)])
+        if not isinstance(raw, dict):
+            raise ConfigError(["config file %s must hold a JSON object" % path])
+    return validate_config(raw, environ, problems)
+
+
+def validate_config(raw, environ, problems=None):
+    """Validate a parsed config dict against DEFAULTS; return a Config or raise ConfigError."""
+    problems = problems if problems is not None else []
+    values = {}
+    channels_raw = raw.pop("channels", None) if isinstance(raw, dict) else None
+    for path, value in _flatten(raw):
+        if path not in DEFAULTS:
+            close = difflib.get_close_matches(path, list(DEFAULTS) + ["channels"], n=1)
+            problems.append("%s: unknown key%s; remove it or fix the spelling"
+                            % (path, " (did you mean %s?)" % close[0] if close else ""))
+            continue
+        value = _resolve_env(value, path, environ, problems)
+        if value is not None:
+            value = _check_type(path, value, DEFAULTS[path][0], problems)
+        if value is not None:
+            values[path] = value
+    for env, path in ENV_OVERRIDES.items():
+        if environ.get(env):
+            values[path] = environ[env]
+            if path == "signal.rpcUrl":
+                values.pop("signal.apiUrl", None)
+            elif path == "signal.apiUrl":
+                values.pop("signal.rpcUrl", None)
+    if "whatsapp.webhookSecret" not in values and environ.get("WEBHOOK_SECRET"):
+        values["whatsapp.webhookSecret"] = environ["WEBHOOK_SECRET"]
+    for path, (kind, default, _) in DEFAULTS.items():
+        if path not in values:
+            if default is REQUIRED:
+                problems.append("%s: missing; set it in the config file" % path)
+            else:
+                values[path] = default
+    cfg = Config(values, environ)
+    cfg.channels = _validate_channels(channels_raw, values, problems)
+    _validate_values(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _validate_channels(channels_raw, values, problems):
+    if channels_raw is None:
+        dest = values.get("signal.destination")
+        if not dest:
+            problems.append("signal.destination: missing; set the owner's Signal number (E.164) or list channels")
+            return []
+        return [Channel(values.get("whatsapp.session") or "default", dest)]
+    if not isinstance(channels_raw, list) or not channels_raw:
+        problems.append("channels: must be a non-empty list of {whatsappSession, signalDestination}")
+        return []
+    out = []
+    for i, ch in enumerate(channels_raw):
+        where = "channels[%d]" % i
+        if not isinstance(ch, dict):
+            problems.append("%s: must be an object {whatsappSession, signalDestination}" % where)
+            continue
+        for k in ch:
+            if k not in CHANNEL_KEYS:
+                problems.append("%s.%s: unknown key; use whatsappSession and signalDestination" % (where, k))
+        sess, dest = ch.get("whatsappSession"), ch.get("signalDestination")
+        if not isinstance(sess, str) or not sess:
+            problems.append("%s.whatsappSession: missing; name the WAHA session" % where)
+        elif any(c.session == sess for c in out):
+            problems.append("%s.whatsappSession: %r is listed twice; each session has one owner" % (where, sess))
+        if not isinstance(dest, str) or not dest:
+            problems.append("%s.signalDestination: missing; give the owner's Signal number" % where)
+        if isinstance(sess, str) and isinstance(dest, str):
+            out.append(Channel(sess, dest))
+    return out
+
+
+def _validate_values(cfg, problems):
+    g = cfg.get
+    if g("whatsapp.apiUrl"):
+        _check_url("whatsapp.apiUrl", g("whatsapp.apiUrl"), problems)
+    rpc, api = g("signal.rpcUrl"), g("signal.apiUrl")
+    if bool(rpc) == bool(api):
+        problems.append("signal: set exactly one of signal.rpcUrl (signal-cli daemon) or signal.apiUrl "
+                        "(signal-cli-rest-api)")
+    for key in ("signal.rpcUrl", "signal.apiUrl"):
+        if g(key):
+            _check_url(key, g(key), problems)
+    if g("signal.number") and not E164.match(g("signal.number")):
+        problems.append("signal.number: %s is not an E.164 number; write it like +15550000001"
+                        % mask_phone(g("signal.number")))
+    for i, ch in enumerate(cfg.channels):
+        if not E164.match(ch.destination):
+            problems.append("channels[%d].signalDestination: %s is not an E.164 number; write it like +15550000002"
+                            % (i, mask_phone(ch.destination)))
+        if ch.destination == g("signal.number"):
+            problems.append("channels[%d].signalDestination: the owner cannot be the bridge's own number; "
+                            "use the owner's personal Signal number" % i)
+    secret = g("whatsapp.webhookSecret")
+    if not secret and any(p.startswith("whatsapp.webhookSecret:") for p in problems):
+        pass   # already reported: the env variable it names is missing
+    elif not secret:
+        problems.append("whatsapp.webhookSecret: missing; set WEBHOOK_SECRET (openssl rand -base64 32) "
+                        "and the same key in WAHA's webhook hmac")
+    elif len(secret) < 32:
+        problems.append("whatsapp.webhookSecret: only %d characters; use at least 32 (openssl rand -base64 32)"
+                        % len(secret))
+    if cfg.encryption and len(cfg.encryption_secret or "") < 32:
+        problems.append("WHATSIGNAL_ENCRYPTION_SECRET: %s; set at least 32 characters (openssl rand -base64 32) "
+                        "or WHATSIGNAL_ENABLE_ENCRYPTION=false"
+                        % ("not set" if not cfg.encryption_secret else "only %d characters" % len(cfg.encryption_secret)))
+    if not 0 < g("server.port") < 65536:
+        problems.append("server.port: %d is out of range; use 1-65535" % g("server.port"))
+    for key, lo, hi in (("server.maxBodyMB", 1, 1024), ("media.maxSizeMB", 1, 2048), ("retentionDays", 1, 36500)):
+        if not lo <= g(key) <= hi:
+            problems.append("%s: %s is out of range; use %d-%d" % (key, g(key), lo, hi))
+    if g("media.retentionDays") is not None and g("media.retentionDays") < 1:
+        problems.append("media.retentionDays: must be at least 1")
+    if g("cleanupIntervalHours") <= 0 or g("bridge.expireAfterHours") <= 0 or g("signal.pollIntervalSeconds") <= 0:
+        problems.append("cleanupIntervalHours, bridge.expireAfterHours and signal.pollIntervalSeconds must be > 0")
+    if g("logLevel") not in LEVELS:
+        problems.append("logLevel: %r is not one of debug, info, warn, error" % g("logLevel"))
+    if g("bridge.layout") not in ("inbox", "groups"):
+        problems.append("bridge.layout: %r is not inbox or groups" % g("bridge.layout"))
+    if g("database.synchronous").upper() not in ("NORMAL", "FULL"):
+        problems.append("database.synchronous: use NORMAL or FULL")
+
+
+class Config:
+    """The validated configuration: ``get("whatsapp.apiUrl")``, ``channels``, encryption settings."""
+
+    def __init__(self, values, environ):
+        self.values = values
+        self.channels = []
+        flag = environ.get("WHATSIGNAL_ENABLE_ENCRYPTION", "true").strip().lower()
+        self.encryption = flag not in ("false", "0", "no", "off")
+        self.encryption_secret = environ.get("WHATSIGNAL_ENCRYPTION_SECRET")
+        self.old_secret = environ.get("WHATSIGNAL_ENCRYPTION_SECRET_OLD")
+
+    def get(self, path):
+        return self.values[path]
+
+    def channel(self, session):
+        return next((c for c in self.channels if c.session == session), None)
+
+    def masked(self):
+        """Return the resolved configuration as a nested dict, secrets and numbers masked."""
+        tree = {}
+        for path, value in sorted(self.values.items()):
+            if path in SECRET_KEYS and value:
+                value = "***(%d chars)" % len(value)
+            elif path in ("signal.destination", "signal.number") and value:
+                value = mask_phone(value)
+            node = tree
+            parts = path.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        tree["channels"] = [{"whatsappSession": c.session, "signalDestination": mask_phone(c.destination)}
+                            for c in self.channels]
+        tree["encryption"] = {"enabled": self.encryption,
+                              "secret": "***(%d chars)" % len(self.encryption_secret or "") if self.encryption else None}
+        return tree
+
+###############################################################################
+# Pure helpers ################################################################
+###############################################################################
+
+
+def mask_phone(value):
+    """Return *value* with the middle digits hidden: ``+4915******89``."""
+    if not isinstance(value, str) or not value:
+        return "?"
+    head, at, domain = value.partition("@")
+    digits = head.lstrip("+")
+    if len(digits) <= 4:
+        masked = "*" * len(digits)
+    else:
+        keep = 4 if len(digits) > 8 else 2
+        masked = digits[:keep] + "*" * (len(digits) - keep - 2) + digits[-2:]
+    return ("+" if head.startswith("+") else "") + masked + (at + domain if at else "")
+
+
+def normalize_jid(jid):
+    """Return the canonical chat id for *jid*: ``@s.whatsapp.net`` becomes ``@c.us``, devices dropped."""
+    if not isinstance(jid, str) or "@" not in jid:
+        return None
+    user, _, server = jid.strip().partition("@")
+    user = user.split(":", 1)[0]
+    server = server.lower()
+    if server == "s.whatsapp.net":
+        server = "c.us"
+    if not user or server not in ("c.us", "g.us", "lid", "newsletter", "broadcast"):
+        return None
+    return user + "@" + server
+
+
+def msg_id_parts(msg_id):
+    """Split a serialized WAHA message id into (fromMe, chat, bare id, participant) or None."""
+    if isinstance(msg_id, dict):
+        msg_id = msg_id.get("_serialized")
+    if not isinstance(msg_id, str):
+        return None
+    parts = msg_id.split("_")
+    if len(parts) in (3, 4) and parts[0] in ("true", "false") and "@" in parts[1] and parts[2]:
+        return parts[0] == "true", parts[1], parts[2], (parts[3] if len(parts) == 4 else None)
+    return None
+
+
+def bare_msg_id(msg_id):
+    """Return the bare WhatsApp id of a serialized or bare id."""
+    parts = msg_id_parts(msg_id)
+    if parts:
+        return parts[2]
+    return msg_id if isinstance(msg_id, str) and msg_id and len(msg_id) <= 128 else None
+
+
+def jid_to_phone(jid):
+    """Return ``+<digits>`` for a ``<digits>@c.us`` id, else None."""
+    j = normalize_jid(jid)
+    if j and j.endswith("@c.us") and j[:-5].isdigit():
+        return "+" + j[:-5]
+    return None
+
+
+def phone_to_jid(number):
+    """Return the WhatsApp chat id for an E.164 number."""
+    return number.lstrip("+") + "@c.us" if isinstance(number, str) and E164.match(number) else None
+
+
+def verify_waha_signature(secret, body, signature, algorithm):
+    """True when *signature* is WAHA's hex HMAC-SHA512 of the exact *body* bytes."""
+    if not secret or not signature or (algorithm or "sha512").lower() != "sha512":
+        return False
+    expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha512).hexdigest()
+    return hmac.compare_digest(expected, signature.strip().lower())
+
+
+def next_backoff(attempt, start=BACKOFF_START, factor=BACKOFF_FACTOR, cap=BACKOFF_CAP, rand=random.random):
+    """Seconds to wait before try number *attempt* + 1: capped exponential with jitter."""
+    base = min(cap, start * factor ** min(attempt, 64))
+    return base * (0.5 + rand() / 2)
+
+
+def shorten(text, limit=QUOTE_PREVIEW):
+    """Return *text* on one line, cut to *limit* characters with an ellipsis."""
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def human_size(n):
+    """Return ``83 MB`` style sizes for notices."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.0f %s" % (n, unit))
+        n /= 1024.0
+    return "?"  # pragma: no cover
+
+
+def iso_now(clock=time.time):
+    return datetime.datetime.fromtimestamp(clock(), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+MAGIC = (  # (family, prefix test) for the media types we bridge
+    ("image/jpeg", lambda b: b[:3] == b"\xff\xd8\xff"),
+    ("image/png", lambda b: b[:8] == b"\x89PNG\r\n\x1a\n"),
+    ("image/gif", lambda b: b[:4] == b"GIF8"),
+    ("image/webp", lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"),
+    ("video/mp4", lambda b: b[4:8] == b"ftyp"),
+    ("audio/ogg", lambda b: b[:4] == b"OggS"),
+    ("audio/mpeg", lambda b: b[:3] == b"ID3" or b[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")),
+    ("audio/aac", lambda b: b[:2] in (b"\xff\xf1", b"\xff\xf9")),
+    ("video/webm", lambda b: b[:4] == b"\x1a\x45\xdf\xa3"),
+    ("application/pdf", lambda b: b[:5] == b"%PDF-"),
+)
+
+
+def sniff_mime(head):
+    """Return the MIME type the first bytes *head* prove, or None."""
+    for mime, test in MAGIC:
+        if test(head):
+            return mime
+    return None
+
+
+def media_type_ok(declared, head):
+    """True when *head* fits the *declared* MIME family (images must be images, ...)."""
+    family = (declared or "application/octet-stream").split("/")[0].lower()
+    sniffed = sniff_mime(head) or ""
+    if family == "image":
+        return sniffed.startswith("image/")
+    if family in ("video", "audio"):   # MP4/M4A share 'ftyp', Ogg/WebM hold both
+        return sniffed.startswith(("video/", "audio/"))
+    return head[:2] != b"MZ" and head[:4] != b"\x7fELF"   # documents: anything but executables
+
+
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp",
+              "video/mp4": ".mp4", "audio/ogg": ".ogg", "audio/mpeg": ".mp3", "audio/aac": ".aac",
+              "audio/mp4": ".m4a", "application/pdf": ".pdf", "video/webm": ".webm"}
+
+
+def safe_filename(name, mime):
+    """Return a display file name with no path parts, control characters or dots in front."""
+    name = os.path.basename(str(name or "").replace("\\", "/"))
+    name = re.sub(r"[\x00-\x1f\x7f/;:,\"']", "_", name).lstrip(".")[:100]
+    return name or ("file" + EXTENSIONS.get((mime or "").split(";")[0].strip().lower(), ".bin"))
+
+
+###############################################################################
+# Encryption ##################################################################
+###############################################################################
+
+
+class Cipher:
+    """Authenticated encryption from the standard library alone.
+
+    Keys: scrypt(secret, per-database random salt) gives a 64-byte master key;
+    HMAC-SHA256(master, label) derives separate keys for encryption,
+    authentication and lookup tokens.
+
+    Value format (version 1): ``01 || nonce(16) || ciphertext || tag(32)``.
+    The keystream is keyed BLAKE2b(key=enc, nonce || counter) in counter mode,
+    64 bytes a block; the tag is HMAC-SHA256(mac, version || nonce ||
+    ciphertext), checked in constant time before anything is decrypted.
+    Version 0 (``00 || plaintext``) is written only when encryption is
+    explicitly disabled.  Lookup tokens are HMAC-SHA256(lookup, domain || 0 ||
+    value), hex, so rows are found by value without storing the value.
+    """
+
+    VERSION = 1
+    NONCE = 16
+    TAG = 32
+
+    def __init__(self, secret, salt, enabled=True, rand=os.urandom, n=SCRYPT_N):
+        self.enabled = enabled
+        self.rand = rand
+        if enabled:
+            master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P,
+                                    maxmem=256 * 1024 * 1024, dklen=64)
+        else:
+            master = hashlib.sha256(b"whatsignal-plaintext" + salt).digest()
+        sub = lambda label: hmac.new(master, b"whatsignal/v1/" + label, hashlib.sha256).digest()
+        self.enc_key, self.mac_key, self.lookup_key = sub(b"enc"), sub(b"mac"), sub(b"lookup")
+
+    def _keystream(self, nonce, length):
+        out = bytearray()
+        for counter in range((length + 63) // 64):
+            out += hashlib.blake2b(nonce + counter.to_bytes(8, "big"), key=self.enc_key).digest()
+        return bytes(out[:length])
+
+    def _xor(self, data, nonce):
+        if not data:
+            return b""
+        ks = self._keystream(nonce, len(data))
+        return (int.from_bytes(data, "big") ^ int.from_bytes(ks, "big")).to_bytes(len(data), "big")
+
+    def encrypt(self, value):
+        """Return the sealed bytes of *value* (str or bytes); None stays None."""
+        if value is None:
+            return None
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+        if not self.enabled:
+            return b"\x00" + data
+        nonce = self.rand(self.NONCE)
+        head = bytes([self.VERSION]) + nonce
+        ct = self._xor(data, nonce)
+        return head + ct + hmac.new(self.mac_key, head + ct, hashlib.sha256).digest()
+
+    def decrypt_bytes(self, blob):
+        if blob is None:
+            return None
+        blob = bytes(blob)
+        if blob[:1] == b"\x00" and not self.enabled:
+            return blob[1:]
+        if len(blob) < 1 + self.NONCE + self.TAG or blob[0] != self.VERSION:
+            raise CryptoError("stored value has an unknown format or was written with encryption %s"
+                              % ("disabled" if blob[:1] == b"\x00" else "enabled"))
+        head, ct, tag = blob[:1 + self.NONCE], blob[1 + self.NONCE:-self.TAG], blob[-self.TAG:]
+        if not hmac.compare_digest(hmac.new(self.mac_key, head + ct, hashlib.sha256).digest(), tag):
+            raise CryptoError("stored value failed authentication (tampered, or another key)")
+        return self._xor(ct, head[1:])
+
+    def decrypt(self, blob):
+        """Return the str sealed in *blob*; raise CryptoError if it was altered."""
+        data = self.decrypt_bytes(blob)
+        return None if data is None else data.decode("utf-8", "surrogatepass")
+
+    def token(self, domain, value):
+        """Return the keyed lookup token for *value* in *domain* (hex, 32 chars)."""
+        if value is None:
+            return None
+        msg = domain.encode() + b"\x00" + str(value).encode("utf-8", "surrogatepass")
+        return hmac.new(self.lookup_key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def key_check(self):
+        """Return the key check value stored in the database to recognise this key."""
+        tag = hmac.new(self.mac_key, b"whatsignal key check", hashlib.sha256).hexdigest()[:24]
+        return ("enc1:" if self.enabled else "plain:") + tag
+
+###############################################################################
+# Translation #################################################################
+###############################################################################
+# Pure functions over dicts: WAHA event -> compact record -> Signal text, and
+# Signal envelope -> compact record.  No I/O, no clock.
+
+Inbound = collections.namedtuple("Inbound", "kind session dedupe chat record")
+Inbound.__doc__ = "A validated upstream event: what to store, how to dedupe it, which chat orders it."
+
+
+def _opt(obj, key, kinds, where):
+    """Return obj[key] if it has one of *kinds* (or is missing/None), else raise PayloadError."""
+    v = obj.get(key)
+    if v is None or isinstance(v, kinds) and not isinstance(v, bool) or (bool in kinds and isinstance(v, bool)):
+        return v
+    raise PayloadError("%s.%s has the wrong type" % (where, key))
+
+
+def _obj(obj, key, where):
+    v = obj.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise PayloadError("%s.%s must be an object" % (where, key))
+    return v
+
+
+def _chat_of(payload, msg_id=None):
+    parts = msg_id_parts(msg_id if msg_id is not None else payload.get("id"))
+    chat = normalize_jid(parts[1]) if parts else None
+    return chat or normalize_jid(payload.get("from")) if isinstance(payload.get("from"), (str, type(None))) else chat
+
+
+def _push_name(payload):
+    data = payload.get("_data")
+    if isinstance(data, dict):
+        for v in (data.get("notifyName"), data.get("pushName"),
+                  data.get("Info", {}).get("PushName") if isinstance(data.get("Info"), dict) else None):
+            if isinstance(v, str) and v.strip():
+                return v.strip()[:100]
+    return None
+
+
+def _reply_of(payload):
+    r = payload.get("replyTo")
+    if r is None:
+        return None
+    if isinstance(r, str):       # one docs version sent the id as a plain string
+        return {"id": bare_msg_id(r), "body": None, "participant": None}
+    if not isinstance(r, dict):
+        raise PayloadError("payload.replyTo must be an object or a string")
+    return {"id": bare_msg_id(r.get("id")) if isinstance(r.get("id"), str) else None,
+            "body": _opt(r, "body", (str,), "replyTo"),
+            "participant": normalize_jid(_opt(r, "participant", (str,), "replyTo"))}
+
+
+def _media_of(payload):
+    m = payload.get("media")
+    if not isinstance(m, dict):
+        if m is not None:
+            raise PayloadError("payload.media must be an object")
+        return None
+    return {"url": _opt(m, "url", (str,), "media"), "mimetype": _opt(m, "mimetype", (str,), "media"),
+            "filename": _opt(m, "filename", (str,), "media"),
+            "error": None if m.get("error") is None else str(m.get("error"))[:200]}
+
+
+def _location_of(payload):
+    loc = payload.get("location")
+    if not isinstance(loc, dict):
+        return None
+    try:
+        lat, lon = float(loc.get("latitude")), float(loc.get("longitude"))
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(lat) and math.isfinite(lon)):
+        return None
+    name = loc.get("name") if isinstance(loc.get("name"), str) else None
+    addr = loc.get("address") if isinstance(loc.get("address"), str) else None
+    return {"lat": lat, "lon": lon, "name": name, "address": addr}
+
+
+def parse_waha_event(event):
+    """Validate a decoded WAHA webhook; return an Inbound, or None for events not bridged.
+
+    Raises PayloadError for a payload of the wrong shape.
+    """
+    if not isinstance(event, dict):
+        raise PayloadError("the webhook body must be a JSON object")
+    name, session = event.get("event"), event.get("session")
+    if not isinstance(name, str) or not isinstance(session, str) or not session or len(session) > 100:
+        raise PayloadError("event and session must be strings")
+    if name not in WAHA_EVENTS:
+        return None
+    payload = event.get("payload")
+    if not isinstance(payload, dict):
+        raise PayloadError("payload must be an object")
+    handler = globals()["_parse_" + name.replace(".", "_")]
+    inbound = handler(payload, event)
+    if inbound is None:
+        return None
+    kind, dedupe, chat, record = inbound
+    record["event"] = kind
+    return Inbound(kind, session, dedupe, chat, record)
+
+
+def _parse_message(payload, event):
+    msg_id = payload.get("id")
+    if isinstance(msg_id, dict):
+        msg_id = msg_id.get("_serialized")
+    if not isinstance(msg_id, str) or not msg_id or len(msg_id) > 300:
+        raise PayloadError("payload.id must be a message id")
+    if _opt(payload, "fromMe", (bool,), "payload"):
+        return None
+    chat = _chat_of(payload, msg_id)
+    if not chat:
+        raise PayloadError("message has no chat id")
+    if chat.endswith(("@broadcast", "@newsletter")):
+        return None
+    body = _opt(payload, "body", (str,), "payload")
+    rec = {"id": msg_id, "bare": bare_msg_id(msg_id), "chat": chat,
+           "sender": normalize_jid(_opt(payload, "participant", (str,), "payload")) or
+           normalize_jid(_opt(payload, "author", (str,), "payload")) or chat,
+           "push": _push_name(payload), "body": body or "",
+           "media": _media_of(payload) if payload.get("hasMedia") or payload.get("media") else None,
+           "location": _location_of(payload), "reply": _reply_of(payload)}
+    vcards = payload.get("vCards")
+    rec["vcards"] = [v for v in vcards if isinstance(v, str)][:10] if isinstance(vcards, list) else []
+    if not (rec["body"] or rec["media"] or rec["location"] or rec["vcards"] or payload.get("hasMedia") is True):
+        return None                      # empty system message
+    if payload.get("hasMedia") is True and not rec["media"]:
+        rec["media"] = {"url": None, "mimetype": None, "filename": None, "error": "not downloaded by WAHA"}
+    return "message", "m:" + chat + ":" + rec["bare"], chat, rec
+
+
+def _parse_message_reaction(payload, event):
+    reaction = _obj(payload, "reaction", "payload")
+    target = reaction.get("messageId")
+    text = _opt(reaction, "text", (str,), "reaction")
+    parts = msg_id_parts(target)
+    if not parts or text is None:
+        raise PayloadError("reaction needs reaction.messageId (serialized) and reaction.text")
+    if _opt(payload, "fromMe", (bool,), "payload"):
+        return None
+    rid = payload.get("id") if isinstance(payload.get("id"), str) else ""
+    chat = normalize_jid(parts[1])
+    if not chat:
+        raise PayloadError("reaction target has no chat id")
+    rec = {"chat": chat, "target": target, "target_bare": parts[2], "emoji": text[:32],
+           "sender": normalize_jid(payload.get("participant") if isinstance(payload.get("participant"), str) else None)
+           or normalize_jid(payload.get("from") if isinstance(payload.get("from"), str) else None) or chat}
+    return "message.reaction", "r:%s:%s:%s" % (rid[:200], parts[2], text[:32]), chat, rec
+
+
+def _parse_message_edited(payload, event):
+    target = _opt(payload, "editedMessageId", (str,), "payload")
+    if not target:
+        raise PayloadError("message.edited needs editedMessageId")
+    if _opt(payload, "fromMe", (bool,), "payload"):
+        return None
+    chat = _chat_of(payload)
+    if not chat:
+        raise PayloadError("edit has no chat id")
+    body = _opt(payload, "body", (str,), "payload") or ""
+    eid = payload.get("id") if isinstance(payload.get("id"), str) else ""
+    rec = {"chat": chat, "target_bare": bare_msg_id(target), "body": body}
+    return "message.edited", "e:%s:%s:%s" % (chat, eid[:200], hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]), chat, rec
+
+
+def _parse_message_revoked(payload, event):
+    target = _opt(payload, "revokedMessageId", (str,), "payload")
+    after = payload.get("after") if isinstance(payload.get("after"), dict) else {}
+    before = payload.get("before") if isinstance(payload.get("before"), dict) else {}
+    if not target:
+        target = bare_msg_id(before.get("id")) if isinstance(before.get("id"), str) else None
+    chat = _chat_of(after) if after else None
+    chat = chat or (_chat_of(before) if before else None)
+    if not target or not chat:
+        raise PayloadError("message.revoked needs revokedMessageId and a chat")
+    if after.get("fromMe") is True:
+        return None
+    return "message.revoked", "d:%s:%s" % (chat, bare_msg_id(target)), chat, {"chat": chat, "target_bare": bare_msg_id(target)}
+
+
+def _parse_message_ack(payload, event):
+    parts = msg_id_parts(payload.get("id"))
+    ack = payload.get("ack")
+    if not parts or not isinstance(ack, int) or isinstance(ack, bool):
+        raise PayloadError("message.ack needs a serialized id and an integer ack")
+    chat = normalize_jid(parts[1])
+    if not chat:
+        raise PayloadError("ack has no chat id")
+    return "message.ack", "a:%s:%s:%d" % (chat, parts[2], ack), chat, {"chat": chat, "bare": parts[2], "ack": ack}
+
+
+_parse_message_ack_group = _parse_message_ack
+
+
+def _parse_session_status(payload, event):
+    status = _opt(payload, "status", (str,), "payload")
+    if not status:
+        raise PayloadError("session.status needs payload.status")
+    eid = event.get("id") if isinstance(event.get("id"), str) else None
+    ts = event.get("timestamp") if isinstance(event.get("timestamp"), (int, float)) else None
+    dedupe = "s:" + (eid or "%s:%s" % (status, ts if ts is not None else secrets.token_hex(8)))
+    return "session.status", dedupe[:300], "~session", {"status": status[:40]}
+
+
+def describe_location(loc):
+    """Return a readable location with a maps link."""
+    link = "https://maps.google.com/?q=%.6f,%.6f" % (loc["lat"], loc["lon"])
+    label = ", ".join(x for x in (loc.get("name"), loc.get("address")) if x)
+    return "📍 %s%s" % ((label + " ") if label else "", link)
+
+
+def describe_vcard(card):
+    """Return ``name, number`` from a vCard string."""
+    name = re.search(r"^FN[^:]*:(.*)$", card, re.M)
+    tel = re.search(r"^TEL[^:]*:(.*)$", card, re.M)
+    return "👤 %s%s" % ((name.group(1).strip() if name else "contact"),
+                       (", " + tel.group(1).strip()) if tel else "")
+
+
+def render_for_signal(rec, sender_name, group_name=None, inline_quote=None, notice=None, prefix=True):
+    """Return the Signal text for a WhatsApp message record.
+
+    Format: ``Alice Example: text`` in a 1:1 chat, ``Alice Example in Family:
+    text`` in a group; an unknown quoted message is shown first as ``> quote``;
+    a media problem as ``[video, 83 MB, over the 50 MB limit]``.
+    """
+    lines = []
+    if inline_quote:
+        lines.append("> " + shorten(inline_quote))
+    parts = [p for p in (notice and "[%s]" % notice, rec.get("body")) if p]
+    if rec.get("location"):
+        parts.append(describe_location(rec["location"]))
+    parts.extend(describe_vcard(v) for v in rec.get("vcards") or [])
+    text = " ".join(parts[:1]) + ("\n" + "\n".join(parts[1:]) if len(parts) > 1 else "")
+    who = sender_name + (" in " + group_name if group_name else "")
+    lines.append((who + ": " + text) if prefix else text)
+    return "\n".join(lines).rstrip()
+
+
+SignalIn = collections.namedtuple("SignalIn", "kind number uuid ts account fields")
+SignalIn.__doc__ = "A validated Signal envelope: who sent it, when (ms), and what it is."
+
+
+def _unwrap_receive(obj):
+    if isinstance(obj, dict) and obj.get("method") == "receive" and isinstance(obj.get("params"), dict):
+        obj = obj["params"]
+        if isinstance(obj.get("result"), dict):
+            obj = obj["result"]
+    return obj
+
+
+def _ts(v, where):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2 ** 53:
+        raise PayloadError("%s must be a positive integer timestamp in ms" % where)
+    return v
+
+
+def _attachments_of(dm):
+    atts = dm.get("attachments") or []
+    if not isinstance(atts, list):
+        raise PayloadError("attachments must be a list")
+    out = []
+    for a in atts[:32]:
+        if not isinstance(a, dict) or not isinstance(a.get("id"), str):
+            continue
+        size = a.get("size") if isinstance(a.get("size"), int) and not isinstance(a.get("size"), bool) else None
+        out.append({"id": a["id"][:200], "contentType": str(a.get("contentType") or "application/octet-stream")[:100],
+                    "filename": a.get("filename") if isinstance(a.get("filename"), str) else None, "size": size})
+    return out
+
+
+def parse_signal_envelope(obj):
+    """Validate one receive object from any signal-cli transport; return a SignalIn.
+
+    Raises PayloadError when it has no usable envelope.
+    """
+    obj = _unwrap_receive(obj)
+    if not isinstance(obj, dict):
+        raise PayloadError("receive object must be a JSON object")
+    env = obj.get("envelope")
+    if not isinstance(env, dict):
+        raise PayloadError("receive object without envelope" + (" (signal-cli exception)" if "exception" in obj else ""))
+    number = env.get("sourceNumber") if isinstance(env.get("sourceNumber"), str) else None
+    uuid = env.get("sourceUuid") if isinstance(env.get("sourceUuid"), str) else None
+    if number is None and isinstance(env.get("source"), str) and env["source"].startswith("+"):
+        number = env["source"]
+    ts = _ts(env.get("timestamp"), "envelope.timestamp")
+    account = obj.get("account") if isinstance(obj.get("account"), str) else None
+    mk = lambda kind, **f: SignalIn(kind, number, uuid, ts, account, f)
+    if "syncMessage" in env:
+        return mk("sync")
+    if isinstance(env.get("editMessage"), dict):
+        em = env["editMessage"]
+        dm = em.get("dataMessage") if isinstance(em.get("dataMessage"), dict) else {}
+        return mk("edit", target_ts=_ts(em.get("targetSentTimestamp"), "editMessage.targetSentTimestamp"),
+                  text=_opt(dm, "message", (str,), "dataMessage") or "")
+    if isinstance(env.get("receiptMessage"), dict):
+        rm = env["receiptMessage"]
+        stamps = [t for t in (rm.get("timestamps") or []) if isinstance(t, int) and not isinstance(t, bool)][:100]
+        return mk("receipt", read=rm.get("isRead") is True or rm.get("isViewed") is True, timestamps=stamps)
+    if isinstance(env.get("typingMessage"), dict):
+        tm = env["typingMessage"]
+        return mk("typing", started=tm.get("action") == "STARTED",
+                  group=tm.get("groupId") if isinstance(tm.get("groupId"), str) else None)
+    dm = env.get("dataMessage")
+    if not isinstance(dm, dict):
+        return mk("other")
+    gi = dm.get("groupInfo") if isinstance(dm.get("groupInfo"), dict) else {}
+    group = gi.get("groupId") if isinstance(gi.get("groupId"), str) else None
+    if isinstance(dm.get("reaction"), dict):
+        r = dm["reaction"]
+        return mk("reaction", emoji=str(r.get("emoji") or "")[:32], remove=r.get("isRemove") is True,
+                  target_ts=_ts(r.get("targetSentTimestamp"), "reaction.targetSentTimestamp"), group=group)
+    if isinstance(dm.get("remoteDelete"), dict):
+        return mk("delete", target_ts=_ts(dm["remoteDelete"].get("timestamp"), "remoteDelete.timestamp"), group=group)
+    if gi.get("type") == "UPDATE" or dm.get("isExpirationUpdate") is True:
+        return mk("other", group=group)
+    text = _opt(dm, "message", (str,), "dataMessage") or ""
+    quote = None
+    if isinstance(dm.get("quote"), dict):
+        q = dm["quote"]
+        quote = {"id": _ts(q.get("id"), "quote.id"), "text": q.get("text") if isinstance(q.get("text"), str) else None}
+    atts = _attachments_of(dm)
+    if not text and not atts:
+        return mk("other", group=group)
+    return mk("message", text=text, quote=quote, attachments=atts, group=group)
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    -- Everything received, in both directions, until it is delivered.
+    CREATE TABLE IF NOT EXISTS queue (
+        id INTEGER PRIMARY KEY,
+        channel TEXT NOT NULL,           -- WAHA session of the channel
+        direction TEXT NOT NULL,         -- w2s (WhatsApp -> Signal) | s2w
+        dedupe TEXT NOT NULL,            -- lookup token of the upstream id
+        chat TEXT NOT NULL,              -- lookup token of the chat: order is kept per chat
+        kind TEXT NOT NULL,              -- WAHA event name or Signal envelope kind
+        body BLOB NOT NULL,              -- sealed JSON record
+        state TEXT NOT NULL DEFAULT 'pending',   -- pending | done | dead
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        error TEXT);
+    CREATE UNIQUE INDEX IF NOT EXISTS queue_dedupe ON queue(direction, dedupe);
+    CREATE INDEX IF NOT EXISTS queue_pending ON queue(direction, state, id);
+    CREATE INDEX IF NOT EXISTS queue_age ON queue(state, updated_at);
+    -- Every bridged message: its WhatsApp id and its Signal counterpart.
+    CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY,
+        channel TEXT NOT NULL,
+        direction TEXT NOT NULL,         -- w2s: WhatsApp original, Signal copy; s2w: the owner's message
+        wa_chat TEXT NOT NULL,           -- lookup token of the chat id
+        wa_chat_enc BLOB NOT NULL,       -- sealed chat id
+        wa_msg TEXT,                     -- lookup token of the bare WhatsApp id
+        wa_msg_enc BLOB,                 -- sealed serialized WhatsApp id
+        sig_ts INTEGER,                  -- Signal sent-timestamp (ms) of the Signal side
+        sig_author_enc BLOB,             -- sealed author of the Signal side
+        ack INTEGER,                     -- WhatsApp ack of the owner's messages
+        created_at REAL NOT NULL);
+    CREATE INDEX IF NOT EXISTS messages_wa ON messages(channel, wa_msg);
+    CREATE INDEX IF NOT EXISTS messages_sig ON messages(channel, sig_ts);
+    CREATE INDEX IF NOT EXISTS messages_recent ON messages(channel, direction, id);
+    CREATE INDEX IF NOT EXISTS messages_age ON messages(created_at);
+    -- WhatsApp chats seen, for /chats, names and the groups layout.
+    CREATE TABLE IF NOT EXISTS chats (
+        channel TEXT NOT NULL,
+        wa_chat TEXT NOT NULL,           -- lookup token
+        wa_chat_enc BLOB NOT NULL,
+        name_enc BLOB,                   -- sealed display name
+        short INTEGER NOT NULL,          -- the short number /chats shows
+        last_at REAL NOT NULL,
+        name_at REAL NOT NULL DEFAULT 0, -- when the name was last looked up
+        PRIMARY KEY (channel, wa_chat));
+    CREATE INDEX IF NOT EXISTS chats_age ON chats(last_at);
+    CREATE TABLE IF NOT EXISTS contacts (
+        channel TEXT NOT NULL, jid TEXT NOT NULL, name_enc BLOB, updated_at REAL NOT NULL,
+        PRIMARY KEY (channel, jid));
+    CREATE TABLE IF NOT EXISTS lids (
+        channel TEXT NOT NULL, lid TEXT NOT NULL, pn_enc BLOB, updated_at REAL NOT NULL,
+        PRIMARY KEY (channel, lid));
+    CREATE TABLE IF NOT EXISTS state (
+        channel TEXT NOT NULL, key TEXT NOT NULL, value TEXT, updated_at REAL NOT NULL,
+        PRIMARY KEY (channel, key));
+    CREATE TABLE IF NOT EXISTS lease (
+        name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
+    """,
+]
+ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recomputed on rotation
+    "queue": ("body",), "messages": ("wa_chat_enc", "wa_msg_enc", "sig_author_enc"),
+    "chats": ("wa_chat_enc", "name_enc"), "lids": ("pn_enc",), "contacts": ("name_enc",),
+}
+Row = sqlite3.Row
+
+
+def _is_store_failure(exc):
+    return isinstance(exc, sqlite3.OperationalError) or isinstance(exc, sqlite3.DatabaseError) \
+        and "disk" in str(exc).lower()
+
+
+class Store:
+    """SQLite in WAL mode behind one lock; every write is one short transaction.
+
+    Sealed values go through ``self.cipher`` (set by ``unlock``).  Methods that
+    write raise StoreError when the database cannot take the write (locked, disk
+    full), so callers can answer 503 instead of acknowledging.
+    """
+
+    busy_timeout_ms = 5000   # how long a write waits for another writer
+
+    def __init__(self, path, synchronous="NORMAL"):
+        self.path = path
+        self.lock = threading.RLock()
+        self.cipher = None
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.row_factory = Row
+        self.db.execute("PRAGMA busy_timeout=%d" % self.busy_timeout_ms)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous.upper() == "FULL" else "NORMAL"))
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def close(self):
+        with self.lock:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.close()
+
+    def migrate(self):
+        """Run forward migrations up to SCHEMA_VERSION."""
+        with self.lock:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(SCHEMA):
+                raise ConfigError(["database.path: schema version %d is newer than this WhatSignal (%d); "
+                                   "run a newer release or restore a backup" % (version, len(SCHEMA))])
+            for v in range(version, len(SCHEMA)):
+                self.db.executescript("BEGIN;" + SCHEMA[v] + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
+
+    @contextlib.contextmanager
+    def tx(self):
+        """One write transaction (BEGIN IMMEDIATE); StoreError if the database cannot take it."""
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise StoreError("database unavailable: %s" % e) from e
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError("database write failed: %s" % e) from e
+                raise
+
+    def query(self, sql, args=()):
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def one(self, sql, args=()):
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
+
+    # -- keys ---------------------------------------------------------------
+    def meta(self, key, default=None):
+        row = self.one("SELECT value FROM meta WHERE key=?", (key,))
+        return row[0] if row else default
+
+    def set_meta(self, key, value):
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def salt(self):
+        salt = self.meta("salt")
+        if salt is None:
+            salt = secrets.token_hex(16)
+            with self.tx() as db:
+                db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('salt', ?)", (salt,))
+            salt = self.meta("salt")
+        return bytes.fromhex(salt)
+
+    def unlock(self, secret, enabled=True, rand=os.urandom):
+        """Derive the cipher from *secret* and check it against the stored key check value."""
+        cipher = Cipher(secret or "", self.salt(), enabled=enabled, rand=rand)
+        kcv = self.meta("key_check")
+        if self.meta("rotation") and kcv != cipher.key_check():
+            raise CryptoError("a key rotation is unfinished; run `whatsignal.py rotate-key` again with "
+                              "WHATSIGNAL_ENCRYPTION_SECRET_OLD and WHATSIGNAL_ENCRYPTION_SECRET set")
+        if kcv is None:
+            self.set_meta("key_check", cipher.key_check())
+        elif kcv != cipher.key_check():
+            if kcv.startswith("plain:") != (not enabled):
+                raise CryptoError("the database was created with encryption %s; set WHATSIGNAL_ENABLE_ENCRYPTION "
+                                  "back, or migrate with rotate-key" % ("disabled" if kcv.startswith("plain:") else "enabled"))
+            raise CryptoError("WHATSIGNAL_ENCRYPTION_SECRET does not open this database (key check value differs); "
+                              "use the secret it was created with, or rotate-key from the old one")
+        self.cipher = cipher
+        return cipher
+
+    def seal(self, value):
+        return self.cipher.encrypt(value)
+
+    def open(self, blob):
+        return self.cipher.decrypt(blob)
+
+    def tok(self, domain, value):
+        return self.cipher.token(domain, value)
+
+    # -- queue ----------------------------------------------------------------
+    def enqueue(self, channel, direction, dedupe, chat, kind, record, now):
+        """Commit *record* for delivery; return False if *dedupe* was seen before."""
+        record = dict(record, _dedupe=dedupe, _chat=chat)   # kept sealed so rotate-key can recompute tokens
+        body = self.seal(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (channel, direction, self.tok("dedupe", dedupe), self.tok("chat", chat), kind, body, now, now, now))
+            return cur.rowcount == 1
+
+    def pending(self, direction, limit=256):
+        return self.query("SELECT * FROM queue WHERE direction=? AND state='pending' ORDER BY id LIMIT ?",
+                          (direction, limit))
+
+    def chat_heads(self, direction, limit=256):
+        """The oldest pending item of each chat: used when one chat in backoff fills a batch."""
+        return self.query(
+            "SELECT * FROM queue WHERE id IN (SELECT MIN(id) FROM queue WHERE direction=? AND state='pending'"
+            " GROUP BY chat) ORDER BY id LIMIT ?", (direction, limit))
+
+    def record_of(self, row):
+        return json.loads(self.open(row["body"]))
+
+    def finish(self, item_id, state, now, error=None, attempts=None, next_at=None, after=None):
+        """Set an item's state ('done', 'dead' or 'pending' with a retry time) in one transaction.
+
+        *after* (a function of the open connection) runs in the same transaction,
+        so a delivered item and its mapping are recorded together.
+        """
+        with self.tx() as db:
+            if after:
+                after(db)
+            db.execute("UPDATE queue SET state=?, error=?, attempts=COALESCE(?, attempts),"
+                       " next_at=COALESCE(?, next_at), updated_at=? WHERE id=?",
+                       (state, error, attempts, next_at, now, item_id))
+
+    def counts(self):
+        rows = self.query("SELECT direction, state, COUNT(*), MIN(created_at) FROM queue GROUP BY direction, state")
+        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+    def queue_depth(self, direction):
+        return self.one("SELECT COUNT(*) FROM queue WHERE direction=? AND state='pending'", (direction,))[0]
+
+    # -- mappings -------------------------------------------------------------
+    def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now):
+        db.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
+                   " sig_author_enc, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                   (channel, direction, self.tok("chat", chat), self.seal(chat),
+                    self.tok("msg", bare_msg_id(wa_id)) if wa_id else None, self.seal(wa_id),
+                    sig_ts, self.seal(sig_author), now))
+
+    def _mapping(self, row):
+        if row is None:
+            return None
+        return {"direction": row["direction"], "chat": self.open(row["wa_chat_enc"]),
+                "wa_id": self.open(row["wa_msg_enc"]), "sig_ts": row["sig_ts"],
+                "sig_author": self.open(row["sig_author_enc"]), "ack": row["ack"], "rowid": row["id"]}
+
+    def by_wa(self, channel, bare_id, chat=None):
+        """The mapping of the WhatsApp message with *bare_id* (optionally in *chat*)."""
+        rows = self.query("SELECT * FROM messages WHERE channel=? AND wa_msg=? ORDER BY id",
+                          (channel, self.tok("msg", bare_id)))
+        if chat:
+            rows = [r for r in rows if r["wa_chat"] == self.tok("chat", chat)] or rows
+        return self._mapping(rows[0]) if rows else None
+
+    def by_sig(self, channel, sig_ts):
+        """The mapping whose Signal side has sent-timestamp *sig_ts*."""
+        return self._mapping(self.one("SELECT * FROM messages WHERE channel=? AND sig_ts=? ORDER BY id LIMIT 1",
+                                      (channel, sig_ts)))
+
+    def last_forwarded(self, channel):
+        """The mapping of the most recent WhatsApp message forwarded to the owner."""
+        return self._mapping(self.one("SELECT * FROM messages WHERE channel=? AND direction='w2s'"
+                                      " ORDER BY id DESC LIMIT 1", (channel,)))
+
+    def set_ack(self, channel, bare_id, ack):
+        with self.tx() as db:
+            db.execute("UPDATE messages SET ack=MAX(COALESCE(ack, -1), ?) WHERE channel=? AND wa_msg=?",
+                       (ack, channel, self.tok("msg", bare_id)))
+
+    # -- chats, names, state --------------------------------------------------
+    def touch_chat(self, channel, chat, now, name=None):
+        """Record that *chat* was active; return its short number."""
+        t = self.tok("chat", chat)
+        with self.tx() as db:
+            row = db.execute("SELECT short FROM chats WHERE channel=? AND wa_chat=?", (channel, t)).fetchone()
+            if row:
+                db.execute("UPDATE chats SET last_at=? WHERE channel=? AND wa_chat=?", (now, channel, t))
+                if name:
+                    db.execute("UPDATE chats SET name_enc=?, name_at=? WHERE channel=? AND wa_chat=?",
+                               (self.seal(name), now, channel, t))
+                return row[0]
+            short = (db.execute("SELECT MAX(short) FROM chats WHERE channel=?", (channel,)).fetchone()[0] or 0) + 1
+            db.execute("INSERT INTO chats(channel, wa_chat, wa_chat_enc, name_enc, short, last_at, name_at)"
+                       " VALUES (?,?,?,?,?,?,?)", (channel, t, self.seal(chat), self.seal(name), short, now,
+                                                   now if name else 0))
+            return short
+
+    def chat_name(self, channel, chat):
+        """Return (name, looked-up-at) of *chat*, or (None, 0)."""
+        row = self.one("SELECT name_enc, name_at FROM chats WHERE channel=? AND wa_chat=?",
+                       (channel, self.tok("chat", chat)))
+        return (self.open(row[0]), row[1]) if row else (None, 0)
+
+    def set_chat_name(self, channel, chat, name, now):
+        self.touch_chat(channel, chat, now, name=name)
+
+    def recent_chats(self, channel, limit=10):
+        rows = self.query("SELECT * FROM chats WHERE channel=? ORDER BY last_at DESC LIMIT ?", (channel, limit))
+        return [{"short": r["short"], "chat": self.open(r["wa_chat_enc"]), "name": self.open(r["name_enc"])}
+                for r in rows]
+
+    def all_chats(self, channel):
+        return [{"short": r["short"], "chat": self.open(r["wa_chat_enc"]), "name": self.open(r["name_enc"])}
+                for r in self.query("SELECT * FROM chats WHERE channel=?", (channel,))]
+
+    def contact(self, channel, jid):
+        """Return (name, updated_at) of a WhatsApp user, or (None, 0)."""
+        row = self.one("SELECT name_enc, updated_at FROM contacts WHERE channel=? AND jid=?",
+                       (channel, self.tok("jid", jid)))
+        return (self.open(row[0]), row[1]) if row else (None, 0)
+
+    def set_contact(self, channel, jid, name, now):
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO contacts(channel, jid, name_enc, updated_at) VALUES (?,?,?,?)",
+                       (channel, self.tok("jid", jid), self.seal(name), now))
+
+    def lid(self, channel, lid):
+        row = self.one("SELECT pn_enc FROM lids WHERE channel=? AND lid=?", (channel, self.tok("lid", lid)))
+        return (True, self.open(row[0])) if row else (False, None)
+
+    def set_lid(self, channel, lid, pn, now):
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO lids(channel, lid, pn_enc, updated_at) VALUES (?,?,?,?)",
+                       (channel, self.tok("lid", lid), self.seal(pn), now))
+
+    def state(self, channel, key, default=None):
+        row = self.one("SELECT value FROM state WHERE channel=? AND key=?", (channel, key))
+        return row[0] if row else default
+
+    def set_state(self, channel, key, value, now):
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO state(channel, key, value, updated_at) VALUES (?,?,?,?)",
+                       (channel, key, value, now))
+
+    # -- lease ------------------------------------------------------------------
+    def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery"):
+        """Take or renew the delivery lease; True when *holder* has it."""
+        with self.tx() as db:
+            row = db.execute("SELECT holder, expires_at FROM lease WHERE name=?", (name,)).fetchone()
+            if row and row[0] != holder and row[1] > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO lease(name, holder, expires_at) VALUES (?,?,?)",
+                       (name, holder, now + seconds))
+            return True
+
+    def release_lease(self, holder, name="delivery"):
+        with self.tx() as db:
+            db.execute("DELETE FROM lease WHERE name=? AND holder=?", (name, holder))
+
+    def lease_holder(self, now, name="delivery"):
+        row = self.one("SELECT holder, expires_at FROM lease WHERE name=?", (name,))
+        return row[0] if row and row[1] > now else None
+
+    def size_bytes(self):
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(self.path + suffix)
+        return total
+
+###############################################################################
+# Clients #####################################################################
+###############################################################################
+
+Response = collections.namedtuple("Response", "status headers body")
+
+
+class StreamBody:
+    """A request body of byte strings and files sent base64-encoded in chunks.
+
+    Lets a 20 MB attachment go to signal-cli inside a JSON document without
+    ever holding its base64 text (or the JSON) in memory whole.
+    """
+
+    CHUNK = 3 * 16384
+
+    def __init__(self, parts):
+        self.parts = parts   # bytes, or ("b64", path)
+
+    def __len__(self):
+        n = 0
+        for p in self.parts:
+            n += len(p) if isinstance(p, bytes) else 4 * ((os.path.getsize(p[1]) + 2) // 3)
+        return n
+
+    def __iter__(self):
+        for p in self.parts:
+            if isinstance(p, bytes):
+                yield p
+                continue
+            with open(p[1], "rb") as f:
+                while True:
+                    chunk = f.read(self.CHUNK)
+                    if not chunk:
+                        break
+                    yield base64.b64encode(chunk)
+
+
+def json_stream(obj, files):
+    """Serialize *obj* where strings ``"\\x00N"`` stand for base64 data URIs of ``files[N]``.
+
+    ``files`` holds (mime, filename, path); returns a StreamBody.
+    """
+    text = json.dumps(obj, separators=(",", ":"))
+    parts, pos = [], 0
+    for i, (mime, name, path) in enumerate(files):
+        marker = json.dumps("\x00%d" % i)[1:-1]
+        at = text.index(marker, pos)
+        head = "data:%s;filename=%s;base64," % (mime, safe_filename(name, mime))
+        parts.append((text[pos:at] + head).encode("utf-8"))
+        parts.append(("b64", path))
+        pos = at + len(marker)
+    parts.append(text[pos:].encode("utf-8"))
+    return StreamBody(parts)
+
+
+class HttpTransport:
+    """HTTP/1.1 with one kept-alive connection per thread and origin.
+
+    ``request`` raises TransientError when the upstream cannot be reached and
+    returns a Response for every HTTP answer, whatever its status.
+    """
+
+    def __init__(self, timeout=UPSTREAM_TIMEOUT):
+        self.timeout = timeout
+        self.local = threading.local()
+
+    def _conn(self, scheme, netloc, timeout, fresh=False):
+        pool = self.local.__dict__.setdefault("pool", {})
+        key = (scheme, netloc)
+        conn = pool.get(key)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = pool[key] = cls(netloc, timeout=timeout)
+            conn.reused = False
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def open(self, method, url, headers=None, body=None, timeout=None):
+        """Send a request on a new connection and return the live HTTPResponse (for streams)."""
+        u = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = cls(u.netloc, timeout=timeout or self.timeout)
+        try:
+            conn.request(method, (u.path or "/") + ("?" + u.query if u.query else ""), body=body,
+                         headers=headers or {})
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise TransientError("cannot reach %s (%s)" % (u.netloc, e.__class__.__name__)) from e
+        resp.conn = conn
+        return resp
+
+    def request(self, method, url, headers=None, body=None, timeout=None):
+        u = urllib.parse.urlsplit(url)
+        path = (u.path or "/") + ("?" + u.query if u.query else "")
+        hdrs = {"Connection": "keep-alive"}
+        hdrs.update(headers or {})
+        if isinstance(body, StreamBody):
+            hdrs["Content-Length"] = str(len(body))
+        for attempt in (0, 1):
+            conn = self._conn(u.scheme, u.netloc, timeout or self.timeout, fresh=attempt == 1)
+            reused = conn.reused
+            try:
+                conn.request(method, path, body=body, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                if reused and attempt == 0 and not isinstance(body, StreamBody):
+                    continue      # the upstream closed an idle kept-alive connection: try once afresh
+                raise TransientError("%s closed the connection (%s)" % (u.netloc, e.__class__.__name__)) from e
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise TransientError("cannot reach %s (%s)" % (u.netloc, e.__class__.__name__ if not isinstance(
+                    e, socket.timeout) else "timeout")) from e
+            conn.reused = True
+            if resp.will_close:
+                conn.close()
+                conn.reused = False
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        raise TransientError("unreachable")  # pragma: no cover
+
+
+def _json_body(resp):
+    try:
+        return json.loads(resp.body.decode("utf-8")) if resp.body else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _retry_after(resp):
+    try:
+        return float(resp.headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+class WahaClient:
+    """WAHA's REST API (waha.md section 5); every call sends X-Api-Key."""
+
+    def __init__(self, base_url, api_key, transport=None):
+        self.base = base_url.rstrip("/")
+        self.api_key = api_key
+        self.http = transport or HttpTransport()
+        self.origin = urllib.parse.urlsplit(self.base)[:2]
+
+    def _headers(self, extra=None):
+        h = {"Accept": "application/json"}
+        if self.api_key:
+            h["X-Api-Key"] = self.api_key
+        h.update(extra or {})
+        return h
+
+    def call(self, method, path, body=None, ok=(200, 201, 204)):
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        hdrs = self._headers({"Content-Type": "application/json"} if data is not None else None)
+        resp = self.http.request(method, self.base + path, hdrs, data)
+        if resp.status in ok:
+            return _json_body(resp)
+        reason = _waha_reason(resp)
+        if resp.status >= 500 or resp.status in (401, 403, 408, 429):
+            raise TransientError("WAHA answered %d: %s" % (resp.status, reason), _retry_after(resp))
+        if resp.status == 422 and "not as expected" in reason:
+            raise TransientError("WAHA session is not WORKING: %s" % reason)
+        if resp.status == 404 and "session" in reason.lower():
+            raise TransientError("WAHA does not know this session: %s" % reason)
+        raise PermanentError("WAHA refused it (%d): %s" % (resp.status, reason))
+
+    @staticmethod
+    def message_id(result):
+        """Return the serialized id of a sent message from any engine's response shape (waha.md 5.2)."""
+        if not isinstance(result, dict):
+            return None
+        mid = result.get("id")
+        if isinstance(mid, str):
+            return mid
+        if isinstance(mid, dict) and isinstance(mid.get("_serialized"), str):
+            return mid["_serialized"]
+        key = result.get("key")
+        if isinstance(key, dict) and key.get("remoteJid") and key.get("id"):
+            return "%s_%s_%s" % (str(bool(key.get("fromMe"))).lower(), normalize_jid(key["remoteJid"]), key["id"])
+        return None
+
+    def send_text(self, session, chat, text, reply_to=None):
+        body = {"session": session, "chatId": chat, "text": text}
+        if reply_to:
+            body["reply_to"] = reply_to
+        return self.message_id(self.call("POST", "/api/sendText", body))
+
+    def send_file(self, session, chat, kind, mime, filename, data, caption=None, reply_to=None):
+        """Send media; *kind* is image, video, voice or file; *data* the raw bytes."""
+        body = {"session": session, "chatId": chat,
+                "file": {"mimetype": mime, "filename": filename, "data": base64.b64encode(data).decode()}}
+        if kind in ("video", "voice"):
+            body["convert"] = kind == "voice" and "ogg" not in mime
+        if caption and kind != "voice":
+            body["caption"] = caption
+        if reply_to:
+            body["reply_to"] = reply_to
+        path = {"image": "/api/sendImage", "video": "/api/sendVideo", "voice": "/api/sendVoice"}.get(kind, "/api/sendFile")
+        return self.message_id(self.call("POST", path, body))
+
+    def react(self, session, message_id, emoji):
+        self.call("PUT", "/api/reaction", {"session": session, "messageId": message_id, "reaction": emoji})
+
+    def seen(self, session, chat, message_ids):
+        self.call("POST", "/api/sendSeen", {"session": session, "chatId": chat, "messageIds": message_ids})
+
+    def typing(self, session, chat, on):
+        self.call("POST", "/api/startTyping" if on else "/api/stopTyping", {"session": session, "chatId": chat})
+
+    def _msg_path(self, session, chat, message_id):
+        q = lambda s: urllib.parse.quote(s, safe="")
+        return "/api/%s/chats/%s/messages/%s" % (q(session), q(chat), q(message_id))
+
+    def edit(self, session, chat, message_id, text):
+        self.call("PUT", self._msg_path(session, chat, message_id), {"text": text})
+
+    def delete(self, session, chat, message_id):
+        self.call("DELETE", self._msg_path(session, chat, message_id))
+
+    def contact_name(self, session, jid):
+        q = urllib.parse.urlencode({"contactId": jid, "session": session})
+        c = self.call("GET", "/api/contacts?" + q)
+        if isinstance(c, dict):
+            for k in ("name", "pushname", "shortName"):
+                if isinstance(c.get(k), str) and c[k].strip():
+                    return c[k].strip()[:100]
+        return None
+
+    def group_name(self, session, jid):
+        g = self.call("GET", "/api/%s/groups/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(jid, safe="")))
+        if isinstance(g, dict):
+            for k in ("subject", "name"):
+                if isinstance(g.get(k), str) and g[k].strip():
+                    return g[k].strip()[:100]
+            meta = g.get("groupMetadata")
+            if isinstance(meta, dict) and isinstance(meta.get("subject"), str):
+                return meta["subject"][:100]
+        return None
+
+    def lid_to_pn(self, session, lid):
+        r = self.call("GET", "/api/%s/lids/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(lid, safe="")))
+        return normalize_jid(r.get("pn")) if isinstance(r, dict) and isinstance(r.get("pn"), str) else None
+
+    def session_status(self, session):
+        r = self.call("GET", "/api/sessions/%s" % urllib.parse.quote(session, safe=""))
+        return r.get("status") if isinstance(r, dict) else None
+
+    def restart_session(self, session):
+        self.call("POST", "/api/sessions/%s/restart" % urllib.parse.quote(session, safe=""))
+
+    def ping(self):
+        resp = self.http.request("GET", self.base + "/ping", self._headers(), timeout=3)
+        if resp.status != 200:
+            raise TransientError("WAHA /ping answered %d" % resp.status)
+
+    def check_media_url(self, url):
+        """Raise PermanentError unless *url* is an http(s) URL on WAHA's own origin."""
+        u = urllib.parse.urlsplit(url or "")
+        if u.scheme not in ("http", "https") or (u.scheme, u.netloc) != self.origin or u.username or u.password:
+            raise PermanentError("media URL is not on WAHA's origin")
+        return u
+
+    def download(self, url, dest, max_bytes):
+        """Stream media at *url* (WAHA's origin only, no redirects) into *dest*; return (mime, size).
+
+        Raises PermanentError when refused, too large or not found.
+        """
+        self.check_media_url(url)
+        resp = self.http.open("GET", url, self._headers({"Accept": "*/*"}), timeout=UPSTREAM_TIMEOUT * 3)
+        try:
+            if resp.status == 404:
+                raise PermanentError("media expired on WAHA")
+            if 300 <= resp.status < 400:
+                raise PermanentError("media URL redirects elsewhere; refused")
+            if resp.status >= 500 or resp.status in (401, 429):
+                raise TransientError("WAHA media download answered %d" % resp.status)
+            if resp.status != 200:
+                raise PermanentError("WAHA media download answered %d" % resp.status)
+            declared = resp.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise PermanentError("size %d over limit" % int(declared))
+            size = 0
+            with open(dest, "wb") as f:
+                while True:
+                    chunk = resp.read(65536)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PermanentError("size %d over limit" % size)
+                    f.write(chunk)
+            return (resp.getheader("Content-Type") or "").split(";")[0].strip(), size
+        except (OSError, http.client.HTTPException) as e:
+            raise TransientError("media download interrupted (%s)" % e.__class__.__name__) from e
+        finally:
+            resp.conn.close()
+
+
+def _waha_reason(resp):
+    body = _json_body(resp)
+    if isinstance(body, dict):
+        for k in ("message", "error"):
+            v = body.get(k)
+            if isinstance(v, list):
+                v = "; ".join(str(x) for x in v)
+            if isinstance(v, dict):
+                v = v.get("message")
+            if v:
+                return shorten(str(v), 160)
+    return "HTTP %d" % resp.status
+
+
+SignalAttachment = collections.namedtuple("SignalAttachment", "mime filename path")
+
+
+class SignalClient:
+    """What the bridge needs from Signal, whichever backend runs it.
+
+    ``send`` returns the sent-timestamp (ms) of the new message; errors are
+    TransientError (retry), IdentityError (owner's safety number changed) or
+    PermanentError.  ``to`` is an E.164 number, a UUID, or ``group:<id>``.
+    """
+
+    def __init__(self, base_url, number, transport=None):
+        self.base = base_url.rstrip("/")
+        self.number = number
+        self.http = transport or HttpTransport()
+
+
+class SignalRpcClient(SignalClient):
+    """signal-cli ``daemon --http``: JSON-RPC on /api/v1/rpc, SSE on /api/v1/events."""
+
+    kind = "signal-cli daemon"
+
+    def __init__(self, base_url, number, transport=None):
+        super().__init__(base_url, number, transport)
+        self.ids = iter(range(1, 1 << 62))
+        self.id_lock = threading.Lock()
+
+    def call(self, method, params, body=None):
+        with self.id_lock:
+            rid = next(self.ids)
+        req = {"jsonrpc": "2.0", "method": method, "params": params, "id": rid}
+        data = body(req) if body else json.dumps(req, separators=(",", ":")).encode()
+        resp = self.http.request("POST", self.base + "/api/v1/rpc", {"Content-Type": "application/json"}, data)
+        if resp.status >= 500 or resp.status in (408, 429):
+            raise TransientError("signal-cli answered HTTP %d" % resp.status)
+        if resp.status != 200:
+            raise PermanentError("signal-cli answered HTTP %d to %s" % (resp.status, method))
+        msg = _json_body(resp)
+        if not isinstance(msg, dict):
+            raise TransientError("signal-cli sent an unreadable answer")
+        err = msg.get("error")
+        if isinstance(err, dict):
+            raise _rpc_error(err)
+        return msg.get("result")
+
+    @staticmethod
+    def _to(to):
+        return {"groupId": to[6:]} if to.startswith("group:") else {"recipient": [to]}
+
+    def send(self, to, text, attachments=(), quote=None, edit_ts=None):
+        params = self._to(to)
+        params["message"] = text or ""
+        if quote:
+            params.update(quoteTimestamp=int(quote[0]), quoteAuthor=quote[1])
+            if quote[2]:
+                params["quoteMessage"] = quote[2]
+        if edit_ts:
+            params["editTimestamp"] = int(edit_ts)
+        if attachments:
+            params["attachments"] = ["\x00%d" % i for i in range(len(attachments))]
+            body = lambda req: json_stream(req, list(attachments))
+            result = self.call("send", params, body)
+        else:
+            result = self.call("send", params)
+        return _send_timestamp(result, to)
+
+    def react(self, to, emoji, target_author, target_ts, remove=False):
+        params = self._to(to)
+        params.update(emoji=emoji or "👍", targetAuthor=target_author, targetTimestamp=int(target_ts), remove=remove)
+        self.call("sendReaction", params)
+
+    def remote_delete(self, to, ts):
+        params = self._to(to)
+        params["targetTimestamp"] = int(ts)
+        self.call("remoteDelete", params)
+
+    def trust(self, who):
+        self.call("trust", {"recipient": who, "trustAllKnownKeys": True})
+
+    def get_attachment(self, att, max_bytes):
+        r = self.call("getAttachment", {"id": att["id"]})
+        data = r.get("data") if isinstance(r, dict) else None
+        if not isinstance(data, str):
+            raise PermanentError("signal-cli returned no attachment data")
+        if len(data) * 3 // 4 > max_bytes:
+            raise PermanentError("attachment over the size limit")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise PermanentError("signal-cli returned bad attachment data") from e
+
+    def check(self):
+        resp = self.http.request("GET", self.base + "/api/v1/check", timeout=3)
+        if resp.status != 200:
+            raise TransientError("signal-cli /api/v1/check answered %d" % resp.status)
+
+    def events(self, stop, on_open=None):
+        """Yield receive objects from the SSE stream until it ends; raise TransientError when it breaks.
+
+        A stream silent for longer than SSE_SILENCE (keep-alives every 15 s) is dead.
+        """
+        resp = self.http.open("GET", self.base + "/api/v1/events", {"Accept": "text/event-stream"},
+                              timeout=SSE_SILENCE)
+        if resp.status != 200:
+            resp.conn.close()
+            raise TransientError("signal-cli events answered %d" % resp.status)
+        if on_open:
+            on_open(resp.conn)
+        try:
+            yield from parse_sse(resp, stop)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise TransientError("signal-cli event stream broke (%s)" % e.__class__.__name__) from e
+        finally:
+            resp.conn.close()
+
+
+def parse_sse(stream, stop):
+    """Yield the JSON of each ``receive`` event of a Server-Sent Events stream."""
+    event, data = None, []
+    while not stop.is_set():
+        line = stream.readline(1 << 22)
+        if not line:
+            raise TransientError("signal-cli event stream ended")
+        if not line.endswith(b"\n"):
+            raise TransientError("signal-cli event line too long or cut")
+        line = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        if not line:
+            if data and event in (None, "receive"):
+                try:
+                    yield json.loads("\n".join(data))
+                except ValueError:
+                    yield {"_unreadable": True}
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+
+
+def _rpc_error(err):
+    code, message = err.get("code"), shorten(str(err.get("message") or ""), 200)
+    if code == -4 or "untrusted" in message.lower():
+        return IdentityError("signal-cli refuses: untrusted identity (%s)" % message)
+    if code == -5 or "rate" in message.lower():
+        return TransientError("signal-cli is rate limited (%s)" % message, 60.0)
+    if code in (-3, -32603):
+        return TransientError("signal-cli failed (%s %s)" % (code, message))
+    if "not registered" in message.lower() or "unregistered" in message.lower():
+        return PermanentError("the recipient is not registered on Signal (%s)" % message)
+    return PermanentError("signal-cli refused (%s %s)" % (code, message))
+
+
+def _send_timestamp(result, to):
+    if isinstance(result, dict):
+        for r in result.get("results") or []:
+            if isinstance(r, dict) and r.get("type") not in (None, "SUCCESS"):
+                t = r.get("type")
+                if t == "IDENTITY_FAILURE":
+                    raise IdentityError("untrusted identity of the recipient")
+                if t == "UNREGISTERED_FAILURE":
+                    raise PermanentError("the recipient is not registered on Signal")
+                if not to.startswith("group:"):
+                    raise TransientError("signal-cli send failed: %s" % t)
+        ts = result.get("timestamp")
+        if isinstance(ts, int) and not isinstance(ts, bool):
+            return ts
+    raise TransientError("signal-cli answered without a timestamp")
+
+
+class SignalRestClient(SignalClient):
+    """bbernhard/signal-cli-rest-api in any mode (signal-cli-rest-api.md)."""
+
+    kind = "signal-cli-rest-api"
+
+    def __init__(self, base_url, number, transport=None):
+        super().__init__(base_url, number, transport)
+        self.mode = None
+
+    def call(self, method, path, body=None, stream=None):
+        data = stream if stream is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = {"Content-Type": "application/json"} if data is not None else {}
+        resp = self.http.request(method, self.base + path, hdrs, data)
+        if resp.status in (200, 201, 204):
+            return _json_body(resp)
+        msg = _json_body(resp)
+        reason = shorten(str(msg.get("error") if isinstance(msg, dict) else resp.body[:200]), 200)
+        low = reason.lower()
+        if resp.status >= 500 or resp.status in (408, 429) or "rate limit" in low:
+            raise TransientError("signal-cli-rest-api answered %d: %s" % (resp.status, reason), _retry_after(resp))
+        if "untrusted" in low or "identity" in low:
+            raise IdentityError("signal-cli-rest-api: untrusted identity (%s)" % reason)
+        if "not registered" in low or "unregistered" in low:
+            raise PermanentError("the recipient is not registered on Signal (%s)" % reason)
+        raise PermanentError("signal-cli-rest-api refused (%d): %s" % (resp.status, reason))
+
+    def _path(self, fmt):
+        return fmt % urllib.parse.quote(self.number, safe="")
+
+    @staticmethod
+    def _to(to):
+        if to.startswith("group:"):
+            return "group." + base64.b64encode(to[6:].encode()).decode()
+        return to
+
+    def about(self):
+        about = self.call("GET", "/v1/about")
+        self.mode = about.get("mode") if isinstance(about, dict) else None
+        return self.mode
+
+    def send(self, to, text, attachments=(), quote=None, edit_ts=None):
+        body = {"number": self.number, "recipients": [self._to(to)], "message": text or ""}
+        if quote:
+            body.update(quote_timestamp=int(quote[0]), quote_author=quote[1])
+            if quote[2]:
+                body["quote_message"] = quote[2]
+        if edit_ts:
+            body["edit_timestamp"] = int(edit_ts)
+        stream = None
+        if attachments:
+            body["base64_attachments"] = ["\x00%d" % i for i in range(len(attachments))]
+            stream = json_stream(body, list(attachments))
+        result = self.call("POST", "/v2/send", body, stream)
+        if isinstance(result, list):           # master since 6a225e6: one object per underlying send
+            errs = [e for r in result if isinstance(r, dict) for e in ((r.get("errors") or {}).get("recipients") or [])]
+            for e in errs:
+                if isinstance(e, dict) and e.get("reason") == "IDENTITY_FAILURE":
+                    raise IdentityError("untrusted identity of the recipient")
+                if isinstance(e, dict) and e.get("reason") == "UNREGISTERED_FAILURE":
+                    raise PermanentError("the recipient is not registered on Signal")
+            result = result[0] if result else None
+        ts = result.get("timestamp") if isinstance(result, dict) else None
+        try:
+            return int(ts)
+        except (TypeError, ValueError):
+            raise TransientError("signal-cli-rest-api answered without a timestamp") from None
+
+    def react(self, to, emoji, target_author, target_ts, remove=False):
+        body = {"recipient": self._to(to), "reaction": emoji or "👍", "target_author": target_author,
+                "timestamp": int(target_ts)}
+        self.call("DELETE" if remove else "POST", self._path("/v1/reactions/%s"), body)
+
+    def remote_delete(self, to, ts):
+        self.call("DELETE", self._path("/v1/remote-delete/%s"), {"recipient": self._to(to), "timestamp": int(ts)})
+
+    def trust(self, who):
+        self.call("PUT", self._path("/v1/identities/%s/trust/") + urllib.parse.quote(who, safe=""),
+                  {"trust_all_known_keys": True})
+
+    def get_attachment(self, att, max_bytes):
+        att_id = att["id"]
+        if not re.match(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", att_id) or ".." in att_id:
+            raise PermanentError("attachment id refused")
+        if isinstance(att.get("size"), int) and att["size"] > max_bytes:
+            raise PermanentError("attachment over the size limit")
+        data = self.http.request("GET", self.base + "/v1/attachments/" + urllib.parse.quote(att_id, safe=""))
+        if data.status == 404:
+            raise PermanentError("signal-cli-rest-api has no such attachment")
+        if data.status != 200:
+            raise TransientError("attachment download answered %d" % data.status)
+        if len(data.body) > max_bytes:
+            raise PermanentError("attachment over the size limit")
+        return data.body
+
+    def check(self):
+        resp = self.http.request("GET", self.base + "/v1/health", timeout=3)
+        if resp.status not in (200, 204):
+            raise TransientError("signal-cli-rest-api /v1/health answered %d" % resp.status)
+
+    def poll(self, timeout=1):
+        """normal/native mode: fetch and consume what is waiting."""
+        resp = self.http.request("GET", self.base + self._path("/v1/receive/%s") + "?timeout=%d" % timeout,
+                                 timeout=timeout + UPSTREAM_TIMEOUT)
+        if resp.status != 200:
+            raise TransientError("receive answered %d" % resp.status)
+        try:
+            items = json.loads(resp.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise TransientError("receive answered something that is not JSON") from None
+        return items if isinstance(items, list) else []
+
+    def events(self, stop, on_open=None):
+        """json-rpc mode: yield receive objects from the WebSocket until it closes."""
+        u = urllib.parse.urlsplit(self.base + self._path("/v1/receive/%s"))
+        ws = WebSocket.connect(u, timeout=75.0)   # the server pings every 54 s
+        if on_open:
+            on_open(ws)
+        try:
+            while not stop.is_set():
+                text = ws.recv()
+                if text is None:
+                    raise TransientError("signal-cli-rest-api closed the WebSocket")
+                try:
+                    yield json.loads(text)
+                except ValueError:
+                    yield {"_unreadable": True}
+        except (OSError, ValueError) as e:
+            raise TransientError("WebSocket broke (%s)" % e.__class__.__name__) from e
+        finally:
+            ws.close()
+
+
+class WebSocket:
+    """A minimal RFC 6455 client: handshake, masked frames, ping/pong, close."""
+
+    def __init__(self, sock, rfile):
+        self.sock = sock
+        self.rfile = rfile
+        self.lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, u, timeout=60.0, rand=os.urandom):
+        host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            if u.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            key = base64.b64encode(rand(16)).decode()
+            req = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n") % (u.path or "/", u.netloc, key)
+            sock.sendall(req.encode())
+            rfile = sock.makefile("rb")
+            status = rfile.readline(65536)
+            headers = {}
+            while True:
+                line = rfile.readline(65536)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = line.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+        except OSError as e:
+            raise TransientError("cannot open the WebSocket (%s)" % e.__class__.__name__) from e
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        if b" 101 " not in status or headers.get("sec-websocket-accept") != accept:
+            sock.close()
+            raise TransientError("WebSocket handshake refused (%s)" % status[:40].decode("latin-1", "replace").strip())
+        return cls(sock, rfile)
+
+    def send_frame(self, opcode, payload=b"", rand=os.urandom):
+        mask = rand(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        with self.lock:
+            self.sock.sendall(head + mask + masked)
+
+    def _read(self, n):
+        data = self.rfile.read(n)
+        if data is None or len(data) < n:
+            raise ConnectionResetError("WebSocket closed mid-frame")
+        return data
+
+    def recv(self, limit=1 << 24):
+        """Return the next text message, answering pings; None after a close frame."""
+        parts = []
+        while True:
+            b1, b2 = self._read(2)
+            opcode, n = b1 & 0x0F, b2 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            if n > limit:
+                raise ValueError("WebSocket frame too large")
+            mask = self._read(4) if b2 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if opcode == 0x9:
+                self.send_frame(0xA, payload)
+            elif opcode == 0x8:
+                with contextlib.suppress(OSError):
+                    self.send_frame(0x8, payload[:2])
+                return None
+            elif opcode in (0x0, 0x1, 0x2):
+                parts.append(payload)
+                if b1 & 0x80:
+                    return b"".join(parts).decode("utf-8", "replace")
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.send_frame(0x8, struct.pack(">H", 1000))
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+###############################################################################
+# Bridge ######################################################################
+###############################################################################
+
+HELP_TEXT = """WhatSignal commands:
+/chats - recent WhatsApp chats with their numbers
+/to <n|+number|name> <text> - write to a chat (n from /chats) or start a new one
+/status - bridge and WhatsApp session health
+/help - this text
+Quote a forwarded message to answer its chat; a message without a quote goes to the chat of the last message forwarded to you."""
+
+SESSION_ADVICE = {
+    "STOPPED": "it was stopped; start it in WAHA (POST /api/sessions/{s}/start)",
+    "FAILED": "restart it in WAHA; if that fails, log out and scan the QR code again",
+    "SCAN_QR_CODE": "WhatsApp logged this device out; scan the QR code in WAHA again",
+    "PASSKEY_REQUIRED": "WAHA needs a passkey confirmation",
+    "PASSKEY_CONFIRMATION_REQUIRED": "WAHA needs a passkey confirmation",
+}
+
+
+class MediaProblem(PermanentError):
+    """Media that cannot be bridged; ``notice`` is what the owner reads instead."""
+
+    def __init__(self, notice):
+        super().__init__(notice)
+        self.notice = notice
+
+
+def media_kind(mime):
+    """Return image, video, voice or file for a MIME type."""
+    mime = (mime or "").lower()
+    if mime.startswith("image/"):
+        return "image"
+    if mime.startswith("video/"):
+        return "video"
+    if mime.startswith("audio/"):
+        return "voice"
+    return "file"
+
+
+class Bridge:
+    """Routing between one or more channels' WhatsApp chats and their owners' Signal.
+
+    ``ingest_*`` validate and commit what arrives (webhook thread, receiver
+    thread); ``process`` delivers one stored item (worker thread) and returns
+    a function that records its mapping in the same transaction that marks it
+    done.  Event handlers are ``_on_<waha event>`` and ``_sig_<envelope kind>``.
+    """
+
+    media_tries = 5   # a failing media download is retried this often, then a notice goes instead
+
+    def __init__(self, config, store, waha, signal, log, metrics, clock=time.time, rand=random.random):
+        self.config = config
+        self.store = store
+        self.waha = waha
+        self.signal = signal
+        self.log = log
+        self.metrics = metrics
+        self.clock = clock
+        self.rand = rand
+        self.number = config.get("signal.number")
+        self.max_media = config.get("media.maxSizeMB") * 1024 * 1024
+        self.cache_dir = config.get("media.cacheDir")
+        self.wake = {"w2s": threading.Event(), "s2w": threading.Event()}
+
+    # -- intake ------------------------------------------------------------
+    def ingest_webhook(self, event):
+        """Validate and commit one WAHA event; return 'stored', 'duplicate' or 'ignored'.
+
+        Raises PayloadError (400) or StoreError (503).
+        """
+        inbound = parse_waha_event(event)
+        if inbound is None:
+            return "ignored"
+        if self.config.channel(inbound.session) is None:
+            self.log.warn("webhook for an unknown WAHA session ignored", session=inbound.session[:40])
+            return "ignored"
+        record = dict(inbound.record, received_at=self.clock())
+        new = self.store.enqueue(inbound.session, "w2s", inbound.dedupe, inbound.chat, inbound.kind, record, self.clock())
+        if new:
+            self.wake["w2s"].set()
+        return "stored" if new else "duplicate"
+
+    def owner_channel(self, number, uuid):
+        """Return the channel whose owner sent an envelope from *number* / *uuid*, or None."""
+        for ch in self.config.channels:
+            if number is not None and number == ch.destination:
+                if uuid and self.store.state(ch.session, "owner_uuid") != self.store.tok("uuid", uuid):
+                    self.store.set_state(ch.session, "owner_uuid", self.store.tok("uuid", uuid), self.clock())
+                return ch
+            if number is None and uuid and self.store.state(ch.session, "owner_uuid") == self.store.tok("uuid", uuid):
+                return ch
+        return None
+
+    def ingest_envelope(self, obj):
+        """Validate one Signal receive object; commit it if the owner sent it. Return what happened."""
+        try:
+            env = parse_signal_envelope(obj)
+        except PayloadError as e:
+            self.metrics.inc("whatsignal_rejected_total", reason="envelope")
+            self.log.warn("malformed signal envelope rejected", reason=str(e)[:120])
+            return "rejected"
+        if env.kind == "sync" or (env.number == self.number and env.number is not None):
+            return "ignored"       # our own linked devices: never echoed back
+        ch = self.owner_channel(env.number, env.uuid)
+        if ch is None:
+            self.metrics.inc("whatsignal_unauthorized_senders_total")
+            self.log.warn("unauthorized sender ignored", sender=mask_phone(env.number) if env.number else "hidden number",
+                          kind=env.kind)
+            return "unauthorized"
+        if env.kind == "other":
+            return "ignored"
+        record = {"kind": env.kind, "ts": env.ts, "fields": env.fields, "received_at": self.clock()}
+        new = self.store.enqueue(ch.session, "s2w", "%s:%d" % (ch.destination, env.ts), "~owner", env.kind,
+                                 record, self.clock())
+        if new:
+            self.wake["s2w"].set()
+        return "stored" if new else "duplicate"
+
+    # -- delivery -------------------------------------------------------------
+    def process(self, direction, row):
+        """Deliver one stored item; return None or a function run in the 'done' transaction."""
+        rec = self.store.record_of(row)
+        channel = self.config.channel(row["channel"])
+        if channel is None:
+            raise PermanentError("channel %s is no longer configured" % row["channel"])
+        if direction == "w2s":
+            handler = getattr(self, "_on_" + row["kind"].replace(".", "_"))
+        else:
+            handler = getattr(self, "_sig_" + row["kind"], None)
+            if handler is None:
+                return None
+        return handler(channel, rec, row)
+
+    def now(self):
+        return self.clock()
+
+    def _map(self, channel, direction, chat, wa_id, sig_ts, author):
+        now = self.clock()
+        return lambda db: self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now)
+
+    def notify(self, channel, text, quote=None):
+        """Send a bridge notice to the owner's Signal; return its timestamp."""
+        return self.signal.send(channel.destination, text, quote=quote)
+
+    def resolve_jid(self, channel, jid):
+        """Map a ``@lid`` id to its phone-number id (cached); other ids pass through."""
+        if not jid or not jid.endswith("@lid"):
+            return jid
+        known, pn = self.store.lid(channel.session, jid)
+        if not known:
+            try:
+                pn = self.waha.lid_to_pn(channel.session, jid)
+            except UpstreamError as e:
+                self.log.debug("lid lookup failed", reason=str(e)[:80])
+                return jid
+            self.store.set_lid(channel.session, jid, pn, self.clock())
+        return pn or jid
+
+    def display_name(self, channel, jid, push=None, group=False):
+        """Contact or group name from WAHA (cached a day), else the push name, else the number."""
+        name, at = self.store.contact(channel.session, jid)
+        if name is None or self.clock() - at > CONTACT_TTL:
+            try:
+                looked = (self.waha.group_name if group else self.waha.contact_name)(channel.session, jid)
+                name = looked or name or push
+                self.store.set_contact(channel.session, jid, name, self.clock())
+            except UpstreamError as e:
+                self.log.debug("contact lookup failed", reason=str(e)[:80])
+                name = name or push
+        return name or jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
+
+    # WhatsApp -> Signal -----------------------------------------------------
+    def _on_message(self, channel, rec, row):
+        chat = self.resolve_jid(channel, rec["chat"])
+        group = chat.endswith("@g.us")
+        sender = self.resolve_jid(channel, rec["sender"]) if group else chat
+        name = self.display_name(channel, sender, rec.get("push"))
+        group_name = self.display_name(channel, chat, group=True) if group else None
+        self.store.touch_chat(channel.session, chat, self.clock(), name=group_name or name)
+        quote, inline = None, None
+        reply = rec.get("reply")
+        if reply and reply.get("id"):
+            m = self.store.by_wa(channel.session, reply["id"], chat)
+            if m and m["sig_ts"]:
+                quote = (m["sig_ts"], m["sig_author"], shorten(reply.get("body") or "", 200) or None)
+            else:
+                inline = reply.get("body") or "a message"
+        attachments, notice = [], None
+        if rec.get("media"):
+            try:
+                attachments.append(self.fetch_media(rec["media"], row))
+            except MediaProblem as e:
+                notice = e.notice
+        text = render_for_signal(rec, name, group_name, inline, notice)
+        try:
+            ts = self.signal.send(channel.destination, text, attachments, quote)
+        finally:
+            for a in attachments:
+                with contextlib.suppress(OSError):
+                    os.remove(a.path)
+        self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
+                         result="ok")
+        return self._map(channel, "w2s", chat, rec["id"], ts, self.number)
+
+    def fetch_media(self, media, row):
+        """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
+
+        Raises MediaProblem (the notice to send instead) or TransientError (retry).
+        """
+        mime = (media.get("mimetype") or "application/octet-stream").split(";")[0].strip().lower()
+        kind = {"image": "image", "video": "video", "voice": "audio", "file": "document"}[media_kind(mime)]
+        if mime == "image/webp":
+            kind = "sticker"
+        limit = "%d MB" % (self.max_media // (1024 * 1024))
+        if media.get("error") or not media.get("url"):
+            raise MediaProblem("%s, not downloaded by WhatsApp's server" % kind)
+        try:
+            self.waha.check_media_url(media["url"])
+        except PermanentError:
+            self.metrics.inc("whatsignal_rejected_total", reason="media_url")
+            self.log.warn("media URL refused: not on WAHA's origin", host=urllib.parse.urlsplit(media["url"]).hostname)
+            raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = os.path.join(self.cache_dir, "m-" + secrets.token_hex(16) + EXTENSIONS.get(mime, ".bin"))
+        try:
+            _, size = self.waha.download(media["url"], path, self.max_media)
+            with open(path, "rb") as f:
+                head = f.read(16)
+            if not media_type_ok(mime, head):
+                raise MediaProblem("%s, content does not match its type; not forwarded" % kind)
+        except MediaProblem:
+            self._remove(path)
+            raise
+        except PermanentError as e:
+            self._remove(path)
+            m = re.search(r"size (\d+) over limit", str(e))
+            if m:
+                raise MediaProblem("%s, %s, over the %s limit" % (kind, human_size(int(m.group(1))), limit)) from None
+            raise MediaProblem("%s, %s" % (kind, "expired on WhatsApp's server" if "expired" in str(e)
+                                           else "could not be downloaded")) from None
+        except TransientError:
+            self._remove(path)
+            if row["attempts"] + 1 >= self.media_tries:
+                raise MediaProblem("%s, could not be downloaded" % kind) from None
+            raise
+        return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
+
+    @staticmethod
+    def _remove(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+    def _on_message_reaction(self, channel, rec, row):
+        chat = self.resolve_jid(channel, rec["chat"])
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
+        key = "reaction:" + self.store.tok("msg", rec["target_bare"])
+        if m and m["sig_ts"]:
+            emoji = rec["emoji"] or self.store.state(channel.session, key) or "👍"
+            self.signal.react(channel.destination, emoji, m["sig_author"], m["sig_ts"], remove=not rec["emoji"])
+            self.store.set_state(channel.session, key, rec["emoji"], self.clock())
+        elif rec["emoji"]:
+            who = self.display_name(channel, self.resolve_jid(channel, rec["sender"]))
+            self.notify(channel, "%s reacted %s to a message" % (who, rec["emoji"]))
+        self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="reaction", result="ok")
+        return None
+
+    def _on_message_edited(self, channel, rec, row):
+        chat = self.resolve_jid(channel, rec["chat"])
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
+        name = self.display_name(channel, chat) if not chat.endswith("@g.us") else self.display_name(channel, chat, group=True)
+        if m and m["sig_ts"] and m["direction"] == "w2s":
+            text = render_for_signal({"body": rec["body"]}, name)
+            self.signal.send(channel.destination, text, edit_ts=m["sig_ts"])
+        else:
+            self.notify(channel, "%s edited a message: %s" % (name, rec["body"]))
+        self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="edit", result="ok")
+        return None
+
+    def _on_message_revoked(self, channel, rec, row):
+        chat = self.resolve_jid(channel, rec["chat"])
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
+        name = self.display_name(channel, chat, group=chat.endswith("@g.us"))
+        if m and m["sig_ts"] and m["direction"] == "w2s":
+            if self.config.get("whatsapp.mirrorDeletes"):
+                self.signal.remote_delete(channel.destination, m["sig_ts"])
+            else:
+                self.notify(channel, "%s deleted this message on WhatsApp" % name, quote=(m["sig_ts"], m["sig_author"], None))
+        else:
+            self.notify(channel, "%s deleted a message on WhatsApp" % name)
+        self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="delete", result="ok")
+        return None
+
+    def _on_message_ack(self, channel, rec, row):
+        self.store.set_ack(channel.session, rec["bare"], rec["ack"])
+        return None
+
+    _on_message_ack_group = _on_message_ack
+
+    def _on_session_status(self, channel, rec, row):
+        status, s = rec["status"], channel.session
+        before = self.store.state(s, "session_status")
+        now = self.clock()
+        if status == "WORKING" and before in SESSION_DOWN:
+            self.notify(channel, "WhatsApp session %s is working again." % s)
+            self.store.set_state(s, "restart_attempts", "0", now)
+        elif status in SESSION_DOWN and status != before:
+            advice = SESSION_ADVICE.get(status, "check WAHA").replace("{s}", s)
+            self.notify(channel, "WhatsApp session %s is %s: %s. Messages to WhatsApp wait until it is back."
+                        % (s, status, advice))
+        if status in ("FAILED", "STOPPED") and self.config.get("whatsapp.sessionAutoRestart"):
+            self._auto_restart(channel, now)
+        self.store.set_state(s, "session_status", status, now)
+        self.log.info("whatsapp session status", session=s, status=status)
+        return None
+
+    def _auto_restart(self, channel, now):
+        s = channel.session
+        attempts = int(self.store.state(s, "restart_attempts", "0"))
+        if now < float(self.store.state(s, "restart_next_at", "0")):
+            return
+        self.store.set_state(s, "restart_attempts", str(attempts + 1), now)
+        self.store.set_state(s, "restart_next_at", str(now + next_backoff(attempts, 30, 2, 3600, self.rand)), now)
+        try:
+            self.waha.restart_session(s)
+            self.notify(channel, "WhatSignal asked WAHA to restart session %s (attempt %d)." % (s, attempts + 1))
+        except UpstreamError as e:
+            self.notify(channel, "WhatSignal could not restart session %s: %s" % (s, shorten(str(e), 120)))
+
+    # Signal -> WhatsApp -----------------------------------------------------
+    def _sig_message(self, channel, rec, row):
+        f = rec["fields"]
+        text = (f.get("text") or "").strip()
+        if text.startswith("/") and not f.get("quote"):
+            self.command(channel, rec, text)
+            return None
+        target = self.route(channel, rec)
+        if target is None:
+            return None
+        chat, reply_to = target
+        return self.send_to_whatsapp(channel, rec, chat, f.get("text") or "", f.get("attachments") or [], reply_to)
+
+    def route(self, channel, rec):
+        """Return (chat, reply_to) for an owner's message, or None after telling the owner why not."""
+        quote = rec["fields"].get("quote")
+        if quote:
+            m = self.store.by_sig(channel.session, quote["id"])
+            if m:
+                return m["chat"], m["wa_id"]
+            self.notify(channel, "I don't know which WhatsApp chat the quoted message belongs to (it may be older "
+                        "than the retention period). Use /to <chat> <text>.", quote=(rec["ts"], channel.destination, None))
+            return None
+        m = self.store.last_forwarded(channel.session)
+        if m is None:
+            self.notify(channel, "No WhatsApp chat to answer yet. Use /to <+number> <text> to start one.",
+                        quote=(rec["ts"], channel.destination, None))
+            return None
+        return m["chat"], None
+
+    def send_to_whatsapp(self, channel, rec, chat, text, attachments, reply_to):
+        s = channel.session
+        wa_id = None
+        for i, att in enumerate(attachments):
+            data = self.signal.get_attachment(att, self.max_media)
+            mime = att.get("contentType") or "application/octet-stream"
+            kind = media_kind(mime)
+            mid = self.waha.send_file(s, chat, kind, mime, safe_filename(att.get("filename"), mime), data,
+                                      caption=text if i == 0 and text else None, reply_to=reply_to)
+            wa_id = wa_id or mid
+        if not attachments or (text and media_kind(attachments[0].get("contentType")) == "voice"):
+            wa_id = self.waha.send_text(s, chat, text, reply_to) or wa_id
+        self.store.touch_chat(s, chat, self.clock())
+        self.metrics.inc("whatsignal_messages_processed_total", direction="s2w",
+                         kind="media" if attachments else "text", result="ok")
+        return self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination)
+
+    def _sig_reaction(self, channel, rec, row):
+        f = rec["fields"]
+        m = self.store.by_sig(channel.session, f["target_ts"])
+        if m is None or not m["wa_id"]:
+            self.log.info("reaction on a message the bridge does not know; dropped")
+            return None
+        self.waha.react(channel.session, m["wa_id"], "" if f.get("remove") else f["emoji"])
+        self.metrics.inc("whatsignal_messages_processed_total", direction="s2w", kind="reaction", result="ok")
+        return None
+
+    def _own_message(self, channel, ts):
+        m = self.store.by_sig(channel.session, ts)
+        return m if m and m["direction"] == "s2w" and m["wa_id"] else None
+
+    def _sig_delete(self, channel, rec, row):
+        m = self._own_message(channel, rec["fields"]["target_ts"])
+        if m:
+            self.waha.delete(channel.session, m["chat"], m["wa_id"])
+            self.metrics.inc("whatsignal_messages_processed_total", direction="s2w", kind="delete", result="ok")
+        return None
+
+    def _sig_edit(self, channel, rec, row):
+        m = self._own_message(channel, rec["fields"]["target_ts"])
+        if m:
+            self.waha.edit(channel.session, m["chat"], m["wa_id"], rec["fields"]["text"])
+            self.metrics.inc("whatsignal_messages_processed_total", direction="s2w", kind="edit", result="ok")
+        return None
+
+    def _sig_receipt(self, channel, rec, row):
+        if not rec["fields"].get("read"):
+            return None
+        by_chat = collections.OrderedDict()
+        for ts in rec["fields"].get("timestamps") or []:
+            m = self.store.by_sig(channel.session, ts)
+            if m and m["direction"] == "w2s" and m["wa_id"]:
+                by_chat.setdefault(m["chat"], []).append(m["wa_id"])
+        for chat, ids in by_chat.items():
+            self.waha.seen(channel.session, chat, ids)
+        return None
+
+    def _sig_typing(self, channel, rec, row):
+        m = self.store.last_forwarded(channel.session)
+        if m:
+            with contextlib.suppress(UpstreamError):   # typing is ephemeral: never retried
+                self.waha.typing(channel.session, m["chat"], rec["fields"].get("started"))
+        return None
+
+    # -- commands ---------------------------------------------------------------
+    def command(self, channel, rec, text):
+        name, _, rest = text[1:].partition(" ")
+        handler = getattr(self, "_cmd_" + name.lower(), None) if re.match(r"^[a-z]{1,10}$", name.lower()) else None
+        quote = (rec["ts"], channel.destination, None)
+        if handler is None:
+            self.notify(channel, ("Unknown command /%s.\n" % shorten(name, 20)) + HELP_TEXT, quote=quote)
+            return
+        handler(channel, rec, rest.strip(), quote)
+
+    def _cmd_help(self, channel, rec, args, quote):
+        self.notify(channel, HELP_TEXT)
+
+    def _cmd_chats(self, channel, rec, args, quote):
+        chats = self.store.recent_chats(channel.session, 15)
+        if not chats:
+            self.notify(channel, "No WhatsApp chats yet.")
+            return
+        lines = ["%d. %s%s" % (c["short"], c["name"] or "?",
+                               (" (" + jid_to_phone(c["chat"]) + ")") if jid_to_phone(c["chat"]) else
+                               (" (group)" if c["chat"].endswith("@g.us") else "")) for c in chats]
+        self.notify(channel, "Recent chats (answer with /to <n> <text>):\n" + "\n".join(lines))
+
+    def find_chat(self, channel, target):
+        """Resolve a /to target: a short number, +E.164, or a name. Return (chat, error)."""
+        if re.match(r"^\d{1,5}$", target):
+            for c in self.store.all_chats(channel.session):
+                if c["short"] == int(target):
+                    return c["chat"], None
+            return None, "There is no chat %s; see /chats." % target
+        if target.startswith("+"):
+            jid = phone_to_jid(target)
+            return (jid, None) if jid else (None, "%s is not a phone number in +E.164 form." % shorten(target, 20))
+        low = target.lower()
+        matches = [c for c in self.store.all_chats(channel.session) if c["name"] and low in c["name"].lower()]
+        exact = [c for c in matches if c["name"].lower() == low]
+        if len(exact) == 1 or len(matches) == 1:
+            return (exact or matches)[0]["chat"], None
+        if not matches:
+            return None, "No chat named %r; see /chats." % shorten(target, 30)
+        return None, "%r matches several chats: %s. Use the number from /chats." % (
+            shorten(target, 30), ", ".join("%d. %s" % (c["short"], c["name"]) for c in matches[:5]))
+
+    def _cmd_to(self, channel, rec, args, quote):
+        words = args.split(" ")
+        chat, error, text = None, "Use /to <n|+number|name> <text>.", ""
+        for cut in range(len(words) - 1, 0, -1):      # longest name first: "/to Alice Example hi"
+            target, text = " ".join(words[:cut]), " ".join(words[cut:]).strip()
+            if not text:
+                continue
+            chat, err = self.find_chat(channel, target)
+            if chat:
+                break
+            error = err if cut == 1 else error
+        if not chat:
+            self.notify(channel, error, quote=quote)
+            return
+        after = self.send_to_whatsapp(channel, rec, chat, text, rec["fields"].get("attachments") or [], None)
+        with self.store.tx() as db:
+            after(db)
+
+    def _cmd_status(self, channel, rec, args, quote):
+        s = channel.session
+        lines = ["WhatSignal %s" % __version__,
+                 "WhatsApp session %s: %s" % (s, self.store.state(s, "session_status") or "unknown"),
+                 "Waiting for Signal: %d, for WhatsApp: %d" % (self.store.queue_depth("w2s"), self.store.queue_depth("s2w"))]
+        dead = self.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0]
+        if dead:
+            lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
+        self.notify(channel, "\n".join(lines))
+
+###############################################################################
+# Workers #####################################################################
+###############################################################################
+
+_DIGITS = re.compile(r"\+?\d{6,}")
+
+
+def scrub(text, limit=200):
+    """Return *text* cut short with long digit runs (phone numbers) masked, for logs and stored errors."""
+    return _DIGITS.sub(lambda m: mask_phone(m.group(0)), shorten(str(text), limit))
+
+
+class Worker:
+    """A daemon thread with start/stop; ``stop`` sets an Event and joins, as QueueListener does."""
+
+    name = "worker"
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run_safely, name=self.name, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        self.stopping.set()
+        self.interrupt()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def interrupt(self):
+        """Wake the thread from whatever it blocks on (overridden by workers that block on sockets)."""
+
+    def _run_safely(self):
+        while not self.stopping.is_set():
+            try:
+                self.run()
+                return
+            except Exception as e:  # pragma: no cover - a worker never dies from one bug
+                self.log.error("worker crashed; restarting it", worker=self.name, error=e.__class__.__name__)
+                self.stopping.wait(1.0)
+
+
+class Deliverer(Worker):
+    """Drains one direction of the queue: in order per chat, with retries and dead letters."""
+
+    batch = 256      # items read per pass
+    idle_wait = 1.0  # longest sleep when nothing is due (s)
+
+    def __init__(self, bridge, direction, leader, clock=None, rand=None):
+        super().__init__()
+        self.bridge, self.store, self.log, self.metrics = bridge, bridge.store, bridge.log, bridge.metrics
+        self.direction = direction
+        self.name = "deliver-" + direction
+        self.leader = leader
+        self.clock = clock or bridge.clock
+        self.rand = rand or bridge.rand
+        self.wake = bridge.wake[direction]
+        self.expire = bridge.config.get("bridge.expireAfterHours") * 3600
+
+    def interrupt(self):
+        self.wake.set()
+
+    def run(self):
+        while not self.stopping.is_set():
+            if not self.leader.is_set():
+                self.stopping.wait(0.5)
+                continue
+            try:
+                done, delay = self.run_once()
+            except StoreError as e:
+                self.log.error("database unavailable to the delivery worker", direction=self.direction, reason=scrub(e))
+                done, delay = 0, 2.0
+            if not done:
+                self.wake.wait(delay)
+                self.wake.clear()
+
+    def run_once(self):
+        """Deliver what is due now; return (items handled, seconds until something may be due)."""
+        rows = self.store.pending(self.direction, self.batch)
+        done, delay = self._pass(rows)
+        if not done and len(rows) == self.batch:
+            done, delay = self._pass(self.store.chat_heads(self.direction, self.batch))
+        self.metrics.set("whatsignal_queue_depth", self.store.queue_depth(self.direction), direction=self.direction)
+        return done, delay
+
+    def _pass(self, rows):
+        blocked, done, delay = set(), 0, self.idle_wait
+        for row in rows:
+            if self.stopping.is_set():
+                break
+            if row["chat"] in blocked:
+                continue
+            wait = row["next_at"] - self.clock()
+            if 0 < wait < BACKOFF_CAP * 2:   # a wait longer than that means the clock went back: go now
+                blocked.add(row["chat"])
+                delay = min(delay, wait)
+                continue
+            if not self.deliver(row):
+                blocked.add(row["chat"])
+            done += 1
+        return done, delay
+
+    def deliver(self, row):
+        """Try one item; return True when it left the queue (delivered or dead)."""
+        try:
+            after = self.bridge.process(self.direction, row)
+            self.store.finish(row["id"], "done", self.clock(), after=after)
+            self.metrics.observe("whatsignal_delivery_latency_seconds", max(0.0, self.clock() - row["created_at"]),
+                                 direction=self.direction)
+            self.log.debug("delivered", direction=self.direction, kind=row["kind"], item=row["id"],
+                           processing_time_ms=round((self.clock() - row["created_at"]) * 1000, 1))
+            return True
+        except IdentityError as e:
+            self.metrics.inc("whatsignal_untrusted_identity_total")
+            self.log.error("untrusted identity: the owner's Signal safety number changed; messages stay queued. "
+                           "Fix: verify it and run `signal-cli -a NUMBER trust -a OWNER`, or set signal.trustNewIdentity",
+                           item=row["id"])
+            if self.bridge.config.get("signal.trustNewIdentity"):
+                channel = self.bridge.config.channel(row["channel"])
+                with contextlib.suppress(UpstreamError):
+                    self.bridge.signal.trust(channel.destination)
+                    self.log.warn("trusted the owner's new safety number (signal.trustNewIdentity)")
+            return self._retry(row, e)
+        except TransientError as e:
+            return self._retry(row, e)
+        except (PermanentError, CryptoError) as e:
+            return self._dead(row, str(e))
+        except StoreError:
+            raise
+        except Exception as e:
+            self.log.error("internal error while delivering; item parked", direction=self.direction, item=row["id"],
+                           error=e.__class__.__name__, where=_where(e))
+            return self._dead(row, "internal error (%s)" % e.__class__.__name__)
+
+    def _retry(self, row, e):
+        now = self.clock()
+        attempts = row["attempts"] + 1
+        if now - row["created_at"] > self.expire:
+            return self._dead(row, "gave up after %.0f hours: %s" % (self.expire / 3600, e))
+        delay = max(e.retry_after or 0.0, next_backoff(attempts - 1, rand=self.rand))
+        self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + delay)
+        self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="retry")
+        self.log.warn("delivery failed, will retry", direction=self.direction, item=row["id"], attempt=attempts,
+                      retry_in_s=round(delay, 1), reason=scrub(e))
+        return False
+
+    def _dead(self, row, reason):
+        self.store.finish(row["id"], "dead", self.clock(), error=scrub(reason))
+        self.metrics.inc("whatsignal_dead_letters_total", direction=self.direction)
+        self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="dead")
+        self.log.error("delivery failed permanently; see `whatsignal.py outbox`", direction=self.direction,
+                       item=row["id"], reason=scrub(reason))
+        if self.direction == "s2w":
+            self._tell_owner(row, reason)
+        return True
+
+    def _tell_owner(self, row, reason):
+        channel = self.bridge.config.channel(row["channel"])
+        try:
+            rec = self.store.record_of(row)
+            self.bridge.notify(channel, "Not delivered to WhatsApp: %s" % shorten(reason, 160),
+                               quote=(rec["ts"], channel.destination, None))
+        except (UpstreamError, CryptoError, ValueError) as e:
+            self.log.error("could not tell the owner about an undelivered message", reason=scrub(e))
+
+
+def _where(exc):
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "%s:%d" % (tb.tb_frame.f_code.co_name, tb.tb_lineno) if tb else "?"
+
+
+class SignalReceiver(Worker):
+    """Keeps receiving from signal-cli: SSE (daemon), WebSocket (REST json-rpc) or polling (REST normal)."""
+
+    name = "signal-receiver"
+
+    def __init__(self, bridge, leader, sleep_cap=60.0):
+        super().__init__()
+        self.bridge, self.signal, self.log = bridge, bridge.signal, bridge.log
+        self.leader = leader
+        self.sleep_cap = sleep_cap
+        self.conn = None
+        self.connected = threading.Event()
+
+    def interrupt(self):
+        conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                sock = getattr(conn, "sock", None)
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+                conn.close()
+
+    def _opened(self, conn):
+        self.conn = conn
+        self.connected.set()
+        self.attempt = 0
+        self.log.info("receiving from Signal", backend=self.signal.kind)
+
+    def run(self):
+        self.attempt = 0
+        while not self.stopping.is_set():
+            if not self.leader.is_set():
+                self.stopping.wait(0.5)
+                continue
+            try:
+                self.receive_once()
+            except UpstreamError as e:
+                if self.stopping.is_set():
+                    break
+                delay = next_backoff(self.attempt, 1.0, 2.0, self.sleep_cap, self.bridge.rand)
+                self.attempt += 1
+                self.log.warn("signal receive interrupted; reconnecting", reason=scrub(e), retry_in_s=round(delay, 1))
+                self.stopping.wait(delay)
+            finally:
+                self.connected.clear()
+                self.conn = None
+
+    def receive_once(self):
+        """One connection's worth of receiving (or one poll)."""
+        sig = self.signal
+        if isinstance(sig, SignalRestClient) and sig.mode is None:
+            sig.about()
+        if isinstance(sig, SignalRestClient) and sig.mode in ("normal", "native", None):
+            items = sig.poll()
+            self.connected.set()
+            self.attempt = 0
+            for obj in items:
+                self.take(obj)
+            self.stopping.wait(self.bridge.config.get("signal.pollIntervalSeconds"))
+            return
+        for obj in sig.events(self.stopping, on_open=self._opened):
+            self.take(obj)
+
+    def take(self, obj):
+        """Commit one receive object, waiting (bounded by stop) while the database is unavailable."""
+        while not self.stopping.is_set():
+            try:
+                self.bridge.ingest_envelope(obj)
+                return
+            except StoreError as e:
+                self.log.error("database unavailable; holding the Signal stream", reason=scrub(e))
+                self.stopping.wait(1.0)
+
+
+class LeaseKeeper(Worker):
+    """Holds the delivery lease so only one instance on a volume runs workers and the receiver."""
+
+    name = "lease"
+
+    def __init__(self, store, log, metrics, clock=time.time, holder=None, seconds=LEASE_SECONDS):
+        super().__init__()
+        self.store, self.log, self.metrics, self.clock = store, log, metrics, clock
+        self.holder = holder or "%s:%d:%s" % (socket.gethostname()[:40], os.getpid(), secrets.token_hex(4))
+        self.seconds = seconds
+        self.leader = threading.Event()
+        self.renewed = 0.0
+
+    def tick(self):
+        now = self.clock()
+        try:
+            got = self.store.acquire_lease(self.holder, now, self.seconds)
+            self.renewed = now if got else self.renewed
+        except StoreError:
+            got = self.leader.is_set() and now - self.renewed < self.seconds * 0.8
+        if got and not self.leader.is_set():
+            self.log.info("this instance now delivers messages (lease taken)")
+            self.leader.set()
+        elif not got and self.leader.is_set():
+            self.log.warn("lease lost to another instance; delivery paused here")
+            self.leader.clear()
+        self.metrics.set("whatsignal_leader", 1 if got else 0)
+
+    def run(self):
+        while not self.stopping.is_set():
+            self.tick()
+            self.stopping.wait(self.seconds / 3)
+        if self.leader.is_set():
+            with contextlib.suppress(StoreError):
+                self.store.release_lease(self.holder)
+            self.leader.clear()
+
+###############################################################################
+# HTTP server #################################################################
+###############################################################################
+
+
+class AuthThrottle:
+    """Counts failed webhook signatures per client; past the limit the client gets 429."""
+
+    def __init__(self, limit=AUTH_FAIL_LIMIT, window=AUTH_FAIL_WINDOW, clock=time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self.fails = {}
+        self.lock = threading.Lock()
+
+    def _recent(self, client):
+        now = self.clock()
+        q = self.fails.get(client)
+        while q and now - q[0] > self.window:
+            q.popleft()
+        return q
+
+    def blocked(self, client):
+        with self.lock:
+            q = self._recent(client)
+            return bool(q) and len(q) >= self.limit
+
+    def fail(self, client):
+        with self.lock:
+            if len(self.fails) > 10000:
+                self.fails.clear()
+            q = self._recent(client)
+            if q is None:
+                q = self.fails[client] = collections.deque(maxlen=self.limit * 2)
+            q.append(self.clock())
+
+
+class BridgeServer(http.server.ThreadingHTTPServer):
+    """The webhook, health and metrics server; handlers reach the App through ``self.app``."""
+
+    request_queue_size = 128   # listen backlog: WAHA bursts after a reconnect
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, app):
+        self.app = app
+        self.connections = {}   # socket -> busy flag, so shutdown can close idle keep-alives
+        self.conn_lock = threading.Lock()
+        super().__init__(address, Handler)
+
+    def close_idle(self):
+        with self.conn_lock:
+            for sock, busy in list(self.connections.items()):
+                if not busy:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def busy_count(self):
+        with self.conn_lock:
+            return sum(1 for b in self.connections.values() if b)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One connection: ``do_GET``/``do_POST`` route to ``route_<name>``; errors become 4xx/503 here only."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "WhatSignal/" + __version__
+    sys_version = ""
+    timeout = READ_TIMEOUT          # idle keep-alive and slow senders cannot pin a thread longer
+    error_content_type = "application/json"
+    error_message_format = '{"error": "%(message)s"}'
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.conn_lock:
+            self.server.connections[self.connection] = False
+
+    def finish(self):
+        with contextlib.suppress(OSError):
+            super().finish()
+        with self.server.conn_lock:
+            self.server.connections.pop(self.connection, None)
+
+    def log_message(self, fmt, *args):
+        pass   # requests are counted in /metrics; bodies and addresses never reach the log
+
+    def handle_one_request(self):
+        with self.server.conn_lock:
+            self.server.connections[self.connection] = True
+        try:
+            super().handle_one_request()
+        finally:
+            with self.server.conn_lock:
+                if self.connection in self.server.connections:
+                    self.server.connections[self.connection] = False
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed request lines and headers: a short JSON reason, counted, never a traceback."""
+        self.server.app.metrics.inc("whatsignal_rejected_total", reason="http_%d" % code)
+        self.close_connection = True
+        self.reply(code, {"error": shorten(message or http.HTTPStatus(code).phrase, 80)})
+
+    def reply(self, status, obj, headers=None, content_type="application/json", close=False):
+        body = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if close or self.close_connection:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        path = urllib.parse.urlsplit(self.path).path if isinstance(self.path, str) else "?"
+        known = path if path in ("/webhook/whatsapp", "/health", "/healthz", "/metrics") else "other"
+        self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
+
+    def do_GET(self):
+        path = urllib.parse.urlsplit(self.path).path
+        route = {"/healthz": self.route_healthz, "/health": self.route_health, "/metrics": self.route_metrics}.get(path)
+        if route is None:
+            self.reply(404, {"error": "not found"})
+        else:
+            route()
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        path = urllib.parse.urlsplit(self.path).path
+        if path not in ("/webhook/whatsapp", "/webhook/whatsapp/"):
+            self._discard_or_close()
+            self.reply(404, {"error": "not found"})
+            return
+        try:
+            self.route_webhook()
+        except Exception as e:  # never a 500 body with internals; logged once with the place
+            self.server.app.log.error("internal error handling a webhook", error=e.__class__.__name__, where=_where(e))
+            self.reply(500, {"error": "internal error"}, close=True)
+
+    def _discard_or_close(self):
+        self.close_connection = True
+
+    def _reject(self, status, reason, close=False, headers=None):
+        app = self.server.app
+        app.metrics.inc("whatsignal_rejected_total", reason=reason.split(":")[0][:40])
+        app.log.warn("webhook rejected", status=status, reason=reason)
+        self.reply(status, {"error": reason}, headers=headers, close=close)
+
+    def route_webhook(self):
+        app = self.server.app
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._reject(411, "chunked bodies are not accepted; send Content-Length", close=True)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return self._reject(411, "Content-Length required", close=True)
+        if not length.strip().isdigit():
+            return self._reject(400, "invalid Content-Length", close=True)
+        length = int(length)
+        if length > app.max_body:
+            return self._reject(413, "body over %d bytes" % app.max_body, close=True)
+        if ctype != "application/json":
+            return self._reject(415, "Content-Type must be application/json", close=True)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            return self._reject(400, "body shorter than Content-Length", close=True)
+        client = self.client_address[0] if self.client_address else "?"
+        if not verify_waha_signature(app.webhook_secret, body, self.headers.get("X-Webhook-Hmac"),
+                                     self.headers.get("X-Webhook-Hmac-Algorithm")):
+            app.metrics.inc("whatsignal_webhook_auth_failures_total")
+            if app.throttle.blocked(client):
+                return self._reject(429, "too many failed signatures", headers={"Retry-After": str(int(AUTH_FAIL_WINDOW))})
+            app.throttle.fail(client)
+            app.log.warn("webhook authentication failed", reason="missing or wrong X-Webhook-Hmac")
+            return self.reply(401, {"error": "authentication failed"})
+        try:
+            event = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return self._reject(400, "malformed JSON")
+        try:
+            result = app.bridge.ingest_webhook(event)
+        except PayloadError as e:
+            return self._reject(400, "invalid payload: %s" % shorten(str(e), 100))
+        except (StoreError, CryptoError) as e:
+            app.log.error("webhook not stored; answering 503 so WAHA retries", reason=scrub(e))
+            return self.reply(503, {"error": "storage unavailable, retry later"}, headers={"Retry-After": "5"})
+        except RecursionError:
+            return self._reject(400, "payload nested too deeply")
+        self.reply(200, {"status": result})
+
+    def route_healthz(self):
+        self.reply(200, {"status": "ok"})
+
+    def route_health(self):
+        status, report = self.server.app.health()
+        self.reply(503 if report["status"] == "unhealthy" else 200, report)
+
+    def route_metrics(self):
+        app = self.server.app
+        token = app.config.get("server.metricsToken")
+        if token and not hmac.compare_digest((self.headers.get("Authorization") or "").encode(),
+                                             ("Bearer " + token).encode()):
+            return self.reply(401, {"error": "metrics token required"}, headers={"WWW-Authenticate": "Bearer"})
+        app.refresh_gauges()
+        self.reply(200, app.metrics.render().encode(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+###############################################################################
+# Operations ##################################################################
+###############################################################################
+
+MEDIA_NAME = re.compile(r"^m-[0-9a-f]{32}\.[a-z0-9]{1,5}$")
+RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
+    ("queue", "state IN ('done', 'dead') AND updated_at < ?"),
+    ("messages", "created_at < ?"),
+    ("chats", "last_at < ?"),
+    ("contacts", "updated_at < ?"),
+    ("lids", "updated_at < ?"),
+)
+
+
+def cleanup(store, config, now, vacuum=False, batch=500, pause=0.0):
+    """Delete what is older than the retention periods, in short batches; return counts.
+
+    Pending items are never deleted.  Media cache files are removed by age
+    (only files the bridge named).  Space is reclaimed with incremental_vacuum
+    (or VACUUM when asked) and the WAL is checkpointed.
+    """
+    cutoff = now - config.get("retentionDays") * 86400
+    counts = {}
+    for table, where in RETENTION_SWEEPS:
+        total = 0
+        while True:
+            with store.tx() as db:
+                n = db.execute("DELETE FROM %s WHERE rowid IN (SELECT rowid FROM %s WHERE %s LIMIT ?)"
+                               % (table, table, where), (cutoff, batch)).rowcount
+            total += n
+            if n < batch:
+                break
+            if pause:
+                time.sleep(pause)   # let webhook writers in between batches
+        counts[table] = total
+    media_days = config.get("media.retentionDays") or config.get("retentionDays")
+    counts["media_files"] = sweep_media(config.get("media.cacheDir"), now - media_days * 86400)
+    with store.lock:
+        if vacuum:
+            store.db.execute("VACUUM")
+        else:
+            store.db.execute("PRAGMA incremental_vacuum")
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return counts
+
+
+def sweep_media(cache_dir, cutoff):
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(cache_dir):
+            if entry.is_file(follow_symlinks=False) and MEDIA_NAME.match(entry.name) \
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+                    removed += 1
+    return removed
+
+
+def media_stats(cache_dir):
+    count = size = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(cache_dir):
+            if entry.is_file(follow_symlinks=False):
+                count += 1
+                size += entry.stat(follow_symlinks=False).st_size
+    return count, size
+
+
+def run_cleanup(app, vacuum=False):
+    """One logged, measured sweep (timer, CLI)."""
+    start = time.monotonic()
+    try:
+        counts = cleanup(app.store, app.config, app.clock(), vacuum=vacuum, pause=0.001)
+    except (StoreError, sqlite3.Error, OSError) as e:
+        app.log.error("cleanup failed", reason=scrub(e))
+        return None
+    took = time.monotonic() - start
+    app.metrics.set("whatsignal_cleanup_duration_seconds", took)
+    app.metrics.set("whatsignal_cleanup_last_success_timestamp_seconds", app.clock())
+    with contextlib.suppress(StoreError):
+        app.store.set_meta("last_cleanup", json.dumps({"at": app.clock(), "removed": counts, "seconds": round(took, 3)}))
+    app.refresh_gauges()
+    app.log.info("Successfully completed cleanup", duration_s=round(took, 3), **{"removed_" + k: v for k, v in counts.items()})
+    return counts
+
+
+def table_counts(db):
+    out = {}
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name").fetchall():
+        out[name] = db.execute('SELECT COUNT(*) FROM "%s"' % name.replace('"', '')).fetchone()[0]
+    return out
+
+
+def backup(db_path, dest, config=None):
+    """Copy *db_path* to *dest* with SQLite's online backup API, check it; return a report dict."""
+    if not os.path.exists(db_path):
+        raise WhatSignalError("database %s does not exist; check database.path" % db_path)
+    dest = os.path.abspath(dest)
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, "whatsignal-%s.db" % time.strftime("%Y%m%d-%H%M%S"))
+    tmp = dest + ".partial"
+    src = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db_path)), uri=True, timeout=30)
+    dst = sqlite3.connect(tmp)
+    try:
+        src.backup(dst, pages=256, sleep=0.005)   # copies in steps; writers continue meanwhile
+        dst.execute("PRAGMA journal_mode=DELETE")
+        check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+        counts = table_counts(dst)
+    finally:
+        dst.close()
+        src.close()
+    if check != "ok":
+        os.remove(tmp)
+        raise WhatSignalError("the copy failed its integrity check (%s); the source may be damaged, run verify" % check)
+    os.replace(tmp, dest)
+    report = {"backup": dest, "bytes": os.path.getsize(dest), "integrity": check, "rows": counts}
+    if config is not None:
+        with open(dest + ".config.json", "w", encoding="utf-8") as f:
+            json.dump(config.masked(), f, indent=2)
+        report["config"] = dest + ".config.json"
+    return report
+
+
+def verify(db_path, config):
+    """Integrity, schema version and key check of a database file; return (ok, report)."""
+    if not os.path.exists(db_path):
+        return False, {"database": db_path, "error": "file not found"}
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db_path)), uri=True, timeout=30)
+    try:
+        report = {"database": db_path, "integrity": db.execute("PRAGMA integrity_check").fetchone()[0],
+                  "schema_version": db.execute("PRAGMA user_version").fetchone()[0]}
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in table_counts(db) else {}
+    except sqlite3.DatabaseError as e:
+        return False, {"database": db_path, "error": "not a readable SQLite database (%s)" % e}
+    finally:
+        db.close()
+    if "salt" not in meta or "key_check" not in meta:
+        report["key"] = "no key check value (not a WhatSignal database?)"
+        return False, report
+    cipher = Cipher(config.encryption_secret or "", bytes.fromhex(meta["salt"]), enabled=config.encryption)
+    report["key"] = "opens" if cipher.key_check() == meta["key_check"] else "does NOT open this database"
+    if meta.get("rotation"):
+        report["key"] += " (a key rotation is unfinished: run rotate-key again)"
+    ok = report["integrity"] == "ok" and report["schema_version"] <= len(SCHEMA) and report["key"] == "opens"
+    return ok, report
+
+
+def restore(db_path, src, config, clock=time.time):
+    """Replace *db_path* with the verified backup *src*; the current file is kept beside it."""
+    ok, report = verify(src, config)
+    if not ok:
+        raise WhatSignalError("refusing to restore: %s does not verify (%s)" % (src, json.dumps(report)))
+    if os.path.exists(db_path):
+        store = Store(db_path)
+        try:
+            holder = store.lease_holder(clock())
+            if holder:
+                raise WhatSignalError("refusing to restore: WhatSignal is running on %s (%s); stop it first"
+                                      % (db_path, holder.split(":")[0]))
+            with store.lock:
+                store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            store.close()
+    tmp = db_path + ".restoring"
+    s, d = sqlite3.connect(src), sqlite3.connect(tmp)
+    try:
+        s.backup(d)
+    finally:
+        d.close()
+        s.close()
+    kept = None
+    if os.path.exists(db_path):
+        kept = db_path + ".before-restore-" + time.strftime("%Y%m%d-%H%M%S")
+        os.replace(db_path, kept)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(db_path + suffix)
+    os.replace(tmp, db_path)
+    return {"restored": db_path, "from": src, "previous_kept_as": kept}
+
+
+def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=None):
+    """Re-encrypt every sealed value and recompute every lookup token; resumable. Return totals."""
+    salt = store.salt()
+    old = Cipher(old_secret, salt, enabled=store.meta("key_check", "").startswith("enc1:"))
+    new = Cipher(new_secret, salt, enabled=enabled)
+    if store.meta("key_check") not in (old.key_check(), new.key_check()):
+        raise CryptoError("WHATSIGNAL_ENCRYPTION_SECRET_OLD does not open this database; give the secret it was created with")
+    store.set_meta("rotation", new.key_check())
+    totals = {}
+    for table, cols in ENCRYPTED_COLUMNS.items():
+        if table in ("contacts", "lids"):
+            with store.tx() as db:   # caches: dropped, refilled from WAHA
+                totals[table] = db.execute("DELETE FROM %s" % table).rowcount
+            continue
+        totals[table] = _rotate_table(store, table, cols, old, new, batch, progress)
+    with store.tx() as db:
+        db.execute("DELETE FROM state WHERE key='owner_uuid' OR key LIKE 'reaction:%'")
+        db.execute("UPDATE meta SET value=? WHERE key='key_check'", (new.key_check(),))
+        db.execute("DELETE FROM meta WHERE key='rotation'")
+    store.cipher = new
+    return totals
+
+
+def _rotate_table(store, table, cols, old, new, batch, progress):
+    done, last = 0, -1
+    key = "rowid"
+    while True:
+        rows = store.query("SELECT rowid AS rid, * FROM %s WHERE rowid > ? ORDER BY rowid LIMIT ?" % table, (last, batch))
+        if not rows:
+            return done
+        with store.tx() as db:
+            for r in rows:
+                last = r["rid"]
+                first = next((r[c] for c in cols if r[c] is not None), None)
+                try:
+                    if first is not None:
+                        new.decrypt_bytes(first)
+                    continue   # already rotated in an earlier, interrupted run
+                except CryptoError:
+                    pass
+                plain = {c: old.decrypt_bytes(r[c]) for c in cols}
+                sets = {c: (new.encrypt(v) if v is not None else None) for c, v in plain.items()}
+                sets.update(_tokens(table, plain, new))
+                db.execute("UPDATE %s SET %s WHERE %s=?" % (table, ", ".join("%s=?" % c for c in sets), key),
+                           list(sets.values()) + [r["rid"]])
+                done += 1
+        if progress:
+            progress(table, done)
+
+
+def _tokens(table, plain, cipher):
+    text = lambda k: plain[k].decode("utf-8", "surrogatepass") if plain.get(k) is not None else None
+    if table == "queue":
+        rec = json.loads(text("body"))
+        return {"dedupe": cipher.token("dedupe", rec.get("_dedupe")), "chat": cipher.token("chat", rec.get("_chat"))}
+    if table == "messages":
+        wa = text("wa_msg_enc")
+        return {"wa_chat": cipher.token("chat", text("wa_chat_enc")),
+                "wa_msg": cipher.token("msg", bare_msg_id(wa)) if wa else None}
+    if table == "chats":
+        return {"wa_chat": cipher.token("chat", text("wa_chat_enc"))}
+    return {}
+
+
+def stats(store, config, now):
+    """Counts and sizes, nothing decrypted."""
+    out = {"tables": table_counts(store.db), "queue": {}}
+    for (direction, state), (n, oldest) in sorted(store.counts().items()):
+        entry = out["queue"].setdefault(direction, {})
+        entry[state] = n
+        if state == "pending":
+            entry["oldest_pending_age_s"] = round(now - oldest, 1)
+    out["dead_letters"] = sum(n for (d, s), (n, _) in store.counts().items() if s == "dead")
+    out["database_bytes"] = os.path.getsize(store.path) if os.path.exists(store.path) else 0
+    out["wal_bytes"] = os.path.getsize(store.path + "-wal") if os.path.exists(store.path + "-wal") else 0
+    out["media_files"], out["media_bytes"] = media_stats(config.get("media.cacheDir"))
+    last = store.meta("last_cleanup")
+    out["last_cleanup"] = json.loads(last) if last else None
+    return out
+
+
+def outbox(store, now, retry=None):
+    """List dead letters, or put them (``retry`` = id or 'all') back in the queue."""
+    if retry is not None:
+        where, args = ("state='dead'", ()) if retry == "all" else ("state='dead' AND id=?", (int(retry),))
+        with store.tx() as db:
+            n = db.execute("UPDATE queue SET state='pending', attempts=0, next_at=?, created_at=?, updated_at=?"
+                           " WHERE " + where, (now, now, now) + args).rowcount
+        return {"requeued": n}
+    rows = store.query("SELECT id, direction, kind, attempts, created_at, error FROM queue WHERE state='dead' ORDER BY id")
+    return {"dead": [{"id": r[0], "direction": r[1], "kind": r[2], "attempts": r[3],
+                      "age_s": round(now - r[4]), "error": r[5]} for r in rows]}
+
+
+###############################################################################
+# Application #################################################################
+###############################################################################
+
+
+class App:
+    """The object graph of a running bridge: store, clients, bridge, workers, server."""
+
+    def __init__(self, config, log, clock=time.time, rand=random.random, holder=None):
+        self.config, self.log, self.clock, self.rand = config, log, clock, rand
+        self.metrics = new_metrics()
+        self.max_body = config.get("server.maxBodyMB") * 1024 * 1024
+        self.webhook_secret = config.get("whatsapp.webhookSecret")
+        self.throttle = AuthThrottle()
+        self.store = Store(config.get("database.path"), config.get("database.synchronous"))
+        try:
+            self.store.unlock(config.encryption_secret, enabled=config.encryption)
+        except CryptoError:
+            self.store.close()
+            raise
+        self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"))
+        if config.get("signal.rpcUrl"):
+            self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"))
+        else:
+            self.signal = SignalRestClient(config.get("signal.apiUrl"), config.get("signal.number"))
+        self.bridge = Bridge(config, self.store, self.waha, self.signal, log, self.metrics, clock, rand)
+        self.lease = LeaseKeeper(self.store, log, self.metrics, clock, holder)
+        self.workers = [Deliverer(self.bridge, "w2s", self.lease.leader), Deliverer(self.bridge, "s2w", self.lease.leader),
+                        SignalReceiver(self.bridge, self.lease.leader)]
+        self.server = None
+        self.timer = None
+        self.health_cache = {}
+        self.media_cache = (0.0, (0, 0))
+
+    def start(self):
+        host, port = self.config.get("server.host"), self.config.get("server.port")
+        try:
+            self.server = BridgeServer((host, port), self)
+        except OSError as e:
+            raise WhatSignalError("cannot listen on %s:%d (%s); pick a free server.port or stop what uses it"
+                                  % (host, port, e.strerror or e))
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+        self.lease.start()
+        for w in self.workers:
+            w.start()
+        self._schedule_cleanup(min(60.0, self.config.get("cleanupIntervalHours") * 3600))
+        if not self.config.encryption:
+            self.log.warn("encryption at rest is DISABLED (WHATSIGNAL_ENABLE_ENCRYPTION=false): messages and numbers "
+                          "are stored in plaintext")
+        self.log.info("WhatSignal started", version=__version__, listen="%s:%d" % self.server.server_address[:2],
+                      signal=self.signal.kind, channels=len(self.config.channels), layout=self.config.get("bridge.layout"))
+        return self
+
+    @property
+    def url(self):
+        return "http://%s:%d" % self.server.server_address[:2]
+
+    def _schedule_cleanup(self, delay):
+        self.timer = threading.Timer(delay, self._cleanup_tick)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _cleanup_tick(self):
+        if self.lease.leader.is_set():
+            run_cleanup(self)
+        self._schedule_cleanup(self.config.get("cleanupIntervalHours") * 3600)
+
+    def stop(self, timeout=8.0):
+        """Stop accepting, let in-flight requests finish, stop workers, close the database."""
+        deadline = time.monotonic() + timeout
+        if self.timer:
+            self.timer.cancel()
+        if self.server:
+            self.server.shutdown()
+            self.server.close_idle()
+            while self.server.busy_count() and time.monotonic() < deadline - 3:
+                time.sleep(0.02)
+            self.server.server_close()
+        for w in self.workers:
+            w.stop(max(0.1, min(3.0, deadline - time.monotonic())))
+        self.lease.stop(1.0)
+        self.store.close()
+        self.log.info("WhatSignal stopped")
+
+    # -- health and gauges ---------------------------------------------------
+    def _check(self, name, fn):
+        now = time.monotonic()
+        cached = self.health_cache.get(name)
+        if cached and now - cached[0] < HEALTH_CACHE_SECONDS:
+            return cached[1]
+        start = time.monotonic()
+        try:
+            fn()
+            result = {"status": "ok"}
+        except (UpstreamError, StoreError, sqlite3.Error, OSError) as e:
+            result = {"status": "error", "error": scrub(e, 120)}
+        result["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+        self.health_cache[name] = (now, result)
+        return result
+
+    def health(self):
+        checks = {"database": self._check("database", lambda: self.store.one("SELECT COUNT(*) FROM meta")),
+                  "whatsapp": self._check("whatsapp", self.waha.ping),
+                  "signal": self._check("signal", self.signal.check)}
+        if checks["database"]["status"] != "ok":
+            status = "unhealthy"
+        elif any(c["status"] != "ok" for c in checks.values()):
+            status = "degraded"
+        else:
+            status = "healthy"
+        report = {"status": status, "timestamp": iso_now(self.clock), "version": __version__, "checks": checks,
+                  "role": "active" if self.lease.leader.is_set() else "standby"}
+        return status, report
+
+    def refresh_gauges(self):
+        with contextlib.suppress(StoreError, sqlite3.Error):
+            for d in ("w2s", "s2w"):
+                self.metrics.set("whatsignal_queue_depth", self.store.queue_depth(d), direction=d)
+        self.metrics.set("whatsignal_database_size_bytes", self.store.size_bytes())
+        at, (count, _) = self.media_cache
+        if time.monotonic() - at > 30:
+            count, size = media_stats(self.config.get("media.cacheDir"))
+            self.media_cache = (time.monotonic(), (count, size))
+        self.metrics.set("whatsignal_media_files_count", count)
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+COMMANDS = (
+    ("serve", "run the bridge (the default command)"),
+    ("check-config", "validate the configuration and print it with secrets masked"),
+    ("outbox", "list undeliverable items; `outbox retry ID|all` queues them again"),
+    ("cleanup", "one retention sweep now (--vacuum to compact); safe while serving"),
+    ("backup", "online, verified copy of the database: backup DEST [--with-config]"),
+    ("verify", "integrity, schema and key check of the database (or of DB)"),
+    ("restore", "replace the database with a verified backup (service stopped)"),
+    ("rotate-key", "re-encrypt from WHATSIGNAL_ENCRYPTION_SECRET_OLD to WHATSIGNAL_ENCRYPTION_SECRET"),
+    ("stats", "counts, queue depth, sizes; nothing decrypted"),
+    ("demo", "see WhatSignal work against built-in simulators, no setup (--keep to stay up)"),
+    ("bench", "measure throughput, latency and memory on this machine"),
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="whatsignal.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="WhatSignal %s: read and answer your WhatsApp chats from Signal." % __version__,
+        epilog="commands:\n" + "\n".join("  %-13s %s" % c for c in COMMANDS) +
+               "\n\nexamples:\n  python whatsignal.py demo\n  python whatsignal.py --config config.json check-config\n"
+               "  python whatsignal.py --config config.json")
+    p.add_argument("--config", help="JSON config file (default: $WHATSIGNAL_CONFIG)")
+    p.add_argument("--version", action="version", version="WhatSignal " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS:
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="JSON config file")
+        if name == "outbox":
+            sp.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+            sp.add_argument("target", nargs="?", help="item id or 'all'")
+        elif name == "cleanup":
+            sp.add_argument("--vacuum", action="store_true", help="compact the database file (VACUUM)")
+        elif name == "backup":
+            sp.add_argument("dest", help="backup file or directory")
+            sp.add_argument("--with-config", action="store_true", help="also write the config, secrets masked")
+        elif name == "verify":
+            sp.add_argument("db", nargs="?", help="database file (default: database.path)")
+        elif name == "restore":
+            sp.add_argument("src", help="backup file to restore")
+        elif name == "demo":
+            sp.add_argument("--keep", action="store_true", help="leave the demo running and print its URLs")
+        elif name == "bench":
+            sp.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
+            sp.add_argument("--growth-rows", type=int, default=1000000, help="rows for the growth test")
+    return p
+
+
+def _print(obj):
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _load(args, environ):
+    return load_config(args.config or environ.get("WHATSIGNAL_CONFIG") or "config.json", environ)
+
+
+def _open_store(config):
+    store = Store(config.get("database.path"), config.get("database.synchronous"))
+    try:
+        store.unlock(config.encryption_secret, enabled=config.encryption)
+    except CryptoError:
+        store.close()
+        raise
+    return store
+
+
+def main(argv=None, environ=None, stdout=None):
+    """Run the command line; return the exit code (0 ok, 1 failed check, 2 user error)."""
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        if command == "demo":
+            return run_demo(keep=args.keep)
+        if command == "bench":
+            return run_bench(quick=args.quick, growth_rows=args.growth_rows)
+        config = _load(args, environ)
+        return globals()["cmd_" + command.replace("-", "_")](args, config, environ)
+    except ConfigError as e:
+        for line in e.problems:
+            print("config error: " + line, file=sys.stderr)
+        return 2
+    except (WhatSignalError, sqlite3.DatabaseError, OSError) as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+
+
+def cmd_check_config(args, config, environ):
+    _print(config.masked())
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args, config, environ):
+    log = Log(config.get("logLevel"))
+    app = App(config, log).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    app.stop()
+    return 0
+
+
+def cmd_outbox(args, config, environ):
+    store = _open_store(config)
+    try:
+        if args.action == "retry":
+            if not args.target or not (args.target == "all" or args.target.isdigit()):
+                raise WhatSignalError("outbox retry needs an item id or 'all'")
+            _print(outbox(store, time.time(), retry=args.target))
+        else:
+            _print(outbox(store, time.time()))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_cleanup(args, config, environ):
+    store = _open_store(config)
+    try:
+        start = time.monotonic()
+        counts = cleanup(store, config, time.time(), vacuum=args.vacuum, pause=0.001)
+        store.set_meta("last_cleanup", json.dumps({"at": time.time(), "removed": counts,
+                                                    "seconds": round(time.monotonic() - start, 3)}))
+        _print({"removed": counts, "seconds": round(time.monotonic() - start, 3)})
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_backup(args, config, environ):
+    _print(backup(config.get("database.path"), args.dest, config if args.with_config else None))
+    return 0
+
+
+def cmd_verify(args, config, environ):
+    ok, report = verify(args.db or config.get("database.path"), config)
+    report["verdict"] = "OK" if ok else "FAILED"
+    _print(report)
+    return 0 if ok else 1
+
+
+def cmd_restore(args, config, environ):
+    _print(restore(config.get("database.path"), args.src, config))
+    return 0
+
+
+def cmd_rotate_key(args, config, environ):
+    if not config.old_secret:
+        raise WhatSignalError("set WHATSIGNAL_ENCRYPTION_SECRET_OLD to the current secret and "
+                              "WHATSIGNAL_ENCRYPTION_SECRET to the new one")
+    if not config.encryption:
+        raise WhatSignalError("rotate-key needs encryption enabled (WHATSIGNAL_ENABLE_ENCRYPTION)")
+    store = Store(config.get("database.path"), config.get("database.synchronous"))
+    try:
+        if store.lease_holder(time.time()):
+            raise WhatSignalError("WhatSignal is running on this database; stop it before rotating the key")
+        progress = lambda table, n: print("rotated %s: %d rows" % (table, n), file=sys.stderr)
+        totals = rotate_key(store, config.old_secret, config.encryption_secret, progress=progress)
+        _print({"rotated": totals, "key_check": "updated"})
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_stats(args, config, environ):
+    store = _open_store(config)
+    try:
+        _print(stats(store, config, time.time()))
+    finally:
+        store.close()
+    return 0
+
+
+def run_demo(keep=False):
+    print("demo: not built yet", file=sys.stderr)
+    return 1
+
+
+def run_bench(quick=False, growth_rows=1000000):
+    print("bench: not built yet", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
