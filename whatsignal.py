@@ -493,8 +493,8 @@ def _validate_values(cfg, problems):
         problems.append("WHATSIGNAL_ENCRYPTION_SECRET: %s; set at least 32 characters (openssl rand -base64 32) "
                         "or WHATSIGNAL_ENABLE_ENCRYPTION=false"
                         % ("not set" if not cfg.encryption_secret else "only %d characters" % len(cfg.encryption_secret)))
-    if not 0 < g("server.port") < 65536:
-        problems.append("server.port: %d is out of range; use 1-65535" % g("server.port"))
+    if not 0 <= g("server.port") < 65536:
+        problems.append("server.port: %d is out of range; use 1-65535 (0 picks a free port)" % g("server.port"))
     for key, lo, hi in (("server.maxBodyMB", 1, 1024), ("media.maxSizeMB", 1, 2048), ("retentionDays", 1, 36500)):
         if not lo <= g(key) <= hi:
             problems.append("%s: %s is out of range; use %d-%d" % (key, g(key), lo, hi))
@@ -2799,8 +2799,9 @@ class Deliverer(Worker):
             self.store.finish(row["id"], "done", self.clock(), after=after)
             self.metrics.observe("whatsignal_delivery_latency_seconds", max(0.0, self.clock() - row["created_at"]),
                                  direction=self.direction)
-            self.log.debug("delivered", direction=self.direction, kind=row["kind"], item=row["id"],
-                           processing_time_ms=round((self.clock() - row["created_at"]) * 1000, 1))
+            took = (self.clock() - row["created_at"]) * 1000
+            (self.log.info if took > 5000 else self.log.debug)(
+                "delivered, processing time %.0f ms" % took, direction=self.direction, kind=row["kind"], item=row["id"])
             return True
         except IdentityError as e:
             self.metrics.inc("whatsignal_untrusted_identity_total")
@@ -3499,6 +3500,7 @@ class App:
             raise WhatSignalError("cannot listen on %s:%d (%s); pick a free server.port or stop what uses it"
                                   % (host, port, e.strerror or e))
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+        self.lease.tick()          # take the lease now, so delivery starts without waiting a lease period
         self.lease.start()
         for w in self.workers:
             w.start()
@@ -3581,6 +3583,310 @@ class App:
             count, size = media_stats(self.config.get("media.cacheDir"))
             self.media_cache = (time.monotonic(), (count, size))
         self.metrics.set("whatsignal_media_files_count", count)
+
+###############################################################################
+# Simulators ##################################################################
+###############################################################################
+# Small, contract-faithful stand-ins for WAHA and the signal-cli daemon, used
+# by `demo` and `bench` (loopback only, ephemeral ports).  The test suite has
+# its own, independent fakes.
+
+
+class _SimHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *a):
+        pass
+
+    def body_json(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(n) if n else b""
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def send(self, status, obj=None, ctype="application/json", raw=None):
+        body = raw if raw is not None else (b"" if obj is None else json.dumps(obj).encode())
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _SimServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, handler, sim):
+        self.sim = sim
+        super().__init__(("127.0.0.1", 0), handler)
+
+
+class Simulator:
+    """Base: a server on 127.0.0.1:0 in a thread, a call log, and a Condition to wait on."""
+
+    handler = _SimHandler
+
+    def __init__(self):
+        self.server = _SimServer(self.handler, self)
+        self.cond = threading.Condition()
+        self.calls = []
+        self.listeners = []
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def record(self, call):
+        with self.cond:
+            self.calls.append(call)
+            self.cond.notify_all()
+        for fn in self.listeners:
+            fn(call)
+
+    def wait(self, predicate, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self.calls):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _WahaSimHandler(_SimHandler):
+    def do_GET(self):
+        sim = self.server.sim
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/ping":
+            return self.send(200, {"message": "pong"})
+        if self.headers.get("X-Api-Key") != sim.api_key:
+            return self.send(401, {"message": "Unauthorized", "statusCode": 401})
+        if path in sim.files:
+            mime, data = sim.files[path]
+            return self.send(200, ctype=mime, raw=data)
+        if path.startswith("/api/files/"):
+            return self.send(404, {"error": {"code": 404, "key": "FILE_NOT_FOUND", "message": "File not found"}})
+        if path == "/api/contacts":
+            cid = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("contactId", [""])[0]
+            return self.send(200, {"id": cid, "number": cid.split("@")[0], "name": sim.names.get(cid), "pushname": None})
+        if "/lids/" in path:
+            return self.send(200, {"lid": urllib.parse.unquote(path.rsplit("/", 1)[1]), "pn": None})
+        if "/groups/" in path:
+            gid = urllib.parse.unquote(path.rsplit("/", 1)[1])
+            return self.send(200, {"id": gid, "subject": sim.names.get(gid)})
+        if path.startswith("/api/sessions/"):
+            return self.send(200, {"name": "default", "status": "WORKING"})
+        self.send(404, {"statusCode": 404, "message": "Cannot GET " + path, "error": "Not Found"})
+
+    def _any(self, method):
+        sim = self.server.sim
+        if self.headers.get("X-Api-Key") != sim.api_key:
+            self.body_json()
+            return self.send(401, {"message": "Unauthorized", "statusCode": 401})
+        body = self.body_json() or {}
+        path = urllib.parse.urlsplit(self.path).path
+        wa_id = "true_%s_%s" % (body.get("chatId", "0@c.us"), secrets.token_hex(10).upper())
+        sim.record({"method": method, "path": path, "json": body, "at": time.time(), "id": wa_id})
+        status = 201 if method == "POST" else 200
+        self.send(status, {"id": wa_id, "_data": {}} if path.startswith("/api/send") or path == "/api/reaction"
+                  else {"result": True})
+
+    def do_POST(self):
+        self._any("POST")
+
+    def do_PUT(self):
+        self._any("PUT")
+
+    def do_DELETE(self):
+        self._any("DELETE")
+
+
+class WahaSim(Simulator):
+    """WAHA: send endpoints (201, GOWS response shape), contacts, lids, files with X-Api-Key."""
+
+    handler = _WahaSimHandler
+
+    def __init__(self, api_key="sim-waha-key"):
+        self.api_key = api_key
+        self.files = {}
+        self.names = {}
+        super().__init__()
+
+    def sends(self):
+        with self.cond:
+            return [c for c in self.calls if c["path"].startswith("/api/send")]
+
+
+class _SignalSimHandler(_SimHandler):
+    def do_GET(self):
+        sim = self.server.sim
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/api/v1/check":
+            return self.send(200, raw=b"")
+        if path != "/api/v1/events":
+            return self.send(404, raw=b"")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.close_connection = True
+        q = sim.subscribe()
+        try:
+            while not sim.closed:
+                try:
+                    item = q.get(timeout=sim.keepalive)
+                except Exception:   # queue.Empty: keep-alive comment, as signal-cli sends every 15 s
+                    self.wfile.write(b":\n")
+                    self.wfile.flush()
+                    continue
+                if item is None:
+                    break
+                self.wfile.write(b"event:receive\ndata:" + json.dumps(item).encode() + b"\n\n")
+                self.wfile.flush()
+        except OSError:
+            pass
+        finally:
+            sim.unsubscribe(q)
+
+    def do_POST(self):
+        sim = self.server.sim
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            self.body_json()
+            return self.send(415, raw=b"")
+        req = self.body_json()
+        if not isinstance(req, dict):
+            return self.send(200, {"jsonrpc": "2.0", "error": {"code": -32700, "message": "parse error"}, "id": None})
+        params = req.get("params") or {}
+        with sim.cond:
+            sim.clock_ms = max(sim.clock_ms + 1, int(time.time() * 1000))
+            ts = sim.clock_ms
+        sim.record({"method": req.get("method"), "params": params, "at": time.time(), "timestamp": ts})
+        if req.get("method") == "getAttachment":
+            data = sim.attachments.get(params.get("id"))
+            if data is None:
+                return self.send(200, {"jsonrpc": "2.0", "id": req.get("id"), "error": {
+                    "code": -1, "message": "Could not find attachment with ID: %s" % params.get("id"), "data": None}})
+            return self.send(200, {"jsonrpc": "2.0", "id": req.get("id"), "result": {"data": base64.b64encode(data).decode()}})
+        result = {"timestamp": ts, "results": [{"recipientAddress": {"uuid": None, "number": params.get("recipient", [None])[0]
+                                                if isinstance(params.get("recipient"), list) else params.get("recipient"),
+                                                "username": None}, "type": "SUCCESS"}]}
+        self.send(200, {"jsonrpc": "2.0", "id": req.get("id"), "result": result})
+
+
+class SignalSim(Simulator):
+    """signal-cli daemon --http: JSON-RPC send/sendReaction/getAttachment..., SSE events, check."""
+
+    handler = _SignalSimHandler
+
+    def __init__(self, number="+15550000001", keepalive=15.0):
+        import queue
+        self._queue = queue
+        self.number = number
+        self.keepalive = keepalive
+        self.attachments = {}
+        self.subscribers = []
+        self.backlog = []
+        self.closed = False
+        self.clock_ms = 0
+        super().__init__()
+
+    def subscribe(self):
+        q = self._queue.Queue()
+        with self.cond:
+            for item in self.backlog:
+                q.put(item)
+            self.backlog = []
+            self.subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q):
+        with self.cond:
+            if q in self.subscribers:
+                self.subscribers.remove(q)
+
+    def push(self, envelope):
+        """Deliver a receive object to the connected stream (held until one connects: on-connection mode)."""
+        obj = {"envelope": envelope, "account": self.number}
+        with self.cond:
+            if self.subscribers:
+                self.subscribers[0].put(obj)
+            else:
+                self.backlog.append(obj)
+
+    def sends(self):
+        with self.cond:
+            return [c for c in self.calls if c["method"] == "send"]
+
+    def close(self):
+        self.closed = True
+        with self.cond:
+            for q in self.subscribers:
+                q.put(None)
+        super().close()
+
+
+def owner_envelope(owner, ts, text=None, quote=None, reaction=None, attachments=None, uuid="0wner-uuid"):
+    """Build a current-shape signal-cli envelope (signal-cli-jsonrpc.md section 4) from the owner."""
+    dm = {"timestamp": ts, "message": text, "expiresInSeconds": 0, "isExpirationUpdate": False, "viewOnce": False}
+    if quote:
+        dm["quote"] = {"id": quote[0], "author": quote[1], "authorNumber": quote[1], "authorUuid": None,
+                       "text": quote[2], "attachments": []}
+    if reaction:
+        dm["reaction"] = {"emoji": reaction[0], "targetAuthor": reaction[1], "targetAuthorNumber": reaction[1],
+                          "targetAuthorUuid": None, "targetSentTimestamp": reaction[2], "isRemove": False}
+    if attachments:
+        dm["attachments"] = attachments
+    return {"source": owner, "sourceNumber": owner, "sourceUuid": uuid, "sourceName": "Owner", "sourceDevice": 1,
+            "timestamp": ts, "serverReceivedTimestamp": ts + 100, "serverDeliveredTimestamp": ts + 150,
+            "dataMessage": dm}
+
+
+def waha_message(chat, text, msg_id=None, push=None, media=None, reply_to=None, participant=None):
+    """Build a current-shape WAHA ``message`` event (waha.md section 2.4 / 4.1)."""
+    bare = msg_id or secrets.token_hex(11).upper()
+    now = time.time()
+    payload = {"id": "false_%s_%s%s" % (chat, bare, "_" + participant if participant else ""),
+               "timestamp": int(now), "from": chat, "fromMe": False, "source": "app", "body": text, "to": None,
+               "participant": participant, "hasMedia": bool(media), "media": media, "ack": 2, "location": None,
+               "vCards": None, "ackName": "DEVICE", "replyTo": reply_to,
+               "_data": {"Info": {"PushName": push}} if push else {}}
+    return {"id": "evt_" + secrets.token_hex(13), "timestamp": int(now * 1000), "event": "message",
+            "session": "default", "payload": payload, "engine": "GOWS",
+            "me": {"id": "15550000001@c.us", "pushName": "Bridge"},
+            "environment": {"version": "2026.7.1", "engine": "GOWS", "tier": "CORE"}}
+
+
+def post_webhook(url, event, secret, conn=None):
+    """POST a signed WAHA webhook; return (status, body). Reuses *conn* (keep-alive) when given."""
+    body = json.dumps(event).encode()
+    headers = {"Content-Type": "application/json", "X-Webhook-Hmac-Algorithm": "sha512",
+               "X-Webhook-Hmac": hmac.new(secret.encode(), body, hashlib.sha512).hexdigest(),
+               "X-Webhook-Request-Id": secrets.token_hex(8), "X-Webhook-Timestamp": str(int(time.time() * 1000))}
+    u = urllib.parse.urlsplit(url)
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(u.netloc, timeout=10)
+    try:
+        conn.request("POST", u.path, body, headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        if own:
+            conn.close()
+
 
 ###############################################################################
 # Command line ################################################################
