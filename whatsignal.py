@@ -4068,9 +4068,104 @@ def cmd_stats(args, config, environ):
     return 0
 
 
-def run_demo(keep=False):
-    print("demo: not built yet", file=sys.stderr)
-    return 1
+def _demo_setup(tmp, log_level="error", stream=None):
+    """Simulators plus a bridge on a temporary database: (app, waha, signal, secret)."""
+    waha, sig = WahaSim(), SignalSim(keepalive=2.0)
+    secret = secrets.token_urlsafe(32)
+    raw = {"server": {"host": "127.0.0.1", "port": 0},
+           "whatsapp": {"apiUrl": waha.url, "apiKey": waha.api_key, "webhookSecret": secret},
+           "signal": {"rpcUrl": sig.url, "number": "+15550000001", "destination": "+15550000002"},
+           "database": {"path": os.path.join(tmp, "demo.db")}, "media": {"cacheDir": os.path.join(tmp, "cache")}}
+    config = validate_config(raw, {"WHATSIGNAL_ENCRYPTION_SECRET": secrets.token_urlsafe(32)})
+    app = App(config, Log(log_level, stream=stream)).start()
+    return app, waha, sig, secret
+
+
+DEMO_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
+
+
+def run_demo(keep=False, out=None):
+    """Play a short conversation through simulated WAHA and signal-cli; print each hop."""
+    out = out or sys.stdout
+    say = lambda side, text: print("%-10s %s" % (side, text), file=out, flush=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="whatsignal-demo-") as tmp:
+        app, waha, sig, secret = _demo_setup(tmp)
+        try:
+            alice = "4915111111189@c.us"
+            waha.names[alice] = "Alice Example"
+            hook = app.url + "/webhook/whatsapp"
+            say("", "WhatSignal demo: simulated WAHA %s, simulated signal-cli %s, bridge %s" % (waha.url, sig.url, app.url))
+            print("", file=out)
+            step = lambda n: sig.wait(lambda calls: len([c for c in calls if c["method"] in ("send", "sendReaction")]) >= n, 5)
+
+            say("WhatsApp", "Alice Example (+4915111111189) writes: \"Are we still on for dinner tonight?\"")
+            status, _ = post_webhook(hook, waha_message(alice, "Are we still on for dinner tonight?", msg_id="3EB0DEMO0001"), secret)
+            say("bridge", "signed webhook verified, stored encrypted, answered %d; delivering to Signal" % status)
+            if not step(1):
+                raise WhatSignalError("the demo message did not reach the simulated Signal")
+            first = sig.sends()[-1]
+            say("Signal", "owner sees: %r" % first["params"]["message"])
+            print("", file=out)
+
+            waha.files["/api/files/default/3EB0DEMO0002.jpeg"] = ("image/jpeg", DEMO_JPEG)
+            media = {"url": waha.url + "/api/files/default/3EB0DEMO0002.jpeg", "mimetype": "image/jpeg", "filename": None}
+            say("WhatsApp", "Alice sends a photo with the caption \"The place I booked\"")
+            post_webhook(hook, waha_message(alice, "The place I booked", msg_id="3EB0DEMO0002", media=media), secret)
+            if not step(2):
+                raise WhatSignalError("the demo photo did not reach the simulated Signal")
+            photo = sig.sends()[-1]
+            att = photo["params"].get("attachments") or []
+            say("bridge", "photo fetched from WAHA with X-Api-Key (%d bytes, type checked), sent as attachment"
+                % len(DEMO_JPEG))
+            say("Signal", "owner sees: %d photo + %r" % (len(att), photo["params"]["message"]))
+            print("", file=out)
+
+            now_ms = int(time.time() * 1000)
+            say("Signal", "owner quotes Alice's first message and answers \"Yes! 8 pm, see you there\"")
+            sig.push(owner_envelope("+15550000002", now_ms, "Yes! 8 pm, see you there",
+                                    quote=(first["timestamp"], "+15550000001", first["params"]["message"])))
+            if not waha.wait(lambda calls: len(calls) >= 1, 5):
+                raise WhatSignalError("the demo reply did not reach the simulated WAHA")
+            reply = waha.calls[-1]
+            say("WhatsApp", "Alice's chat %s receives %r as a reply to %s" % (
+                reply["json"]["chatId"], reply["json"]["text"], reply["json"].get("reply_to")))
+            print("", file=out)
+
+            say("Signal", "owner reacts 👍 to the photo")
+            sig.push(owner_envelope("+15550000002", now_ms + 1, reaction=("👍", "+15550000001", photo["timestamp"])))
+            if not waha.wait(lambda calls: len(calls) >= 2, 5):
+                raise WhatSignalError("the demo reaction did not reach the simulated WAHA")
+            r = waha.calls[-1]
+            say("WhatsApp", "%s %s with %s on %s" % (r["method"], r["path"], r["json"].get("reaction"), r["json"].get("messageId")))
+            print("", file=out)
+
+            say("Signal", "owner sends /chats")
+            sig.push(owner_envelope("+15550000002", now_ms + 2, "/chats"))
+            if not step(3):
+                raise WhatSignalError("the demo /chats answer did not arrive")
+            say("Signal", "bridge answers: %r" % sig.sends()[-1]["params"]["message"])
+            print("", file=out)
+            say("", "stranger +15550009999 writes to the bridge's Signal number: ignored (only the owner speaks through it)")
+            sig.push(owner_envelope("+15550009999", now_ms + 3, "let me in", uuid="stranger-uuid"))
+            time.sleep(0.2)
+            say("", "WAHA calls: %d, Signal sends: %d, unauthorized senders: %d"
+                % (len(waha.calls), len(sig.sends()), app.metrics.get("whatsignal_unauthorized_senders_total")))
+            if keep:
+                print("\nThe demo keeps running (Ctrl-C to stop):\n  bridge  %s  (webhook secret %s)\n"
+                      "  WAHA simulator %s (X-Api-Key %s)\n  signal-cli simulator %s\n"
+                      "  try: curl %s/health" % (app.url, secret, waha.url, waha.api_key, sig.url, app.url), file=out)
+                stop = threading.Event()
+                for s_ in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(s_, lambda *_: stop.set())
+                while not stop.wait(1.0):
+                    pass
+        finally:
+            app.stop()
+            waha.close()
+            sig.close()
+    say("", "demo finished in %.1f s" % (time.monotonic() - started))
+    return 0
 
 
 def run_bench(quick=False, growth_rows=1000000):
