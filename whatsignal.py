@@ -50,22 +50,18 @@ import hashlib
 import hmac
 import http.client
 import http.server
-import ipaddress
 import json
 import math
 import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import socket
 import sqlite3
 import ssl
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -1389,10 +1385,13 @@ class Store:
                        (ack, channel, self.tok("msg", bare_id)))
 
     # -- chats, names, state --------------------------------------------------
-    def touch_chat(self, channel, chat, now, name=None):
-        """Record that *chat* was active; return its short number."""
+    def touch_chat(self, channel, chat, now, name=None, db=None):
+        """Record that *chat* was active (inside transaction *db* if given); return its short number."""
+        if db is None:
+            with self.tx() as db:
+                return self.touch_chat(channel, chat, now, name, db)
         t = self.tok("chat", chat)
-        with self.tx() as db:
+        if True:
             row = db.execute("SELECT short FROM chats WHERE channel=? AND wa_chat=?", (channel, t)).fetchone()
             if row:
                 db.execute("UPDATE chats SET last_at=? WHERE channel=? AND wa_chat=?", (now, channel, t))
@@ -2257,6 +2256,7 @@ class Bridge:
         self.max_media = config.get("media.maxSizeMB") * 1024 * 1024
         self.cache_dir = config.get("media.cacheDir")
         self.wake = {"w2s": threading.Event(), "s2w": threading.Event()}
+        self.names = {}   # (channel, jid) -> (name, looked up at): spares a query per message
 
     # -- intake ------------------------------------------------------------
     def ingest_webhook(self, event):
@@ -2330,9 +2330,14 @@ class Bridge:
     def now(self):
         return self.clock()
 
-    def _map(self, channel, direction, chat, wa_id, sig_ts, author):
+    def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None):
+        """The 'done' transaction's work: the mapping, and the chat's place in /chats."""
         now = self.clock()
-        return lambda db: self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now)
+
+        def record(db):
+            self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now)
+            self.store.touch_chat(channel.session, chat, now, name=name, db=db)
+        return record
 
     def notify(self, channel, text, quote=None):
         """Send a bridge notice to the owner's Signal; return its timestamp."""
@@ -2353,17 +2358,22 @@ class Bridge:
         return pn or jid
 
     def display_name(self, channel, jid, push=None, group=False):
-        """Contact or group name from WAHA (cached a day), else the push name, else the number."""
-        name, at = self.store.contact(channel.session, jid)
-        if name is None or self.clock() - at > CONTACT_TTL:
+        """Contact or group name from WAHA (cached a day, also when WAHA has none), else the push name, else the number."""
+        key = (channel.session, jid)
+        name, at = self.names.get(key) or self.store.contact(channel.session, jid)
+        now = self.clock()
+        if not at or not 0 <= now - at <= CONTACT_TTL:
             try:
                 looked = (self.waha.group_name if group else self.waha.contact_name)(channel.session, jid)
-                name = looked or name or push
-                self.store.set_contact(channel.session, jid, name, self.clock())
+                name, at = looked or name or push, now
+                self.store.set_contact(channel.session, jid, name, now)
             except UpstreamError as e:
-                self.log.debug("contact lookup failed", reason=str(e)[:80])
+                self.log.debug("contact lookup failed", reason=scrub(e, 80))
                 name = name or push
-        return name or jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
+        if len(self.names) > 5000:
+            self.names.clear()
+        self.names[key] = (name, at)
+        return name or push or jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
 
     # WhatsApp -> Signal -----------------------------------------------------
     def _on_message(self, channel, rec, row):
@@ -2372,7 +2382,6 @@ class Bridge:
         sender = self.resolve_jid(channel, rec["sender"]) if group else chat
         name = self.display_name(channel, sender, rec.get("push"))
         group_name = self.display_name(channel, chat, group=True) if group else None
-        self.store.touch_chat(channel.session, chat, self.clock(), name=group_name or name)
         quote, inline = None, None
         reply = rec.get("reply")
         if reply and reply.get("id"):
@@ -2396,7 +2405,7 @@ class Bridge:
                     os.remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
-        return self._map(channel, "w2s", chat, rec["id"], ts, self.number)
+        return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name)
 
     def fetch_media(self, media, row):
         """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
@@ -2564,7 +2573,6 @@ class Bridge:
             wa_id = wa_id or mid
         if not attachments or (text and media_kind(attachments[0].get("contentType")) == "voice"):
             wa_id = self.waha.send_text(s, chat, text, reply_to) or wa_id
-        self.store.touch_chat(s, chat, self.clock())
         self.metrics.inc("whatsignal_messages_processed_total", direction="s2w",
                          kind="media" if attachments else "text", result="ok")
         return self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination)
@@ -3985,9 +3993,19 @@ def cmd_check_config(args, config, environ):
     return 0
 
 
+def release_memory():
+    """Hand memory freed after start-up (compiling this file, key derivation) back to the OS (glibc only)."""
+    import gc
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def cmd_serve(args, config, environ):
     log = Log(config.get("logLevel"))
     app = App(config, log).start()
+    release_memory()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -4086,6 +4104,7 @@ DEMO_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x
 
 def run_demo(keep=False, out=None):
     """Play a short conversation through simulated WAHA and signal-cli; print each hop."""
+    import tempfile   # demo and bench only: kept out of the serving process's memory
     out = out or sys.stdout
     say = lambda side, text: print("%-10s %s" % (side, text), file=out, flush=True)
     started = time.monotonic()
@@ -4168,9 +4187,397 @@ def run_demo(keep=False, out=None):
     return 0
 
 
-def run_bench(quick=False, growth_rows=1000000):
-    print("bench: not built yet", file=sys.stderr)
-    return 1
+###############################################################################
+# Benchmark ###################################################################
+###############################################################################
+# `bench` runs the bridge as its own process against the simulators (in this
+# process) and drives it with load-generator processes, so neither the
+# simulators nor the load are counted in the bridge's memory or CPU.
+
+
+def _pct(values, q):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _load_worker(url, secret, seconds, count, threads, tag, out):
+    """Load-generator process: *threads* keep-alive connections posting signed webhooks."""
+    lat, errors, sent = [], [0], [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds if seconds else None
+    per_thread = (count // threads) if count else None
+    u = urllib.parse.urlsplit(url)
+
+    def run(t):
+        conn = http.client.HTTPConnection(u.netloc, timeout=30)
+        mine = []
+        i = 0
+        chat = "49151%08d@c.us" % (hash((tag, t)) % 10 ** 8)
+        while (deadline is None or time.monotonic() < deadline) and (per_thread is None or i < per_thread):
+            ev = waha_message(chat, "bench %s-%d-%d" % (tag, t, i), msg_id="B%s%02d%07d" % (tag, t, i))
+            t0 = time.perf_counter()
+            try:
+                status, _ = post_webhook(url, ev, secret, conn)
+            except (OSError, http.client.HTTPException):
+                status = 0
+                conn.close()
+                conn = http.client.HTTPConnection(u.netloc, timeout=30)
+            mine.append(time.perf_counter() - t0)
+            if status != 200:
+                with lock:
+                    errors[0] += 1
+            i += 1
+        conn.close()
+        with lock:
+            lat.extend(mine)
+            sent[0] += i
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put({"latencies": lat, "errors": errors[0], "sent": sent[0], "elapsed": time.perf_counter() - t0})
+
+
+def _drive(url, secret, concurrency, seconds=0.0, count=0, tag="x"):
+    """Run load-generator processes; return rps and latency percentiles (ms)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    procs_n = max(1, min(concurrency, 4))
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_load_worker, args=(url, secret, seconds, count // procs_n if count else 0,
+                                                    max(1, concurrency // procs_n), "%s%d" % (tag, i), out))
+             for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(10)
+    lat = [x for r in results for x in r["latencies"]]
+    elapsed = max(r["elapsed"] for r in results)
+    n = sum(r["sent"] for r in results)
+    return {"concurrency": concurrency, "requests": n, "rps": round(n / elapsed, 1), "errors": sum(r["errors"] for r in results),
+            "p50_ms": round(_pct(lat, 0.5) * 1000, 2), "p95_ms": round(_pct(lat, 0.95) * 1000, 2),
+            "p99_ms": round(_pct(lat, 0.99) * 1000, 2)}
+
+
+class _BaselineHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+
+def _baseline_server(port_out):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BaselineHandler)
+    srv.daemon_threads = True
+    port_out.put(srv.server_address[1])
+    srv.serve_forever()
+
+
+def _rss(pid):
+    """Return (VmRSS, VmHWM) of *pid* in MB from /proc."""
+    vals = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM"):
+                    vals[k] = int(v.split()[0]) / 1024.0
+    return round(vals.get("VmRSS", float("nan")), 1), round(vals.get("VmHWM", float("nan")), 1)
+
+
+class _BridgeProcess:
+    """The bridge under test: `whatsignal.py serve` in its own process."""
+
+    def __init__(self, tmp, waha, sig, secret, enc_secret):
+        self.port = _free_port()
+        self.cfg = os.path.join(tmp, "bench-config.json")
+        with open(self.cfg, "w") as f:
+            json.dump({"server": {"port": self.port},
+                       "whatsapp": {"apiUrl": waha.url, "apiKey": waha.api_key, "webhookSecret": secret},
+                       "signal": {"rpcUrl": sig.url, "number": "+15550000001", "destination": "+15550000002"},
+                       "database": {"path": os.path.join(tmp, "bench.db")},
+                       "media": {"cacheDir": os.path.join(tmp, "cache"), "maxSizeMB": 50},
+                       "logLevel": "warn"}, f)
+        self.env = dict(os.environ, WHATSIGNAL_ENCRYPTION_SECRET=enc_secret)
+        self.log = open(os.path.join(tmp, "bench-bridge.log"), "ab")
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def start(self):
+        import subprocess
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--config", self.cfg, "serve"],
+                                     env=self.env, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                c.request("GET", "/healthz")
+                if c.getresponse().status == 200:
+                    c.close()
+                    return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.005)
+        raise WhatSignalError("the bridge did not start; see bench-bridge.log")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except Exception:  # pragma: no cover - subprocess.TimeoutExpired
+            self.proc.kill()
+        self.log.flush()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _e2e_w2s(bridge, sig, secret, rate, seconds):
+    """Offer *rate* messages/s for *seconds* from one paced connection; latency webhook -> Signal send."""
+    sent, arrived = {}, {}
+    lock = threading.Lock()
+
+    def listen(call):
+        msg = (call.get("params") or {}).get("message") or ""
+        if "e2e-" in msg:
+            key = msg.split("e2e-", 1)[1]
+            with lock:
+                arrived.setdefault(key, []).append(call["at"])
+    sig.listeners.append(listen)
+    u = urllib.parse.urlsplit(bridge.url)
+    conn = http.client.HTTPConnection(u.netloc, timeout=30)
+    n = int(rate * seconds)
+    t0 = time.monotonic()
+    for i in range(n):
+        target = t0 + i / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        key = "%d-%s" % (i, secrets.token_hex(3))
+        sent[key] = time.time()
+        post_webhook(bridge.url + "/webhook/whatsapp", waha_message("4915100000%03d@c.us" % (i % 50),
+                     "e2e-" + key, msg_id="E2E%08d%s" % (i, key[-6:].upper())), secret, conn)
+    conn.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with lock:
+            if len(arrived) >= n:
+                break
+        time.sleep(0.05)
+    sig.listeners.remove(listen)
+    lat = [arrived[k][0] - sent[k] for k in sent if k in arrived]
+    return {"offered_per_s": rate, "messages": n, "delivered": len(arrived),
+            "lost": n - len(arrived), "duplicated": sum(len(v) - 1 for v in arrived.values()),
+            "p50_ms": round(_pct(lat, 0.5) * 1000, 1), "p99_ms": round(_pct(lat, 0.99) * 1000, 1)}
+
+
+def _burst_w2s(bridge, sig, secret, count, concurrency):
+    """Post *count* messages as fast as WAHA would after a reconnect; time until all reach Signal."""
+    seen = collections.Counter()
+    lock = threading.Lock()
+    first_last = []
+
+    def listen(call):
+        msg = (call.get("params") or {}).get("message") or ""
+        if "bench " in msg:
+            with lock:
+                seen[msg.split("bench ", 1)[1]] += 1
+                first_last.append(call["at"])
+    sig.listeners.append(listen)
+    t0 = time.time()
+    ingest = _drive(bridge.url + "/webhook/whatsapp", secret, concurrency, count=count, tag="u")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(seen) < ingest["requests"]:
+        time.sleep(0.05)
+    sig.listeners.remove(listen)
+    done = max(first_last) if first_last else time.time()
+    span = (max(first_last) - min(first_last)) if len(first_last) > 1 else float("nan")
+    return {"messages": ingest["requests"], "ingest_rps": ingest["rps"], "errors": ingest["errors"],
+            "all_delivered_s": round(done - t0, 2), "delivered": len(seen),
+            "lost": ingest["requests"] - len(seen), "duplicated": sum(v - 1 for v in seen.values()),
+            "sustained_delivered_per_s": round(len(first_last) / span, 1) if span == span and span > 0 else None}
+
+
+def _e2e_s2w(waha, sig, rate, count):
+    """Owner messages pushed on the SSE stream at *rate* (0 = at once); latency envelope -> WAHA send."""
+    sent, arrived = {}, {}
+    lock = threading.Lock()
+
+    def listen(call):
+        text = (call.get("json") or {}).get("text") or ""
+        if text.startswith("s2w-"):
+            with lock:
+                arrived.setdefault(text, []).append(call["at"])
+    waha.listeners.append(listen)
+    base = int(time.time() * 1000) * 10
+    t0 = time.monotonic()
+    for i in range(count):
+        if rate:
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        key = "s2w-%d-%d" % (base, i)
+        sent[key] = time.time()
+        sig.push(owner_envelope("+15550000002", base // 10 + i + 1, key))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with lock:
+            if len(arrived) >= count:
+                break
+        time.sleep(0.05)
+    waha.listeners.remove(listen)
+    at = [v[0] for v in arrived.values()]
+    lat = [arrived[k][0] - sent[k] for k in sent if k in arrived]
+    span = max(at) - min(at) if len(at) > 1 else float("nan")
+    return {"offered_per_s": rate or "burst", "messages": count, "delivered": len(arrived), "lost": count - len(arrived),
+            "duplicated": sum(len(v) - 1 for v in arrived.values()),
+            "delivered_per_s": round(len(at) / span, 1) if span == span and span > 0 else None,
+            "p50_ms": round(_pct(lat, 0.5) * 1000, 1), "p99_ms": round(_pct(lat, 0.99) * 1000, 1)}
+
+
+def _media(bridge, waha, sig, secret, size_mb):
+    """One video of *size_mb* MB through the bridge: seconds and the bridge's peak RSS growth."""
+    data = b"\x00\x00\x00\x18ftypmp42" + os.urandom(size_mb * 1024 * 1024 - 12)
+    waha.files["/api/files/default/BENCHVIDEO.mp4"] = ("video/mp4", data)
+    _, hwm_before = _rss(bridge.proc.pid)
+    rss_before, _ = _rss(bridge.proc.pid)
+    media = {"url": waha.url + "/api/files/default/BENCHVIDEO.mp4", "mimetype": "video/mp4", "filename": "clip.mp4"}
+    n0 = len(sig.sends())
+    t0 = time.perf_counter()
+    post_webhook(bridge.url + "/webhook/whatsapp", waha_message("4915199999999@c.us", "video", media=media), secret)
+    ok = sig.wait(lambda calls: len([c for c in calls if c["method"] == "send"]) > n0, 120)
+    took = time.perf_counter() - t0
+    _, hwm_after = _rss(bridge.proc.pid)
+    del waha.files["/api/files/default/BENCHVIDEO.mp4"]
+    return {"size_mb": size_mb, "delivered": ok, "seconds": round(took, 2),
+            "rss_before_mb": rss_before, "peak_rss_mb": hwm_after,
+            "peak_increase_mb": round(max(0.0, hwm_after - max(hwm_before, rss_before)), 1)}
+
+
+def _fill(db_path, rows):
+    """Put *rows* delivered queue items and *rows* mappings into the bench database (opaque bodies)."""
+    db = sqlite3.connect(db_path)
+    have = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+    now = time.time()
+    batch = 50000
+    for start in range(have, rows, batch):
+        n = min(batch, rows - start)
+        db.executemany("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, state, next_at, created_at,"
+                       " updated_at) VALUES ('default','w2s',?,?,'message',?,'done',?,?,?)",
+                       ((secrets.token_hex(16), secrets.token_hex(16), os.urandom(120), now, now, now) for _ in range(n)))
+        db.executemany("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
+                       " sig_author_enc, created_at) VALUES ('default','w2s',?,?,?,?,?,?,?)",
+                       ((secrets.token_hex(16), os.urandom(60), secrets.token_hex(16), os.urandom(90),
+                         1700000000000 + start + i, os.urandom(60), now) for i in range(n)))
+        db.commit()
+    db.close()
+
+
+def run_bench(quick=False, growth_rows=1000000, out=None):
+    """Measure this machine: baseline, ingest, end to end both ways, burst, memory, media, growth."""
+    import multiprocessing
+    import tempfile
+    out = out or sys.stdout
+    say = lambda *a: print(*a, file=out, flush=True)
+    secs = 1.5 if quick else 3.0
+    burst = 1000 if quick else 5000
+    growth_rows = min(growth_rows, 20000) if quick else growth_rows
+    results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}}
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    base_proc = ctx.Process(target=_baseline_server, args=(q,), daemon=True)
+    base_proc.start()
+    base_url = "http://127.0.0.1:%d/webhook/whatsapp" % q.get(timeout=30)
+    secret = secrets.token_urlsafe(32)
+    say("bench: baseline (bare ThreadingHTTPServer, same load generator)...")
+    results["baseline"] = {c: _drive(base_url, secret, c, seconds=secs, tag="b") for c in (1, 8, 32)}
+    base_proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="whatsignal-bench-") as tmp:
+        waha, sig = WahaSim(), SignalSim(keepalive=5.0)
+        bridge = _BridgeProcess(tmp, waha, sig, secret, secrets.token_urlsafe(32))
+        try:
+            results["startup_s"] = round(bridge.start(), 3)
+            time.sleep(1.0)
+            results["rss_idle_mb"] = _rss(bridge.proc.pid)[0]
+            say("bench: ingest...")
+            results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c)
+                                 for c in (1, 8, 32)}
+            sig.wait(lambda calls: False, 3.0)   # let the backlog drain
+            say("bench: end to end WhatsApp -> Signal...")
+            results["w2s_at_200"] = _e2e_w2s(bridge, sig, secret, 200, 2 if quick else 5)
+            results["burst"] = _burst_w2s(bridge, sig, secret, burst, 32)
+            say("bench: end to end Signal -> WhatsApp...")
+            results["s2w_at_200"] = _e2e_s2w(waha, sig, 200, 400 if quick else 1000)
+            results["s2w_burst"] = _e2e_s2w(waha, sig, 0, burst)
+            results["rss_peak_mb"] = _rss(bridge.proc.pid)[1]
+            say("bench: media...")
+            results["media"] = _media(bridge, waha, sig, secret, 5 if quick else 20)
+            bridge.stop()
+            say("bench: growth (%d rows)..." % growth_rows)
+            growth = {}
+            for rows in (10000, growth_rows):
+                _fill(os.path.join(tmp, "bench.db"), rows)
+                bridge.start()
+                growth[rows] = _drive(bridge.url + "/webhook/whatsapp", secret, 8, seconds=secs, tag="g%d" % rows)
+                bridge.stop()
+            results["growth"] = growth
+        finally:
+            with contextlib.suppress(Exception):
+                bridge.stop()
+            waha.close()
+            sig.close()
+    _bench_report(results, say)
+    say(json.dumps(results, separators=(",", ":"), default=str))
+    return 0
+
+
+def _bench_report(r, say):
+    b8 = r["baseline"][8]["rps"]
+    say("\n%-44s %10s %9s %9s %9s %7s" % ("", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"))
+    for name in ("baseline", "ingest"):
+        for c, x in r[name].items():
+            say("%-44s %10.0f %9.2f %9.2f %9.2f %7d" % ("%s, concurrency %d" % (name, c), x["rps"], x["p50_ms"],
+                                                          x["p95_ms"], x["p99_ms"], x["errors"]))
+    say("ingest/baseline at concurrency 8: %.0f%%" % (100.0 * r["ingest"][8]["rps"] / b8))
+    w, s2 = r["w2s_at_200"], r["s2w_at_200"]
+    say("WhatsApp->Signal at %s/s: p50 %.1f ms, p99 %.1f ms, lost %d, duplicated %d"
+        % (w["offered_per_s"], w["p50_ms"], w["p99_ms"], w["lost"], w["duplicated"]))
+    bu = r["burst"]
+    say("WhatsApp->Signal burst of %d: all delivered in %.2f s, sustained %s msg/s, lost %d, duplicated %d"
+        % (bu["messages"], bu["all_delivered_s"], bu["sustained_delivered_per_s"], bu["lost"], bu["duplicated"]))
+    say("Signal->WhatsApp at %s/s: p50 %.1f ms, p99 %.1f ms, lost %d, duplicated %d"
+        % (s2["offered_per_s"], s2["p50_ms"], s2["p99_ms"], s2["lost"], s2["duplicated"]))
+    sb = r["s2w_burst"]
+    say("Signal->WhatsApp burst of %d: sustained %s msg/s, lost %d, duplicated %d"
+        % (sb["messages"], sb["delivered_per_s"], sb["lost"], sb["duplicated"]))
+    say("start-up to /healthz: %.3f s; RSS idle %.1f MB, peak %.1f MB" % (r["startup_s"], r["rss_idle_mb"], r["rss_peak_mb"]))
+    m = r["media"]
+    say("media: %d MB video in %.2f s, peak RSS increase %.1f MB" % (m["size_mb"], m["seconds"], m["peak_increase_mb"]))
+    g = r["growth"]
+    keys = sorted(g)
+    say("growth: ingest at concurrency 8 with %s rows: %s req/s (p99 %s ms) -> with %s rows: %s req/s (p99 %s ms), %+.1f%%"
+        % (keys[0], g[keys[0]]["rps"], g[keys[0]]["p99_ms"], keys[-1], g[keys[-1]]["rps"], g[keys[-1]]["p99_ms"],
+           100.0 * (g[keys[-1]]["rps"] - g[keys[0]]["rps"]) / g[keys[0]]["rps"]))
 
 
 if __name__ == "__main__":
