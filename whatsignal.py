@@ -86,7 +86,7 @@ SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
@@ -137,6 +137,10 @@ class TransientError(UpstreamError):
 
 class IdentityError(TransientError):
     """signal-cli refuses to send: the owner's safety number changed."""
+
+
+class HeldError(TransientError):
+    """Kept on purpose until the owner acts (a chat whose Signal group the owner left)."""
 
 
 class PermanentError(UpstreamError):
@@ -306,6 +310,7 @@ DEFAULTS = {
     "signal.pollIntervalSeconds": (float, 1.0, "REST normal/native mode: receive poll interval"),
     "bridge.layout": (str, "inbox", "inbox (one conversation) or groups (one Signal group per chat)"),
     "bridge.expireAfterHours": (float, EXPIRE_AFTER_HOURS, "give up on a message still failing after this"),
+    "bridge.groupCreatePerMinute": (float, 6.0, "groups layout: new Signal groups per minute after a burst of 5"),
     "database.path": (str, "./whatsignal.db", "SQLite file; DB_PATH"),
     "database.synchronous": (str, "NORMAL", "SQLite synchronous: NORMAL survives kill -9, FULL also power loss"),
     "media.cacheDir": (str, "./cache", "media cache directory; MEDIA_DIR"),
@@ -620,6 +625,26 @@ def next_backoff(attempt, start=BACKOFF_START, factor=BACKOFF_FACTOR, cap=BACKOF
     """Seconds to wait before try number *attempt* + 1: capped exponential with jitter."""
     base = min(cap, start * factor ** min(attempt, 64))
     return base * (0.5 + rand() / 2)
+
+
+class TokenBucket:
+    """*burst* actions at once, then *rate* per second; ``take`` returns 0 or the seconds to wait."""
+
+    def __init__(self, burst, rate, clock=time.monotonic):
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self.tokens, self.at = float(burst), None
+        self.lock = threading.Lock()
+
+    def take(self):
+        with self.lock:
+            now = self.clock()
+            if self.at is not None:
+                self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return 0.0
+            return (1 - self.tokens) / self.rate if self.rate > 0 else 3600.0
 
 
 def shorten(text, limit=QUOTE_PREVIEW):
@@ -1096,7 +1121,9 @@ def parse_signal_envelope(obj):
                   target_ts=_ts(r.get("targetSentTimestamp"), "reaction.targetSentTimestamp"), group=group)
     if isinstance(dm.get("remoteDelete"), dict):
         return mk("delete", target_ts=_ts(dm["remoteDelete"].get("timestamp"), "remoteDelete.timestamp"), group=group)
-    if gi.get("type") == "UPDATE" or dm.get("isExpirationUpdate") is True:
+    if gi.get("type") == "UPDATE" and group:
+        return mk("group-update", group=group)
+    if dm.get("isExpirationUpdate") is True:
         return mk("other", group=group)
     text = _opt(dm, "message", (str,), "dataMessage") or ""
     quote = None
@@ -1174,10 +1201,28 @@ SCHEMA = [
     CREATE TABLE IF NOT EXISTS lease (
         name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
     """,
+    # version 2: the groups layout (one Signal group per WhatsApp chat)
+    """
+    CREATE TABLE IF NOT EXISTS signal_groups (
+        channel TEXT NOT NULL,
+        wa_chat TEXT NOT NULL,           -- lookup token of the WhatsApp chat
+        wa_chat_enc BLOB NOT NULL,
+        group_tok TEXT,                  -- lookup token of the Signal group id
+        group_enc BLOB,                  -- sealed signal-cli group id (base64)
+        name_enc BLOB,                   -- sealed group name as last set
+        tag TEXT NOT NULL,               -- random tag in the group description: finds a group made before a crash
+        state TEXT NOT NULL,             -- creating | active | left
+        created_at REAL NOT NULL,
+        renamed_at REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (channel, wa_chat));
+    CREATE INDEX IF NOT EXISTS signal_groups_tok ON signal_groups(channel, group_tok);
+    ALTER TABLE messages ADD COLUMN sig_conv_enc BLOB;   -- Signal group holding the copy (NULL: the owner's 1:1)
+    """,
 ]
 ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recomputed on rotation
-    "queue": ("body",), "messages": ("wa_chat_enc", "wa_msg_enc", "sig_author_enc"),
+    "queue": ("body",), "messages": ("wa_chat_enc", "wa_msg_enc", "sig_author_enc", "sig_conv_enc"),
     "chats": ("wa_chat_enc", "name_enc"), "lids": ("pn_enc",), "contacts": ("name_enc",),
+    "signal_groups": ("wa_chat_enc", "group_enc", "name_enc"),
 }
 Row = sqlite3.Row
 
@@ -1347,19 +1392,20 @@ class Store:
         return self.one("SELECT COUNT(*) FROM queue WHERE direction=? AND state='pending'", (direction,))[0]
 
     # -- mappings -------------------------------------------------------------
-    def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now):
+    def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now, conv=None):
         db.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
-                   " sig_author_enc, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                   " sig_author_enc, sig_conv_enc, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                    (channel, direction, self.tok("chat", chat), self.seal(chat),
                     self.tok("msg", bare_msg_id(wa_id)) if wa_id else None, self.seal(wa_id),
-                    sig_ts, self.seal(sig_author), now))
+                    sig_ts, self.seal(sig_author), self.seal(conv), now))
 
     def _mapping(self, row):
         if row is None:
             return None
         return {"direction": row["direction"], "chat": self.open(row["wa_chat_enc"]),
                 "wa_id": self.open(row["wa_msg_enc"]), "sig_ts": row["sig_ts"],
-                "sig_author": self.open(row["sig_author_enc"]), "ack": row["ack"], "rowid": row["id"]}
+                "sig_author": self.open(row["sig_author_enc"]), "ack": row["ack"], "rowid": row["id"],
+                "conv": self.open(row["sig_conv_enc"])}
 
     def by_wa(self, channel, bare_id, chat=None):
         """The mapping of the WhatsApp message with *bare_id* (optionally in *chat*)."""
@@ -1451,6 +1497,39 @@ class Store:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO state(channel, key, value, updated_at) VALUES (?,?,?,?)",
                        (channel, key, value, now))
+
+    # -- groups layout -----------------------------------------------------------
+    def _group(self, row):
+        if row is None:
+            return None
+        return {"chat": self.open(row["wa_chat_enc"]), "group": self.open(row["group_enc"]),
+                "name": self.open(row["name_enc"]), "tag": row["tag"], "state": row["state"],
+                "renamed_at": row["renamed_at"]}
+
+    def group_of_chat(self, channel, chat):
+        return self._group(self.one("SELECT * FROM signal_groups WHERE channel=? AND wa_chat=?",
+                                    (channel, self.tok("chat", chat))))
+
+    def chat_of_group(self, channel, group_id):
+        return self._group(self.one("SELECT * FROM signal_groups WHERE channel=? AND group_tok=?",
+                                    (channel, self.tok("group", group_id))))
+
+    def save_group(self, channel, chat, now, state, tag, group_id=None, name=None, renamed=False):
+        """Insert or update the Signal group of *chat*."""
+        with self.tx() as db:
+            db.execute("INSERT INTO signal_groups(channel, wa_chat, wa_chat_enc, group_tok, group_enc, name_enc, tag,"
+                       " state, created_at, renamed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                       " ON CONFLICT(channel, wa_chat) DO UPDATE SET group_tok=excluded.group_tok,"
+                       " group_enc=excluded.group_enc, name_enc=excluded.name_enc, tag=excluded.tag,"
+                       " state=excluded.state, renamed_at=CASE WHEN ? THEN excluded.renamed_at ELSE renamed_at END",
+                       (channel, self.tok("chat", chat), self.seal(chat), self.tok("group", group_id) if group_id else None,
+                        self.seal(group_id), self.seal(name), tag, state, now, now if renamed else 0, renamed))
+
+    def release_held(self, channel, chat, now):
+        """Make a chat's held items due now (after /reopen)."""
+        with self.tx() as db:
+            return db.execute("UPDATE queue SET next_at=? WHERE channel=? AND chat=? AND state='pending'",
+                              (now, channel, self.tok("chat", chat))).rowcount
 
     # -- lease ------------------------------------------------------------------
     def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery"):
@@ -1876,6 +1955,27 @@ class SignalRpcClient(SignalClient):
     def trust(self, who):
         self.call("trust", {"recipient": who, "trustAllKnownKeys": True})
 
+    def create_group(self, name, members, description):
+        """Create a Signal group (``updateGroup`` without groupId); return its signal-cli id."""
+        r = self.call("updateGroup", {"name": name, "member": list(members), "description": description})
+        gid = r.get("groupId") if isinstance(r, dict) else None
+        if not isinstance(gid, str):
+            raise TransientError("signal-cli created a group but returned no groupId")
+        return gid
+
+    def rename_group(self, group_id, name):
+        self.call("updateGroup", {"groupId": group_id, "name": name})
+
+    def list_groups(self):
+        """[{id, name, description, members: [number or uuid]}] of the bridge account."""
+        out = []
+        for g in self.call("listGroups", {}) or []:
+            if isinstance(g, dict) and isinstance(g.get("id"), str):
+                members = [m.get("number") or m.get("uuid") for m in g.get("members") or [] if isinstance(m, dict)]
+                out.append({"id": g["id"], "name": g.get("name"), "description": g.get("description") or "",
+                            "members": members})
+        return out
+
     def get_attachment(self, att, max_bytes):
         r = self.call("getAttachment", {"id": att["id"]})
         data = r.get("data") if isinstance(r, dict) else None
@@ -2050,6 +2150,35 @@ class SignalRestClient(SignalClient):
         self.call("PUT", self._path("/v1/identities/%s/trust/") + urllib.parse.quote(who, safe=""),
                   {"trust_all_known_keys": True})
 
+    @staticmethod
+    def internal_group_id(rest_id):
+        """``group.<base64(id)>`` (REST) -> signal-cli id (signal-cli-rest-api.md section 2)."""
+        try:
+            return base64.b64decode(rest_id[len("group."):]).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise TransientError("signal-cli-rest-api returned an unreadable group id") from None
+
+    def create_group(self, name, members, description):
+        r = self.call("POST", self._path("/v1/groups/%s"), {"name": name, "members": list(members),
+                                                              "description": description, "group_link": "disabled"})
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str):
+            raise TransientError("signal-cli-rest-api created a group but returned no id")
+        return self.internal_group_id(r["id"])
+
+    def rename_group(self, group_id, name):
+        self.call("PUT", self._path("/v1/groups/%s/") + urllib.parse.quote(self._to("group:" + group_id), safe=""),
+                  {"name": name})
+
+    def list_groups(self):
+        out = []
+        for g in self.call("GET", self._path("/v1/groups/%s")) or []:
+            if isinstance(g, dict) and isinstance(g.get("internal_id"), str):
+                members = [m if isinstance(m, str) else (m.get("number") or m.get("uuid"))
+                           for m in g.get("members") or [] if isinstance(m, (str, dict))]
+                out.append({"id": g["internal_id"], "name": g.get("name"), "description": g.get("description") or "",
+                            "members": members})
+        return out
+
     def get_attachment(self, att, max_bytes):
         att_id = att["id"]
         if not re.match(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", att_id) or ".." in att_id:
@@ -2200,6 +2329,7 @@ HELP_TEXT = """WhatSignal commands:
 /chats - recent WhatsApp chats with their numbers
 /to <n|+number|name> <text> - write to a chat (n from /chats) or start a new one
 /status - bridge and WhatsApp session health
+/reopen <chat> - groups layout: bring back a chat whose Signal group you left
 /help - this text
 Quote a forwarded message to answer its chat; a message without a quote goes to the chat of the last message forwarded to you."""
 
@@ -2257,6 +2387,9 @@ class Bridge:
         self.cache_dir = config.get("media.cacheDir")
         self.wake = {"w2s": threading.Event(), "s2w": threading.Event()}
         self.names = {}   # (channel, jid) -> (name, looked up at): spares a query per message
+        self.layout = config.get("bridge.layout")
+        rate = config.get("bridge.groupCreatePerMinute") / 60.0
+        self.group_bucket = TokenBucket(5, rate, clock)
 
     # -- intake ------------------------------------------------------------
     def ingest_webhook(self, event):
@@ -2303,7 +2436,7 @@ class Bridge:
             self.log.warn("unauthorized sender ignored", sender=mask_phone(env.number) if env.number else "hidden number",
                           kind=env.kind)
             return "unauthorized"
-        if env.kind == "other":
+        if env.kind == "other" or (env.kind == "group-update" and self.layout != "groups"):
             return "ignored"
         record = {"kind": env.kind, "ts": env.ts, "fields": env.fields, "received_at": self.clock()}
         new = self.store.enqueue(ch.session, "s2w", "%s:%d" % (ch.destination, env.ts), "~owner", env.kind,
@@ -2330,12 +2463,12 @@ class Bridge:
     def now(self):
         return self.clock()
 
-    def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None):
+    def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None, conv=None):
         """The 'done' transaction's work: the mapping, and the chat's place in /chats."""
         now = self.clock()
 
         def record(db):
-            self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now)
+            self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now, conv)
             self.store.touch_chat(channel.session, chat, now, name=name, db=db)
         return record
 
@@ -2390,22 +2523,28 @@ class Bridge:
                 quote = (m["sig_ts"], m["sig_author"], shorten(reply.get("body") or "", 200) or None)
             else:
                 inline = reply.get("body") or "a message"
+        conv = None
+        if self.layout == "groups":
+            conv = self.ensure_group(channel, chat, (group_name + " (WhatsApp)") if group else name)
         attachments, notice = [], None
         if rec.get("media"):
             try:
                 attachments.append(self.fetch_media(rec["media"], row))
             except MediaProblem as e:
                 notice = e.notice
-        text = render_for_signal(rec, name, group_name, inline, notice)
+        if conv:
+            text = render_for_signal(rec, name, None, inline, notice, prefix=group)
+        else:
+            text = render_for_signal(rec, name, group_name, inline, notice)
         try:
-            ts = self.signal.send(channel.destination, text, attachments, quote)
+            ts = self.signal.send(self.to(channel, conv), text, attachments, quote)
         finally:
             for a in attachments:
                 with contextlib.suppress(OSError):
                     os.remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
-        return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name)
+        return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv)
 
     def fetch_media(self, media, row):
         """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
@@ -2461,7 +2600,7 @@ class Bridge:
         key = "reaction:" + self.store.tok("msg", rec["target_bare"])
         if m and m["sig_ts"]:
             emoji = rec["emoji"] or self.store.state(channel.session, key) or "👍"
-            self.signal.react(channel.destination, emoji, m["sig_author"], m["sig_ts"], remove=not rec["emoji"])
+            self.signal.react(self.to(channel, m["conv"]), emoji, m["sig_author"], m["sig_ts"], remove=not rec["emoji"])
             self.store.set_state(channel.session, key, rec["emoji"], self.clock())
         elif rec["emoji"]:
             who = self.display_name(channel, self.resolve_jid(channel, rec["sender"]))
@@ -2474,8 +2613,8 @@ class Bridge:
         m = self.store.by_wa(channel.session, rec["target_bare"], chat)
         name = self.display_name(channel, chat) if not chat.endswith("@g.us") else self.display_name(channel, chat, group=True)
         if m and m["sig_ts"] and m["direction"] == "w2s":
-            text = render_for_signal({"body": rec["body"]}, name)
-            self.signal.send(channel.destination, text, edit_ts=m["sig_ts"])
+            text = render_for_signal({"body": rec["body"]}, name, prefix=not m["conv"] or chat.endswith("@g.us"))
+            self.signal.send(self.to(channel, m["conv"]), text, edit_ts=m["sig_ts"])
         else:
             self.notify(channel, "%s edited a message: %s" % (name, rec["body"]))
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="edit", result="ok")
@@ -2487,9 +2626,10 @@ class Bridge:
         name = self.display_name(channel, chat, group=chat.endswith("@g.us"))
         if m and m["sig_ts"] and m["direction"] == "w2s":
             if self.config.get("whatsapp.mirrorDeletes"):
-                self.signal.remote_delete(channel.destination, m["sig_ts"])
+                self.signal.remote_delete(self.to(channel, m["conv"]), m["sig_ts"])
             else:
-                self.notify(channel, "%s deleted this message on WhatsApp" % name, quote=(m["sig_ts"], m["sig_author"], None))
+                self.signal.send(self.to(channel, m["conv"]), "%s deleted this message on WhatsApp" % name,
+                                 quote=(m["sig_ts"], m["sig_author"], None))
         else:
             self.notify(channel, "%s deleted a message on WhatsApp" % name)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="delete", result="ok")
@@ -2531,10 +2671,70 @@ class Bridge:
         except UpstreamError as e:
             self.notify(channel, "WhatSignal could not restart session %s: %s" % (s, shorten(str(e), 120)))
 
+    # groups layout ---------------------------------------------------------
+    @staticmethod
+    def to(channel, conv):
+        """Signal recipient of a conversation: the owner's 1:1 (None) or ``group:<id>``."""
+        return "group:" + conv if conv else channel.destination
+
+    def ensure_group(self, channel, chat, title):
+        """Return the Signal group id of *chat*, creating it (paced, crash-safe) when needed.
+
+        Raises HeldError while the owner has left the chat's group, TransientError
+        while group creation is paced or failing.
+        """
+        g = self.store.group_of_chat(channel.session, chat)
+        now = self.clock()
+        if g and g["state"] == "active":
+            if title and g["name"] != title and not 0 <= now - g["renamed_at"] < 86400:
+                with contextlib.suppress(TransientError):
+                    self.signal.rename_group(g["group"], title)
+                    self.store.save_group(channel.session, chat, now, "active", g["tag"], g["group"], title, renamed=True)
+            return g["group"]
+        if g and g["state"] == "left":
+            raise HeldError("the owner left this chat's Signal group; held until /reopen", 3600.0)
+        if g and g["state"] == "creating":   # a crash between creating the group and recording it
+            found = next((x for x in self.signal.list_groups() if g["tag"] in x["description"]), None)
+            if found:
+                self.store.save_group(channel.session, chat, now, "active", g["tag"], found["id"], title, renamed=True)
+                return found["id"]
+        wait = self.group_bucket.take()
+        if wait:
+            raise TransientError("pacing Signal group creation", wait)
+        tag = g["tag"] if g else secrets.token_hex(6)
+        self.store.save_group(channel.session, chat, now, "creating", tag, name=title)
+        description = "WhatSignal: WhatsApp chat bridged here (%s). Write here to answer it." % tag
+        gid = self.signal.create_group(title or "WhatsApp chat", [channel.destination], description)
+        self.store.save_group(channel.session, chat, now, "active", tag, gid, title, renamed=True)
+        self.log.info("created a Signal group for a WhatsApp chat", chat_kind="group" if chat.endswith("@g.us") else "person")
+        return gid
+
+    def _sig_group_update(self, channel, rec, row):
+        g = self.store.chat_of_group(channel.session, rec["fields"]["group"])
+        if g is None or g["state"] != "active":
+            return None
+        info = next((x for x in self.signal.list_groups() if x["id"] == g["group"]), None)
+        if info is not None and channel.destination not in info["members"]:
+            self.store.save_group(channel.session, g["chat"], self.clock(), "left", g["tag"], g["group"], g["name"])
+            self.notify(channel, "You left the Signal group %r. Its WhatsApp messages are held; /reopen %s brings "
+                        "the chat back." % (g["name"], g["name"] or "<chat>"))
+        return None
+
     # Signal -> WhatsApp -----------------------------------------------------
     def _sig_message(self, channel, rec, row):
         f = rec["fields"]
         text = (f.get("text") or "").strip()
+        if f.get("group"):
+            g = self.store.chat_of_group(channel.session, f["group"])
+            if g is None:
+                self.log.info("owner message in a Signal group the bridge does not manage; ignored")
+                return None
+            reply_to = None
+            if f.get("quote"):
+                m = self.store.by_sig(channel.session, f["quote"]["id"])
+                reply_to = m["wa_id"] if m and m["chat"] == g["chat"] else None
+            return self.send_to_whatsapp(channel, rec, g["chat"], f.get("text") or "", f.get("attachments") or [],
+                                         reply_to, conv=g["group"])
         if text.startswith("/") and not f.get("quote"):
             self.command(channel, rec, text)
             return None
@@ -2554,6 +2754,10 @@ class Bridge:
             self.notify(channel, "I don't know which WhatsApp chat the quoted message belongs to (it may be older "
                         "than the retention period). Use /to <chat> <text>.", quote=(rec["ts"], channel.destination, None))
             return None
+        if self.layout == "groups":
+            self.notify(channel, "This conversation is the control room: write in a chat's Signal group to answer it, "
+                        "quote a message, or use /to <chat> <text>.", quote=(rec["ts"], channel.destination, None))
+            return None
         m = self.store.last_forwarded(channel.session)
         if m is None:
             self.notify(channel, "No WhatsApp chat to answer yet. Use /to <+number> <text> to start one.",
@@ -2561,7 +2765,7 @@ class Bridge:
             return None
         return m["chat"], None
 
-    def send_to_whatsapp(self, channel, rec, chat, text, attachments, reply_to):
+    def send_to_whatsapp(self, channel, rec, chat, text, attachments, reply_to, conv=None):
         s = channel.session
         wa_id = None
         for i, att in enumerate(attachments):
@@ -2575,7 +2779,7 @@ class Bridge:
             wa_id = self.waha.send_text(s, chat, text, reply_to) or wa_id
         self.metrics.inc("whatsignal_messages_processed_total", direction="s2w",
                          kind="media" if attachments else "text", result="ok")
-        return self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination)
+        return self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination, conv=conv)
 
     def _sig_reaction(self, channel, rec, row):
         f = rec["fields"]
@@ -2681,9 +2885,31 @@ class Bridge:
         if not chat:
             self.notify(channel, error, quote=quote)
             return
-        after = self.send_to_whatsapp(channel, rec, chat, text, rec["fields"].get("attachments") or [], None)
+        conv = None
+        if self.layout == "groups":
+            title = self.display_name(channel, chat, group=chat.endswith("@g.us"))
+            conv = self.ensure_group(channel, chat, title + (" (WhatsApp)" if chat.endswith("@g.us") else ""))
+        after = self.send_to_whatsapp(channel, rec, chat, text, rec["fields"].get("attachments") or [], None, conv=conv)
         with self.store.tx() as db:
             after(db)
+        if conv:
+            g = self.store.group_of_chat(channel.session, chat)
+            self.notify(channel, "Sent. The chat continues in the Signal group %r." % (g["name"] if g else "?"))
+
+    def _cmd_reopen(self, channel, rec, args, quote):
+        if not args:
+            self.notify(channel, "Use /reopen <n|+number|name>.", quote=quote)
+            return
+        chat, error = self.find_chat(channel, args)
+        g = self.store.group_of_chat(channel.session, chat) if chat else None
+        if not chat or not g or g["state"] != "left":
+            self.notify(channel, error or "That chat's Signal group is not closed.", quote=quote)
+            return
+        self.store.save_group(channel.session, chat, self.clock(), "creating", secrets.token_hex(6), name=g["name"])
+        self.ensure_group(channel, chat, g["name"])
+        n = self.store.release_held(channel.session, chat, self.clock())
+        self.wake["w2s"].set()
+        self.notify(channel, "Reopened %r in a new Signal group; %d held message(s) follow." % (g["name"], n))
 
     def _cmd_status(self, channel, rec, args, quote):
         s = channel.session
@@ -2836,6 +3062,9 @@ class Deliverer(Worker):
     def _retry(self, row, e):
         now = self.clock()
         attempts = row["attempts"] + 1
+        if isinstance(e, HeldError):
+            self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + e.retry_after)
+            return False
         if now - row["created_at"] > self.expire:
             return self._dead(row, "gave up after %.0f hours: %s" % (self.expire / 3600, e))
         delay = max(e.retry_after or 0.0, next_backoff(attempts - 1, rand=self.rand))
@@ -3433,6 +3662,8 @@ def _tokens(table, plain, cipher):
                 "wa_msg": cipher.token("msg", bare_msg_id(wa)) if wa else None}
     if table == "chats":
         return {"wa_chat": cipher.token("chat", text("wa_chat_enc"))}
+    if table == "signal_groups":
+        return {"wa_chat": cipher.token("chat", text("wa_chat_enc")), "group_tok": cipher.token("group", text("group_enc"))}
     return {}
 
 
