@@ -7,6 +7,7 @@ FROM python:3.12-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     WHATSIGNAL_CONFIG=/app/config.json \
+    WHATSIGNAL_HOST=0.0.0.0 \
     DB_PATH=/app/data/whatsignal.db \
     MEDIA_DIR=/app/cache
 
