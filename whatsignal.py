@@ -3016,8 +3016,9 @@ class Deliverer(Worker):
                 break
             if row["chat"] in blocked:
                 continue
-            wait = row["next_at"] - self.clock()
-            if 0 < wait < BACKOFF_CAP * 2:   # a wait longer than that means the clock went back: go now
+            now = self.clock()
+            wait = row["next_at"] - now
+            if wait > 0 and now >= row["updated_at"] - 60:   # scheduled before now, unless the clock went back
                 blocked.add(row["chat"])
                 delay = min(delay, wait)
                 continue
@@ -3326,7 +3327,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        path = urllib.parse.urlsplit(self.path).path if isinstance(self.path, str) else "?"
+        path = getattr(self, "path", None)
+        path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
         known = path if path in ("/webhook/whatsapp", "/health", "/healthz", "/metrics") else "other"
         self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
 
