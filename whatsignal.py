@@ -30,7 +30,7 @@ secrets, text and full numbers never reach the logs.  The server binds to
 Sections (grep -n '^# .*###' whatsignal.py):
     Constants and defaults, Errors, Logging and metrics, Configuration,
     Pure helpers, Encryption, Translation, Store, Clients, Bridge, Workers,
-    HTTP server, Operations, Simulators, Command line
+    HTTP server, Operations, Application, Simulators, Command line, Benchmark
 
 XXX / Known gaps:
     - Signal rich text (mentions, styles) and WhatsApp polls, stories and calls
@@ -257,6 +257,9 @@ class Metrics:
                 out.append("%s_count%s %d" % (name, self._labels(labels), v[-1]))
             else:
                 out.append("%s%s %r" % (name, self._labels(labels), v))
+        for name in sorted(set(self.kinds) - seen):   # described but not yet observed
+            kind, help_text = self.kinds[name]
+            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
         return "\n".join(out) + "\n"
 
 
@@ -282,6 +285,9 @@ def new_metrics():
     ):
         m.describe(name, kind, text)
     m.set("whatsignal_build_info", 1, version=__version__)
+    for name in ("whatsignal_webhook_auth_failures_total", "whatsignal_unauthorized_senders_total",
+                 "whatsignal_dead_letters_total", "whatsignal_untrusted_identity_total"):
+        m.set(name, 0)
     return m
 
 ###############################################################################
@@ -355,8 +361,9 @@ def _check_type(path, value, kind, problems):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        problems.append("%s: expected %s, got %s %r; fix the value in the config"
-                        % (path, kind.__name__, type(value).__name__, value))
+        shown = "(value hidden)" if path in SECRET_KEYS else repr(value)
+        problems.append("%s: expected %s, got %s %s; fix the value in the config"
+                        % (path, kind.__name__, type(value).__name__, shown))
         return None
     return value
 
@@ -419,10 +426,10 @@ def validate_config(raw, environ, problems=None):
         if path not in values:
             if default is REQUIRED:
                 problems.append("%s: missing; set it in the config file" % path)
-            else:
-                values[path] = default
+            values[path] = None if default is REQUIRED else default
     cfg = Config(values, environ)
     cfg.channels = _validate_channels(channels_raw, values, problems)
+    cfg.implicit_channel = channels_raw is None
     _validate_values(cfg, problems)
     if problems:
         raise ConfigError(problems)
@@ -475,12 +482,13 @@ def _validate_values(cfg, problems):
         problems.append("signal.number: %s is not an E.164 number; write it like +15550000001"
                         % mask_phone(g("signal.number")))
     for i, ch in enumerate(cfg.channels):
+        where = "signal.destination" if cfg.implicit_channel else "channels[%d].signalDestination" % i
         if not E164.match(ch.destination):
-            problems.append("channels[%d].signalDestination: %s is not an E.164 number; write it like +15550000002"
-                            % (i, mask_phone(ch.destination)))
+            problems.append("%s: %s is not an E.164 number; write it like +15550000002"
+                            % (where, mask_phone(ch.destination)))
         if ch.destination == g("signal.number"):
-            problems.append("channels[%d].signalDestination: the owner cannot be the bridge's own number; "
-                            "use the owner's personal Signal number" % i)
+            problems.append("%s: the owner cannot be the bridge's own number; "
+                            "use the owner's personal Signal number" % where)
     secret = g("whatsapp.webhookSecret")
     if not secret and any(p.startswith("whatsapp.webhookSecret:") for p in problems):
         pass   # already reported: the env variable it names is missing
@@ -3378,7 +3386,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._reject(413, "body over %d bytes" % app.max_body, close=True)
         if ctype != "application/json":
             return self._reject(415, "Content-Type must be application/json", close=True)
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError:   # read timeout or reset: a slow or vanished client, not an internal error
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._reject(408, "request body not received in time", close=True)
+            return
         if len(body) < length:
             self.close_connection = True
             return self._reject(400, "body shorter than Content-Length", close=True)
