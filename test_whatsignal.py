@@ -1,0 +1,3777 @@
+"""Tests for whatsignal.py: real sockets, real SQLite files, fakes that speak the upstream contracts.
+
+Run: python3 -m pytest -q test_whatsignal.py
+"""
+
+###############################################################################
+# Fake upstreams (WAHA, signal-cli daemon, signal-cli-rest-api) and a fake clock ###
+###############################################################################
+
+# Fake upstream servers for the WhatSignal tests (standard library only, Python 3.9+).
+# 
+# FakeWaha          WAHA REST API (GOWS engine shapes) + helpers to post signed webhooks to the bridge.
+# FakeSignalDaemon  signal-cli `daemon --http`: /api/v1/rpc (JSON-RPC 2.0), /api/v1/events (SSE), /api/v1/check.
+# FakeSignalRest    bbernhard/signal-cli-rest-api: /v2/send, /v1/receive (polling or WebSocket), ...
+# FakeClock         injectable time source.
+# 
+# Every server binds 127.0.0.1 port 0, speaks HTTP/1.1 with keep-alive, records each request in the
+# thread-safe list `calls` ({"method","path","query","headers","json","body","status","response",...};
+# `headers` is case-insensitive) and offers wait_for(predicate, timeout) which is always bounded.
+# No module-level side effects: nothing starts until start() is called.
+
+import base64
+import binascii
+import collections
+import datetime
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import mimetypes
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+import traceback
+import urllib.parse
+import uuid
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+
+def _fake_dumps(obj):
+    """Compact JSON, raw UTF-8 (what Node's JSON.stringify, Jackson and Go emit)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _fake_now_ms():
+    return int(time.time() * 1000)
+
+
+_FAKE_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _fake_ulid():
+    """Lower-case ULID (26 Crockford base32 chars), as used in WAHA event ids."""
+    n = (_fake_now_ms() << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_FAKE_CROCKFORD[(n >> (5 * i)) & 31] for i in range(25, -1, -1))
+
+
+def _fake_shutdown_sock(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _fake_is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_FAKE_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _fake_sniff(data):
+    """Content sniffing roughly like gabriel-vasile/mimetype (used by signal-cli-rest-api)."""
+    data = bytes(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"%PDF-"):
+        return "application/pdf"
+    if data.startswith(b"OggS"):
+        return "audio/ogg"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"M4A ", b"M4B "):
+            return "audio/x-m4a"
+        if brand == b"qt  ":
+            return "video/quicktime"
+        return "video/mp4"
+    if data.startswith(b"ID3") or data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio/mpeg"
+    if data.startswith(b"PK\x03\x04"):
+        return "application/zip"
+    try:
+        data.decode("utf-8")
+        return "text/plain; charset=utf-8"
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+
+
+class _FakeHeaders(dict):
+    """Case-insensitive header dict; keys are stored lower-case, repeated headers are joined by ', '."""
+
+    def __init__(self, pairs=()):
+        super().__init__()
+        for k, v in pairs:
+            k = k.lower()
+            if dict.__contains__(self, k):
+                dict.__setitem__(self, k, dict.__getitem__(self, k) + ", " + v)
+            else:
+                dict.__setitem__(self, k, v)
+
+    def __setitem__(self, k, v):
+        dict.__setitem__(self, k.lower(), v)
+
+    def __getitem__(self, k):
+        return dict.__getitem__(self, k.lower())
+
+    def __contains__(self, k):
+        return isinstance(k, str) and dict.__contains__(self, k.lower())
+
+    def get(self, k, default=None):
+        return dict.get(self, k.lower(), default)
+
+
+class _FakeHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def handle_error(self, request, client_address):  # keep test output quiet
+        pass
+
+
+class _FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def version_string(self):
+        return self.server.fake._server_header
+
+    def log_message(self, format, *args):  # noqa: A002 - signature from the stdlib
+        pass
+
+    def setup(self):
+        super().setup()
+        self._fake_responded = False
+        self.server.fake._conn_opened(self)
+
+    def finish(self):
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.fake._conn_closed(self)
+
+    def _fake_dispatch(self):
+        self._fake_responded = False
+        self.server.fake._dispatch(self)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _fake_dispatch
+
+
+_FAKE_OMIT = object()
+
+
+class _FakeBase:
+    """Server plumbing shared by all fakes (start/stop/url/calls/wait_for)."""
+
+    _server_header = "Fake"
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._server = None
+        self._thread = None
+        self._port = None
+        self._conns = {}
+        self._seq = 0
+        self.calls = []
+        self.server_errors = []  # tracebacks of exceptions inside the fake itself (should stay empty)
+        self.slow_seconds = 2.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self):
+        """Bind and serve in a daemon thread. After stop(), start() tries to reuse the same port."""
+        with self._lock:
+            if self._server is not None:
+                return self
+            self._stopping.clear()
+            srv = None
+            if self._port:
+                try:
+                    srv = _FakeHTTPServer(("127.0.0.1", self._port), _FakeHandler)
+                except OSError:
+                    srv = None
+            if srv is None:
+                srv = _FakeHTTPServer(("127.0.0.1", 0), _FakeHandler)
+            srv.fake = self
+            self._port = srv.server_address[1]
+            self._server = srv
+            self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="%s:%d" % (type(self).__name__, self._port), daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop serving, cut every open connection (including SSE/WebSocket streams), join threads.
+        Bounded by `timeout` seconds in total. Idempotent."""
+        with self._cond:
+            srv, th = self._server, self._thread
+            if srv is None:
+                return
+            self._server = None
+            self._thread = None
+            self._stopping.set()
+            self._bump()
+        deadline = time.monotonic() + timeout
+        stopper = threading.Thread(target=srv.shutdown, daemon=True)
+        stopper.start()
+        # let streaming handlers (SSE / WebSocket) end themselves first (e.g. send a close frame)
+        self.wait_for(lambda f: f._stream_count() == 0, min(0.5, timeout / 4.0))
+        with self._lock:
+            conns = list(self._conns.values())
+        for sock, _thr in conns:
+            _fake_shutdown_sock(sock)
+        stopper.join(max(0.0, deadline - time.monotonic()))
+        th.join(max(0.0, deadline - time.monotonic()))
+        try:
+            srv.server_close()
+        except OSError:
+            pass
+        while time.monotonic() < deadline:
+            with self._lock:
+                conns = list(self._conns.values())
+            if not conns:
+                break
+            for sock, thr in conns:
+                _fake_shutdown_sock(sock)
+                thr.join(max(0.0, min(0.2, deadline - time.monotonic())))
+        with self._cond:
+            self._bump()
+
+    def _stream_count(self):
+        return 0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def port(self):
+        return self._port
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self._port
+
+    @property
+    def running(self):
+        return self._server is not None
+
+    # -- recording / waiting --------------------------------------------------------------------
+    def wait_for(self, predicate, timeout=5.0):
+        """Block until predicate(self) is truthy. It is re-checked whenever the fake records anything
+        (Condition) and at least every 50 ms (for predicates on outside state). The predicate runs
+        WITHOUT the fake's lock held, so it may talk to the bridge/fake. Exceptions count as False.
+        Returns True/False; never waits longer than `timeout`."""
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        while True:
+            with self._cond:
+                seq = self._seq
+            try:
+                if predicate(self):
+                    return True
+            except Exception:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._cond:
+                if self._seq == seq:
+                    self._cond.wait(min(remaining, 0.05))
+
+    def _bump(self):
+        """Record a state change and wake waiters (caller holds the lock)."""
+        self._seq += 1
+        self._cond.notify_all()
+
+    def calls_for(self, path_prefix=None, method=None):
+        """Recorded calls filtered by path prefix and/or HTTP method."""
+        with self._lock:
+            return [c for c in self.calls
+                    if (path_prefix is None or c["path"].startswith(path_prefix))
+                    and (method is None or c["method"] == method.upper())]
+
+    def clear(self):
+        """Forget recorded calls."""
+        with self._cond:
+            del self.calls[:]
+            self._bump()
+
+    def _notify(self):
+        with self._cond:
+            self._bump()
+
+    # -- connection tracking --------------------------------------------------------------------
+    def _conn_opened(self, h):
+        with self._lock:
+            self._conns[h] = (h.connection, threading.current_thread())
+            if self._stopping.is_set():
+                _fake_shutdown_sock(h.connection)
+
+    def _conn_closed(self, h):
+        with self._cond:
+            self._conns.pop(h, None)
+            self._bump()
+
+    # -- request plumbing -----------------------------------------------------------------------
+    def _dispatch(self, h):
+        try:
+            self._handle(h)
+        except (OSError, http.client.HTTPException):
+            h.close_connection = True
+        except Exception:
+            with self._lock:
+                self.server_errors.append(traceback.format_exc())
+            h.close_connection = True
+            if not h._fake_responded:
+                try:
+                    data = traceback.format_exc().encode("utf-8", "replace")
+                    h.send_response(500)
+                    h.send_header("Content-Type", "text/plain; charset=utf-8")
+                    h.send_header("Content-Length", str(len(data)))
+                    h.send_header("Connection", "close")
+                    h.end_headers()
+                    h.wfile.write(data)
+                except OSError:
+                    pass
+
+    def _handle(self, h):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _read_body(h, headers):
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            out = bytearray()
+            while True:
+                line = h.rfile.readline(65537)
+                if not line:
+                    raise ConnectionAbortedError("truncated chunked body")
+                try:
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                except ValueError:
+                    raise ConnectionAbortedError("bad chunk size")
+                if size == 0:
+                    while True:
+                        t = h.rfile.readline(65537)
+                        if t in (b"\r\n", b"\n", b""):
+                            break
+                    return bytes(out)
+                out += h.rfile.read(size)
+                h.rfile.readline(65537)
+        cl = headers.get("content-length")
+        if cl:
+            try:
+                n = int(cl)
+            except ValueError:
+                raise ConnectionAbortedError("bad Content-Length")
+            data = h.rfile.read(n) if n > 0 else b""
+            if len(data) != n:
+                raise ConnectionAbortedError("truncated body")
+            return data
+        return b""
+
+    def _begin(self, h, **extra):
+        split = urllib.parse.urlsplit(h.path)
+        parsed = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+        query = {k: (v[0] if len(v) == 1 else v) for k, v in parsed.items()}
+        headers = _FakeHeaders(h.headers.items())
+        body = self._read_body(h, headers)
+        js, json_error = None, None
+        if body:
+            try:
+                js = json.loads(body.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                json_error = str(e)
+        call = {"method": h.command, "path": split.path, "query": query, "headers": headers,
+                "json": js, "body": body, "status": None, "response": None, "time": time.time()}
+        if json_error is not None:
+            call["json_error"] = json_error
+        call.update(extra)
+        with self._cond:
+            self.calls.append(call)
+            self._bump()
+        return call
+
+    def _send_raw(self, h, call, status, data=b"", ctype=None, headers=None, close=False,
+                  length=None, record=_FAKE_OMIT):
+        """Write a complete response. `length`: None = real length, int = the Content-Length
+        header to claim, False = omit the header (then the connection is closed after the body)."""
+        data = bytes(data or b"")
+        with self._cond:
+            call["status"] = status
+            call["response"] = data if record is _FAKE_OMIT else record
+            self._bump()
+        h._fake_responded = True
+        h.send_response(status)
+        if ctype:
+            h.send_header("Content-Type", ctype)
+        for k, v in (headers or ()):
+            h.send_header(k, v)
+        bodyless = status in (204, 304) or 100 <= status < 200
+        if length is False:
+            close = True
+        elif not bodyless:
+            h.send_header("Content-Length", str(len(data) if length is None else int(length)))
+        if close:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        if data and not bodyless and h.command != "HEAD":
+            h.wfile.write(data)
+        h.wfile.flush()
+
+    def _send_json(self, h, call, status, obj, ctype="application/json; charset=utf-8", headers=None):
+        self._send_raw(h, call, status, _fake_dumps(obj), ctype=ctype, headers=headers, record=obj)
+
+    def _drop(self, h, call):
+        """Close the connection without answering."""
+        with self._cond:
+            call["status"] = "dropped"
+            self._bump()
+        h._fake_responded = True
+        h.close_connection = True
+        _fake_shutdown_sock(h.connection)
+
+    def _fault_gate(self, h, call, mode):
+        """Common 'down'/'slow' behaviour. Returns False when the request was consumed."""
+        if mode == "down":
+            self._drop(h, call)
+            return False
+        if mode == "slow":
+            if self._stopping.wait(max(0.0, float(self.slow_seconds))):
+                self._drop(h, call)
+                return False
+        return True
+
+    @staticmethod
+    def _pop_scripted(queue, lock, match):
+        with lock:
+            for i, entry in enumerate(queue):
+                if match(entry):
+                    del queue[i]
+                    return entry
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# WAHA
+# ----------------------------------------------------------------------------------------------
+
+_WAHA_SEND_PATHS = {"/api/sendText": "text", "/api/reply": "text", "/api/sendImage": "image",
+                    "/api/sendFile": "file", "/api/sendVoice": "voice", "/api/sendVideo": "video"}
+
+
+class FakeWaha(_FakeBase):
+    """Fake WAHA (engine GOWS). See module docstring; public attributes:
+
+    api_key, session, mode ("ok"|"down"|"error"|"slow"|"session_not_working"), slow_seconds,
+    session_status ("WORKING" ...; anything else makes messaging endpoints answer 422),
+    status_after_restart, me, engine, version, contacts {chatId: name | dict}, lids {lid: pn|None},
+    files {"/api/files/...": bytes | {"body", "content_type", "lie_length", "no_length", "redirect_to"}},
+    require_group_participant (reaction messageIds of @g.us chats need the _participant suffix).
+    """
+
+    _server_header = "Express"
+
+    def __init__(self, api_key="waha-key", session="default"):
+        super().__init__()
+        self.api_key = api_key
+        self.session = session
+        self.mode = "ok"
+        self.slow_seconds = 2.0
+        self.session_status = "WORKING"
+        self.status_after_restart = "WORKING"
+        self.engine = "GOWS"
+        self.version = "2026.7.1"
+        self.me = {"id": "15550000001@c.us", "pushName": "Bridge", "lid": "123456789012345@lid",
+                   "jid": "15550000001:7@s.whatsapp.net"}
+        self.contacts = {}
+        self.lids = {}
+        self.files = {}
+        self.require_group_participant = True
+
+    # -- helpers for tests ----------------------------------------------------------------------
+    def sent(self, kind=None):
+        """JSON bodies of successfully answered (2xx) send calls, oldest first.
+        kind=None: every /api/send* except /api/sendSeen; kind="text"/"sendText"/"image"/"seen"/...
+        selects one endpoint."""
+        want = None
+        if kind is not None:
+            k = kind.rsplit("/", 1)[-1].lower()
+            if k.startswith("send"):
+                k = k[4:]
+            want = "/api/send" + k
+        out = []
+        with self._lock:
+            for c in self.calls:
+                p = c["path"]
+                if not p.startswith("/api/send") or not _fake_is_int(c.get("status")):
+                    continue
+                if not 200 <= c["status"] < 300:
+                    continue
+                if want is None and p == "/api/sendSeen":
+                    continue
+                if want is not None and p.lower() != want:
+                    continue
+                out.append(c["json"])
+        return out
+
+    def add_file(self, name, data, content_type=None, **options):
+        """Register a downloadable media file. `name` is either a full path ("/api/files/...")
+        or a file name put under /api/files/<session>/. Returns the absolute URL."""
+        path = name if name.startswith("/") else "/api/files/%s/%s" % (self.session, name)
+        entry = {"body": bytes(data)}
+        if content_type:
+            entry["content_type"] = content_type
+        entry.update(options)
+        with self._lock:
+            self.files[path] = entry
+        return self.url + path
+
+    @staticmethod
+    def sign(body_bytes, secret):
+        """hex(HMAC-SHA512(secret as UTF-8, exact body bytes)) - WAHA's X-Webhook-Hmac."""
+        if isinstance(body_bytes, str):
+            body_bytes = body_bytes.encode("utf-8")
+        key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        return hmac.new(key, bytes(body_bytes), hashlib.sha512).hexdigest()
+
+    def event(self, event, payload, **overrides):
+        """Build a current-shape WAHA webhook envelope (evt_ ULID id, ms timestamp, me, environment)."""
+        env = {"id": "evt_" + _fake_ulid(), "timestamp": _fake_now_ms(), "event": event,
+               "session": self.session, "metadata": {}, "me": dict(self.me) if self.me else None,
+               "payload": payload, "engine": self.engine,
+               "environment": {"version": self.version, "engine": self.engine, "tier": "CORE",
+                               "browser": None, "platform": "linux/x64", "worker": {"id": None}}}
+        env.update(overrides)
+        return env
+
+    def webhook(self, url, event_dict, secret=None, headers=None, timeout=10.0):
+        """POST one webhook like WAHA does. `event_dict` may be a dict (serialized compactly) or
+        bytes/str (sent verbatim). `secret` None = no HMAC headers. `headers` overrides/adds headers;
+        a None value removes a default header. Returns (status, parsed JSON body or text)."""
+        if isinstance(event_dict, (bytes, bytearray)):
+            body = bytes(event_dict)
+        elif isinstance(event_dict, str):
+            body = event_dict.encode("utf-8")
+        else:
+            body = _fake_dumps(event_dict)
+        hdrs = {"Content-Type": "application/json", "User-Agent": "WAHA/%s" % self.version,
+                "X-Webhook-Request-Id": _fake_ulid(), "X-Webhook-Timestamp": str(_fake_now_ms())}
+        if secret is not None:
+            hdrs["X-Webhook-Hmac"] = self.sign(body, secret)
+            hdrs["X-Webhook-Hmac-Algorithm"] = "sha512"
+        for k, v in (headers or {}).items():
+            for existing in [e for e in hdrs if e.lower() == k.lower()]:
+                del hdrs[existing]
+            if v is not None:
+                hdrs[k] = v
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        try:
+            conn.request("POST", target, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            data = resp.read()
+            status = resp.status
+        finally:
+            conn.close()
+        text = data.decode("utf-8", "replace")
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    # -- request handling -----------------------------------------------------------------------
+    def _handle(self, h):
+        call = self._begin(h)
+        if not self._fault_gate(h, call, self.mode):
+            return
+        m, path = h.command, call["path"]
+        segs = [urllib.parse.unquote(s) for s in path.split("/")[1:]]
+        if self.mode == "error":
+            return self._send_json(h, call, 500, self._nest_500(call))
+        if m == "GET" and path == "/ping":
+            return self._send_json(h, call, 200, {"message": "pong"})
+        key = call["headers"].get("x-api-key")
+        if key is None:
+            key = call["query"].get("x-api-key")
+        if key != self.api_key:
+            return self._send_json(h, call, 401, {"message": "Unauthorized", "statusCode": 401})
+        if call.get("json_error") is not None and m in ("POST", "PUT", "PATCH"):
+            return self._bad_request(h, call, "Unexpected token in JSON body: %s" % call["json_error"], raw=True)
+
+        if m == "GET" and path == "/health":
+            return self._send_json(h, call, 200, {})
+        if m == "GET" and path == "/api/server/version":
+            return self._send_json(h, call, 200, {"version": self.version, "engine": self.engine,
+                                                  "tier": "CORE", "browser": None})
+        if m == "GET" and path.startswith("/api/files/"):
+            return self._serve_file(h, call)
+        if m == "POST" and path in _WAHA_SEND_PATHS:
+            return self._send_message(h, call, _WAHA_SEND_PATHS[path])
+        if m == "PUT" and path == "/api/reaction":
+            return self._reaction(h, call)
+        if m == "POST" and path == "/api/sendSeen":
+            return self._chat_action(h, call, 201, {})
+        if m == "POST" and path in ("/api/startTyping", "/api/stopTyping"):
+            return self._chat_action(h, call, 201, {"result": True})
+        if m == "GET" and path == "/api/contacts":
+            return self._get_contact(h, call, call["query"].get("contactId"), call["query"].get("session"))
+        if m == "GET" and path == "/api/contacts/all":
+            if not self._session_gate(h, call, call["query"].get("session") or self.session):
+                return
+            with self._lock:
+                ids = list(self.contacts)
+            return self._send_json(h, call, 200, [self._contact(i) for i in ids])
+        if m == "GET" and path == "/api/contacts/check-exists":
+            phone = re.sub(r"\D", "", str(call["query"].get("phone") or ""))
+            if not phone:
+                return self._bad_request(h, call, "phone should not be empty")
+            if not self._session_gate(h, call, call["query"].get("session") or self.session):
+                return
+            return self._send_json(h, call, 200, {"numberExists": True, "chatId": phone + "@c.us"})
+        if len(segs) >= 2 and segs[0] == "api" and segs[1] == "sessions":
+            return self._sessions(h, call, segs)
+        if len(segs) == 6 and segs[0] == "api" and segs[2] == "chats" and segs[4] == "messages" \
+                and m in ("PUT", "DELETE"):
+            return self._edit_delete(h, call, segs)
+        if m == "GET" and len(segs) == 4 and segs[0] == "api" and segs[2] == "lids":
+            return self._lid(h, call, segs[1], segs[3])
+        if m == "GET" and len(segs) == 5 and segs[0] == "api" and segs[2] == "lids" and segs[3] == "pn":
+            return self._lid_by_pn(h, call, segs[1], segs[4])
+        if m == "GET" and len(segs) == 4 and segs[0] == "api" and segs[2] == "contacts":
+            return self._get_contact(h, call, segs[3], segs[1])
+        return self._send_json(h, call, 404, {"message": "Cannot %s %s" % (m, path),
+                                              "error": "Not Found", "statusCode": 404})
+
+    # -- WAHA pieces ----------------------------------------------------------------------------
+    def _nest_500(self, call):
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        return {"statusCode": 500, "timestamp": now.replace("+00:00", "Z"),
+                "exception": {"message": "Fake WAHA internal error", "name": "Error",
+                              "stack": "Error: Fake WAHA internal error\n    at FakeWaha"},
+                "request": {"path": call["path"], "method": call["method"],
+                            "body": call["json"] if call["json"] is not None else {}, "query": call["query"]},
+                "version": {"version": self.version, "engine": self.engine, "tier": "CORE", "browser": None}}
+
+    def _bad_request(self, h, call, messages, raw=False):
+        if isinstance(messages, str) and not raw:
+            messages = [messages]
+        return self._send_json(h, call, 400, {"statusCode": 400, "message": messages, "error": "Bad Request"})
+
+    def _session_gate(self, h, call, name):
+        """404 for an unknown session, 422 when the session is not WORKING."""
+        if name != self.session:
+            self._session_404(h, call, name)
+            return False
+        status = self.session_status
+        if self.mode == "session_not_working" or status != "WORKING":
+            self._send_json(h, call, 422, {
+                "error": "Session status is not as expected. Try again later or restart the session",
+                "session": name, "status": status if status != "WORKING" else "STARTING",
+                "expected": ["WORKING"]})
+            return False
+        return True
+
+    def _session_404(self, h, call, name):
+        self._send_json(h, call, 404, {
+            "statusCode": 404,
+            "message": "We didn't find a session with name '%s'. Please start it first by using "
+                       "POST /api/sessions/%s/start request" % (name, name),
+            "error": "Not Found"})
+
+    @staticmethod
+    def _norm_chat(chat_id):
+        return chat_id if "@" in chat_id else re.sub(r"\D", "", chat_id) + "@c.us"
+
+    def _new_id(self, chat_id):
+        wa = "true_%s_%s" % (chat_id, os.urandom(10).hex().upper())
+        if chat_id.endswith("@g.us") and self.me and self.me.get("id"):
+            wa += "_" + self.me["id"]  # GOWS adds the participant (me) for group messages
+        return wa
+
+    @staticmethod
+    def parse_message_id(message_id):
+        """Split a serialized id: returns (fromMe bool, chatId, waId, participant|None) or None."""
+        if not isinstance(message_id, str):
+            return None
+        parts = message_id.split("_")
+        if len(parts) not in (3, 4) or parts[0] not in ("true", "false") or "@" not in parts[1] or not parts[2]:
+            return None
+        return parts[0] == "true", parts[1], parts[2], (parts[3] if len(parts) == 4 else None)
+
+    def _validate_send(self, kind, b):
+        if not isinstance(b, dict):
+            return ["body must be a JSON object"]
+        errs = []
+        if not isinstance(b.get("chatId"), str) or not b.get("chatId"):
+            errs.append("chatId must be a string")
+        if not isinstance(b.get("session"), str) or not b.get("session"):
+            errs.append("session must be a string")
+        if "reply_to" in b and b["reply_to"] is not None and not isinstance(b["reply_to"], str):
+            errs.append("reply_to must be a string")
+        if kind == "text":
+            if not isinstance(b.get("text"), str):
+                errs.append("text must be a string")
+            return errs
+        if kind in ("voice", "video") and not isinstance(b.get("convert"), bool):
+            errs.append("convert must be a boolean value")
+        if "caption" in b and b["caption"] is not None and not isinstance(b["caption"], str):
+            errs.append("caption must be a string")
+        f = b.get("file")
+        if not isinstance(f, dict):
+            errs.append("file must be an object with mimetype and data or url")
+            return errs
+        if not isinstance(f.get("mimetype"), str) or not f.get("mimetype"):
+            errs.append("file.mimetype must be a string")
+        has_data = isinstance(f.get("data"), str)
+        has_url = isinstance(f.get("url"), str) and bool(f.get("url"))
+        if not has_data and not has_url:
+            errs.append("file must contain either data (base64) or url")
+        if has_data:
+            if f["data"].startswith("data:"):
+                errs.append("file.data must be plain base64, not a data URI")
+            else:
+                try:
+                    base64.b64decode(f["data"], validate=True)
+                except (binascii.Error, ValueError):
+                    errs.append("file.data must be base64 encoded")
+        return errs
+
+    def _send_message(self, h, call, kind):
+        b = call["json"]
+        errs = self._validate_send(kind, b)
+        if errs:
+            return self._bad_request(h, call, errs)
+        if not self._session_gate(h, call, b["session"]):
+            return
+        chat = self._norm_chat(b["chatId"])
+        if kind != "text" and isinstance(b["file"].get("data"), str):
+            call["file_bytes"] = base64.b64decode(b["file"]["data"])
+        wa = self._new_id(chat)
+        call["kind"] = kind
+        call["wa_id"] = wa
+        return self._send_json(h, call, 201, {"id": wa, "_data": {}})
+
+    def _chat_action(self, h, call, status, response):
+        b = call["json"]
+        errs = []
+        if not isinstance(b, dict):
+            errs.append("body must be a JSON object")
+        else:
+            if not isinstance(b.get("chatId"), str) or not b.get("chatId"):
+                errs.append("chatId must be a string")
+            if not isinstance(b.get("session"), str) or not b.get("session"):
+                errs.append("session must be a string")
+            ids = b.get("messageIds")
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                errs.append("messageIds must be an array of strings")
+        if errs:
+            return self._bad_request(h, call, errs)
+        if not self._session_gate(h, call, b["session"]):
+            return
+        return self._send_json(h, call, status, response)
+
+    def _reaction(self, h, call):
+        b = call["json"]
+        errs = []
+        if not isinstance(b, dict):
+            errs.append("body must be a JSON object")
+        else:
+            if not isinstance(b.get("messageId"), str) or not b.get("messageId"):
+                errs.append("messageId must be a string")
+            if not isinstance(b.get("reaction"), str):
+                errs.append("reaction must be a string")
+            if not isinstance(b.get("session"), str) or not b.get("session"):
+                errs.append("session must be a string")
+        if not errs:
+            parsed = self.parse_message_id(b["messageId"])
+            if parsed is None:
+                errs.append("messageId must be a serialized id {fromMe}_{chatId}_{messageId}[_{participant}]")
+            elif parsed[1].endswith("@g.us") and parsed[3] is None and self.require_group_participant:
+                errs.append("messageId of a group message must include the _{participant} suffix")
+        if errs:
+            return self._bad_request(h, call, errs)
+        if not self._session_gate(h, call, b["session"]):
+            return
+        chat = self.parse_message_id(b["messageId"])[1]
+        call["chatId"] = chat
+        return self._send_json(h, call, 200, {"id": self._new_id(chat), "_data": {}})
+
+    def _edit_delete(self, h, call, segs):
+        session, chat, mid = segs[1], segs[3], segs[5]
+        call["chatId"] = chat
+        call["messageId"] = mid
+        if call["method"] == "PUT":
+            b = call["json"]
+            if not isinstance(b, dict) or not isinstance(b.get("text"), str):
+                return self._bad_request(h, call, "text must be a string")
+        if not self._session_gate(h, call, session):
+            return
+        return self._send_json(h, call, 200, {"id": self._new_id(self._norm_chat(chat)), "_data": {}})
+
+    def _contact(self, cid):
+        cid = self._norm_chat(cid)
+        with self._lock:
+            entry = self.contacts.get(cid)
+        contact = {"id": cid, "number": cid.split("@")[0], "name": None, "pushname": None,
+                   "shortName": None, "isMe": bool(self.me and self.me.get("id") == cid),
+                   "isGroup": cid.endswith("@g.us"), "isWAContact": True,
+                   "isMyContact": entry is not None, "isBlocked": False}
+        if isinstance(entry, dict):
+            contact.update(entry)
+        elif entry is not None:
+            contact["name"] = entry
+        return contact
+
+    def _get_contact(self, h, call, contact_id, session):
+        if not contact_id:
+            return self._bad_request(h, call, "contactId should not be empty")
+        if not self._session_gate(h, call, session or self.session):
+            return
+        return self._send_json(h, call, 200, self._contact(contact_id))
+
+    def _lid(self, h, call, session, lid):
+        if not self._session_gate(h, call, session):
+            return
+        lid = lid if "@" in lid else lid + "@lid"
+        with self._lock:
+            pn = self.lids.get(lid)
+        return self._send_json(h, call, 200, {"lid": lid, "pn": pn})
+
+    def _lid_by_pn(self, h, call, session, pn):
+        if not self._session_gate(h, call, session):
+            return
+        pn = self._norm_chat(pn)
+        with self._lock:
+            lid = next((k for k, v in self.lids.items() if v == pn), None)
+        return self._send_json(h, call, 200, {"lid": lid, "pn": pn})
+
+    def _session_info(self):
+        return {"name": self.session, "status": self.session_status, "config": None,
+                "me": dict(self.me) if self.me else None, "engine": {"engine": self.engine},
+                "presence": None, "timestamps": {"activity": None}}
+
+    def _sessions(self, h, call, segs):
+        m = call["method"]
+        if len(segs) == 2 and m == "GET":
+            show = self.session_status != "STOPPED" or call["query"].get("all") in ("true", "1")
+            return self._send_json(h, call, 200, [self._session_info()] if show else [])
+        if len(segs) < 3:
+            return self._send_json(h, call, 404, {"message": "Cannot %s %s" % (m, call["path"]),
+                                                  "error": "Not Found", "statusCode": 404})
+        name = segs[2]
+        if name != self.session:
+            return self._session_404(h, call, name)
+        if len(segs) == 3 and m == "GET":
+            return self._send_json(h, call, 200, self._session_info())
+        if len(segs) == 4 and m == "GET" and segs[3] == "me":
+            me = dict(self.me) if (self.me and self.session_status == "WORKING") else None
+            return self._send_json(h, call, 200, me)
+        if len(segs) == 4 and m == "POST" and segs[3] in ("start", "restart", "stop"):
+            status = "STOPPED" if segs[3] == "stop" else "STARTING"
+            with self._cond:
+                self.session_status = status if segs[3] == "stop" else self.status_after_restart
+            return self._send_json(h, call, 201, {"name": name, "status": status, "config": None})
+        return self._send_json(h, call, 404, {"message": "Cannot %s %s" % (m, call["path"]),
+                                              "error": "Not Found", "statusCode": 404})
+
+    def _serve_file(self, h, call):
+        path = call["path"]
+        with self._lock:
+            entry = self.files.get(path)
+            if entry is None:
+                entry = self.files.get(urllib.parse.unquote(path))
+        if entry is None:
+            return self._send_json(h, call, 404, {"error": {
+                "code": 404, "key": "FILE_NOT_FOUND", "message": "File not found",
+                "details": "File not found or no longer available"}})
+        if isinstance(entry, (bytes, bytearray)):
+            entry = {"body": bytes(entry)}
+        if entry.get("redirect_to"):
+            return self._send_raw(h, call, 302, b"", headers=[("Location", entry["redirect_to"])])
+        data = bytes(entry.get("body", b""))
+        ctype = entry.get("content_type") or mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if entry.get("lie_length") is not None:
+            # Claim a (large) Content-Length, send the real (shorter) body, then close.
+            return self._send_raw(h, call, 200, data, ctype=ctype, length=int(entry["lie_length"]),
+                                  close=True, record=b"")
+        if entry.get("no_length"):
+            return self._send_raw(h, call, 200, data, ctype=ctype, length=False, record=b"")
+        return self._send_raw(h, call, 200, data, ctype=ctype, record=b"")
+
+
+# ----------------------------------------------------------------------------------------------
+# signal-cli daemon --http
+# ----------------------------------------------------------------------------------------------
+
+class _FakeRpcError(Exception):
+    def __init__(self, code, message, data=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+_FAKE_SAMPLE_UUIDS = {
+    "+15550000001": "0d1c2b3a-4f5e-4a6b-8c7d-9e0f1a2b3c4d",
+    "+15550000002": "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d",
+    "+15550000003": "b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e",
+}
+
+_FAKE_DATA_URI_RE = re.compile(
+    r"\Adata:(?P<type>.+?/.+?)?(?P<parameters>;.+?=.+?)?(?P<base64>;base64)?,(?P<data>.+)\Z", re.I)
+
+_FAKE_SEND_TYPE_METHODS = ("send", "sendReaction", "remoteDelete", "sendTyping", "sendReceipt", "updateGroup")
+
+
+def _fake_java_cast_error(value):
+    java = {str: "java.lang.String", float: "java.lang.Double", bool: "java.lang.Boolean",
+            list: "java.util.ArrayList", dict: "java.util.LinkedHashMap"}.get(type(value), "java.lang.Object")
+    return ("class %s cannot be cast to class java.lang.Long (%s and java.lang.Long are in module "
+            "java.base of loader 'bootstrap')" % (java, java))
+
+
+class _FakeSseStream:
+    def __init__(self, h):
+        self.h = h
+        self.queue = collections.deque()
+        self.cut = None
+        self.close = False
+        self.gone = False
+
+
+class FakeSignalDaemon(_FakeBase):
+    """Fake signal-cli `daemon --http` (single-account mode). Public attributes:
+
+    number, uuid, mode ("ok"|"down"|"slow"|"http500"), slow_seconds, errors (deque of
+    (code, message[, method[, data]]) scripted JSON-RPC errors), keepalive_seconds (SSE),
+    receive_mode ("on-connection" holds pushes until a stream connects | "on-start" drops them),
+    check_host (421 on a foreign Host header), sse_chunked (Transfer-Encoding: chunked like the JDK
+    server), attachments {id: bytes}, contacts {number: name | dict}, groups {groupId: {...}},
+    uuids {number: uuid}, recipient_results {recipient|groupId: failure type},
+    rpc (list of per-JSON-RPC-request records), pending (deque held for the next stream),
+    delivered (objects written to a stream), dropped (count), trusted (list).
+    """
+
+    _server_header = "signal-cli-fake"
+    VERSION = "0.14.6"
+
+    def __init__(self, number="+15550000001"):
+        super().__init__()
+        self.number = number
+        self.uuid = _FAKE_SAMPLE_UUIDS.get(number) or str(uuid.uuid5(uuid.NAMESPACE_URL, "signal:" + number))
+        self.mode = "ok"
+        self.slow_seconds = 2.0
+        self.errors = collections.deque()
+        self.keepalive_seconds = 15.0
+        self.receive_mode = "on-connection"
+        self.check_host = True
+        self.sse_chunked = True
+        self.attachments = {}
+        self.contacts = {}
+        self.groups = {}
+        self.uuids = dict(_FAKE_SAMPLE_UUIDS)
+        self.recipient_results = {}
+        self.rpc = []
+        self.pending = collections.deque()
+        self.delivered = []
+        self.dropped = 0
+        self.trusted = []
+        self._streams = []
+        self._last_ts = 0
+        self._methods = {
+            "send": self._m_send, "sendReaction": self._m_send_reaction, "remoteDelete": self._m_remote_delete,
+            "sendTyping": self._m_send_typing, "sendReceipt": self._m_send_receipt,
+            "getAttachment": self._m_get_attachment, "listContacts": self._m_list_contacts,
+            "listGroups": self._m_list_groups, "updateGroup": self._m_update_group,
+            "version": self._m_version, "trust": self._m_trust, "receive": self._m_receive,
+        }
+
+    # -- public helpers -------------------------------------------------------------------------
+    @property
+    def stream_connections(self):
+        with self._lock:
+            return len(self._streams)
+
+    def _stream_count(self):
+        return len(self._streams)
+
+    def push(self, obj):
+        """Deliver a receive object {"envelope":..., "account":...} to every open SSE stream; with no
+        stream it is held (receive_mode on-connection) or dropped (on-start). Returns True if queued."""
+        with self._cond:
+            if self._streams:
+                for st in self._streams:
+                    st.queue.append(obj)
+                queued = True
+            elif self.receive_mode == "on-connection":
+                self.pending.append(obj)
+                queued = True
+            else:
+                self.dropped += 1
+                queued = False
+            self._bump()
+        return queued
+
+    def push_envelope(self, envelope):
+        return self.push({"envelope": envelope, "account": self.number})
+
+    def cut_mid_event(self, obj=None, timeout=2.0):
+        """Write half of an SSE event to every open stream, then close the TCP connection (no
+        terminating chunk). Waits (bounded) until those streams are gone; returns how many were cut."""
+        if obj is None:
+            obj = {"envelope": {"source": "+15550000002", "sourceNumber": "+15550000002",
+                                "timestamp": _fake_now_ms(), "dataMessage": {"message": "cut"}},
+                   "account": self.number}
+        with self._cond:
+            streams = list(self._streams)
+            for st in streams:
+                st.cut = obj
+            self._bump()
+        self.wait_for(lambda f: not any(s in f._streams for s in streams), timeout)
+        return len(streams)
+
+    def close_streams(self, timeout=2.0):
+        """End every open SSE stream cleanly (terminating chunk, then close)."""
+        with self._cond:
+            streams = list(self._streams)
+            for st in streams:
+                st.close = True
+            self._bump()
+        self.wait_for(lambda f: not any(s in f._streams for s in streams), timeout)
+        return len(streams)
+
+    def add_group(self, name, members=(), group_id=None, **extra):
+        """Register a group; returns its signal-cli id (base64 of 32 bytes)."""
+        gid = group_id or base64.b64encode(os.urandom(32)).decode()
+        members = list(members)
+        if self.number not in members:
+            members.insert(0, self.number)
+        with self._lock:
+            self.groups[gid] = dict({"name": name, "description": "", "members": members}, **extra)
+        return gid
+
+    def requests(self, method=None):
+        """Per-JSON-RPC-request records {"method","params","id","attachments","result","error",...}."""
+        with self._lock:
+            return [r for r in self.rpc if method is None or r["method"] == method]
+
+    def sent(self, method="send"):
+        """params of successful calls of `method` (default "send")."""
+        with self._lock:
+            return [r["params"] for r in self.rpc if r["method"] == method and r["error"] is None]
+
+    def clear(self):
+        with self._cond:
+            del self.calls[:]
+            del self.rpc[:]
+            del self.delivered[:]
+            self._bump()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def _handle(self, h):
+        call = self._begin(h)
+        if not self._fault_gate(h, call, self.mode):
+            return
+        path, m = call["path"], call["method"]
+        if self.mode == "http500":
+            if path == "/api/v1/rpc":
+                return self._send_json(h, call, 500, self._rpc_err(-32603, "An internal server error has occurred.",
+                                                                   None, None), ctype="application/json")
+            return self._send_raw(h, call, 500)
+        if path == "/api/v1/check":
+            return self._send_raw(h, call, 200 if m == "GET" else 405)
+        if path not in ("/api/v1/rpc", "/api/v1/events"):
+            return self._send_raw(h, call, 404)
+        if self.check_host and not self._host_ok(call):
+            return self._send_raw(h, call, 421)
+        if path == "/api/v1/rpc":
+            if m != "POST":
+                return self._send_raw(h, call, 405)
+            ctype = call["headers"].get("content-type")
+            if not ctype or not ctype.startswith("application/json"):
+                return self._send_raw(h, call, 415)
+            return self._rpc_http(h, call)
+        if m != "GET":
+            return self._send_raw(h, call, 405)
+        acct = call["query"].get("account")
+        if acct and acct not in (self.number, self.uuid):
+            return self._send_raw(h, call, 400)
+        return self._sse(h, call)
+
+    def _host_ok(self, call):
+        host = call["headers"].get("host", "")
+        return host in ("127.0.0.1:%d" % self._port, "localhost:%d" % self._port, "[::1]:%d" % self._port)
+
+    @staticmethod
+    def _rpc_err(code, message, data, rid):
+        return {"jsonrpc": "2.0", "error": {"code": code, "message": message, "data": data}, "id": rid}
+
+    def _rpc_http(self, h, call):
+        if call.get("json_error") is not None or not call["body"]:
+            return self._send_json(h, call, 200, self._rpc_err(-32700, "Parse error", None, None),
+                                   ctype="application/json")
+        req = call["json"]
+        if isinstance(req, list):
+            if not req:
+                return self._send_json(h, call, 200, self._rpc_err(-32600, "Invalid request", None, None),
+                                       ctype="application/json")
+            responses = [r for r in (self._rpc_one(o) for o in req) if r is not None]
+            if not responses:
+                return self._send_raw(h, call, 201)
+            return self._send_json(h, call, 200, responses, ctype="application/json")
+        resp = self._rpc_one(req)
+        if resp is None:
+            return self._send_raw(h, call, 201)
+        return self._send_json(h, call, 200, resp, ctype="application/json")
+
+    def _rpc_one(self, obj):
+        if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0" or not isinstance(obj.get("method"), str):
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            return self._rpc_err(-32600, "Invalid request", None, rid)
+        rid = obj.get("id")
+        notification = rid is None
+        method = obj["method"]
+        params = obj.get("params")
+        if params is None:
+            params = {}
+        rec = {"method": method, "params": params, "id": rid, "attachments": [], "result": None,
+               "error": None, "time": time.time()}
+        try:
+            if not isinstance(params, dict):
+                raise _FakeRpcError(-32602, "Invalid params: params must be an object")
+            scripted = self._pop_scripted(self.errors, self._lock,
+                                          lambda e: len(e) < 3 or e[2] is None or e[2] == method)
+            if scripted is not None:
+                code, message = scripted[0], scripted[1]
+                data = scripted[3] if len(scripted) >= 4 else self._scripted_data(code, method, params)
+                raise _FakeRpcError(code, message, data)
+            handler = self._methods.get(method)
+            if handler is None:
+                raise _FakeRpcError(-32601, "Method not implemented")
+            rec["result"] = handler(params, rec)
+        except _FakeRpcError as e:
+            rec["error"] = {"code": e.code, "message": e.message, "data": e.data}
+        with self._cond:
+            self.rpc.append(rec)
+            self._bump()
+        if notification:
+            return None
+        if rec["error"] is not None:
+            return {"jsonrpc": "2.0", "error": rec["error"], "id": rid}
+        return {"jsonrpc": "2.0", "result": rec["result"], "id": rid}
+
+    def _scripted_data(self, code, method, params):
+        if code not in (-4, -5) or method not in _FAKE_SEND_TYPE_METHODS:
+            return None
+        kind = "IDENTITY_FAILURE" if code == -4 else "RATE_LIMIT_FAILURE"
+        results = [self._result(r, kind) for r in self._plist(params, "recipient", "recipients")]
+        return {"response": {"timestamp": self._next_ts(), "results": results}}
+
+    # -- param access (dashed or camelCase, singular or plural) -----------------------------------
+    @staticmethod
+    def _camel(name):
+        head, *rest = name.split("-")
+        return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+    def _p(self, params, name):
+        for k in (name, self._camel(name)):
+            if k in params and params[k] is not None:
+                return params[k]
+        return None
+
+    def _plist(self, params, singular, plural):
+        out = []
+        for name in (singular, plural):
+            v = self._p(params, name)
+            if v is None:
+                continue
+            out.extend(v if isinstance(v, list) else [v])
+        return out
+
+    def _num(self, params, name):
+        v = self._p(params, name)
+        if v is None:
+            return None
+        if not _fake_is_int(v):
+            raise _FakeRpcError(-32603, _fake_java_cast_error(v))
+        return v
+
+    def _next_ts(self):
+        with self._lock:
+            ts = max(_fake_now_ms(), self._last_ts + 1)
+            self._last_ts = ts
+            return ts
+
+    def _uuid_for(self, number):
+        u = self.uuids.get(number)
+        if u is None:
+            u = str(uuid.uuid5(uuid.NAMESPACE_URL, "signal:" + number))
+        return u
+
+    def _address(self, recipient):
+        if recipient.startswith("u:"):
+            return {"uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, "signal:" + recipient)), "number": None,
+                    "username": recipient[2:]}
+        if recipient.startswith("PNI:"):
+            return {"uuid": recipient, "number": None, "username": None}
+        if _FAKE_UUID_RE.match(recipient):
+            number = next((n for n, u in self.uuids.items() if u == recipient), None)
+            return {"uuid": recipient, "number": number, "username": None}
+        return {"uuid": self._uuid_for(recipient), "number": recipient, "username": None}
+
+    def _result(self, recipient, kind=None, group_id=None):
+        kind = kind or self.recipient_results.get(recipient) or \
+            (self.recipient_results.get(group_id) if group_id else None) or "SUCCESS"
+        res = {"recipientAddress": self._address(recipient)}
+        if group_id is not None:
+            res["groupId"] = group_id
+        res["type"] = kind
+        if kind == "RATE_LIMIT_FAILURE":
+            res["token"] = "fake-challenge-token"
+            res["retryAfterSeconds"] = 60
+        return res
+
+    def _check_recipient(self, r):
+        if not isinstance(r, str) or not r:
+            raise _FakeRpcError(-32602, "Invalid params: recipient must be a string")
+        if r.startswith(("u:", "PNI:")) or _FAKE_UUID_RE.match(r):
+            return
+        if not re.match(r"^\+[1-9][0-9]{5,17}$", r):
+            raise _FakeRpcError(-1, "Invalid phone number '%s'" % r)
+
+    def _targets(self, params, allow_username=True):
+        recips = self._plist(params, "recipient", "recipients")
+        groups = self._plist(params, "group-id", "group-ids")
+        users = self._plist(params, "username", "usernames") if allow_username else []
+        if self._p(params, "note-to-self"):
+            recips.append(self.number)
+        if not (recips or groups or users):
+            raise _FakeRpcError(-1, "No recipients given")
+        for r in recips:
+            self._check_recipient(r)
+        for g in groups:
+            try:
+                raw = base64.b64decode(g, validate=True) if isinstance(g, str) else b""
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(raw) != 32:
+                raise _FakeRpcError(-1, "Invalid group id: %s" % g)
+            if g not in self.groups:
+                raise _FakeRpcError(-1, "Group not found: %s" % g)
+        return recips, groups, users
+
+    def _send_results(self, recips, groups, users, ts):
+        results = [self._result(r) for r in recips]
+        for g in groups:
+            for member in self.groups[g].get("members", []):
+                if member not in (self.number, self.uuid):
+                    results.append(self._result(member, group_id=g))
+        for u in users:
+            results.append(self._result("u:" + u))
+        if results and all(r["type"] != "SUCCESS" for r in results):
+            types = {r["type"] for r in results}
+            data = {"response": {"timestamp": ts, "results": results}}
+            if types == {"IDENTITY_FAILURE"}:
+                raise _FakeRpcError(-4, "Failed to send message due to untrusted identities", data)
+            if types == {"RATE_LIMIT_FAILURE"}:
+                raise _FakeRpcError(-5, "Failed to send message due to rate limiting", data)
+            raise _FakeRpcError(-1, "Failed to send message", data)
+        return {"timestamp": ts, "results": results}
+
+    def _decode_attachment(self, arg):
+        if not isinstance(arg, str):
+            raise _FakeRpcError(-32602, "Invalid params: attachment must be a string")
+        m = _FAKE_DATA_URI_RE.match(arg)
+        if m:
+            params = {}
+            for part in (m.group("parameters") or "").split(";"):
+                if "=" in part:
+                    k, v = part.split("=", 1)
+                    params[k.lower()] = urllib.parse.unquote_plus(v)
+            raw = m.group("data")
+            try:
+                if m.group("base64"):
+                    data = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+                else:
+                    data = urllib.parse.unquote_to_bytes(raw)
+            except (binascii.Error, ValueError) as e:
+                raise _FakeRpcError(-32603, "Failed to send message: %s (AttachmentInvalidException)" % e)
+            return {"mime": m.group("type") or "text/plain", "filename": params.get("filename"), "data": data}
+        if os.path.isfile(arg):
+            with open(arg, "rb") as fh:
+                data = fh.read()
+            return {"mime": mimetypes.guess_type(arg)[0] or "application/octet-stream",
+                    "filename": os.path.basename(arg), "data": data, "path": arg}
+        raise _FakeRpcError(-32603, "Failed to send message: %s (No such file or directory) "
+                                    "(AttachmentInvalidException)" % arg)
+
+    # -- methods --------------------------------------------------------------------------------
+    def _m_send(self, p, rec):
+        recips, groups, users = self._targets(p)
+        sticker = self._p(p, "sticker")
+        message = self._p(p, "message")
+        if message is None:
+            message = ""
+        if not isinstance(message, str):
+            raise _FakeRpcError(-32602, "Invalid params: message must be a string")
+        raw_atts = self._plist(p, "attachment", "attachments")
+        for name in ("mention", "text-style", "quote-mention", "quote-text-style"):
+            plural = name + "s"
+            for v in self._plist(p, name, plural):
+                if not isinstance(v, str) or not re.match(r"^(\d+):(\d+):(.+)$", v):
+                    what = "mention" if "mention" in name else "textStyle"
+                    expect = "start:length:recipientNumber" if what == "mention" else "start:length:STYLE"
+                    raise _FakeRpcError(-1, "Invalid %s syntax (%s) expected '%s'" % (what, v, expect))
+        quote = None
+        qts = self._num(p, "quote-timestamp")
+        if qts is not None:
+            author = self._p(p, "quote-author")
+            if author is None:
+                raise _FakeRpcError(-1, "Quote author parameter is missing")
+            quote = {"timestamp": qts, "author": author, "message": self._p(p, "quote-message") or ""}
+        self._num(p, "story-timestamp")
+        if message == "" and not raw_atts and sticker is None and quote is None:
+            raise _FakeRpcError(-1, "Sending empty message is not allowed, either a message, "
+                                    "attachment or sticker must be given.")
+        edit_ts = self._num(p, "edit-timestamp")
+        atts = [self._decode_attachment(a) for a in raw_atts]
+        rec["attachments"] = atts
+        ts = self._next_ts()
+        result = self._send_results(recips, groups, users, ts)
+        rec.update({"timestamp": ts, "recipients": recips, "group_ids": groups, "message": message,
+                    "quote": quote, "edit_timestamp": edit_ts})
+        return result
+
+    def _m_send_reaction(self, p, rec):
+        recips, groups, users = self._targets(p)
+        emoji = self._p(p, "emoji")
+        if not isinstance(emoji, str) or not emoji:
+            raise _FakeRpcError(-1, "Emoji parameter is missing")
+        author = self._p(p, "target-author")
+        if not isinstance(author, str) or not author:
+            raise _FakeRpcError(-1, "Target author parameter is missing")
+        target = self._num(p, "target-timestamp")
+        if target is None:
+            raise _FakeRpcError(-1, "Target timestamp parameter is missing")
+        ts = self._next_ts()
+        rec.update({"timestamp": ts, "emoji": emoji, "remove": bool(self._p(p, "remove")),
+                    "target_author": author, "target_timestamp": target})
+        return self._send_results(recips, groups, users, ts)
+
+    def _m_remote_delete(self, p, rec):
+        recips, groups, users = self._targets(p)
+        target = self._num(p, "target-timestamp")
+        if target is None:
+            raise _FakeRpcError(-1, "Target timestamp parameter is missing")
+        ts = self._next_ts()
+        rec.update({"timestamp": ts, "target_timestamp": target})
+        return self._send_results(recips, groups, users, ts)
+
+    def _m_send_typing(self, p, rec):
+        recips, groups, _users = self._targets(p, allow_username=False)
+        ts = self._next_ts()
+        rec.update({"timestamp": ts, "stop": bool(self._p(p, "stop"))})
+        return self._send_results(recips, groups, [], ts)
+
+    def _m_send_receipt(self, p, rec):
+        recips = self._plist(p, "recipient", "recipients")
+        if len(recips) != 1:
+            raise _FakeRpcError(-1, "No recipients given" if not recips else "Only one recipient is allowed")
+        self._check_recipient(recips[0])
+        targets = self._p(p, "target-timestamp")
+        targets = targets if isinstance(targets, list) else ([] if targets is None else [targets])
+        if not targets:
+            raise _FakeRpcError(-1, "Target timestamp parameter is missing")
+        for t in targets:
+            if not _fake_is_int(t):
+                raise _FakeRpcError(-32603, _fake_java_cast_error(t))
+        kind = self._p(p, "type") or "read"
+        if kind not in ("read", "viewed"):
+            raise _FakeRpcError(-1, "Unknown receipt type: %s" % kind)
+        ts = self._next_ts()
+        rec.update({"timestamp": ts, "receipt_type": kind, "target_timestamps": targets})
+        return self._send_results(recips, [], [], ts)
+
+    def _m_get_attachment(self, p, rec):
+        aid = self._p(p, "id")
+        with self._lock:
+            data = self.attachments.get(aid) if isinstance(aid, str) else None
+        if data is None:
+            raise _FakeRpcError(-1, "Could not find attachment with ID: %s" % aid)
+        return {"data": base64.b64encode(bytes(data)).decode("ascii")}
+
+    def _contact_obj(self, number, entry):
+        obj = {"number": number, "uuid": self._uuid_for(number), "username": None, "name": None,
+               "givenName": None, "familyName": None, "nickName": None, "nickGivenName": None,
+               "nickFamilyName": None, "note": None, "color": None, "isArchived": False, "isBlocked": False,
+               "isHidden": False, "messageExpirationTime": 0, "profileSharing": False, "unregistered": False,
+               "profile": {"lastUpdateTimestamp": 0, "givenName": None, "familyName": None, "about": None,
+                           "aboutEmoji": None, "hasAvatar": False, "mobileCoinAddress": None}}
+        if isinstance(entry, dict):
+            obj.update(entry)
+        elif entry is not None:
+            obj["name"] = entry
+            obj["givenName"] = entry
+        return obj
+
+    def _m_list_contacts(self, p, rec):
+        wanted = self._plist(p, "recipient", "recipients")
+        with self._lock:
+            items = list(self.contacts.items())
+        return [self._contact_obj(n, e) for n, e in items if not wanted or n in wanted]
+
+    def _group_obj(self, gid, g):
+        members = [{"number": m if m.startswith("+") else None,
+                    "uuid": m if _FAKE_UUID_RE.match(m) else self._uuid_for(m)} for m in g.get("members", [])]
+        return {"id": gid, "name": g.get("name"), "description": g.get("description", ""),
+                "isMember": True, "isBlocked": False, "messageExpirationTime": 0, "members": members,
+                "pendingMembers": [], "requestingMembers": [],
+                "admins": [{"number": self.number, "uuid": self.uuid}], "banned": [],
+                "permissionAddMember": "EVERY_MEMBER", "permissionEditDetails": "EVERY_MEMBER",
+                "permissionSendMessage": "EVERY_MEMBER", "groupInviteLink": None}
+
+    def _m_list_groups(self, p, rec):
+        wanted = self._plist(p, "group-id", "group-ids")
+        with self._lock:
+            items = list(self.groups.items())
+        return [self._group_obj(gid, g) for gid, g in items if not wanted or gid in wanted]
+
+    def _m_update_group(self, p, rec):
+        gid = self._p(p, "group-id")
+        members = self._plist(p, "member", "members")
+        for mbr in members:
+            self._check_recipient(mbr)
+        ts = self._next_ts()
+        if gid is None:
+            gid = self.add_group(self._p(p, "name") or "", members, description=self._p(p, "description") or "")
+            rec.update({"timestamp": ts, "group_id": gid, "created": True})
+            return {"groupId": gid, "timestamp": ts}
+        with self._lock:
+            g = self.groups.get(gid)
+            if g is None:
+                raise _FakeRpcError(-1, "Group not found: %s" % gid)
+            if self._p(p, "name") is not None:
+                g["name"] = self._p(p, "name")
+            if self._p(p, "description") is not None:
+                g["description"] = self._p(p, "description")
+            for mbr in members:
+                if mbr not in g["members"]:
+                    g["members"].append(mbr)
+            for mbr in self._plist(p, "remove-member", "remove-members"):
+                if mbr in g["members"]:
+                    g["members"].remove(mbr)
+        rec.update({"timestamp": ts, "group_id": gid, "created": False})
+        return self._send_results([], [gid], [], ts)
+
+    def _m_version(self, p, rec):
+        return {"version": self.VERSION}
+
+    def _m_trust(self, p, rec):
+        recips = self._plist(p, "recipient", "recipients")
+        if not recips:
+            raise _FakeRpcError(-1, "No recipients given")
+        if not self._p(p, "trust-all-known-keys") and not self._p(p, "verified-safety-number"):
+            raise _FakeRpcError(-1, "You need to specify the fingerprint/safety number you have verified "
+                                    "with -v SAFETY_NUMBER")
+        with self._lock:
+            self.trusted.extend(recips)
+        return {}
+
+    def _m_receive(self, p, rec):
+        if "account" in p:
+            raise _FakeRpcError(-32600, 'Unrecognized field "account"')
+        if self._streams:
+            raise _FakeRpcError(-1, "Receive command cannot be used if messages are already being received.")
+        timeout = p.get("timeout", 3.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise _FakeRpcError(-32600, "timeout must be a number")
+        max_messages = p.get("maxMessages", p.get("max-messages"))
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        with self._cond:
+            while not self.pending and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.1))
+            out = []
+            while self.pending and (not max_messages or len(out) < max_messages):
+                out.append(self.pending.popleft())
+            self.delivered.extend(out)
+            self._bump()
+        return out
+
+    # -- SSE ------------------------------------------------------------------------------------
+    def _sse(self, h, call):
+        st = _FakeSseStream(h)
+        with self._cond:
+            call["status"] = 200
+            call["response"] = "stream"
+        h._fake_responded = True
+        h.close_connection = True
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        chunked = bool(self.sse_chunked)
+        if chunked:
+            h.send_header("Transfer-Encoding", "chunked")
+        else:
+            h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.flush()
+
+        def write(data):
+            h.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if chunked else data)
+
+        with self._cond:
+            st.queue.extend(self.pending)
+            self.pending.clear()
+            self._streams.append(st)
+            self._bump()
+        try:
+            last_ka = time.monotonic()
+            while True:
+                with self._cond:
+                    while not (st.queue or st.cut is not None or st.close or self._stopping.is_set()):
+                        now = time.monotonic()
+                        next_ka = last_ka + float(self.keepalive_seconds)  # re-read: tests may change it
+                        if now >= next_ka:
+                            break
+                        self._cond.wait(min(next_ka - now, 0.2))
+                        if self._peer_gone(h.connection):
+                            st.gone = True
+                            break
+                    items = list(st.queue)
+                    st.queue.clear()
+                if st.gone or self._stopping.is_set():
+                    break
+                if st.cut is not None:
+                    event = b"event:receive\ndata:" + _fake_dumps(st.cut) + b"\n\n"
+                    write(event[:max(1, len(event) // 2)])
+                    _fake_shutdown_sock(h.connection)
+                    break
+                for obj in items:
+                    write(b"event:receive\ndata:" + _fake_dumps(obj) + b"\n\n")
+                    with self._cond:
+                        self.delivered.append(obj)
+                        self._bump()
+                if st.close:
+                    if chunked:
+                        h.wfile.write(b"0\r\n\r\n")
+                    break
+                if time.monotonic() >= last_ka + float(self.keepalive_seconds):
+                    write(b":\n")
+                    last_ka = time.monotonic()
+        except OSError:
+            pass
+        finally:
+            with self._cond:
+                if st in self._streams:
+                    self._streams.remove(st)
+                self._bump()
+            _fake_shutdown_sock(h.connection)
+
+    @staticmethod
+    def _peer_gone(sock):
+        try:
+            r, _, _ = select.select([sock], [], [], 0)
+            if r:
+                return sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# signal-cli-rest-api
+# ----------------------------------------------------------------------------------------------
+
+_FAKE_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _fake_ws_frame(opcode, payload=b"", fin=True):
+    """Unmasked (server-to-client) WebSocket frame."""
+    payload = bytes(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        hdr = struct.pack("!BB", b0, n)
+    elif n < 65536:
+        hdr = struct.pack("!BBH", b0, 126, n)
+    else:
+        hdr = struct.pack("!BBQ", b0, 127, n)
+    return hdr + payload
+
+
+def _fake_ws_read(rfile, limit):
+    """Read one frame: (fin, opcode, masked, payload) | None on EOF | ("too_big", n)."""
+    hdr = rfile.read(2)
+    if len(hdr) < 2:
+        return None
+    b0, b1 = hdr[0], hdr[1]
+    n = b1 & 0x7F
+    if n == 126:
+        ext = rfile.read(2)
+        if len(ext) < 2:
+            return None
+        n = struct.unpack("!H", ext)[0]
+    elif n == 127:
+        ext = rfile.read(8)
+        if len(ext) < 8:
+            return None
+        n = struct.unpack("!Q", ext)[0]
+    if n > limit:
+        return ("too_big", n)
+    masked = bool(b1 & 0x80)
+    key = rfile.read(4) if masked else b""
+    payload = rfile.read(n) if n else b""
+    if len(payload) < n or (masked and len(key) < 4):
+        return None
+    if masked:
+        payload = bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+    return bool(b0 & 0x80), b0 & 0x0F, masked, payload
+
+
+class _FakeWs:
+    def __init__(self, h):
+        self.h = h
+        self.sock = h.connection
+        self.queue = collections.deque()
+        self.wlock = threading.Lock()
+        self.abort = False
+        self.close_req = None
+        self.peer_closed = False
+        self.close_sent = False
+        self.client_close_code = None
+
+    def send(self, opcode, payload=b""):
+        with self.wlock:
+            self.sock.sendall(_fake_ws_frame(opcode, payload))
+
+    def send_close(self, code, reason=""):
+        with self.wlock:
+            if self.close_sent:
+                return
+            self.close_sent = True
+            self.sock.sendall(_fake_ws_frame(0x8, struct.pack("!H", code) + reason.encode("utf-8")))
+
+
+class FakeSignalRest(_FakeBase):
+    """Fake bbernhard/signal-cli-rest-api. Public attributes:
+
+    number, mode ("normal"|"native"|"json-rpc"|"json-rpc-native"), send_shape ("object"|"array"),
+    fault ("ok"|"down"|"slow"|"http500"), slow_seconds, version, errors (deque of
+    (status, body[, path_prefix]); 2-tuples hit the next non-GET request), attachments {id: bytes},
+    groups {internal_id: {...}}, recipient_failures {recipient: reason}, pending (normal-mode queue),
+    dropped / dropped_messages (json-rpc pushes with no socket), delivered, ping_seconds,
+    read_limit (client frame limit, 512 like gorilla), ws_received (client text frames),
+    pongs, pings_sent, ws_close_codes, trusted, receive_max_wait (cap on the long-poll wait).
+    """
+
+    _server_header = "signal-cli-rest-api-fake"
+
+    def __init__(self, number="+15550000001", mode="normal", send_shape="object"):
+        super().__init__()
+        self.number = number
+        self.mode = mode
+        self.send_shape = send_shape
+        self.fault = "ok"
+        self.slow_seconds = 2.0
+        self.version = "0.100"
+        self.errors = collections.deque()
+        self.attachments = {}
+        self.groups = {}
+        self.recipient_failures = {}
+        self.pending = collections.deque()
+        self.dropped = 0
+        self.dropped_messages = []
+        self.delivered = []
+        self.ping_seconds = 54.0
+        self.read_limit = 512
+        self.ws_received = []
+        self.pongs = 0
+        self.pings_sent = 0
+        self.ws_close_codes = []
+        self.trusted = []
+        self.receive_max_wait = 5.0
+        self._ws = []
+        self._last_ts = 0
+
+    # -- public helpers -------------------------------------------------------------------------
+    @property
+    def ws_connections(self):
+        with self._lock:
+            return len(self._ws)
+
+    def _stream_count(self):
+        return len(self._ws)
+
+    @staticmethod
+    def rest_group_id(internal_id):
+        """signal-cli group id (base64) -> REST id "group." + base64(id string)."""
+        return "group." + base64.b64encode(internal_id.encode("ascii")).decode("ascii")
+
+    @staticmethod
+    def internal_group_id(rest_id):
+        """REST id "group.…" -> signal-cli group id; raises ValueError when malformed."""
+        if not rest_id.startswith("group."):
+            raise ValueError("not a REST group id")
+        internal = base64.b64decode(rest_id[6:], validate=True).decode("ascii")
+        if len(base64.b64decode(internal, validate=True)) != 32:
+            raise ValueError("group id must decode to 32 bytes")
+        return internal
+
+    def add_group(self, name, members=(), internal_id=None, **extra):
+        """Register a group; returns its REST id ("group.…")."""
+        internal = internal_id or base64.b64encode(os.urandom(32)).decode("ascii")
+        with self._lock:
+            self.groups[internal] = dict({"name": name, "description": "", "members": list(members)}, **extra)
+        return self.rest_group_id(internal)
+
+    def push(self, obj):
+        """normal/native: queue for the next GET /v1/receive. json-rpc: send as a text frame to every
+        connected WebSocket whose account matches; with no socket connected the message is DROPPED
+        (counted in `dropped`). Returns True if queued/sent."""
+        with self._cond:
+            if not self.mode.startswith("json-rpc"):
+                self.pending.append(obj)
+                self._bump()
+                return True
+            acct = obj.get("account") if isinstance(obj, dict) else None
+            if acct is not None and acct != self.number:
+                return False
+            if not self._ws:
+                self.dropped += 1
+                self.dropped_messages.append(obj)
+                self._bump()
+                return False
+            for ws in self._ws:
+                ws.queue.append(obj)
+            self._bump()
+            return True
+
+    def push_envelope(self, envelope):
+        return self.push({"envelope": envelope, "account": self.number})
+
+    def close_ws_abruptly(self, timeout=2.0):
+        """Close every WebSocket's TCP connection without a close frame; returns how many."""
+        return self._end_ws(lambda ws: setattr(ws, "abort", True), timeout)
+
+    def close_ws(self, code=1000, reason="", timeout=2.0):
+        """Send a close frame to every WebSocket and end it; returns how many."""
+        return self._end_ws(lambda ws: setattr(ws, "close_req", (code, reason)), timeout)
+
+    def _end_ws(self, mark, timeout):
+        with self._cond:
+            conns = list(self._ws)
+            for ws in conns:
+                mark(ws)
+            self._bump()
+        self.wait_for(lambda f: not any(w in f._ws for w in conns), timeout)
+        return len(conns)
+
+    def sent(self):
+        """JSON bodies of successful POST /v2/send calls."""
+        with self._lock:
+            return [c["json"] for c in self.calls if c["path"] == "/v2/send" and c["method"] == "POST"
+                    and _fake_is_int(c.get("status")) and 200 <= c["status"] < 300]
+
+    def clear(self):
+        with self._cond:
+            del self.calls[:]
+            del self.delivered[:]
+            del self.ws_received[:]
+            self._bump()
+
+    def _next_ts(self):
+        with self._lock:
+            ts = max(_fake_now_ms(), self._last_ts + 1)
+            self._last_ts = ts
+            return ts
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def _err(self, h, call, status, message):
+        return self._send_json(h, call, status, {"error": message})
+
+    def _handle(self, h):
+        call = self._begin(h)
+        if not self._fault_gate(h, call, self.fault):
+            return
+        m, path = call["method"], call["path"]
+        segs = [urllib.parse.unquote(s) for s in path.split("/")[1:]]
+        if self.fault == "http500":
+            return self._err(h, call, 500, "Internal Server Error")
+        if path not in ("/v1/about", "/v1/health"):
+            scripted = self._pop_scripted(
+                self.errors, self._lock,
+                lambda e: path.startswith(e[2]) if len(e) >= 3 and e[2] else m != "GET")
+            if scripted is not None:
+                status, body = scripted[0], scripted[1]
+                if isinstance(body, (bytes, bytearray)):
+                    return self._send_raw(h, call, status, body, ctype="text/plain; charset=utf-8")
+                if isinstance(body, str):
+                    body = {"error": body}
+                return self._send_json(h, call, status, body)
+
+        if m == "GET" and path == "/v1/about":
+            return self._send_json(h, call, 200, {
+                "versions": ["v1", "v2"], "build": 2,
+                "mode": "json-rpc" if self.mode.startswith("json-rpc") else self.mode,
+                "version": self.version, "capabilities": {"v2/send": ["quotes", "mentions"]}})
+        if m == "GET" and path == "/v1/health":
+            return self._send_raw(h, call, 204)
+        if m == "GET" and path == "/v1/accounts":
+            return self._send_json(h, call, 200, [self.number])
+        if m == "POST" and path == "/v2/send":
+            return self._v2_send(h, call)
+        if len(segs) == 2 and segs[:2] == ["v1", "attachments"] and m == "GET":
+            with self._lock:
+                ids = list(self.attachments)
+            return self._send_json(h, call, 200, ids)
+        if len(segs) == 3 and segs[:2] == ["v1", "attachments"] and m in ("GET", "DELETE"):
+            return self._attachment(h, call, segs[2])
+
+        if len(segs) >= 3 and segs[0] == "v1":
+            number = segs[2]
+            route = segs[1]
+            known = route in ("reactions", "remote-delete", "typing-indicator", "receipts", "identities",
+                              "groups", "receive")
+            if known and number != self.number:
+                return self._err(h, call, 400, "User %s is not registered." % number)
+            if route == "reactions" and len(segs) == 3 and m in ("POST", "DELETE"):
+                return self._reaction(h, call)
+            if route == "remote-delete" and len(segs) == 3 and m == "DELETE":
+                return self._remote_delete(h, call)
+            if route == "typing-indicator" and len(segs) == 3 and m in ("PUT", "DELETE"):
+                return self._simple(h, call, ("recipient",))
+            if route == "receipts" and len(segs) == 3 and m == "POST":
+                return self._receipt(h, call)
+            if route == "identities" and len(segs) == 5 and segs[3] == "trust" and m == "PUT":
+                return self._trust(h, call, segs[4])
+            if route == "groups" and len(segs) == 3 and m in ("GET", "POST"):
+                return self._groups(h, call)
+            if route == "groups" and len(segs) == 4 and m == "GET":
+                return self._group(h, call, segs[3])
+            if route == "receive" and len(segs) == 3 and m == "GET":
+                if self.mode.startswith("json-rpc"):
+                    return self._ws_upgrade(h, call)
+                return self._receive_poll(h, call)
+        return self._send_raw(h, call, 404, b"404 page not found", ctype="text/plain")
+
+    def _body(self, h, call, types):
+        """Validate the JSON body like gin's binding; returns dict or None (answered 400)."""
+        b = call["json"]
+        if call.get("json_error") is not None or not isinstance(b, dict):
+            self._err(h, call, 400, "Couldn't process request - invalid request")
+            return None
+        for key, kind in types.items():
+            v = b.get(key)
+            if v is None:
+                continue
+            ok = {"int": _fake_is_int(v), "str": isinstance(v, str), "bool": isinstance(v, bool),
+                  "strlist": isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "list": isinstance(v, list), "dict": isinstance(v, dict)}[kind]
+            if not ok:
+                self._err(h, call, 400, "Couldn't process request - invalid request")
+                return None
+        return b
+
+    def _v2_send(self, h, call):
+        b = self._body(h, call, {"number": "str", "recipients": "strlist", "recipient": "str", "message": "str",
+                                 "base64_attachments": "strlist", "quote_timestamp": "int", "quote_author": "str",
+                                 "quote_message": "str", "quote_mentions": "list", "mentions": "list",
+                                 "text_mode": "str", "edit_timestamp": "int", "notify_self": "bool",
+                                 "link_preview": "dict", "view_once": "bool", "sticker": "str"})
+        if b is None:
+            return
+        if not b.get("number"):
+            return self._err(h, call, 400, "Couldn't process request - number missing")
+        recipients = list(b.get("recipients") or [])
+        if b.get("recipient"):
+            recipients.append(b["recipient"])
+        if not recipients:
+            return self._err(h, call, 400, "Couldn't process request - please provide at least one recipient")
+        if b["number"] != self.number:
+            return self._err(h, call, 400, "User %s is not registered." % b["number"])
+        groups = [r for r in recipients if r.startswith("group.")]
+        numbers = [r for r in recipients if r.startswith("+") or _FAKE_UUID_RE.match(r)]
+        users = [r for r in recipients if r not in groups and r not in numbers]
+        if groups and (numbers or users):
+            return self._err(h, call, 400, "Signal Messenger Groups and phone numbers cannot be specified "
+                                           "together in one request! Please split them up into multiple "
+                                           "REST API calls.")
+        if len(groups) > 1:
+            return self._err(h, call, 400, "A signal message cannot be sent to more than one group at once! "
+                                           "Please use multiple REST API calls for that.")
+        for g in groups:
+            try:
+                internal = self.internal_group_id(g)
+            except (ValueError, binascii.Error, UnicodeDecodeError):
+                return self._err(h, call, 400, "Invalid group id")
+            if internal not in self.groups:
+                return self._err(h, call, 400, "Failed to send message: Group not found")
+        for n in numbers:
+            if n.startswith("+") and not re.match(r"^\+[1-9][0-9]{5,17}$", n):
+                return self._err(h, call, 400, "Invalid phone number '%s'" % n)
+        atts = []
+        for item in b.get("base64_attachments") or []:
+            att = self._decode_b64_attachment(item)
+            if isinstance(att, str):
+                return self._err(h, call, 400, att)
+            atts.append(att)
+        if b.get("view_once") and not atts:
+            return self._err(h, call, 400, "'view_once' can only be set for image attachments!")
+        if b.get("quote_timestamp") is not None and not b.get("quote_author"):
+            return self._err(h, call, 400, "Quote author parameter is missing")
+        message = b.get("message") or ""
+        if not message and not atts and not b.get("sticker") and b.get("quote_timestamp") is None:
+            return self._err(h, call, 400, "Sending empty message is not allowed, either a message, "
+                                           "attachment or sticker must be given.")
+        sends = [cat for cat in (groups, numbers, users) if cat]
+        elements, failed_all, failed_any, reasons = [], True, False, set()
+        for cat in sends:
+            elem = {"timestamp": str(self._next_ts())}
+            failures = [{"number": r if r.startswith("+") else None,
+                         "uuid": r if _FAKE_UUID_RE.match(r) else None,
+                         "username": r if r in users else None,
+                         "reason": self.recipient_failures[r]} for r in cat if r in self.recipient_failures]
+            if failures:
+                elem["errors"] = {"recipients": failures}
+                failed_any = True
+                reasons.update(f["reason"] for f in failures)
+            if len(failures) < len(cat):
+                failed_all = False
+            elements.append(elem)
+        call["attachments"] = atts
+        call["timestamps"] = [int(e["timestamp"]) for e in elements]
+        json_rpc = self.mode.startswith("json-rpc")
+        if failed_all:
+            if json_rpc and reasons == {"RATE_LIMIT_FAILURE"}:
+                return self._send_json(h, call, 429, {
+                    "error": "Failed to send message due to rate limiting. Use the attached challenge tokens "
+                             "to lift the rate limit.", "challenge_tokens": ["fake-challenge-token"],
+                    "account": self.number})
+            if json_rpc and reasons == {"IDENTITY_FAILURE"}:
+                return self._err(h, call, 400, "Unable to complete request due to untrusted recipient keys")
+            return self._err(h, call, 400, "Failed to send message")
+        if self.send_shape == "array":
+            return self._send_json(h, call, 201, elements)
+        if failed_any and not json_rpc:
+            return self._err(h, call, 400, "Failed to send (some) messages: " + ", ".join(sorted(reasons)))
+        return self._send_json(h, call, 201, {"timestamp": elements[0]["timestamp"]})
+
+    @staticmethod
+    def _decode_b64_attachment(item):
+        mime, filename, data = None, None, item
+        if item.startswith("data:"):
+            idx = item.rfind("base64,")
+            if idx < 0:
+                return "Couldn't process request - invalid data URI"
+            header, data = item[:idx], item[idx + len("base64,"):]
+            for part in header.split(";"):
+                if part.startswith("data:"):
+                    mime = part[5:] or None
+                elif part.startswith("filename="):
+                    filename = part[len("filename="):]
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            return "illegal base64 data: %s" % e
+        return {"mime": mime or _fake_sniff(raw).split(";")[0], "filename": filename, "data": raw}
+
+    def _require(self, h, call, b, fields):
+        for f in fields:
+            v = b.get(f)
+            if v is None or v == "":
+                self._err(h, call, 400, "Couldn't process request - %s missing" % f)
+                return False
+        return True
+
+    def _reaction(self, h, call):
+        b = self._body(h, call, {"recipient": "str", "reaction": "str", "target_author": "str", "timestamp": "int"})
+        if b is None:
+            return
+        needed = ("recipient", "reaction", "target_author", "timestamp") if call["method"] == "POST" \
+            else ("recipient", "target_author", "timestamp")
+        if not self._require(h, call, b, needed):
+            return
+        if call["method"] == "DELETE" and not b.get("reaction"):
+            call["reaction"] = "\U0001F44D"
+        return self._send_raw(h, call, 204)
+
+    def _remote_delete(self, h, call):
+        b = self._body(h, call, {"recipient": "str", "timestamp": "int"})
+        if b is None or not self._require(h, call, b, ("recipient", "timestamp")):
+            return
+        return self._send_json(h, call, 201, {"timestamp": str(self._next_ts())})
+
+    def _simple(self, h, call, fields):
+        b = self._body(h, call, {f: "str" for f in fields})
+        if b is None or not self._require(h, call, b, fields):
+            return
+        return self._send_raw(h, call, 204)
+
+    def _receipt(self, h, call):
+        b = self._body(h, call, {"recipient": "str", "receipt_type": "str", "timestamp": "int"})
+        if b is None or not self._require(h, call, b, ("recipient", "timestamp")):
+            return
+        if b.get("receipt_type") not in ("read", "viewed"):
+            return self._err(h, call, 400, "Couldn't process request - receipt type needs to be either "
+                                           "'read' or 'viewed'")
+        return self._send_raw(h, call, 204)
+
+    def _trust(self, h, call, other):
+        b = self._body(h, call, {"trust_all_known_keys": "bool", "verified_safety_number": "str"})
+        if b is None:
+            return
+        if not b.get("trust_all_known_keys") and not b.get("verified_safety_number"):
+            return self._err(h, call, 400, "Couldn't process request - verified_safety_number or "
+                                           "trust_all_known_keys missing")
+        with self._lock:
+            self.trusted.append(other)
+        return self._send_raw(h, call, 204)
+
+    def _attachment(self, h, call, aid):
+        if not aid or "/" in aid or ".." in aid:
+            return self._err(h, call, 400, "Couldn't process request - invalid attachment name")
+        with self._lock:
+            data = self.attachments.get(aid)
+        if data is None:
+            return self._err(h, call, 404, "No attachment with that name found")
+        if call["method"] == "DELETE":
+            with self._lock:
+                self.attachments.pop(aid, None)
+            return self._send_raw(h, call, 204)
+        return self._send_raw(h, call, 200, bytes(data), ctype=_fake_sniff(data), record=b"")
+
+    def _group_entry(self, internal, g):
+        return {"name": g.get("name", ""), "description": g.get("description", ""),
+                "id": self.rest_group_id(internal), "internal_id": internal,
+                "members": list(g.get("members", [])), "blocked": False, "member": True,
+                "pending_invites": [], "pending_requests": [], "invite_link": "",
+                "admins": [self.number],
+                "permissions": {"add_members": "only-admins", "edit_group": "only-admins",
+                                "send_messages": "every-member"}}
+
+    def _groups(self, h, call):
+        if call["method"] == "GET":
+            with self._lock:
+                items = list(self.groups.items())
+            return self._send_json(h, call, 200, [self._group_entry(i, g) for i, g in items])
+        b = self._body(h, call, {"name": "str", "members": "strlist", "description": "str", "permissions": "dict",
+                                 "group_link": "str", "expiration_time": "int"})
+        if b is None:
+            return
+        rest_id = self.add_group(b.get("name") or "", b.get("members") or [],
+                                 description=b.get("description") or "")
+        return self._send_json(h, call, 201, {"id": rest_id})
+
+    def _group(self, h, call, rest_id):
+        try:
+            internal = self.internal_group_id(rest_id)
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            internal = None
+        with self._lock:
+            g = self.groups.get(internal) if internal else None
+        if g is None:
+            return self._err(h, call, 404, "No group with that id found")
+        return self._send_json(h, call, 200, self._group_entry(internal, g))
+
+    # -- receive: polling -----------------------------------------------------------------------
+    def _receive_poll(self, h, call):
+        q = call["query"]
+        try:
+            timeout = int(q.get("timeout", "1"))
+        except (TypeError, ValueError):
+            return self._err(h, call, 400, "Couldn't process request - timeout needs to be numeric!")
+        try:
+            max_messages = int(q.get("max_messages", "0"))
+        except (TypeError, ValueError):
+            return self._err(h, call, 400, "Couldn't process request - max_messages needs to be numeric!")
+        for flag in ("ignore_attachments", "ignore_stories", "ignore_avatars", "ignore_stickers",
+                     "send_read_receipts"):
+            if flag in q and q[flag] not in ("true", "false"):
+                return self._err(h, call, 400, "Couldn't process request - %s parameter needs to be either "
+                                               "'true' or 'false'" % flag)
+        deadline = time.monotonic() + max(0.0, min(float(timeout), float(self.receive_max_wait)))
+        with self._cond:
+            while not self.pending and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.1))
+            out = []
+            while self.pending and (max_messages <= 0 or len(out) < max_messages):
+                out.append(self.pending.popleft())
+            self.delivered.extend(out)
+        return self._send_raw(h, call, 200, _fake_dumps(out), ctype="text/plain; charset=utf-8", record=out)
+
+    # -- receive: WebSocket (json-rpc mode) -----------------------------------------------------
+    def _ws_upgrade(self, h, call):
+        hd = call["headers"]
+        conn_tokens = [t.strip().lower() for t in hd.get("connection", "").split(",")]
+        upgrade_tokens = [t.strip().lower() for t in hd.get("upgrade", "").split(",")]
+        if "upgrade" not in conn_tokens:
+            return self._err(h, call, 400, "websocket: the client is not using the websocket protocol: "
+                                           "'upgrade' token not found in 'Connection' header")
+        if "websocket" not in upgrade_tokens:
+            return self._err(h, call, 400, "websocket: the client is not using the websocket protocol: "
+                                           "'websocket' token not found in 'Upgrade' header")
+        if hd.get("sec-websocket-version", "").strip() != "13":
+            return self._err(h, call, 400, "websocket: unsupported version: 13 not found in "
+                                           "'Sec-Websocket-Version' header")
+        key = hd.get("sec-websocket-key", "").strip()
+        try:
+            ok = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            return self._err(h, call, 400, "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header "
+                                           "must be Base64 encoded value of 16-byte in length")
+        accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + _FAKE_WS_GUID).digest()).decode("ascii")
+        with self._cond:
+            call["status"] = 101
+            call["response"] = "websocket"
+        h._fake_responded = True
+        h.close_connection = True
+        h.send_response(101, "Switching Protocols")
+        h.send_header("Upgrade", "websocket")
+        h.send_header("Connection", "Upgrade")
+        h.send_header("Sec-WebSocket-Accept", accept)
+        h.end_headers()
+        h.wfile.flush()
+        ws = _FakeWs(h)
+        with self._cond:
+            self._ws.append(ws)
+            self._bump()
+        reader = threading.Thread(target=self._ws_reader, args=(ws,), daemon=True, name="fake-ws-reader")
+        reader.start()
+        try:
+            self._ws_writer(ws)
+        except OSError:
+            pass
+        finally:
+            _fake_shutdown_sock(ws.sock)
+            reader.join(2.0)
+            with self._cond:
+                if ws in self._ws:
+                    self._ws.remove(ws)
+                self._bump()
+
+    def _ws_writer(self, ws):
+        last_ping = time.monotonic()
+        while True:
+            with self._cond:
+                while not (ws.queue or ws.abort or ws.close_req or ws.peer_closed or self._stopping.is_set()):
+                    now = time.monotonic()
+                    next_ping = last_ping + float(self.ping_seconds)  # re-read: tests may change it
+                    if now >= next_ping:
+                        break
+                    self._cond.wait(min(next_ping - now, 0.5))
+                items = list(ws.queue)
+                ws.queue.clear()
+            if ws.abort:
+                return  # caller shuts the socket down: no close frame
+            if self._stopping.is_set():
+                try:
+                    ws.send_close(1001, "going away")
+                except OSError:
+                    pass
+                return
+            if ws.peer_closed:
+                return
+            for obj in items:
+                ws.send(0x1, _fake_dumps(obj))
+                with self._cond:
+                    self.delivered.append(obj)
+                    self._bump()
+            if ws.close_req:
+                ws.send_close(*ws.close_req)
+                self.wait_for(lambda f: ws.peer_closed, 1.0)
+                return
+            if time.monotonic() >= last_ping + float(self.ping_seconds):
+                ws.send(0x9, b"")
+                with self._cond:
+                    self.pings_sent += 1
+                    self._bump()
+                last_ping = time.monotonic()
+
+    def _ws_reader(self, ws):
+        msg = None
+        try:
+            while True:
+                fr = _fake_ws_read(ws.h.rfile, max(int(self.read_limit), 125))
+                if fr is None:
+                    break
+                if fr[0] == "too_big":
+                    ws.send_close(1009, "message too big")
+                    break
+                fin, op, masked, payload = fr
+                if not masked:
+                    ws.send_close(1002, "client frames must be masked")
+                    break
+                if op in (0x0, 0x1, 0x2):
+                    if op == 0x0 and msg is None:
+                        ws.send_close(1002, "unexpected continuation frame")
+                        break
+                    msg = bytearray(payload) if op != 0x0 else msg + payload
+                    if len(msg) > self.read_limit:
+                        ws.send_close(1009, "message too big")
+                        break
+                    if fin:
+                        with self._cond:
+                            self.ws_received.append(bytes(msg).decode("utf-8", "replace"))
+                            self._bump()
+                        msg = None
+                elif op == 0x8:
+                    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                    with self._cond:
+                        ws.client_close_code = code
+                        self.ws_close_codes.append(code)
+                    try:
+                        ws.send_close(code if code != 1005 else 1000)
+                    except OSError:
+                        pass
+                    break
+                elif op == 0x9:
+                    ws.send(0xA, payload)
+                elif op == 0xA:
+                    with self._cond:
+                        self.pongs += 1
+                        self._bump()
+                else:
+                    ws.send_close(1002, "unknown opcode")
+                    break
+        except (OSError, ValueError, struct.error):
+            pass
+        finally:
+            with self._cond:
+                ws.peer_closed = True
+                self._bump()
+
+
+# ----------------------------------------------------------------------------------------------
+# clock
+# ----------------------------------------------------------------------------------------------
+
+class FakeClock:
+    """Deterministic clock: time() / monotonic() only move through sleep() and advance()."""
+
+    def __init__(self, start=1767225600.0, monotonic_start=1000.0):
+        self._lock = threading.Lock()
+        self._t = float(start)
+        self._m = float(monotonic_start)
+        self.sleeps = []
+
+    def time(self):
+        with self._lock:
+            return self._t
+
+    def time_ms(self):
+        with self._lock:
+            return int(self._t * 1000)
+
+    def monotonic(self):
+        with self._lock:
+            return self._m
+
+    def sleep(self, seconds):
+        with self._lock:
+            self.sleeps.append(seconds)
+        self.advance(max(0.0, float(seconds)))
+
+    def advance(self, seconds):
+        with self._lock:
+            self._t += seconds
+            self._m += seconds
+
+###############################################################################
+# Harness: a bridge wired to the fakes ########################################
+###############################################################################
+
+# ---------------------------------------------------------------------------
+# Shared harness for the test drafts (will be merged into test_whatsignal.py).
+# ---------------------------------------------------------------------------
+import io
+import json
+import os
+import threading
+import time
+
+import pytest
+
+import whatsignal as ws
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "contracts", "fixtures")
+WEBHOOK_SECRET = "webhook-secret-" + "w" * 32
+ENC_SECRET = "encryption-secret-" + "e" * 32
+BRIDGE = "+15550000001"
+OWNER = "+15550000002"
+WAHA_KEY = "waha-key"
+
+
+def fixture(name):
+    """Load a contract fixture (shared/contracts/fixtures/NAME)."""
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def raw_config(tmp_path, waha_url, rpc_url=None, rest_url=None, **sections):
+    """A config dict pointing at the fakes; keyword args override top-level sections (dicts are merged)."""
+    raw = {"server": {"host": "127.0.0.1", "port": 0},
+           "whatsapp": {"apiUrl": waha_url, "apiKey": WAHA_KEY, "session": "default", "webhookSecret": WEBHOOK_SECRET},
+           "signal": {"number": BRIDGE, "destination": OWNER},
+           "database": {"path": str(tmp_path / "whatsignal.db")},
+           "media": {"cacheDir": str(tmp_path / "cache"), "maxSizeMB": 5},
+           "logLevel": "debug"}
+    if rpc_url:
+        raw["signal"]["rpcUrl"] = rpc_url
+    if rest_url:
+        raw["signal"]["apiUrl"] = rest_url
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k].update(v)
+        else:
+            raw[k] = v
+    return raw
+
+
+def make_config(raw, environ=None):
+    env = {"WHATSIGNAL_ENCRYPTION_SECRET": ENC_SECRET}
+    env.update(environ or {})
+    return ws.validate_config(json.loads(json.dumps(raw)), env)
+
+
+class LogCapture(io.StringIO):
+    """A thread-safe stream for ws.Log; ``records()`` parses the JSON lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def write(self, s):
+        with self.lock:
+            return super().write(s)
+
+    def text(self):
+        with self.lock:
+            return self.getvalue()
+
+    def records(self):
+        return [json.loads(line) for line in self.text().splitlines() if line.strip()]
+
+
+class Harness:
+    """A running bridge (ws.App, in-process, real sockets) wired to fakes."""
+
+    def __init__(self, tmp_path, signal_kind="rpc", rest_mode="normal", clock=None, raw_overrides=None, environ=None):
+        self.tmp_path = tmp_path
+        self.waha = FakeWaha(api_key=WAHA_KEY).start()
+        if signal_kind == "rpc":
+            self.signal = FakeSignalDaemon(number=BRIDGE).start()
+            raw = raw_config(tmp_path, self.waha.url, rpc_url=self.signal.url, **(raw_overrides or {}))
+        else:
+            self.signal = FakeSignalRest(number=BRIDGE, mode=rest_mode).start()
+            raw = raw_config(tmp_path, self.waha.url, rest_url=self.signal.url, **(raw_overrides or {}))
+        self.raw = raw
+        self.environ = environ
+        self.clock = clock
+        self.app = None
+        self.logs = LogCapture()
+
+    def start(self):
+        config = make_config(self.raw, self.environ)
+        kwargs = {"clock": self.clock} if self.clock else {}
+        self.app = ws.App(config, ws.Log("debug", stream=self.logs), **kwargs).start()
+        return self
+
+    def restart(self):
+        self.app.stop()
+        return self.start()
+
+    @property
+    def url(self):
+        return self.app.url
+
+    def webhook(self, event, secret=WEBHOOK_SECRET, headers=None):
+        return self.waha.webhook(self.app.url + "/webhook/whatsapp", event, secret, headers=headers)
+
+    def sends(self):
+        """What the owner received from the bridge (message texts), in order."""
+        if isinstance(self.signal, FakeSignalDaemon):
+            return [p.get("message") for p in self.signal.sent("send")]
+        return [b.get("message") for b in self.signal.sent()]
+
+    def wait(self, predicate, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    def stop(self):
+        if self.app:
+            self.app.stop()
+        self.waha.stop()
+        self.signal.stop()
+
+
+@pytest.fixture
+def rpc_bridge(tmp_path):
+    h = Harness(tmp_path, "rpc").start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def rest_bridge(tmp_path):
+    h = Harness(tmp_path, "rest").start()
+    yield h
+    h.stop()
+
+
+def owner_env(ts, text=None, **data):
+    """A current-shape envelope from the owner (signal-cli-jsonrpc.md section 4)."""
+    dm = {"timestamp": ts, "message": text, "expiresInSeconds": 0, "isExpirationUpdate": False, "viewOnce": False}
+    dm.update(data)
+    return {"envelope": {"source": OWNER, "sourceNumber": OWNER, "sourceUuid": "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d",
+                         "sourceName": "Owner", "sourceDevice": 1, "timestamp": ts,
+                         "serverReceivedTimestamp": ts + 120, "serverDeliveredTimestamp": ts + 180,
+                         "dataMessage": dm},
+            "account": BRIDGE}
+
+###############################################################################
+# Appliance core ##############################################################
+###############################################################################
+
+# ---------------------------------------------------------------------------
+# Issue 2: the appliance core (configuration, encryption at rest, store, the
+# webhook/health/metrics server, logging, command line, packaging).
+# Helpers and fixtures of this part carry the prefix ``core_``.
+# ---------------------------------------------------------------------------
+import ast
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import whatsignal as ws
+
+CORE_WS_PATH = os.path.abspath(ws.__file__)
+CORE_DIR = os.path.dirname(CORE_WS_PATH)
+CORE_EXAMPLE = os.path.join(CORE_DIR, "config.example.json")
+CORE_PEER = "4915123456789"                 # a WhatsApp contact (German mobile)
+CORE_PEER_JID = CORE_PEER + "@c.us"
+CORE_STRANGER = "+15550009999"              # someone who is not the owner
+CORE_TEXT = "Meet me at the old lighthouse xyzzy-7731"
+CORE_REPLY = "Bring the blue umbrella plugh-4402"
+CORE_NAME = "Zebulon Quixote"
+CORE_DELETE = object()
+CORE_ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+CORE_LOG_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def core_harness(tmp_path):
+    """Factory for (not yet started) Harness objects; everything made is stopped at teardown."""
+    made = []
+
+    def make(**kwargs):
+        sub = tmp_path / ("h%d" % len(made))
+        sub.mkdir()
+        h = Harness(sub, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+def core_base_raw(tmp_path):
+    """A valid config dict with static (unused) upstream URLs, for validation-only tests."""
+    return raw_config(tmp_path, "http://127.0.0.1:3000", rpc_url="http://127.0.0.1:8080")
+
+
+def core_env(**extra):
+    env = {"WHATSIGNAL_ENCRYPTION_SECRET": ENC_SECRET}
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def core_set(raw, path, value):
+    """Set (or delete with CORE_DELETE) a dotted key in a raw config dict."""
+    parts = path.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    if value is CORE_DELETE:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+def core_write(tmp_path, raw, name="config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return str(path)
+
+
+def core_main(capsys, argv, environ):
+    capsys.readouterr()
+    rc = ws.main(argv, environ)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def core_error_lines(err):
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def core_addr(h):
+    return h.app.server.server_address[:2]
+
+
+def core_request(h, method, path, body=None, headers=None, conn=None, timeout=10.0):
+    """One request to the bridge; returns (status, headers dict (lower-case keys), raw body)."""
+    own = conn is None
+    if own:
+        host, port = core_addr(h)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        if own:
+            conn.close()
+
+
+def core_signed_headers(body, secret=WEBHOOK_SECRET, ctype="application/json"):
+    return {"Content-Type": ctype, "X-Webhook-Hmac": FakeWaha.sign(body, secret),
+            "X-Webhook-Hmac-Algorithm": "sha512"}
+
+
+def core_post_signed(h, body, secret=WEBHOOK_SECRET, conn=None, **hdr):
+    if isinstance(body, dict):
+        body = json.dumps(body, separators=(",", ":")).encode()
+    headers = core_signed_headers(body, secret)
+    headers.update(hdr)
+    return core_request(h, "POST", "/webhook/whatsapp", body, headers, conn=conn)
+
+
+def core_message_event(h, text=CORE_TEXT, msg_id="3EB0C0RE00000001", peer=CORE_PEER, name=CORE_NAME):
+    jid = peer + "@c.us"
+    return h.waha.event("message", {
+        "id": "false_%s_%s" % (jid, msg_id), "timestamp": int(time.time()), "from": jid, "fromMe": False,
+        "to": "15550000001@c.us", "body": text, "hasMedia": False, "ack": 1, "vCards": [],
+        "_data": {"notifyName": name}})
+
+
+def core_queue_rows(h):
+    return h.app.store.one("SELECT COUNT(*) FROM queue")[0]
+
+
+def core_round_trip(h, text=CORE_TEXT, reply=CORE_REPLY):
+    """WhatsApp message in (signed webhook), Signal copy out, owner reply back to the WhatsApp chat."""
+    assert h.webhook(core_message_event(h, text)) == (200, {"status": "stored"})
+    assert h.wait(lambda: len(h.sends()) >= 1), "the message never reached Signal"
+    assert h.sends() == ["%s: %s" % (CORE_NAME, text)]
+    h.signal.push(owner_env(int(time.time() * 1000), reply))
+    assert h.waha.wait_for(lambda f: f.sent("text"), 10), "the owner's reply never reached WAHA"
+    sent = h.waha.sent("text")[-1]
+    assert (sent["chatId"], sent["text"]) == (CORE_PEER_JID, reply)
+    assert h.wait(lambda: h.app.store.queue_depth("w2s") == 0 and h.app.store.queue_depth("s2w") == 0)
+
+
+def core_db_bytes(path):
+    """Raw bytes of the database file and its WAL (what a stolen volume would expose)."""
+    data = b""
+    for suffix in ("", "-wal"):
+        if os.path.exists(path + suffix):
+            with open(path + suffix, "rb") as f:
+                data += f.read()
+    return data
+
+
+def core_free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def core_subprocess_env(**extra):
+    names = set(ws.ENV_OVERRIDES) | {"WEBHOOK_SECRET", "WAHA_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHATSIGNAL") and k not in names}
+    env.update(extra)
+    return env
+
+
+def core_metric_value(text, name, **labels):
+    """Value of one sample in Prometheus text, or None."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head == name and not labels:
+            return float(value)
+        if head.startswith(name + "{"):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', head[len(name):]))
+            if got == {k: str(v) for k, v in labels.items()}:
+                return float(value)
+    return None
+
+
+# -- Configuration ---------------------------------------------------------------------------------
+
+# (id, config changes, environment changes, key path the one line starts with, must contain, must not contain)
+CORE_BROKEN = [
+    ("unknown-key", {"whatsapp.webhookSecrt": "x" * 40}, {},
+     "whatsapp.webhookSecrt:", ["unknown key", "did you mean whatsapp.webhookSecret?"], ["x" * 40]),
+    ("unknown-top-key", {"retentionDay": 30}, {}, "retentionDay:", ["did you mean retentionDays?"], []),
+    ("port-is-string", {"server.port": "8082"}, {}, "server.port:", ["expected int"], []),
+    ("bool-is-string", {"whatsapp.mirrorDeletes": "yes"}, {}, "whatsapp.mirrorDeletes:", ["expected bool"], []),
+    ("int-is-bool", {"retentionDays": True}, {}, "retentionDays:", ["expected int"], []),
+    ("url-without-scheme", {"whatsapp.apiUrl": "localhost:3000"}, {}, "whatsapp.apiUrl:", ["http"], []),
+    ("url-wrong-scheme", {"signal.rpcUrl": "ftp://127.0.0.1:8080"}, {}, "signal.rpcUrl:", ["http"], []),
+    ("bridge-number-not-e164", {"signal.number": "4930123456"}, {}, "signal.number:", ["E.164"], ["4930123456"]),
+    ("owner-number-not-e164", {"signal.destination": "04930123457"}, {}, "signal.destination:", ["E.164"],
+     ["04930123457"]),
+    ("owner-is-bridge", {"signal.destination": BRIDGE}, {}, "signal.destination:", ["own number"], []),
+    ("both-signal-urls", {"signal.apiUrl": "http://127.0.0.1:8081"}, {}, "signal:",
+     ["signal.rpcUrl", "signal.apiUrl", "exactly one"], []),
+    ("no-signal-url", {"signal.rpcUrl": CORE_DELETE}, {}, "signal:", ["signal.rpcUrl", "signal.apiUrl"], []),
+    ("short-webhook-secret", {"whatsapp.webhookSecret": "short-secret-val"}, {}, "whatsapp.webhookSecret:",
+     ["32"], ["short-secret-val"]),
+    ("no-webhook-secret", {"whatsapp.webhookSecret": CORE_DELETE}, {}, "whatsapp.webhookSecret:",
+     ["WEBHOOK_SECRET"], []),
+    ("short-encryption-secret", {}, {"WHATSIGNAL_ENCRYPTION_SECRET": "tinysecretvalue"},
+     "WHATSIGNAL_ENCRYPTION_SECRET:", ["32"], ["tinysecretvalue"]),
+    ("no-encryption-secret", {}, {"WHATSIGNAL_ENCRYPTION_SECRET": None}, "WHATSIGNAL_ENCRYPTION_SECRET:",
+     ["not set", "WHATSIGNAL_ENABLE_ENCRYPTION=false"], []),
+    ("missing-env-variable", {"whatsapp.apiKey": "env:CORE_MISSING_VARIABLE"}, {}, "whatsapp.apiKey:",
+     ["CORE_MISSING_VARIABLE", "not set"], []),
+    ("missing-env-secret", {"whatsapp.webhookSecret": "env:CORE_MISSING_SECRET"}, {}, "whatsapp.webhookSecret:",
+     ["CORE_MISSING_SECRET"], []),
+    ("missing-required", {"whatsapp.apiUrl": CORE_DELETE}, {}, "whatsapp.apiUrl:", ["missing"], []),
+    ("missing-bridge-number", {"signal.number": CORE_DELETE}, {}, "signal.number:", ["missing"], []),
+    ("port-out-of-range", {"server.port": 70000}, {}, "server.port:", ["70000"], []),
+    ("retention-out-of-range", {"retentionDays": 0}, {}, "retentionDays:", ["range"], []),
+    ("bad-log-level", {"logLevel": "verbose"}, {}, "logLevel:", ["verbose"], []),
+    ("secret-of-wrong-type", {"whatsapp.apiKey": 98765432109876}, {}, "whatsapp.apiKey:", ["expected str"],
+     ["98765432109876"]),
+    ("channels-duplicate-session",
+     {"channels": [{"whatsappSession": "default", "signalDestination": OWNER},
+                   {"whatsappSession": "default", "signalDestination": "+15550000003"}]}, {},
+     "channels[1].whatsappSession:", ["twice"], []),
+    ("channels-bad-number", {"channels": [{"whatsappSession": "default", "signalDestination": "12345"}]}, {},
+     "channels[0].signalDestination:", ["E.164"], []),
+    ("channels-unknown-key",
+     {"channels": [{"whatsappSession": "default", "signalDestination": OWNER, "signalDest": OWNER}]}, {},
+     "channels[0].signalDest:", ["unknown key"], []),
+    ("channels-empty", {"channels": []}, {}, "channels:", ["non-empty"], []),
+]
+
+
+class TestConfiguration:
+    def test_example_config_passes_check_config_with_masked_output(self, capsys, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        api_key = "waha-api-key-" + "k" * 30
+        env = core_env(WAHA_API_KEY=api_key, WEBHOOK_SECRET=WEBHOOK_SECRET)
+        with open(CORE_EXAMPLE, encoding="utf-8") as f:
+            json.load(f)   # valid JSON, no comments
+        rc, out, err = core_main(capsys, ["--config", CORE_EXAMPLE, "check-config"], env)
+        assert rc == 0, err
+        assert "configuration OK" in err
+        tree = json.loads(out)
+        assert tree["whatsapp"]["apiUrl"] == "http://localhost:3000"
+        assert tree["whatsapp"]["apiKey"] == "***(%d chars)" % len(api_key)
+        assert tree["whatsapp"]["webhookSecret"] == "***(%d chars)" % len(WEBHOOK_SECRET)
+        assert tree["signal"]["number"] == "+1555*****01"
+        assert tree["signal"]["destination"] == "+1555*****02"
+        assert tree["channels"] == [{"whatsappSession": "default", "signalDestination": "+1555*****02"}]
+        assert tree["encryption"]["enabled"] is True
+        for leak in (api_key, WEBHOOK_SECRET, ENC_SECRET, "15550000001", "15550000002"):
+            assert leak not in out and leak not in err
+        assert not os.listdir(tmp_path), "check-config must not create the database or cache"
+
+    @pytest.mark.parametrize("case", CORE_BROKEN, ids=[c[0] for c in CORE_BROKEN])
+    def test_broken_config_one_line_naming_the_key(self, capsys, tmp_path, case):
+        _, changes, env_changes, prefix, contains, forbidden = case
+        raw = core_base_raw(tmp_path)
+        for path, value in changes.items():
+            core_set(raw, path, value)
+        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"],
+                                 core_env(**env_changes))
+        assert rc == 2
+        assert out == "", "nothing is printed to stdout for a broken config"
+        assert "Traceback" not in err
+        lines = core_error_lines(err)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("config error: " + prefix + " "), lines[0]
+        for word in contains:
+            assert word in lines[0], (word, lines[0])
+        for leak in forbidden:
+            assert leak not in err, "the config error echoes %r" % leak
+
+    def test_several_problems_give_one_line_each(self, capsys, tmp_path):
+        raw = core_base_raw(tmp_path)
+        core_set(raw, "server.prot", 8082)
+        core_set(raw, "whatsapp.apiUrl", "waha:3000")
+        core_set(raw, "media.maxSizeMB", "50")
+        core_set(raw, "whatsapp.apiKey", "env:CORE_NOT_THERE")
+        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"], core_env())
+        assert rc == 2 and out == "" and "Traceback" not in err
+        lines = core_error_lines(err)
+        assert sorted(line.split(":")[1].strip() for line in lines) == \
+            ["media.maxSizeMB", "server.prot", "whatsapp.apiKey", "whatsapp.apiUrl"], lines
+        assert "did you mean server.port?" in err
+
+    def test_invalid_json_and_non_object(self, capsys, tmp_path):
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"server": {"port": 8082,}}', encoding="utf-8")
+        rc, out, err = core_main(capsys, ["--config", str(bad), "check-config"], core_env())
+        assert rc == 2 and "Traceback" not in err
+        lines = core_error_lines(err)
+        assert len(lines) == 1 and "not valid JSON" in lines[0] and "line 1 column" in lines[0], lines
+        bad.write_text("[1, 2]", encoding="utf-8")
+        rc, out, err = core_main(capsys, ["--config", str(bad), "check-config"], core_env())
+        assert rc == 2 and len(core_error_lines(err)) == 1 and "JSON object" in err
+
+    def test_env_overrides(self, capsys, tmp_path):
+        raw = core_base_raw(tmp_path)
+        del raw["whatsapp"]["webhookSecret"]
+        env = core_env(WHATSAPP_API_URL="http://waha.internal:3001", SIGNAL_RPC_URL="http://signal-cli:8090",
+                       DB_PATH=str(tmp_path / "other" / "x.db"), MEDIA_DIR=str(tmp_path / "media"),
+                       WEBHOOK_SECRET=WEBHOOK_SECRET)
+        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"], env)
+        assert rc == 0, err
+        tree = json.loads(out)
+        assert tree["whatsapp"]["apiUrl"] == "http://waha.internal:3001"
+        assert tree["signal"]["rpcUrl"] == "http://signal-cli:8090"
+        assert tree["database"]["path"] == str(tmp_path / "other" / "x.db")
+        assert tree["media"]["cacheDir"] == str(tmp_path / "media")
+        assert tree["whatsapp"]["webhookSecret"] == "***(%d chars)" % len(WEBHOOK_SECRET)
+
+    def test_signal_rpc_url_override_replaces_rest_url(self, tmp_path):
+        raw = raw_config(tmp_path, "http://127.0.0.1:3000", rest_url="http://127.0.0.1:8081")
+        cfg = make_config(raw, {"SIGNAL_RPC_URL": "http://127.0.0.1:8080"})
+        assert (cfg.get("signal.rpcUrl"), cfg.get("signal.apiUrl")) == ("http://127.0.0.1:8080", None)
+
+    def test_whatsignal_config_env_stands_in_for_config_flag(self, capsys, tmp_path):
+        path = core_write(tmp_path, core_base_raw(tmp_path))
+        rc, out, err = core_main(capsys, ["check-config"], core_env(WHATSIGNAL_CONFIG=path))
+        assert rc == 0, err
+        assert json.loads(out)["database"]["path"] == str(tmp_path / "whatsignal.db")
+
+    def test_encryption_on_unless_explicitly_false(self, tmp_path):
+        raw = core_base_raw(tmp_path)
+        assert make_config(raw).encryption is True
+        assert make_config(raw, {"WHATSIGNAL_ENABLE_ENCRYPTION": "true"}).encryption is True
+        for off in ("false", "FALSE", "0"):
+            cfg = ws.validate_config(json.loads(json.dumps(raw)), {"WHATSIGNAL_ENABLE_ENCRYPTION": off})
+            assert cfg.encryption is False
+            assert cfg.masked()["encryption"] == {"enabled": False, "secret": None}
+
+    def test_encryption_disabled_warns_at_start(self, core_harness):
+        h = core_harness(environ={"WHATSIGNAL_ENABLE_ENCRYPTION": "false"}).start()
+        warns = [r for r in h.logs.records() if r["level"] == "WARN" and "encryption" in r["msg"].lower()]
+        assert len(warns) == 1, h.logs.text()
+        assert "DISABLED" in warns[0]["msg"]
+        h.restart()   # "at every start"
+        warns = [r for r in h.logs.records() if r["level"] == "WARN" and "encryption" in r["msg"].lower()]
+        assert len(warns) == 2
+
+    def test_encryption_enabled_does_not_warn(self, rpc_bridge):
+        assert not [r for r in rpc_bridge.logs.records() if r["level"] == "WARN"]
+
+    def test_two_channels(self, tmp_path):
+        raw = core_base_raw(tmp_path)
+        raw["channels"] = [{"whatsappSession": "default", "signalDestination": OWNER},
+                           {"whatsappSession": "work", "signalDestination": "+15550000003"}]
+        cfg = make_config(raw)
+        assert cfg.channels == [ws.Channel("default", OWNER), ws.Channel("work", "+15550000003")]
+        assert cfg.channel("work").destination == "+15550000003"
+        assert cfg.channel("nope") is None
+
+    def test_single_channel_from_session_and_destination(self, tmp_path):
+        raw = core_base_raw(tmp_path)
+        raw["whatsapp"]["session"] = "personal"
+        assert make_config(raw).channels == [ws.Channel("personal", OWNER)]
+
+    def test_serve_refuses_a_broken_config_the_same_way(self, capsys, tmp_path):
+        raw = core_base_raw(tmp_path)
+        core_set(raw, "server.port", "eighty")
+        path = core_write(tmp_path, raw)
+        for argv in (["--config", path, "serve"], ["--config", path]):
+            rc, out, err = core_main(capsys, argv, core_env())
+            assert rc == 2 and "Traceback" not in err
+            assert core_error_lines(err) == [l for l in core_error_lines(err) if l.startswith("config error: server.port:")]
+            assert len(core_error_lines(err)) == 1
+        assert not (tmp_path / "whatsignal.db").exists()
+
+
+# -- Pure helpers ---------------------------------------------------------------------------------
+
+class TestPureHelpers:
+    @pytest.mark.parametrize("value,masked", [
+        ("+491512345689", "+4915******89"),
+        ("+15550000002", "+1555*****02"),
+        ("4915123456789@c.us", "4915*******89@c.us"),
+        ("12345678", "12****78"),
+        ("1234", "****"),
+        ("", "?"),
+        (None, "?"),
+    ])
+    def test_mask_phone(self, value, masked):
+        assert ws.mask_phone(value) == masked
+
+    def test_verify_waha_signature(self):
+        body = b'{"event":"message","session":"default"}'
+        sig = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha512).hexdigest()
+        assert ws.verify_waha_signature(WEBHOOK_SECRET, body, sig, "sha512")
+        assert ws.verify_waha_signature(WEBHOOK_SECRET, body, sig.upper(), "SHA512")
+        assert ws.verify_waha_signature(WEBHOOK_SECRET, body, sig, None)      # WAHA default algorithm
+        assert not ws.verify_waha_signature(WEBHOOK_SECRET, body + b" ", sig, "sha512")   # exact bytes
+        assert not ws.verify_waha_signature(WEBHOOK_SECRET, body, sig, "sha256")
+        assert not ws.verify_waha_signature(WEBHOOK_SECRET, body, None, "sha512")
+        assert not ws.verify_waha_signature(WEBHOOK_SECRET, body, "", "sha512")
+        assert not ws.verify_waha_signature("other-secret-" + "o" * 32, body, sig, "sha512")
+        assert not ws.verify_waha_signature(None, body, sig, "sha512")
+        sha256 = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert not ws.verify_waha_signature(WEBHOOK_SECRET, body, sha256, "sha512")
+
+    def test_next_backoff(self):
+        assert ws.next_backoff(0, rand=lambda: 0.0) == ws.BACKOFF_START * 0.5
+        assert ws.next_backoff(0, rand=lambda: 1.0) == ws.BACKOFF_START
+        assert ws.next_backoff(3, rand=lambda: 1.0) == ws.BACKOFF_START * ws.BACKOFF_FACTOR ** 3
+        assert ws.next_backoff(1000, rand=lambda: 1.0) == ws.BACKOFF_CAP
+        assert ws.next_backoff(10 ** 9, rand=lambda: 0.999) <= ws.BACKOFF_CAP
+        delays = [ws.next_backoff(a, rand=lambda: 0.5) for a in range(12)]
+        assert delays == sorted(delays)
+
+    @pytest.mark.parametrize("jid,canon", [
+        ("4915123456789@s.whatsapp.net", CORE_PEER_JID),
+        ("4915123456789:12@s.whatsapp.net", CORE_PEER_JID),
+        (" 4915123456789@C.US ", CORE_PEER_JID),
+        ("120363025246125486@g.us", "120363025246125486@g.us"),
+        ("123456789012345@lid", "123456789012345@lid"),
+        ("4915123456789", None),
+        ("@c.us", None),
+        ("x@evil.example", None),
+        (None, None),
+    ])
+    def test_normalize_jid(self, jid, canon):
+        assert ws.normalize_jid(jid) == canon
+
+    def test_phone_and_jid(self):
+        assert ws.jid_to_phone(CORE_PEER_JID) == "+" + CORE_PEER
+        assert ws.jid_to_phone("120363025246125486@g.us") is None
+        assert ws.phone_to_jid("+" + CORE_PEER) == CORE_PEER_JID
+        assert ws.phone_to_jid("0049151") is None
+
+    def test_token_bucket(self):
+        clock = FakeClock()
+        b = ws.TokenBucket(2, 0.5, clock=clock.monotonic)
+        assert (b.take(), b.take()) == (0.0, 0.0)
+        assert b.take() == pytest.approx(2.0)
+        clock.advance(2.0)
+        assert b.take() == 0.0
+
+    def test_safe_filename_and_shorten(self):
+        assert ws.safe_filename("../../etc/passwd", "text/plain") == "passwd"
+        assert ws.safe_filename("..\\..\\boot.ini", None) == "boot.ini"
+        assert ws.safe_filename(".hidden", None) == "hidden"
+        assert ws.safe_filename("", "image/jpeg") == "file.jpg"
+        assert "/" not in ws.safe_filename("a/b\x00c;d", None)
+        assert ws.shorten("a\n b   c") == "a b c"
+        assert ws.shorten("x" * 100, 10) == "x" * 9 + "…"
+
+    def test_sniff_and_media_type(self):
+        assert ws.sniff_mime(b"\xff\xd8\xff\xe0rest") == "image/jpeg"
+        assert ws.media_type_ok("image/jpeg", b"\x89PNG\r\n\x1a\n....")
+        assert not ws.media_type_ok("image/jpeg", b"MZ\x90\x00")
+        assert not ws.media_type_ok("application/pdf", b"\x7fELF\x02")
+        assert ws.media_type_ok("application/pdf", b"%PDF-1.7")
+
+    def test_iso_now(self):
+        assert ws.iso_now(lambda: 1767225600.7) == "2026-01-01T00:00:00Z"
+
+
+# -- Encryption -----------------------------------------------------------------------------------
+
+def core_expected_keys(secret, salt, n=2 ** 15):
+    """Independent key schedule per Cipher's docstring: scrypt master key, HMAC-SHA256 subkeys."""
+    master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=8, p=1, maxmem=256 * 1024 * 1024, dklen=64)
+    sub = lambda label: hmac.new(master, b"whatsignal/v1/" + label, hashlib.sha256).digest()
+    return sub(b"enc"), sub(b"mac"), sub(b"lookup")
+
+
+def core_expected_seal(enc, mac, nonce, plaintext):
+    """01 || nonce || (plaintext XOR BLAKE2b(key=enc, nonce || counter64)) || HMAC-SHA256(mac, head || ct)."""
+    stream = b"".join(hashlib.blake2b(nonce + i.to_bytes(8, "big"), key=enc).digest()
+                      for i in range((len(plaintext) + 63) // 64))
+    ct = bytes(a ^ b for a, b in zip(plaintext, stream))
+    head = b"\x01" + nonce
+    return head + ct + hmac.new(mac, head + ct, hashlib.sha256).digest()
+
+
+CORE_KAT_SECRET = "known-answer-secret-" + "k" * 20
+CORE_KAT_SALT = bytes(range(16))
+CORE_KAT_NONCE = bytes(range(0xA0, 0xB0))
+
+
+@pytest.fixture(scope="module")
+def core_kat_cipher():
+    return ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n])
+
+
+@pytest.fixture(scope="module")
+def core_cipher():
+    return ws.Cipher(ENC_SECRET, os.urandom(16))
+
+
+class TestEncryption:
+    def test_known_answer_vector(self, core_kat_cipher):
+        enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT)
+        assert len({enc, mac, lookup}) == 3, "separate keys for encryption, authentication, lookup"
+        for text in ("hi", "", "Grüße 👋 " * 20):   # 0, 1 and several keystream blocks
+            sealed = core_kat_cipher.encrypt(text)
+            assert sealed.hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, text.encode()).hex()
+            assert core_kat_cipher.decrypt(sealed) == text
+        expected_token = hmac.new(lookup, b"chat\x00" + CORE_PEER_JID.encode(), hashlib.sha256).hexdigest()[:32]
+        assert core_kat_cipher.token("chat", CORE_PEER_JID) == expected_token
+        # Pinned literals: a database written by this version must stay readable by the next.
+        assert core_kat_cipher.encrypt("hi").hex() == (
+            "01a0a1a2a3a4a5a6a7a8a9aaabacadaeaf69d2fa4dceab8e647c2e0cf6c1b96e4c6e5aef1f470ab72c653e4eea85728deecac5")
+        assert core_kat_cipher.token("chat", CORE_PEER_JID) == "1de90d17b393e46b2e754ce0d21fa19e"
+
+    def test_tokens_separate_domains_and_values(self, core_cipher):
+        t = core_cipher.token("chat", CORE_PEER_JID)
+        assert re.fullmatch(r"[0-9a-f]{32}", t)
+        assert t == core_cipher.token("chat", CORE_PEER_JID)
+        assert t != core_cipher.token("msg", CORE_PEER_JID)
+        assert t != core_cipher.token("chat", "4915123456788@c.us")
+        assert core_cipher.token("chat", None) is None
+
+    def test_work_factor(self):
+        assert ws.SCRYPT_N >= 2 ** 14 and ws.SCRYPT_R >= 8
+
+    @pytest.mark.parametrize("value", ["", "x", "Grüße 👋 مرحبا 你好", "a" * 63, "b" * 64, "c" * 65, "\ud800lone",
+                                       "z" * 5000])
+    def test_round_trip(self, core_cipher, value):
+        sealed = core_cipher.encrypt(value)
+        assert sealed[0] == 1 and len(sealed) == 1 + 16 + len(value.encode("utf-8", "surrogatepass")) + 32
+        assert core_cipher.decrypt(sealed) == value
+        if len(value) >= 8:
+            assert value.encode("utf-8", "surrogatepass") not in sealed
+
+    def test_round_trip_bytes_and_none(self, core_cipher):
+        data = bytes(range(256))
+        assert core_cipher.decrypt_bytes(core_cipher.encrypt(data)) == data
+        assert core_cipher.encrypt(None) is None and core_cipher.decrypt(None) is None
+
+    def test_fresh_nonce_per_value(self, core_cipher):
+        a, b = core_cipher.encrypt(CORE_TEXT), core_cipher.encrypt(CORE_TEXT)
+        assert a != b and a[1:17] != b[1:17]
+        assert core_cipher.decrypt(a) == core_cipher.decrypt(b) == CORE_TEXT
+
+    def test_tamper_on_every_byte_is_detected(self, core_cipher):
+        sealed = core_cipher.encrypt("attack at dawn, bring 4915123456789")
+        for i in range(len(sealed)):
+            for bit in (0x01, 0x80):
+                forged = bytearray(sealed)
+                forged[i] ^= bit
+                with pytest.raises(ws.CryptoError):
+                    core_cipher.decrypt(bytes(forged))
+        for forged in (sealed[:-1], sealed[:20], sealed + b"\x00", b"", b"\x01", b"\x00plain"):
+            with pytest.raises(ws.CryptoError):
+                core_cipher.decrypt(forged)
+
+    def test_other_key_is_rejected(self, core_cipher):
+        other = ws.Cipher(ENC_SECRET + "!", os.urandom(16))
+        with pytest.raises(ws.CryptoError):
+            other.decrypt(core_cipher.encrypt("hello"))
+
+    def test_wrong_secret_at_unlock(self, tmp_path):
+        path = str(tmp_path / "w.db")
+        s = ws.Store(path)
+        s.unlock(ENC_SECRET)
+        assert s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, 1.0)
+        s.close()
+        s = ws.Store(path)
+        try:
+            with pytest.raises(ws.CryptoError) as e:
+                s.unlock("a-different-secret-" + "d" * 30)
+            assert "WHATSIGNAL_ENCRYPTION_SECRET does not open this database" in str(e.value)
+            with pytest.raises(ws.CryptoError) as e:
+                s.unlock(None, enabled=False)
+            assert "encryption" in str(e.value)
+            s.unlock(ENC_SECRET)
+            assert s.record_of(s.pending("w2s")[0])["body"] == CORE_TEXT
+        finally:
+            s.close()
+
+    def test_wrong_secret_is_a_one_line_error_on_the_command_line(self, capsys, tmp_path):
+        raw = core_base_raw(tmp_path)
+        s = ws.Store(raw["database"]["path"])
+        s.unlock(ENC_SECRET)
+        s.close()
+        path = core_write(tmp_path, raw)
+        rc, out, err = core_main(capsys, ["--config", path, "stats"],
+                                 {"WHATSIGNAL_ENCRYPTION_SECRET": "b" * 40})
+        assert rc == 2 and "Traceback" not in err
+        lines = core_error_lines(err)
+        assert len(lines) == 1 and "does not open this database" in lines[0], lines
+        assert "b" * 40 not in err
+
+    def test_key_check_value_stored(self, tmp_path):
+        s = ws.Store(str(tmp_path / "k.db"))
+        try:
+            s.unlock(ENC_SECRET)
+            salt = bytes.fromhex(s.meta("salt"))
+            assert len(salt) == 16
+            _, mac, _ = core_expected_keys(ENC_SECRET, salt)
+            assert s.meta("key_check") == "enc1:" + hmac.new(mac, b"whatsignal key check",
+                                                             hashlib.sha256).hexdigest()[:24]
+            meta = dict(s.query("SELECT key, value FROM meta"))
+            assert not any(ENC_SECRET in v for v in meta.values())
+        finally:
+            s.close()
+        other = ws.Store(str(tmp_path / "k2.db"))
+        try:
+            other.unlock(ENC_SECRET)
+            assert other.meta("salt") != salt.hex(), "the salt is random per database"
+        finally:
+            other.close()
+
+    def test_raw_database_and_wal_hold_no_plaintext(self, rpc_bridge):
+        h = rpc_bridge
+        core_round_trip(h)
+        path = h.app.store.path
+        assert os.path.getsize(path + "-wal") > 0, "WAL mode: the recent writes sit in the -wal file"
+        data = core_db_bytes(path)
+        assert h.app.store.one("SELECT COUNT(*) FROM messages")[0] >= 2
+        for needle in (CORE_TEXT, CORE_REPLY, CORE_NAME, CORE_PEER, OWNER[1:], "3EB0C0RE00000001",
+                       CORE_TEXT[:12], CORE_REPLY[:12]):
+            assert needle.encode() not in data, "%r found in the database files" % needle
+
+    def test_raw_scan_finds_plaintext_when_encryption_is_disabled(self, core_harness):
+        # control for the test above: the scan does see plaintext when it is there
+        h = core_harness(environ={"WHATSIGNAL_ENABLE_ENCRYPTION": "false"}).start()
+        core_round_trip(h)
+        data = core_db_bytes(h.app.store.path)
+        assert CORE_TEXT.encode() in data and CORE_PEER.encode() in data and CORE_REPLY.encode() in data
+
+
+# -- Store ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def core_store(tmp_path):
+    s = ws.Store(str(tmp_path / "store.db"))
+    s.unlock(ENC_SECRET)
+    yield s
+    s.close()
+
+
+class TestStore:
+    def test_wal_version_pragmas(self, core_store):
+        other = sqlite3.connect(core_store.path)
+        try:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert other.execute("PRAGMA user_version").fetchone()[0] == ws.SCHEMA_VERSION == len(ws.SCHEMA)
+        finally:
+            other.close()
+        assert core_store.one("PRAGMA foreign_keys")[0] == 1
+        assert core_store.one("PRAGMA busy_timeout")[0] >= 1000
+
+    def test_reopen_is_idempotent(self, tmp_path):
+        path = str(tmp_path / "r.db")
+        s = ws.Store(path)
+        s.unlock(ENC_SECRET)
+        s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, 1.0)
+        schema = s.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+        s.close()
+        for _ in range(2):
+            s = ws.Store(path)
+            try:
+                s.unlock(ENC_SECRET)
+                assert s.one("PRAGMA user_version")[0] == ws.SCHEMA_VERSION
+                assert [tuple(r) for r in s.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")] == \
+                    [tuple(r) for r in schema]
+                rows = s.pending("w2s")
+                assert len(rows) == 1 and s.record_of(rows[0])["body"] == CORE_TEXT
+            finally:
+                s.close()
+
+    def test_forward_migration_from_version_1(self, tmp_path):
+        path = str(tmp_path / "v1.db")
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript("BEGIN;" + ws.SCHEMA[0] + "PRAGMA user_version=1; COMMIT;")
+        db.close()
+        s = ws.Store(path)
+        try:
+            assert s.one("PRAGMA user_version")[0] == 2
+            cols = [r[1] for r in s.query("PRAGMA table_info(messages)")]
+            assert "sig_conv_enc" in cols
+            assert s.one("SELECT name FROM sqlite_master WHERE name='signal_groups'") is not None
+        finally:
+            s.close()
+
+    def test_newer_schema_is_refused(self, tmp_path):
+        path = str(tmp_path / "new.db")
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA user_version=%d" % (ws.SCHEMA_VERSION + 5))
+        db.commit()
+        db.close()
+        with pytest.raises(ws.ConfigError) as e:
+            ws.Store(path)
+        assert "newer" in str(e.value)
+
+    def test_enqueue_dedupe(self, core_store):
+        s = core_store
+        assert s.enqueue("default", "w2s", "m:x:1", CORE_PEER_JID, "message", {"n": 1}, 1.0) is True
+        assert s.enqueue("default", "w2s", "m:x:1", CORE_PEER_JID, "message", {"n": 2}, 2.0) is False
+        assert s.enqueue("default", "s2w", "m:x:1", "~owner", "text", {"n": 3}, 3.0) is True
+        assert s.enqueue("default", "w2s", "m:x:2", CORE_PEER_JID, "message", {"n": 4}, 4.0) is True
+        rows = s.pending("w2s")
+        assert [s.record_of(r)["n"] for r in rows] == [1, 4]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", r["dedupe"]) and re.fullmatch(r"[0-9a-f]{32}", r["chat"])
+                   for r in rows), "lookup tokens, never the ids themselves"
+
+    def test_concurrent_enqueue_loses_nothing(self, core_store, tmp_path):
+        second = ws.Store(core_store.path)      # a second connection, like a second process
+        second.unlock(ENC_SECRET)
+        results, errors = [], []
+
+        def worker(store, t):
+            try:
+                for i in range(40):
+                    results.append(store.enqueue("default", "w2s", "u:%d:%d" % (t, i), "c%d" % (i % 3), "message",
+                                                 {"t": t, "i": i}, time.time()))
+                    # every thread also races on the same 10 ids
+                    results.append(("dup", store.enqueue("default", "w2s", "same:%d" % (i % 10), "c", "message",
+                                                         {}, time.time())))
+            except Exception as e:   # pragma: no cover - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(core_store if t % 2 else second, t)) for t in range(8)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not any(t.is_alive() for t in threads)
+            assert errors == []
+            assert sum(1 for r in results if r is True) == 8 * 40
+            assert sum(1 for r in results if isinstance(r, tuple) and r[1] is True) == 10
+            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 8 * 40 + 10
+            got = {(rec["t"], rec["i"]) for rec in (core_store.record_of(r) for r in core_store.pending("w2s", 10000))
+                   if "t" in rec}
+            assert got == {(t, i) for t in range(8) for i in range(40)}
+        finally:
+            second.close()
+
+
+# -- HTTP server ----------------------------------------------------------------------------------
+
+class TestHttpServer:
+    def test_signed_webhook_is_stored_and_delivered(self, rpc_bridge):
+        h = rpc_bridge
+        status, headers, body = core_post_signed(h, core_message_event(h))
+        assert status == 200 and json.loads(body) == {"status": "stored"}
+        assert headers["content-type"] == "application/json"
+        assert h.wait(lambda: h.sends())
+        assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
+        assert core_queue_rows(h) == 1
+        # the same event again (WAHA retry): acknowledged, not delivered twice
+        assert h.webhook(core_message_event(h)) == (200, {"status": "duplicate"})
+        assert core_queue_rows(h) == 1
+
+    def test_unsigned_webhook_is_refused(self, rpc_bridge):
+        h = rpc_bridge
+        assert h.webhook(core_message_event(h), secret=None) == (401, {"error": "authentication failed"})
+        assert core_queue_rows(h) == 0
+        warns = [r for r in h.logs.records() if r["level"] == "WARN" and "authentication failed" in r["msg"]]
+        assert len(warns) == 1
+        time.sleep(0.1)
+        assert h.sends() == []
+
+    def test_wrong_signature_and_wrong_algorithm(self, rpc_bridge):
+        h = rpc_bridge
+        ev = core_message_event(h)
+        assert h.webhook(ev, secret="not-the-secret-" + "n" * 30)[0] == 401
+        body = json.dumps(ev).encode()
+        good = FakeWaha.sign(body, WEBHOOK_SECRET)
+        status, _, _ = core_request(h, "POST", "/webhook/whatsapp", body, {
+            "Content-Type": "application/json", "X-Webhook-Hmac": good, "X-Webhook-Hmac-Algorithm": "sha256"})
+        assert status == 401
+        status, _, _ = core_request(h, "POST", "/webhook/whatsapp", body + b" ", {
+            "Content-Type": "application/json", "X-Webhook-Hmac": good, "X-Webhook-Hmac-Algorithm": "sha512"})
+        assert status == 401, "the signature covers the exact body bytes"
+        assert core_queue_rows(h) == 0
+        # the correctly signed body is fine
+        assert core_post_signed(h, body)[0] == 200
+        assert core_queue_rows(h) == 1
+
+    def test_non_json_content_type_is_415(self, rpc_bridge):
+        h = rpc_bridge
+        status, _, body = core_post_signed(h, core_message_event(h), **{"Content-Type": "text/plain"})
+        assert status == 415 and "application/json" in json.loads(body)["error"]
+        assert core_post_signed(h, core_message_event(h), **{"Content-Type": "application/json; charset=utf-8"})[0] \
+            == 200
+        assert core_queue_rows(h) == 1
+
+    def test_body_over_limit_is_413_without_reading_it(self, core_harness):
+        h = core_harness(raw_overrides={"server": {"maxBodyMB": 1}}).start()
+        host, port = core_addr(h)
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\nX-Webhook-Hmac: 00\r\nX-Webhook-Hmac-Algorithm: sha512\r\n\r\n"
+                      % (1024 * 1024 + 1))
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}\n"):
+                chunk = s.recv(4096)   # answered although no body byte was sent
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 413 "), data[:100]
+        assert b"connection: close" in data.lower()
+        # just under the limit is accepted (an ignored event padded with a big field)
+        ev = fixture("waha-presence-update.json")
+        ev["padding"] = "p" * (1024 * 1024 - 1000)
+        status, _, body = core_post_signed(h, ev)
+        assert (status, json.loads(body)) == (200, {"status": "ignored"})
+
+    def test_default_body_limit(self, tmp_path):
+        assert make_config(core_base_raw(tmp_path)).get("server.maxBodyMB") == 10
+
+    def test_malformed_json_is_400(self, rpc_bridge):
+        h = rpc_bridge
+        status, _, body = core_post_signed(h, b'{"event": "message", "session": ')
+        assert status == 400 and json.loads(body) == {"error": "malformed JSON"}
+        assert core_queue_rows(h) == 0
+
+    @pytest.mark.parametrize("body", [
+        b"[]", b'"message"', b"null",
+        b'{"event":"message","session":"default","payload":"not an object"}',
+        b'{"event":"message","session":"default","payload":{"from":"4915123456789@c.us","body":"x"}}',
+        b'{"event":5,"session":"default","payload":{}}',
+    ], ids=["array", "string", "null", "payload-string", "message-without-id", "event-number"])
+    def test_wrong_shape_is_400(self, rpc_bridge, body):
+        status, _, resp = core_post_signed(rpc_bridge, body)
+        assert status == 400, resp
+        assert "error" in json.loads(resp)
+        assert core_queue_rows(rpc_bridge) == 0
+
+    def test_unhandled_event_is_200_ignored(self, rpc_bridge):
+        h = rpc_bridge
+        assert h.webhook(fixture("waha-presence-update.json")) == (200, {"status": "ignored"})
+        assert core_queue_rows(h) == 0
+
+    def test_no_input_gives_500(self, rpc_bridge):
+        h = rpc_bridge
+        bodies = [b"[" * 100000, b"\xff\xfe\x00garbage", b"{}", b'{"event":"message","session":"' + b"s" * 500 + b'"}',
+                  json.dumps({"event": "message", "session": "default", "payload": {
+                      "id": {"_serialized": 5}, "from": ["x"], "body": {"a": 1}}}).encode(),
+                  json.dumps({"event": "message", "session": "default", "payload": {
+                      "id": "false_4915123456789@c.us_AAA", "from": "4915123456789@c.us", "body": 5,
+                      "hasMedia": "yes", "media": {"url": 5}, "timestamp": "x"}}).encode(),
+                  json.dumps({"event": "message.reaction", "session": "default", "payload": {
+                      "id": "x", "reaction": {"messageId": {"a": 1}, "text": 7}}}).encode(),
+                  json.dumps({"event": "message.ack", "session": "default", "payload": {"ack": "x", "id": None}}).encode(),
+                  json.dumps({"event": "session.status", "session": "default", "payload": {"status": 5}}).encode(),
+                  json.dumps({"event": "message.revoked", "session": "default", "payload": []}).encode(),
+                  json.dumps({"event": "message.edited", "session": "default", "payload": {"id": 1}}).encode()]
+        for body in bodies:
+            status, _, resp = core_post_signed(h, body)
+            assert status in (200, 400), (status, body[:80], resp)
+        assert core_request(h, "GET", "/healthz")[0] == 200
+        assert not [r for r in h.logs.records() if r["level"] == "ERROR"], h.logs.text()
+
+    def test_database_locked_gives_503_then_recovers(self, rpc_bridge):
+        h = rpc_bridge
+        with h.app.store.lock:
+            h.app.store.db.execute("PRAGMA busy_timeout=100")
+        blocker = sqlite3.connect(h.app.store.path, isolation_level=None, timeout=5)
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")
+            status, headers, body = core_post_signed(h, core_message_event(h))
+            assert status == 503, body
+            assert headers.get("retry-after", "").isdigit()
+            assert "retry" in json.loads(body)["error"]
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert [r for r in h.logs.records() if r["level"] == "ERROR" and "503" in r["msg"]]
+        status, _, body = core_post_signed(h, core_message_event(h))
+        assert (status, json.loads(body)) == (200, {"status": "stored"}), "the 503 event was not stored"
+        assert h.wait(lambda: h.sends())
+        assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
+
+    def test_failed_signatures_are_throttled_but_signed_traffic_is_not(self, rpc_bridge):
+        h = rpc_bridge
+        host, port = core_addr(h)
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            statuses = []
+            for i in range(ws.AUTH_FAIL_LIMIT + 5):
+                st, hd, _ = core_post_signed(h, core_message_event(h, msg_id="BAD%04d" % i), conn=conn,
+                                             secret="wrong-secret-" + "w" * 30)
+                statuses.append((st, hd.get("retry-after")))
+            assert [s for s, _ in statuses[:ws.AUTH_FAIL_LIMIT]] == [401] * ws.AUTH_FAIL_LIMIT
+            assert all(s == 429 and ra and int(ra) > 0 for s, ra in statuses[ws.AUTH_FAIL_LIMIT:]), statuses
+            # correctly signed requests from the same client, in a burst, all pass
+            for i in range(30):
+                st, _, body = core_post_signed(h, core_message_event(h, text="burst %d" % i, msg_id="OK%04d" % i),
+                                               conn=conn)
+                assert (st, json.loads(body)) == (200, {"status": "stored"})
+        finally:
+            conn.close()
+        assert core_queue_rows(h) == 30
+
+    def test_keep_alive_many_requests_one_connection(self, rpc_bridge):
+        h = rpc_bridge
+        host, port = core_addr(h)
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+            sock = conn.sock
+            for i in range(40):
+                if i % 4 == 0:
+                    st, hd, _ = core_post_signed(h, core_message_event(h, text="k %d" % i, msg_id="KA%04d" % i),
+                                                 conn=conn)
+                else:
+                    st, hd, _ = core_request(h, "GET", "/healthz", conn=conn)
+                assert st == 200 and hd.get("connection", "").lower() != "close"
+                assert conn.sock is sock, "the connection was not kept alive (request %d)" % i
+        finally:
+            conn.close()
+        assert core_queue_rows(h) == 10
+
+    def test_tcp_nodelay_on_accepted_sockets(self, rpc_bridge):
+        h = rpc_bridge
+        host, port = core_addr(h)
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+            with h.app.server.conn_lock:
+                socks = list(h.app.server.connections)
+            assert socks, "the open keep-alive connection is tracked"
+            assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+            times = []
+            for _ in range(20):
+                t = time.perf_counter()
+                assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+                times.append(time.perf_counter() - t)
+            assert statistics.median(times) < 0.030, times   # Nagle + delayed ACK would give ~40 ms
+        finally:
+            conn.close()
+
+    def test_listen_backlog_and_read_timeout(self, rpc_bridge):
+        assert rpc_bridge.app.server.request_queue_size >= 128
+        assert 0 < ws.Handler.timeout <= 60
+
+    def test_idle_and_slow_clients_are_cut_off(self, rpc_bridge, monkeypatch):
+        h = rpc_bridge
+        monkeypatch.setattr(ws.Handler, "timeout", 0.5)
+        host, port = core_addr(h)
+        with socket.create_connection((host, port), timeout=5) as idle:
+            start = time.monotonic()
+            assert idle.recv(100) == b""          # closed by the server, nothing sent
+            assert time.monotonic() - start < 4
+        with socket.create_connection((host, port), timeout=5) as slow:
+            slow.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n0123456789")
+            data = b""
+            while True:
+                chunk = slow.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        assert not data.startswith(b"HTTP/1.1 500"), "a slow client is not an internal error: %r" % data[:60]
+        assert not [r for r in h.logs.records() if r["level"] == "ERROR"], h.logs.text()
+
+    def test_unknown_paths_are_404(self, rpc_bridge):
+        assert core_request(rpc_bridge, "GET", "/nope")[0] == 404
+        assert core_request(rpc_bridge, "POST", "/webhook/other", b"{}", {"Content-Type": "application/json"})[0] == 404
+
+
+# -- Health and metrics ---------------------------------------------------------------------------
+
+def core_get_json(h, path, headers=None):
+    status, hd, body = core_request(h, "GET", path, headers=headers)
+    return status, hd, json.loads(body)
+
+
+class TestHealthAndMetrics:
+    def test_healthz(self, rpc_bridge):
+        assert core_get_json(rpc_bridge, "/healthz")[::2] == (200, {"status": "ok"})
+
+    def test_health_shape(self, rpc_bridge):
+        status, hd, rep = core_get_json(rpc_bridge, "/health")
+        assert status == 200 and hd["content-type"] == "application/json"
+        assert rep["status"] == "healthy"
+        assert CORE_ISO_Z.match(rep["timestamp"]), rep["timestamp"]
+        assert rep["version"] == ws.__version__ == "1.0.0"
+        assert set(rep["checks"]) >= {"database", "whatsapp", "signal"}
+        for name in ("database", "whatsapp", "signal"):
+            check = rep["checks"][name]
+            assert check["status"] == "ok"
+            assert isinstance(check["latency_ms"], (int, float)) and check["latency_ms"] >= 0
+
+    def test_health_degraded_when_waha_is_down(self, core_harness):
+        h = core_harness().start()
+        h.waha.stop()
+        status, _, rep = core_get_json(h, "/health")
+        assert status == 200
+        assert rep["status"] == "degraded"
+        assert rep["checks"]["whatsapp"]["status"] == "error" and rep["checks"]["whatsapp"].get("error")
+        assert rep["checks"]["signal"]["status"] == "ok" and rep["checks"]["database"]["status"] == "ok"
+
+    def test_health_degraded_when_signal_is_down(self, core_harness):
+        h = core_harness().start()
+        h.signal.stop()
+        rep = core_get_json(h, "/health")[2]
+        assert rep["status"] == "degraded" and rep["checks"]["signal"]["status"] == "error"
+
+    def test_upstream_checks_are_cached(self, rpc_bridge):
+        h = rpc_bridge
+        for _ in range(5):
+            assert core_request(h, "GET", "/health")[0] == 200
+        assert len(h.waha.calls_for("/ping")) == 1
+        assert len(h.signal.calls_for("/api/v1/check")) == 1
+
+    def test_health_unhealthy_503_when_database_unusable(self, rpc_bridge):
+        h = rpc_bridge
+        with h.app.store.lock:
+            h.app.store.db.close()
+        status, _, rep = core_get_json(h, "/health")
+        assert status == 503
+        assert rep["status"] == "unhealthy" and rep["checks"]["database"]["status"] == "error"
+        assert core_request(h, "GET", "/healthz")[0] == 200
+
+    def test_metrics_fresh_process_lists_the_seed_metrics(self, rpc_bridge):
+        status, hd, body = core_request(rpc_bridge, "GET", "/metrics")
+        assert status == 200
+        assert hd["content-type"].startswith("text/plain; version=0.0.4")
+        text = body.decode()
+        missing = [n for n in ("whatsignal_messages_processed_total", "whatsignal_cleanup_duration_seconds",
+                               "whatsignal_database_size_bytes", "whatsignal_media_files_count",
+                               "whatsignal_build_info", "whatsignal_http_requests_total",
+                               "whatsignal_webhook_auth_failures_total") if n not in text]
+        assert missing == [], "a fresh bridge's /metrics lacks %s" % missing
+
+    def test_metrics_after_traffic(self, rpc_bridge):
+        h = rpc_bridge
+        core_round_trip(h)
+        assert h.webhook(core_message_event(h, msg_id="UNSIGNED1"), secret=None)[0] == 401
+        assert core_request(h, "GET", "/healthz")[0] == 200
+        ws.run_cleanup(h.app)
+        text = core_request(h, "GET", "/metrics")[2].decode()
+        assert core_metric_value(text, "whatsignal_build_info", version=ws.__version__) == 1.0
+        assert core_metric_value(text, "whatsignal_messages_processed_total", direction="w2s", kind="text",
+                                 result="ok") == 1.0
+        assert core_metric_value(text, "whatsignal_webhook_auth_failures_total") == 1.0
+        assert core_metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="200") == 1.0
+        assert core_metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="401") == 1.0
+        assert core_metric_value(text, "whatsignal_http_requests_total", path="/healthz", status="200") == 1.0
+        assert core_metric_value(text, "whatsignal_database_size_bytes") == float(h.app.store.size_bytes()) > 0
+        assert core_metric_value(text, "whatsignal_media_files_count") is not None
+        assert core_metric_value(text, "whatsignal_cleanup_duration_seconds") >= 0
+        assert "# TYPE whatsignal_messages_processed_total counter" in text
+        assert [r for r in h.logs.records() if r["msg"] == "Successfully completed cleanup"]
+        for line in text.splitlines():
+            assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? [-+0-9.eInf]+$", line), line
+
+    def test_metrics_token(self, core_harness):
+        token = "metrics-token-" + "t" * 20
+        h = core_harness(raw_overrides={"server": {"metricsToken": token}}).start()
+        status, hd, _ = core_request(h, "GET", "/metrics")
+        assert status == 401 and hd.get("www-authenticate") == "Bearer"
+        assert core_request(h, "GET", "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert core_request(h, "GET", "/metrics", headers={"Authorization": token})[0] == 401
+        status, _, body = core_request(h, "GET", "/metrics", headers={"Authorization": "Bearer " + token})
+        assert status == 200 and b"whatsignal_build_info" in body
+        assert token not in h.logs.text()
+
+
+# -- Logging --------------------------------------------------------------------------------------
+
+class TestLogging:
+    def test_json_lines_with_ts_level_msg(self, rpc_bridge):
+        h = rpc_bridge
+        core_round_trip(h)
+        h.webhook(core_message_event(h), secret=None)
+        lines = [l for l in h.logs.text().splitlines() if l.strip()]
+        assert len(lines) >= 4
+        for line in lines:
+            rec = json.loads(line)
+            assert list(rec)[:3] == ["ts", "level", "msg"], rec
+            assert CORE_LOG_TS.match(rec["ts"]), rec["ts"]
+            assert rec["level"] in ("DEBUG", "INFO", "WARN", "ERROR")
+            assert isinstance(rec["msg"], str) and rec["msg"]
+        assert any("processing time" in r["msg"] for r in h.logs.records())
+
+    def test_log_level_honoured(self):
+        for level, shown in (("debug", ["DEBUG", "INFO", "WARN", "ERROR"]), ("info", ["INFO", "WARN", "ERROR"]),
+                             ("warn", ["WARN", "ERROR"]), ("error", ["ERROR"])):
+            stream = LogCapture()
+            log = ws.Log(level, stream=stream, clock=lambda: 1767225600.25)
+            log.debug("d")
+            log.info("i")
+            log.warn("w", n=1)
+            log.error("e")
+            recs = stream.records()
+            assert [r["level"] for r in recs] == shown
+            assert recs[0]["ts"] == "2026-01-01T00:00:00.250Z"
+        stream = LogCapture()
+        ws.Log("warn", stream=stream).warn("x", count=3, who="+4915******89")
+        assert stream.records() == [{"ts": stream.records()[0]["ts"], "level": "WARN", "msg": "x", "count": 3,
+                                     "who": "+4915******89"}]
+
+    def test_round_trip_at_debug_leaks_nothing(self, rpc_bridge):
+        h = rpc_bridge
+        core_round_trip(h)
+        stranger = owner_env(int(time.time() * 1000) + 5, "let me in zorkmid-5521")
+        stranger["envelope"].update(source=CORE_STRANGER, sourceNumber=CORE_STRANGER,
+                                    sourceUuid="0f0e0d0c-0b0a-4908-8706-050403020100", sourceName="Mallory")
+        h.signal.push(stranger)
+        assert h.wait(lambda: any(r["msg"] == "unauthorized sender ignored" for r in h.logs.records()))
+        rec = next(r for r in h.logs.records() if r["msg"] == "unauthorized sender ignored")
+        assert rec["level"] == "WARN" and rec["sender"] == "+1555*****99"
+        h.webhook(core_message_event(h, text="forged " + CORE_TEXT, msg_id="FORGED1"), secret="x" * 40)
+        core_post_signed(h, b'{"event": "message", "body": "' + CORE_TEXT.encode() + b'"')
+        h.webhook(core_message_event(h, text="ignored " + CORE_TEXT, msg_id="OTHER1", peer="4917612345678"),
+                  headers={"X-Webhook-Hmac-Algorithm": "sha1"})
+        text = h.logs.text()
+        assert "authentication failed" in text
+        cipher = h.app.store.cipher
+        for leak in (CORE_TEXT, CORE_REPLY, "zorkmid-5521", CORE_PEER, "4917612345678", OWNER[1:], BRIDGE[1:],
+                     CORE_STRANGER[1:], WEBHOOK_SECRET, ENC_SECRET, WAHA_KEY, "x" * 40,
+                     cipher.enc_key.hex(), cipher.mac_key.hex(), cipher.lookup_key.hex()):
+            assert leak not in text, "%r reached the log" % leak
+        for full in re.findall(r"\d{7,}", text):
+            pytest.fail("a long digit run (phone number?) reached the log: %s" % full)
+
+
+# -- Command line ---------------------------------------------------------------------------------
+
+CORE_COMMANDS = ("serve", "check-config", "outbox", "cleanup", "backup", "verify", "restore", "rotate-key",
+                 "stats", "demo", "bench")
+
+
+class TestCommandLine:
+    def test_version(self, capsys):
+        with pytest.raises(SystemExit) as e:
+            ws.main(["--version"], {})
+        assert e.value.code == 0
+        assert capsys.readouterr().out.strip() == "WhatSignal " + ws.__version__
+
+    def test_help_lists_every_command(self, capsys):
+        with pytest.raises(SystemExit) as e:
+            ws.main(["--help"], {})
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for cmd in CORE_COMMANDS:
+            assert re.search(r"^\s+%s\s+\S" % re.escape(cmd), out, re.M), "%s missing from --help" % cmd
+        assert "--config" in out
+
+    def test_missing_config_file_subprocess(self, tmp_path):
+        missing = str(tmp_path / "nope" / "config.json")
+        for argv in (["--config", missing, "check-config"], ["--config", missing]):
+            p = subprocess.run([sys.executable, CORE_WS_PATH] + argv, cwd=str(tmp_path), env=core_subprocess_env(),
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 2, p.stderr
+            assert "Traceback" not in p.stderr
+            lines = core_error_lines(p.stderr)
+            assert len(lines) == 1 and "not found" in lines[0] and missing in lines[0], p.stderr
+            assert p.stdout == ""
+
+    def test_serve_subprocess_health_webhook_and_sigterm(self, tmp_path):
+        waha = FakeWaha(api_key=WAHA_KEY).start()
+        sig = FakeSignalDaemon(number=BRIDGE).start()
+        proc = None
+        try:
+            port = core_free_port()
+            raw = raw_config(tmp_path, waha.url, rpc_url=sig.url, server={"port": port}, logLevel="info")
+            raw["whatsapp"]["webhookSecret"] = "env:WEBHOOK_SECRET"
+            cfg = core_write(tmp_path, raw)
+            err_path = tmp_path / "stderr.log"
+            with open(err_path, "wb") as err, open(tmp_path / "stdout.log", "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, CORE_WS_PATH, "--config", cfg], cwd=str(tmp_path), stdout=out, stderr=err,
+                    env=core_subprocess_env(WEBHOOK_SECRET=WEBHOOK_SECRET, WHATSIGNAL_ENCRYPTION_SECRET=ENC_SECRET))
+            url = "http://127.0.0.1:%d" % port
+            deadline = time.monotonic() + 20
+            up = False
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", "/healthz")
+                    r = c.getresponse()
+                    up = (r.status, json.loads(r.read())) == (200, {"status": "ok"})
+                    c.close()
+                    if up:
+                        break
+                except OSError:
+                    time.sleep(0.05)
+            assert up, err_path.read_text()
+            ev = waha.event("message", {"id": "false_%s_SUBPROC1" % CORE_PEER_JID, "timestamp": int(time.time()),
+                                        "from": CORE_PEER_JID, "fromMe": False, "body": CORE_TEXT,
+                                        "hasMedia": False, "_data": {"notifyName": CORE_NAME}})
+            assert waha.webhook(url + "/webhook/whatsapp", ev, WEBHOOK_SECRET) == (200, {"status": "stored"})
+            assert waha.webhook(url + "/webhook/whatsapp", ev, None)[0] == 401
+            assert sig.wait_for(lambda f: f.sent("send"), 10)
+            assert sig.sent("send")[0]["message"] == "%s: %s" % (CORE_NAME, CORE_TEXT)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=10)
+            assert rc == 0
+            assert time.monotonic() - start < 10
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            waha.stop()
+            sig.stop()
+        err_text = err_path.read_text()
+        assert "Traceback" not in err_text
+        recs = [json.loads(l) for l in err_text.splitlines() if l.strip()]
+        msgs = [r["msg"] for r in recs]
+        assert "WhatSignal started" in msgs and msgs[-1] == "WhatSignal stopped"
+        assert not [r for r in recs if r["level"] == "DEBUG"], "logLevel info shows no debug lines"
+        assert any(r["level"] == "WARN" and "authentication failed" in r["msg"] for r in recs)
+        assert CORE_TEXT not in err_text and CORE_PEER not in err_text
+
+    def test_stats_prints_counts_without_decrypting(self, capsys, tmp_path):
+        raw = core_base_raw(tmp_path)
+        s = ws.Store(raw["database"]["path"])
+        s.unlock(ENC_SECRET)
+        s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, time.time())
+        s.close()
+        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "stats"], core_env())
+        assert rc == 0, err
+        rep = json.loads(out)
+        assert rep["queue"]["w2s"]["pending"] == 1 and rep["tables"]["queue"] == 1
+        assert CORE_TEXT not in out and CORE_PEER not in out
+
+
+# -- Misc -----------------------------------------------------------------------------------------
+
+def core_source():
+    with open(CORE_WS_PATH, encoding="utf-8") as f:
+        return f.read()
+
+
+class TestMisc:
+    def test_standard_library_only(self):
+        tree = ast.parse(core_source())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, "no relative imports"
+                names.add(node.module.split(".")[0])
+        assert names, "imports were found"
+        assert sorted(n for n in names if n not in sys.stdlib_module_names) == []
+
+    def test_parses_as_python_3_9(self):
+        ast.parse(core_source(), feature_version=(3, 9))
+
+    @staticmethod
+    def core_outline():
+        src = core_source()
+        banners = re.findall(r"^# (.+?) #{3,}$", src, re.M)
+        doc = ast.get_docstring(ast.parse(src))
+        listed = re.search(r"Sections \(grep[^\n]*\n(.*?)\n\s*\n", doc, re.S).group(1)
+        return banners, [x.strip() for x in " ".join(listed.split()).split(",")]
+
+    def test_banner_outline_order(self):
+        banners, listed = self.core_outline()
+        assert banners[:4] == ["Constants and defaults", "Errors", "Logging and metrics", "Configuration"]
+        assert len(set(banners)) == len(banners)
+        assert [b for b in banners if b in listed] == listed, "banners follow the docstring's Sections order"
+        order = ["Pure helpers", "Encryption", "Translation", "Store", "Clients", "Bridge", "Workers",
+                 "HTTP server", "Operations", "Command line"]
+        assert [b for b in banners if b in order] == order   # dependencies point upward
+
+    def test_docstring_sections_list_every_banner(self):
+        banners, listed = self.core_outline()
+        assert [b for b in banners if b not in listed] == [], "banners missing from the docstring's Sections list"
+
+    def test_each_banner_is_three_lines(self):
+        lines = core_source().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"^# .+ #{3,}$", line):
+                assert re.fullmatch(r"#{79}", lines[i - 1]) and re.fullmatch(r"#{79}", lines[i + 1]), i + 1
+
+    def test_env_example_lists_every_variable(self):
+        with open(os.path.join(CORE_DIR, "env.example"), encoding="utf-8") as f:
+            listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", f.read(), re.M))
+        read = set(re.findall(r'environ(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', core_source())) | set(ws.ENV_OVERRIDES)
+        read.discard("WHATSIGNAL_REEXEC")   # internal
+        assert sorted(read - listed) == []
+
+    def test_dockerfile_basics(self):
+        with open(os.path.join(CORE_DIR, "Dockerfile"), encoding="utf-8") as f:
+            text = f.read()
+        assert re.search(r"^FROM python:3\.\d+", text, re.M)
+        assert "PYTHONDONTWRITEBYTECODE=1" in text
+        assert re.search(r"^EXPOSE 8082$", text, re.M)
+        assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/healthz" in text
+        user = re.findall(r"^USER (\S+)", text, re.M)
+        assert user and user[-1].split(":")[0] not in ("root", "0")
+
+    def test_compose_healthcheck_uses_health(self):
+        with open(os.path.join(CORE_DIR, "docker-compose.yml"), encoding="utf-8") as f:
+            text = f.read()
+        assert "wget" in text and "--spider" in text and "http://localhost:8082/health" in text
+        assert "read_only: true" in text and "no-new-privileges:true" in text
