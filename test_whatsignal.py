@@ -2,6 +2,36 @@
 
 Run: python3 -m pytest -q test_whatsignal.py
 """
+import ast
+import base64
+import binascii
+import collections
+import datetime
+import hashlib
+import hmac
+import http.client
+import http.server
+import io
+import json
+import mimetypes
+import os
+import re
+import select
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+import uuid
+
+import pytest
+import whatsignal as ws
 
 ###############################################################################
 # Fake upstreams (WAHA, signal-cli daemon, signal-cli-rest-api) and a fake clock ###
@@ -19,26 +49,6 @@ Run: python3 -m pytest -q test_whatsignal.py
 # `headers` is case-insensitive) and offers wait_for(predicate, timeout) which is always bounded.
 # No module-level side effects: nothing starts until start() is called.
 
-import base64
-import binascii
-import collections
-import datetime
-import hashlib
-import hmac
-import http.client
-import http.server
-import json
-import mimetypes
-import os
-import re
-import select
-import socket
-import struct
-import threading
-import time
-import traceback
-import urllib.parse
-import uuid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1766,8 +1776,8 @@ class FakeSignalRest(_FakeBase):
                 self.dropped_messages.append(obj)
                 self._bump()
                 return False
-            for ws in self._ws:
-                ws.queue.append(obj)
+            for wsock in self._ws:
+                wsock.queue.append(obj)
             self._bump()
             return True
 
@@ -1776,17 +1786,17 @@ class FakeSignalRest(_FakeBase):
 
     def close_ws_abruptly(self, timeout=2.0):
         """Close every WebSocket's TCP connection without a close frame; returns how many."""
-        return self._end_ws(lambda ws: setattr(ws, "abort", True), timeout)
+        return self._end_ws(lambda wsock: setattr(wsock, "abort", True), timeout)
 
     def close_ws(self, code=1000, reason="", timeout=2.0):
         """Send a close frame to every WebSocket and end it; returns how many."""
-        return self._end_ws(lambda ws: setattr(ws, "close_req", (code, reason)), timeout)
+        return self._end_ws(lambda wsock: setattr(wsock, "close_req", (code, reason)), timeout)
 
     def _end_ws(self, mark, timeout):
         with self._cond:
             conns = list(self._ws)
-            for ws in conns:
-                mark(ws)
+            for wsock in conns:
+                mark(wsock)
             self._bump()
         self.wait_for(lambda f: not any(w in f._ws for w in conns), timeout)
         return len(conns)
@@ -2161,83 +2171,83 @@ class FakeSignalRest(_FakeBase):
         h.send_header("Sec-WebSocket-Accept", accept)
         h.end_headers()
         h.wfile.flush()
-        ws = _FakeWs(h)
+        wsock = _FakeWs(h)
         with self._cond:
-            self._ws.append(ws)
+            self._ws.append(wsock)
             self._bump()
-        reader = threading.Thread(target=self._ws_reader, args=(ws,), daemon=True, name="fake-ws-reader")
+        reader = threading.Thread(target=self._ws_reader, args=(wsock,), daemon=True, name="fake-wsock-reader")
         reader.start()
         try:
-            self._ws_writer(ws)
+            self._ws_writer(wsock)
         except OSError:
             pass
         finally:
-            _fake_shutdown_sock(ws.sock)
+            _fake_shutdown_sock(wsock.sock)
             reader.join(2.0)
             with self._cond:
-                if ws in self._ws:
-                    self._ws.remove(ws)
+                if wsock in self._ws:
+                    self._ws.remove(wsock)
                 self._bump()
 
-    def _ws_writer(self, ws):
+    def _ws_writer(self, wsock):
         last_ping = time.monotonic()
         while True:
             with self._cond:
-                while not (ws.queue or ws.abort or ws.close_req or ws.peer_closed or self._stopping.is_set()):
+                while not (wsock.queue or wsock.abort or wsock.close_req or wsock.peer_closed or self._stopping.is_set()):
                     now = time.monotonic()
                     next_ping = last_ping + float(self.ping_seconds)  # re-read: tests may change it
                     if now >= next_ping:
                         break
                     self._cond.wait(min(next_ping - now, 0.5))
-                items = list(ws.queue)
-                ws.queue.clear()
-            if ws.abort:
+                items = list(wsock.queue)
+                wsock.queue.clear()
+            if wsock.abort:
                 return  # caller shuts the socket down: no close frame
             if self._stopping.is_set():
                 try:
-                    ws.send_close(1001, "going away")
+                    wsock.send_close(1001, "going away")
                 except OSError:
                     pass
                 return
-            if ws.peer_closed:
+            if wsock.peer_closed:
                 return
             for obj in items:
-                ws.send(0x1, _fake_dumps(obj))
+                wsock.send(0x1, _fake_dumps(obj))
                 with self._cond:
                     self.delivered.append(obj)
                     self._bump()
-            if ws.close_req:
-                ws.send_close(*ws.close_req)
-                self.wait_for(lambda f: ws.peer_closed, 1.0)
+            if wsock.close_req:
+                wsock.send_close(*wsock.close_req)
+                self.wait_for(lambda f: wsock.peer_closed, 1.0)
                 return
             if time.monotonic() >= last_ping + float(self.ping_seconds):
-                ws.send(0x9, b"")
+                wsock.send(0x9, b"")
                 with self._cond:
                     self.pings_sent += 1
                     self._bump()
                 last_ping = time.monotonic()
 
-    def _ws_reader(self, ws):
+    def _ws_reader(self, wsock):
         msg = None
         try:
             while True:
-                fr = _fake_ws_read(ws.h.rfile, max(int(self.read_limit), 125))
+                fr = _fake_ws_read(wsock.h.rfile, max(int(self.read_limit), 125))
                 if fr is None:
                     break
                 if fr[0] == "too_big":
-                    ws.send_close(1009, "message too big")
+                    wsock.send_close(1009, "message too big")
                     break
                 fin, op, masked, payload = fr
                 if not masked:
-                    ws.send_close(1002, "client frames must be masked")
+                    wsock.send_close(1002, "client frames must be masked")
                     break
                 if op in (0x0, 0x1, 0x2):
                     if op == 0x0 and msg is None:
-                        ws.send_close(1002, "unexpected continuation frame")
+                        wsock.send_close(1002, "unexpected continuation frame")
                         break
                     msg = bytearray(payload) if op != 0x0 else msg + payload
                     if len(msg) > self.read_limit:
-                        ws.send_close(1009, "message too big")
+                        wsock.send_close(1009, "message too big")
                         break
                     if fin:
                         with self._cond:
@@ -2247,27 +2257,27 @@ class FakeSignalRest(_FakeBase):
                 elif op == 0x8:
                     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                     with self._cond:
-                        ws.client_close_code = code
+                        wsock.client_close_code = code
                         self.ws_close_codes.append(code)
                     try:
-                        ws.send_close(code if code != 1005 else 1000)
+                        wsock.send_close(code if code != 1005 else 1000)
                     except OSError:
                         pass
                     break
                 elif op == 0x9:
-                    ws.send(0xA, payload)
+                    wsock.send(0xA, payload)
                 elif op == 0xA:
                     with self._cond:
                         self.pongs += 1
                         self._bump()
                 else:
-                    ws.send_close(1002, "unknown opcode")
+                    wsock.send_close(1002, "unknown opcode")
                     break
         except (OSError, ValueError, struct.error):
             pass
         finally:
             with self._cond:
-                ws.peer_closed = True
+                wsock.peer_closed = True
                 self._bump()
 
 
@@ -2313,15 +2323,8 @@ class FakeClock:
 # ---------------------------------------------------------------------------
 # Shared harness for the test drafts (will be merged into test_whatsignal.py).
 # ---------------------------------------------------------------------------
-import io
-import json
-import os
-import threading
-import time
 
-import pytest
 
-import whatsignal as ws
 
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "contracts", "fixtures")
@@ -2472,25 +2475,8 @@ def owner_env(ts, text=None, **data):
 # webhook/health/metrics server, logging, command line, packaging).
 # Helpers and fixtures of this part carry the prefix ``core_``.
 # ---------------------------------------------------------------------------
-import ast
-import hashlib
-import hmac
-import http.client
-import json
-import os
-import re
-import signal
-import socket
-import sqlite3
-import statistics
-import subprocess
-import sys
-import threading
-import time
 
-import pytest
 
-import whatsignal as ws
 
 CORE_WS_PATH = os.path.abspath(ws.__file__)
 CORE_DIR = os.path.dirname(CORE_WS_PATH)
