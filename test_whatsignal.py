@@ -3143,7 +3143,7 @@ class TestStore:
         db.close()
         s = ws.Store(path)
         try:
-            assert s.one("PRAGMA user_version")[0] == 2
+            assert s.one("PRAGMA user_version")[0] == ws.SCHEMA_VERSION
             cols = [r[1] for r in s.query("PRAGMA table_info(messages)")]
             assert "sig_conv_enc" in cols
             assert s.one("SELECT name FROM sqlite_master WHERE name='signal_groups'") is not None
@@ -3761,3 +3761,1313 @@ class TestMisc:
             text = f.read()
         assert "wget" in text and "--spider" in text and "http://localhost:8082/health" in text
         assert "read_only: true" in text and "no-new-privileges:true" in text
+
+###############################################################################
+# WhatsApp to Signal ##########################################################
+###############################################################################
+
+# ---------------------------------------------------------------------------
+# Issue 3: WhatsApp -> Signal. Every WAHA event reaches the owner's Signal,
+# durably and exactly once.
+# ---------------------------------------------------------------------------
+
+
+
+W2S_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 8
+W2S_PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
+W2S_PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n" + b"0" * 512
+W2S_OGG = b"OggS\x00\x02" + bytes(range(200)) * 4
+W2S_MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00" + bytes(range(256)) * 4
+W2S_WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(range(128))
+W2S_ALICE = "15550001111@c.us"
+W2S_BOB = "15550002222@c.us"
+W2S_GROUP = "120363025555555555@g.us"
+W2S_FIXTURE_DIR = FIXTURES   # from the harness: ../shared/contracts/fixtures
+
+
+# -- fakes extended for this file --------------------------------------------------------------
+
+class W2sWaha(FakeWaha):
+    """FakeWaha plus ``GET /api/{session}/groups/{id}`` (waha.md 5.4: ``{id, subject, ...}``) from
+    ``groups`` {groupId: subject}, and files entries with ``{"status": N}`` answered with that status."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.groups = {}
+
+    def _handle(self, h):
+        segs = [urllib.parse.unquote(s) for s in urllib.parse.urlsplit(h.path).path.split("/")[1:]]
+        if h.command == "GET" and len(segs) == 4 and segs[0] == "api" and segs[2] == "groups":
+            return self._w2s_group(h, segs[1], segs[3])
+        return super()._handle(h)
+
+    def _w2s_group(self, h, session, gid):
+        call = self._begin(h)
+        if not self._fault_gate(h, call, self.mode):
+            return
+        if call["headers"].get("x-api-key") != self.api_key:
+            return self._send_json(h, call, 401, {"message": "Unauthorized", "statusCode": 401})
+        if not self._session_gate(h, call, session):
+            return
+        with self._lock:
+            name = self.groups.get(gid)
+        if name is None:
+            return self._send_json(h, call, 404, {"statusCode": 404, "message": "Group not found", "error": "Not Found"})
+        return self._send_json(h, call, 200, {"id": gid, "subject": name, "participants": []})
+
+    def _serve_file(self, h, call):
+        with self._lock:
+            entry = self.files.get(call["path"])
+        if isinstance(entry, dict) and entry.get("status"):
+            return self._send_json(h, call, entry["status"], {"statusCode": entry["status"], "message": "busy"})
+        return super()._serve_file(h, call)
+
+
+@pytest.fixture
+def w2s_make(tmp_path):
+    """Factory of running Harnesses (W2sWaha instead of FakeWaha), each in its own directory.
+    ``make.many(spec, ...)`` starts several at once; teardown stops them all in parallel."""
+    made = []
+
+    def make(kind="rpc", rest_mode="normal", send_shape="object", raw_overrides=None, start=True, clock=None):
+        path = tmp_path / ("bridge%d" % len(made))
+        path.mkdir()
+        h = Harness(path, kind, rest_mode=rest_mode, raw_overrides=raw_overrides, clock=clock)
+        made.append(h)
+        h.waha.stop()
+        h.waha = W2sWaha(api_key=WAHA_KEY).start()
+        h.raw["whatsapp"]["apiUrl"] = h.waha.url
+        if kind != "rpc":
+            h.signal.send_shape = send_shape
+            h.signal.receive_max_wait = 0.1   # short long-polls: the bridge stops quickly
+        return h.start() if start else h
+
+    def many(*specs):
+        hs = [make(start=False, **spec) for spec in specs]
+        threads = [threading.Thread(target=h.start) for h in hs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(h.app is not None for h in hs), "a bridge failed to start"
+        return hs
+
+    make.many = many
+    yield make
+    stoppers = [threading.Thread(target=h.stop) for h in made]
+    for t in stoppers:
+        t.start()
+    for t in stoppers:
+        t.join(30)
+    assert not any(t.is_alive() for t in stoppers)
+    problems = [e for h in made for e in h.waha.server_errors + h.signal.server_errors]
+    assert problems == []
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def w2s_message(h, chat, wa, body="", participant=None, push=None, **payload_fields):
+    """A current-shape (GOWS) WAHA `message` event from `chat` (`participant` for groups)."""
+    mid = "false_%s_%s" % (chat, wa) + ("_" + participant if participant else "")
+    payload = {"id": mid, "timestamp": int(time.time()), "from": chat, "fromMe": False, "source": "app",
+               "body": body, "to": participant, "participant": participant, "hasMedia": False, "media": None,
+               "ack": 2, "ackName": "DEVICE", "location": None, "vCards": None, "replyTo": None,
+               "_data": {"Info": {"PushName": push}} if push else {}}
+    payload.update(payload_fields)
+    return h.waha.event("message", payload)
+
+
+def w2s_image_event(h, wa, url, mimetype="image/jpeg", body="a caption", chat=W2S_ALICE, filename=None):
+    return w2s_message(h, chat, wa, body, hasMedia=True,
+                       media={"url": url, "mimetype": mimetype, "filename": filename, "error": None})
+
+
+def w2s_reaction(h, chat, target_wa, emoji, rid, target_from_me=False):
+    target = "%s_%s_%s" % ("true" if target_from_me else "false", chat, target_wa)
+    return h.waha.event("message.reaction", {
+        "id": "false_%s_%s" % (chat, rid), "timestamp": int(time.time()), "from": chat, "fromMe": False,
+        "source": "app", "to": None, "participant": None, "reaction": {"text": emoji, "messageId": target}})
+
+
+def w2s_edit(h, chat, target_wa, body, eid):
+    return h.waha.event("message.edited", {
+        "id": "false_%s_%s" % (chat, eid), "timestamp": int(time.time()), "from": chat, "fromMe": False,
+        "source": "app", "body": body, "to": None, "participant": None, "hasMedia": False, "media": None,
+        "replyTo": None, "editedMessageId": target_wa})
+
+
+def w2s_revoke(h, chat, target_wa, rid):
+    return h.waha.event("message.revoked", {
+        "after": {"id": "false_%s_%s" % (chat, rid), "timestamp": int(time.time()), "from": chat, "fromMe": False,
+                  "source": "app", "body": None, "participant": None, "hasMedia": False},
+        "before": None, "revokedMessageId": target_wa})
+
+
+def w2s_status(h, status):
+    return h.waha.event("session.status", {"name": "default", "status": status, "statuses": [], "data": None})
+
+
+def w2s_post(h, event, expect="stored"):
+    status, body = h.webhook(event)
+    assert (status, body) == (200, {"status": expect}), body
+    return body
+
+
+def w2s_settle(h, timeout=10.0):
+    """Wait until nothing is pending in the WhatsApp -> Signal queue."""
+    assert h.wait(lambda: h.app.store.queue_depth("w2s") == 0, timeout), w2s_queue(h)
+
+
+def w2s_queue(h):
+    return [dict(r) for r in h.app.store.query(
+        "SELECT id, kind, state, attempts, error FROM queue WHERE direction='w2s' ORDER BY id")]
+
+
+def w2s_deliveries(h):
+    """Every message the owner received, backend-neutral:
+    {"text", "atts": [(mime, filename, bytes)], "quote": (ts, author) | None, "edit": ts | None, "ts", "to"}."""
+    out = []
+    if isinstance(h.signal, FakeSignalDaemon):
+        for r in h.signal.requests("send"):
+            if r["error"] is not None:
+                continue
+            p = r["params"]
+            quote = (p["quoteTimestamp"], p.get("quoteAuthor")) if p.get("quoteTimestamp") is not None else None
+            out.append({"text": p.get("message"), "atts": [(a["mime"], a["filename"], a["data"]) for a in r["attachments"]],
+                        "quote": quote, "quote_text": p.get("quoteMessage"), "edit": p.get("editTimestamp"),
+                        "ts": r["timestamp"], "to": p.get("recipient")})
+        return out
+    for c in h.signal.calls_for("/v2/send", "POST"):
+        if not isinstance(c.get("status"), int) or not 200 <= c["status"] < 300:
+            continue
+        b = c["json"]
+        quote = (b["quote_timestamp"], b.get("quote_author")) if b.get("quote_timestamp") is not None else None
+        out.append({"text": b.get("message"), "atts": [(a["mime"], a["filename"], a["data"]) for a in c["attachments"]],
+                    "quote": quote, "quote_text": b.get("quote_message"), "edit": b.get("edit_timestamp"),
+                    "ts": c["timestamps"][0], "to": b.get("recipients")})
+    return out
+
+
+def w2s_texts(h):
+    return [d["text"] for d in w2s_deliveries(h)]
+
+
+def w2s_other_signal_calls(h):
+    """Reactions and remote deletes sent to Signal (backend-neutral list of (kind, details))."""
+    if isinstance(h.signal, FakeSignalDaemon):
+        return [(r["method"], r["params"]) for r in h.signal.requests()
+                if r["method"] in ("sendReaction", "remoteDelete") and r["error"] is None]
+    return [(c["method"] + " " + c["path"], c["json"]) for c in h.signal.calls
+            if c["path"].startswith(("/v1/reactions", "/v1/remote-delete"))]
+
+
+def w2s_manual(h):
+    """Stop the app's own w2s delivery worker; return a Deliverer that a test steps on a FakeClock."""
+    for w in h.app.workers:
+        if isinstance(w, ws.Deliverer) and w.direction == "w2s":
+            w.stop()
+    clock = FakeClock(start=time.time() + 60)   # items stored from now on are due on this clock
+    leader = threading.Event()
+    leader.set()
+    return ws.Deliverer(h.app.bridge, "w2s", leader, clock=clock.time, rand=lambda: 0.0), clock
+
+
+def w2s_drain(h, deliverer, clock, step=301.0, limit=40):
+    """run_once / advance the clock until the w2s queue is empty; bounded."""
+    for _ in range(limit):
+        deliverer.run_once()
+        if h.app.store.queue_depth("w2s") == 0:
+            return True
+        clock.advance(step)
+    return False
+
+
+def w2s_get(url):
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", u.path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8")
+    finally:
+        conn.close()
+
+
+def w2s_files_outside_cache(h):
+    """Files under the harness directory other than the database and the media cache dir itself."""
+    found = []
+    cache = os.path.abspath(h.raw["media"]["cacheDir"])
+    for root, _dirs, files in os.walk(str(h.tmp_path)):
+        for f in files:
+            p = os.path.abspath(os.path.join(root, f))
+            if p.startswith(cache + os.sep) or os.path.basename(p).startswith("whatsignal.db"):
+                continue
+            found.append(p)
+    return found
+
+
+def w2s_cache_files(h):
+    d = h.raw["media"]["cacheDir"]
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def w2s_owner_reply(h, ts, text, quote_ts=None):
+    """The owner writes in Signal (quote-reply to `quote_ts` when given)."""
+    extra = {}
+    if quote_ts is not None:
+        extra["quote"] = {"id": quote_ts, "author": BRIDGE, "authorNumber": BRIDGE,
+                          "authorUuid": "0d1c2b3a-4f5e-4a6b-8c7d-9e0f1a2b3c4d", "text": "quoted", "attachments": []}
+    obj = owner_env(ts, text, **extra)
+    h.signal.push(obj)
+
+
+# ===============================================================================================
+# Translation (pure functions)
+# ===============================================================================================
+
+W2S_WAHA_FIXTURES = sorted(f for f in os.listdir(W2S_FIXTURE_DIR)
+                           if f.startswith("waha-") and f.endswith(".json") and f != "waha-openapi.json")
+
+# fixture -> None (not bridged) | "PayloadError" | (kind, dedupe, chat, {record fields to check})
+W2S_PARSED = {
+    "waha-ack-group.json": ("message.ack", "a:11111111111@g.us:4CC5EDD64BC22EBA6D639F2AF571346C:3", "11111111111@g.us",
+                            {"bare": "4CC5EDD64BC22EBA6D639F2AF571346C", "ack": 3}),
+    "waha-ack.json": ("message.ack", "a:11111111111@c.us:4CC5EDD64BC22EBA6D639F2AF571346C:3", "11111111111@c.us",
+                      {"bare": "4CC5EDD64BC22EBA6D639F2AF571346C", "ack": 3}),
+    "waha-edited-derived.json": ("message.edited", None, "15550000002@c.us",
+                                 {"target_bare": "3EB0C0FFEE0000000000A1", "body": "Hello (edited)"}),
+    "waha-message-document.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
+                                   {"bare": "A" * 32, "body": "", "sender": "11111111111@c.us", "reply": None,
+                                    "media": {"url": "http://localhost:3000/api/files/true_11111111111@c.us_"
+                                              + "A" * 32 + ".pdf", "mimetype": "application/pdf",
+                                              "filename": "some-file.pdf", "error": None}}),
+    "waha-message-group-derived.json": ("message", "m:3EB0C0FFEE1234567890AB", W2S_GROUP,
+                                        {"bare": "3EB0C0FFEE1234567890AB", "body": "Hi everyone",
+                                         "sender": "15550000004@c.us", "media": None}),
+    "waha-message-image-derived.json": ("message", "m:3EB0123456789ABCDEF012", "15550000002@c.us",
+                                        {"body": "Check this out (caption)",
+                                         "media": {"url": "http://localhost:3000/api/files/default/3EB0123456789ABCDEF012.jpeg",
+                                                   "mimetype": "image/jpeg", "filename": None, "error": None}}),
+    "waha-message-image.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
+                                {"body": "Check this out (caption for the media)!"}),
+    "waha-message-reply.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
+                                {"body": "Yes!", "reply": {"id": "A" * 19, "body": "Check this out!",
+                                                           "participant": "22222222222@c.us"}}),
+    "waha-message-text.json": None,          # fromMe: the owner's own message, never echoed
+    "waha-presence-update.json": None,       # not an event the bridge handles
+    "waha-reaction.json": ("message.reaction", "r:" + "1" * 32 + ":79111111@c.us:1710481111.853:🙏",
+                           "79111111@c.us", {"target": "true_79111111@c.us_" + "1" * 32, "target_bare": "1" * 32,
+                                             "emoji": "🙏", "sender": "79111111@c.us"}),
+    "waha-revoked-derived.json": ("message.revoked", "d:15550000002@c.us:3EB0C0FFEE0000000000A1", "15550000002@c.us",
+                                  {"target_bare": "3EB0C0FFEE0000000000A1"}),
+    "waha-revoked.json": "PayloadError",     # docs placeholders: no chat id anywhere
+    "waha-session-status-derived.json": ("session.status", "s:evt_01kdz3dhm4n6p8q0r2s4t6v8w0", "~session",
+                                         {"status": "WORKING"}),
+    "waha-session-status.json": ("session.status", None, "~session", {"status": "WORKING"}),
+}
+
+
+class TestTranslation:
+    def test_every_waha_fixture_has_an_expectation(self):
+        assert sorted(W2S_PARSED) == W2S_WAHA_FIXTURES
+
+    @pytest.mark.parametrize("name", W2S_WAHA_FIXTURES)
+    def test_parse_waha_event_fixture(self, name):
+        want = W2S_PARSED[name]
+        event = fixture(name)
+        if want == "PayloadError":
+            with pytest.raises(ws.PayloadError):
+                ws.parse_waha_event(event)
+            return
+        got = ws.parse_waha_event(event)
+        if want is None:
+            assert got is None
+            return
+        kind, dedupe, chat, fields = want
+        assert (got.kind, got.session, got.chat) == (kind, "default", chat)
+        assert got.record["event"] == kind
+        if dedupe is not None:
+            assert got.dedupe == dedupe
+        else:
+            assert got.dedupe.startswith({"message.edited": "e:", "session.status": "s:"}[kind])
+        for k, v in fields.items():
+            assert got.record[k] == v, k
+
+    def test_old_session_status_without_event_id_still_gets_a_dedupe_key(self):
+        a = ws.parse_waha_event(fixture("waha-session-status.json"))
+        assert a.dedupe.startswith("s:WORKING:")
+
+    @pytest.mark.parametrize("reply_to", [
+        {"id": "3EB0AABBCCDD", "participant": "15550001111@c.us", "body": "the original", "hasMedia": False},
+        {"id": "false_15550001111@c.us_3EB0AABBCCDD", "participant": None, "body": "the original", "hasMedia": False},
+        {"id": "false_120363025555555555@g.us_3EB0AABBCCDD_15550001111@c.us", "body": "the original"},
+        "false_15550001111@c.us_3EB0AABBCCDD",
+        "3EB0AABBCCDD",
+    ], ids=["object-bare", "object-serialized", "object-group-serialized", "string-serialized", "string-bare"])
+    def test_reply_to_every_shape_gives_the_bare_id(self, reply_to):
+        ev = {"event": "message", "session": "default",
+              "payload": {"id": "false_15550001111@c.us_3EB0REPLY", "from": W2S_ALICE, "body": "answer",
+                          "replyTo": reply_to}}
+        rec = ws.parse_waha_event(ev).record
+        assert rec["reply"]["id"] == "3EB0AABBCCDD"
+        assert rec["reply"]["body"] == (reply_to.get("body") if isinstance(reply_to, dict) else None)
+
+    def test_reply_to_of_wrong_type_is_a_payload_error(self):
+        ev = {"event": "message", "session": "default",
+              "payload": {"id": "false_15550001111@c.us_3EB0X", "from": W2S_ALICE, "body": "x", "replyTo": 42}}
+        with pytest.raises(ws.PayloadError):
+            ws.parse_waha_event(ev)
+
+    @pytest.mark.parametrize("payload", [
+        {"id": "false_status@broadcast_3EB0S", "from": "status@broadcast", "body": "my status"},
+        {"id": "false_120363111@newsletter_3EB0N", "from": "120363111@newsletter", "body": "news"},
+        {"id": "false_15550001111@c.us_3EB0E", "from": W2S_ALICE, "body": "", "hasMedia": False},
+        {"id": "false_15550001111@c.us_3EB0E", "from": W2S_ALICE, "body": None},
+        {"id": "true_15550001111@c.us_3EB0F", "from": W2S_ALICE, "fromMe": True, "body": "mine"},
+    ], ids=["status-broadcast", "newsletter", "empty-system", "null-body", "fromMe"])
+    def test_messages_not_forwarded(self, payload):
+        assert ws.parse_waha_event({"event": "message", "session": "default", "payload": payload}) is None
+
+    def test_message_any_is_not_handled(self):
+        ev = {"event": "message.any", "session": "default",
+              "payload": {"id": "false_15550001111@c.us_3EB0A", "from": W2S_ALICE, "body": "hi"}}
+        assert ws.parse_waha_event(ev) is None
+
+    def test_lid_participant_kept_for_resolution(self):
+        ev = {"event": "message", "session": "default",
+              "payload": {"id": "false_120363025555555555@g.us_3EB0L_77001122334455@lid", "from": W2S_GROUP,
+                          "participant": "77001122334455@lid", "body": "hi"}}
+        inbound = ws.parse_waha_event(ev)
+        assert (inbound.chat, inbound.record["sender"]) == (W2S_GROUP, "77001122334455@lid")
+
+    def test_location_and_vcard_records(self):
+        ev = {"event": "message", "session": "default",
+              "payload": {"id": "false_15550001111@c.us_3EB0LOC", "from": W2S_ALICE, "body": "",
+                          "location": {"latitude": "52.5163", "longitude": "13.3777", "name": "Brandenburger Tor",
+                                       "address": "Pariser Platz, Berlin", "live": False},
+                          "vCards": ["BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Erin Example\r\n"
+                                     "TEL;type=CELL;waid=15550009999:+1 555 000 9999\r\nEND:VCARD"]}}
+        rec = ws.parse_waha_event(ev).record
+        assert rec["location"] == {"lat": 52.5163, "lon": 13.3777, "name": "Brandenburger Tor",
+                                   "address": "Pariser Platz, Berlin"}
+        text = ws.render_for_signal(rec, "Alice")
+        assert text == ("Alice: 📍 Brandenburger Tor, Pariser Platz, Berlin https://maps.google.com/?q=52.516300,13.377700\n"
+                        "👤 Erin Example, +1 555 000 9999")
+
+    @pytest.mark.parametrize("kwargs, want", [
+        ({}, "Alice Example: hello"),
+        ({"group_name": "Family"}, "Alice Example in Family: hello"),
+        ({"inline_quote": "what time?"}, "> what time?\nAlice Example: hello"),
+        ({"inline_quote": "x" * 100}, "> " + "x" * 59 + "…\nAlice Example: hello"),
+        ({"inline_quote": "line one\nline two"}, "> line one line two\nAlice Example: hello"),
+        ({"notice": "video, 83 MB, over the 50 MB limit"}, "Alice Example: [video, 83 MB, over the 50 MB limit]\nhello"),
+        ({"prefix": False}, "hello"),
+        ({"group_name": "Family", "prefix": False}, "hello"),
+    ])
+    def test_render_for_signal(self, kwargs, want):
+        assert ws.render_for_signal({"body": "hello"}, "Alice Example", **kwargs) == want
+
+    def test_render_notice_without_caption(self):
+        assert ws.render_for_signal({"body": ""}, "+15550001111", notice="image, expired on WhatsApp's server") \
+            == "+15550001111: [image, expired on WhatsApp's server]"
+
+    @pytest.mark.parametrize("jid, want", [
+        ("15550001111@c.us", "15550001111@c.us"),
+        ("15550001111@s.whatsapp.net", "15550001111@c.us"),
+        ("15550001111:7@s.whatsapp.net", "15550001111@c.us"),
+        ("77001122334455@lid", "77001122334455@lid"),
+        ("77001122334455:3@LID", "77001122334455@lid"),
+        (W2S_GROUP, W2S_GROUP),
+        ("status@broadcast", "status@broadcast"),
+        ("someone@example.com", None),
+        ("@c.us", None),
+        ("15550001111", None),
+        (None, None),
+        (42, None),
+    ])
+    def test_normalize_jid(self, jid, want):
+        assert ws.normalize_jid(jid) == want
+
+    @pytest.mark.parametrize("jid, phone", [
+        ("15550001111@c.us", "+15550001111"), ("15550001111@s.whatsapp.net", "+15550001111"),
+        ("77001122334455@lid", None), (W2S_GROUP, None), ("abc@c.us", None), (None, None)])
+    def test_jid_to_phone(self, jid, phone):
+        assert ws.jid_to_phone(jid) == phone
+
+    @pytest.mark.parametrize("number, jid", [("+15550001111", "15550001111@c.us"), ("15550001111", None),
+                                             ("+0123456789", None), ("", None), (None, None)])
+    def test_phone_to_jid(self, number, jid):
+        assert ws.phone_to_jid(number) == jid
+
+    @pytest.mark.parametrize("mid, parts, bare", [
+        ("false_15550001111@c.us_3EB0AA", (False, "15550001111@c.us", "3EB0AA", None), "3EB0AA"),
+        ("true_120363025555555555@g.us_3EB0AA_77001122334455@lid",
+         (True, W2S_GROUP, "3EB0AA", "77001122334455@lid"), "3EB0AA"),
+        ({"_serialized": "false_15550001111@c.us_3EB0AA"}, (False, "15550001111@c.us", "3EB0AA", None), "3EB0AA"),
+        ("3EB0AA", None, "3EB0AA"),
+        ("maybe_15550001111@c.us_3EB0AA", None, "maybe_15550001111@c.us_3EB0AA"),
+        ("", None, None),
+        ("A" * 129, None, None),
+    ])
+    def test_msg_id_parts_and_bare_id(self, mid, parts, bare):
+        assert ws.msg_id_parts(mid) == parts
+        if isinstance(mid, str):
+            assert ws.bare_msg_id(mid) == bare
+
+    @pytest.mark.parametrize("url, ok", [
+        ("http://127.0.0.1:3000/api/files/default/x.jpeg", True),
+        ("http://127.0.0.1:3001/api/files/default/x.jpeg", False),
+        ("https://127.0.0.1:3000/api/files/default/x.jpeg", False),
+        ("http://localhost:3000/api/files/default/x.jpeg", False),
+        ("file:///etc/passwd", False),
+        ("ftp://127.0.0.1:3000/x", False),
+        ("//127.0.0.1:3000/api/files/x", False),
+        ("http://127.0.0.1:3000@evil.example/x.jpeg", False),
+        ("http://user:pw@127.0.0.1:3000/x.jpeg", False),
+        ("http://evil.example/#@127.0.0.1:3000/", False),
+        ("", False),
+        (None, False),
+    ])
+    def test_media_url_only_from_waha_origin(self, url, ok):
+        client = ws.WahaClient("http://127.0.0.1:3000", WAHA_KEY)
+        if ok:
+            client.check_media_url(url)
+        else:
+            with pytest.raises(ws.PermanentError):
+                client.check_media_url(url)
+
+    @pytest.mark.parametrize("declared, head, ok", [
+        ("image/jpeg", W2S_JPEG[:16], True), ("image/jpeg", W2S_PNG[:16], True),
+        ("image/jpeg", b"<html><body>", False), ("image/png", b"MZ\x90\x00", False),
+        ("video/mp4", W2S_MP4[:16], True), ("audio/ogg", W2S_OGG[:16], True), ("audio/ogg", W2S_JPEG[:16], False),
+        ("application/pdf", W2S_PDF[:16], True), ("application/pdf", b"\x7fELF\x02\x01", False),
+        ("application/octet-stream", b"MZ\x90\x00", False),
+    ])
+    def test_media_type_checked_against_magic_bytes(self, declared, head, ok):
+        assert ws.media_type_ok(declared, head) is ok
+
+    @pytest.mark.parametrize("name, mime, want", [
+        ("../../etc/passwd", "application/pdf", "passwd"), ("..\\..\\boot.ini", "text/plain", "boot.ini"),
+        (".hidden", "image/png", "hidden"), (None, "image/jpeg", "file.jpg"), ("", "audio/ogg", "file.ogg"),
+        ("a;b,c:d.pdf", "application/pdf", "a_b_c_d.pdf"), ("x\x00y.pdf", "application/pdf", "x_y.pdf")])
+    def test_safe_filename(self, name, mime, want):
+        assert ws.safe_filename(name, mime) == want
+
+
+# ===============================================================================================
+# Forwarding (end to end through the webhook endpoint)
+# ===============================================================================================
+
+# fixture -> (HTTP status, body, [(text the owner sees, [(mime, filename, bytes)])])
+W2S_FILE_BYTES = {"image/jpeg": W2S_JPEG, "application/pdf": W2S_PDF}
+W2S_E2E = {
+    "waha-ack-group.json": (200, {"status": "stored"}, []),
+    "waha-ack.json": (200, {"status": "stored"}, []),
+    "waha-edited-derived.json": (200, {"status": "stored"}, [("+15550000002 edited a message: Hello (edited)", [])]),
+    "waha-message-document.json": (200, {"status": "stored"},
+                                   [("+11111111111:", [("application/pdf", "some-file.pdf", W2S_PDF)])]),
+    "waha-message-group-derived.json": (200, {"status": "stored"}, [("+15550000004 in Family: Hi everyone", [])]),
+    "waha-message-image-derived.json": (200, {"status": "stored"},
+                                        [("+15550000002: Check this out (caption)", [("image/jpeg", "file.jpg", W2S_JPEG)])]),
+    "waha-message-image.json": (200, {"status": "stored"},
+                                [("+11111111111: Check this out (caption for the media)!",
+                                  [("image/jpeg", "file.jpg", W2S_JPEG)])]),
+    "waha-message-reply.json": (200, {"status": "stored"}, [("> Check this out!\n+11111111111: Yes!", [])]),
+    "waha-message-text.json": (200, {"status": "ignored"}, []),
+    "waha-presence-update.json": (200, {"status": "ignored"}, []),
+    "waha-reaction.json": (200, {"status": "stored"}, [("+79111111 reacted 🙏 to a message", [])]),
+    "waha-revoked-derived.json": (200, {"status": "stored"}, [("+15550000002 deleted a message on WhatsApp", [])]),
+    # Docs placeholders ("some-id-here"): no chat can be derived. 400 is right: it is not a real WAHA
+    # payload, nothing can be bridged from it, and a 4xx tells the sender it is malformed.
+    "waha-revoked.json": (400, None, []),     # None: a JSON {"error": "invalid payload: ..."}
+    "waha-session-status-derived.json": (200, {"status": "stored"}, []),
+    "waha-session-status.json": (200, {"status": "stored"}, []),
+}
+
+W2S_BACKENDS = [("rpc", "object"), ("rest", "object"), ("rest", "array")]
+
+
+class TestForwarding:
+    def test_every_fixture_has_an_end_to_end_expectation(self):
+        assert sorted(W2S_E2E) == W2S_WAHA_FIXTURES
+
+    @pytest.mark.parametrize("name", W2S_WAHA_FIXTURES)
+    def test_fixture_through_webhook(self, w2s_make, name):
+        """Into the signal-cli daemon and the REST API (object and array /v2/send shapes) at once."""
+        bridges = w2s_make.many(*[{"kind": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        want_status, want_body, want = W2S_E2E[name]
+        for h, backend in zip(bridges, W2S_BACKENDS):
+            h.waha.groups[W2S_GROUP] = "Family"
+            event = fixture(name)
+            media = event["payload"].get("media") if isinstance(event.get("payload"), dict) else None
+            if media and media.get("url"):
+                # WAHA_BASE_URL behind Docker differs; the bridge's WAHA is the fake: same path, fake's origin
+                path = urllib.parse.urlsplit(media["url"]).path
+                h.waha.add_file(path, W2S_FILE_BYTES[media["mimetype"]], media["mimetype"])
+                media["url"] = h.waha.url + path
+            status, body = h.webhook(event)
+            assert status == want_status, backend
+            if want_body is None:
+                assert list(body) == ["error"] and body["error"].startswith("invalid payload"), body
+            else:
+                assert body == want_body, backend
+        for h, backend in zip(bridges, W2S_BACKENDS):
+            w2s_settle(h)
+            got = w2s_deliveries(h)
+            assert [(d["text"], d["atts"]) for d in got] == want, backend
+            assert all(d["to"] == [OWNER] and d["quote"] is None and d["edit"] is None for d in got), backend
+            assert w2s_other_signal_calls(h) == [], backend
+            assert [q["state"] for q in w2s_queue(h)] == (["done"] if want_body == {"status": "stored"} else [])
+            for c in h.waha.calls_for("/api/files/"):
+                assert c["headers"].get("x-api-key") == WAHA_KEY
+
+    def test_sender_naming(self, w2s_make):
+        """Contact name (WAHA contacts), else push name, else +number; groups add "in <group name>"."""
+        h = w2s_make()
+        cases = [  # (sender, WAHA contact entry, group subject or None for a 1:1 chat, push name, expected)
+            ("15550001001@c.us", "Alice Example", None, "Ali", "Alice Example: hello"),
+            ("15550001002@c.us", {"name": None, "pushname": "Alice P"}, None, None, "Alice P: hello"),
+            ("15550001003@c.us", None, None, "Ali", "Ali: hello"),
+            ("15550001004@c.us", None, None, None, "+15550001004: hello"),
+            ("15550001005@c.us", "Alice Example", "Family", None, "Alice Example in Family: hello"),
+            ("15550001006@c.us", None, "Family", "Ali", "Ali in Family: hello"),
+            ("15550001007@c.us", None, "Family", None, "+15550001007 in Family: hello"),
+        ]
+        for i, (sender, contact, subject, push, _want) in enumerate(cases):
+            if contact is not None:
+                h.waha.contacts[sender] = contact
+            if subject is None:
+                w2s_post(h, w2s_message(h, sender, "3EB0NAME%d" % i, "hello", push=push))
+            else:
+                group = "12036300000000000%d@g.us" % i
+                h.waha.groups[group] = subject
+                w2s_post(h, w2s_message(h, group, "3EB0NAME%d" % i, "hello", participant=sender, push=push))
+        w2s_settle(h)
+        assert sorted(w2s_texts(h)) == sorted(c[-1] for c in cases)
+
+    def test_contact_names_are_cached(self, w2s_make):
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice Example"
+        for i in range(3):
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0CACHE%d" % i, "m%d" % i))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice Example: m0", "Alice Example: m1", "Alice Example: m2"]
+        assert len(h.waha.calls_for("/api/contacts")) == 1
+
+    def test_contact_name_refreshed_after_a_day(self, w2s_make):
+        clock = FakeClock(start=time.time())
+        h = w2s_make(clock=clock.time)
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0REF1", "one"))
+        w2s_settle(h)
+        h.waha.contacts[W2S_ALICE] = "Alice Renamed"
+        clock.advance(ws.CONTACT_TTL - 60)
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0REF2", "two"))
+        w2s_settle(h)
+        clock.advance(120)
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0REF3", "three"))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice: one", "Alice: two", "Alice Renamed: three"]
+        assert len(h.waha.calls_for("/api/contacts")) == 2
+
+    def test_reply_to_bridged_message_is_native_quote(self, w2s_make):
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0FIRST", "Dinner at 8?"))
+        w2s_settle(h)
+        first_ts = w2s_deliveries(h)[0]["ts"]
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0SECOND", "Or 9?",
+                                replyTo={"id": "3EB0FIRST", "participant": W2S_ALICE, "body": "Dinner at 8?",
+                                         "hasMedia": False}))
+        w2s_settle(h)
+        second = w2s_deliveries(h)[1]
+        assert second["text"] == "Alice: Or 9?"
+        assert second["quote"] == (first_ts, BRIDGE)
+        assert second["quote_text"] == "Dinner at 8?"
+
+    def test_reply_native_quote_on_rest(self, w2s_make):
+        for h in w2s_make.many({"kind": "rest", "send_shape": "object"}, {"kind": "rest", "send_shape": "array"}):
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0FIRST", "Dinner at 8?"))
+            w2s_settle(h)
+            first_ts = w2s_deliveries(h)[0]["ts"]
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0SECOND", "Or 9?",
+                                    replyTo="false_15550001111@c.us_3EB0FIRST"))
+            w2s_settle(h)
+            second = w2s_deliveries(h)[1]
+            assert (second["text"], second["quote"]) == ("+15550001111: Or 9?", (first_ts, BRIDGE)), h.signal.send_shape
+
+    def test_reply_to_unknown_message_is_inline_and_shortened(self, w2s_make):
+        h = w2s_make()
+        long_text = "This is the message Alice is answering, and it is far too long to quote whole here"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0ANSWER", "Yes",
+                                replyTo={"id": "3EB0NEVERSEEN", "participant": W2S_ALICE, "body": long_text}))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [x["quote"] for x in d] == [None]
+        assert d[0]["text"] == "> " + long_text[:59] + "…\n+15550001111: Yes"
+
+    def test_location_and_vcard_are_readable(self, w2s_make):
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0LOC", "", location={
+            "latitude": "52.5163", "longitude": "13.3777", "name": "Brandenburger Tor", "address": None,
+            "live": False, "url": None, "description": None, "thumbnail": None}))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0VCF", "", vCards=[
+            "BEGIN:VCARD\nVERSION:3.0\nN:Example;Erin;;;\nFN:Erin Example\n"
+            "TEL;type=CELL;type=VOICE;waid=15550009999:+1 555 000 9999\nEND:VCARD"]))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice: 📍 Brandenburger Tor https://maps.google.com/?q=52.516300,13.377700",
+                                "Alice: 👤 Erin Example, +1 555 000 9999"]
+
+    def test_not_forwarded(self, w2s_make):
+        h = w2s_make()
+        ignored = [
+            ("message.any", {"id": "false_15550001111@c.us_3EB0ANY", "from": W2S_ALICE, "fromMe": False, "body": "x"}),
+            ("message", {"id": "true_15550001111@c.us_3EB0MINE", "from": W2S_ALICE, "fromMe": True, "source": "app",
+                         "body": "sent from my phone"}),
+            ("message", {"id": "false_status@broadcast_3EB0ST_15550001111@c.us", "from": "status@broadcast",
+                         "participant": W2S_ALICE, "fromMe": False, "body": "my status"}),
+            ("message", {"id": "false_15550001111@c.us_3EB0SYS", "from": W2S_ALICE, "fromMe": False, "body": "",
+                         "hasMedia": False}),
+            ("message.reaction", {"id": "true_15550001111@c.us_3EB0MYR", "from": W2S_ALICE, "fromMe": True,
+                                  "reaction": {"text": "👍", "messageId": "false_15550001111@c.us_3EB0X"}}),
+            ("group.v2.join", {"group": {"id": W2S_GROUP}}),
+        ]
+        for name, payload in ignored:
+            w2s_post(h, h.waha.event(name, payload), expect="ignored")
+        w2s_post(h, w2s_message(h, W2S_BOB, "3EB0AFTER", "marker"))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["+15550002222: marker"]
+        assert w2s_other_signal_calls(h) == []
+
+    def test_lid_chat_resolved_and_reply_routes_to_phone_chat(self, w2s_make):
+        h = w2s_make()
+        lid, pn = "99887766554433@lid", "15550003333@c.us"
+        h.waha.lids[lid] = pn
+        h.waha.contacts[pn] = "Lena"
+        w2s_post(h, w2s_message(h, lid, "3EB0LID1", "via lid"))
+        w2s_post(h, w2s_message(h, pn, "3EB0PN2", "via phone"))
+        w2s_post(h, w2s_message(h, lid, "3EB0LID3", "lid again"))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [x["text"] for x in d] == ["Lena: via lid", "Lena: via phone", "Lena: lid again"]
+        # one person is one chat, whichever id form the events carried; the lid is looked up once
+        assert [c["chat"] for c in h.app.store.all_chats("default")] == [pn]
+        assert len(h.waha.calls_for("/api/default/lids/")) == 1
+        # the owner quote-replies the copy of the @lid message: it goes to the phone-number chat
+        w2s_owner_reply(h, int(time.time() * 1000), "see you", quote_ts=d[0]["ts"])
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        sent = h.waha.sent("text")
+        assert [(s["chatId"], s["text"], s["reply_to"]) for s in sent] == [(pn, "see you", "false_%s_3EB0LID1" % lid)]
+
+    def test_same_message_under_lid_and_phone_ids_delivered_once(self, w2s_make):
+        """Engines may repeat one message with the chat as @lid once and as @c.us once (waha.md section 3, 6.5):
+        it is one person, one chat, one message."""
+        h = w2s_make()
+        lid, pn = "99887766554433@lid", "15550003333@c.us"
+        h.waha.lids[lid] = pn
+        w2s_post(h, w2s_message(h, lid, "3EB0SAMEMSG", "hello once"))
+        w2s_settle(h)
+        w2s_post(h, w2s_message(h, pn, "3EB0SAMEMSG", "hello once"), expect="duplicate")
+        w2s_settle(h)
+        assert w2s_texts(h) == ["+15550003333: hello once"]
+
+    def test_group_lid_participant_and_unresolvable_lid(self, w2s_make):
+        h = w2s_make()
+        h.waha.lids["77001122334455@lid"] = "15550004444@c.us"
+        h.waha.lids["5566778899@lid"] = None                      # WAHA knows no phone number for it
+        h.waha.contacts["15550004444@c.us"] = "Dora"
+        h.waha.groups[W2S_GROUP] = "Family"
+        w2s_post(h, w2s_message(h, W2S_GROUP, "3EB0GL", "hi all", participant="77001122334455@lid"))
+        w2s_post(h, w2s_message(h, "5566778899@lid", "3EB0UL", "who am I", push="Mystery"))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Dora in Family: hi all", "Mystery: who am I"]
+
+
+# ===============================================================================================
+# Media
+# ===============================================================================================
+
+class TestMedia:
+    def test_image_fetched_with_api_key_and_sent_with_caption(self, w2s_make):
+        bridges = w2s_make.many(*[{"kind": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        for h in bridges:
+            h.waha.contacts[W2S_ALICE] = "Alice"
+            url = h.waha.add_file("3EB0IMG.jpeg", W2S_JPEG, "image/jpeg")
+            w2s_post(h, w2s_image_event(h, "3EB0IMG", url, body="Look at this"))
+        for h, backend in zip(bridges, W2S_BACKENDS):
+            w2s_settle(h)
+            d = w2s_deliveries(h)
+            assert [(x["text"], x["atts"]) for x in d] == \
+                [("Alice: Look at this", [("image/jpeg", "file.jpg", W2S_JPEG)])], backend
+            gets = h.waha.calls_for("/api/files/")
+            assert [(c["method"], c["path"], c["headers"].get("x-api-key")) for c in gets] == \
+                [("GET", "/api/files/default/3EB0IMG.jpeg", WAHA_KEY)]
+            assert w2s_cache_files(h) == []
+            assert w2s_files_outside_cache(h) == []
+
+    def test_attachment_is_a_data_uri_with_filename_on_rpc(self, w2s_make):
+        h = w2s_make()
+        url = h.waha.add_file("3EB0DOC.pdf", W2S_PDF, "application/pdf")
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0DOC", "", hasMedia=True, media={
+            "url": url, "mimetype": "application/pdf", "filename": "../../../escape.pdf", "error": None}))
+        w2s_settle(h)
+        raw = h.signal.requests("send")[0]["params"]["attachments"]
+        assert raw == ["data:application/pdf;filename=escape.pdf;base64," + base64.b64encode(W2S_PDF).decode()]
+        assert w2s_files_outside_cache(h) == []
+        cache = h.raw["media"]["cacheDir"]
+        for up in range(5):       # wherever "../../../escape.pdf" could have landed, relative to the cache
+            assert not os.path.exists(os.path.join(cache, *([".."] * up), "escape.pdf"))
+        assert not os.path.exists(os.path.join(os.getcwd(), "escape.pdf"))
+
+    def test_media_kinds(self, w2s_make):
+        h = w2s_make()
+        cases = [("audio/ogg; codecs=opus", W2S_OGG, None, "file.ogg", ""),          # voice note
+                 ("video/mp4", W2S_MP4, None, "file.mp4", "my video"),
+                 ("image/webp", W2S_WEBP, None, "file.webp", ""),                      # sticker
+                 ("application/pdf", W2S_PDF, "report.pdf", "report.pdf", "the report"),
+                 ("image/png", W2S_PNG, None, "file.png", "")]
+        for i, (mime, data, name, _want_name, caption) in enumerate(cases):
+            url = h.waha.add_file("3EB0MEDIA%d.bin" % i, data, mime.split(";")[0])
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0MEDIA%d" % i, caption, hasMedia=True,
+                                    media={"url": url, "mimetype": mime, "filename": name, "error": None}))
+        w2s_settle(h)
+        assert [(x["text"], x["atts"]) for x in w2s_deliveries(h)] == [
+            (("+15550001111: " + caption).rstrip(), [(mime.split(";")[0], want_name, data)])
+            for mime, data, _n, want_name, caption in cases]
+        assert w2s_cache_files(h) == []
+
+    def test_other_origin_file_url_and_redirect_refused(self, w2s_make):
+        h = w2s_make()
+        other = FakeWaha(api_key=WAHA_KEY).start()
+        try:
+            elsewhere = other.add_file("x.jpeg", W2S_JPEG, "image/jpeg")
+            same_port_other_host = h.waha.add_file("y.jpeg", W2S_JPEG, "image/jpeg").replace("127.0.0.1", "localhost")
+            redirect = h.waha.add_file("r.jpeg", b"", "image/jpeg", redirect_to=elsewhere)
+            for i, url in enumerate([elsewhere, same_port_other_host, "file:///etc/passwd", redirect]):
+                w2s_post(h, w2s_image_event(h, "3EB0BAD%d" % i, url, body="caption %d" % i))
+            w2s_settle(h)
+            assert other.calls == []          # nothing ever reached the other server
+        finally:
+            other.stop()
+        assert [c["path"] for c in h.waha.calls_for("/api/files/")] == ["/api/files/default/r.jpeg"]
+        got = [(x["text"], x["atts"]) for x in w2s_deliveries(h)]
+        assert got[:3] == [("+15550001111: [image, refused: it was not offered by WAHA]\ncaption %d" % i, [])
+                           for i in range(3)]
+        assert len(got) == 4 and got[3][1] == []          # the redirect: a notice, never the other server's file
+        assert got[3][0].startswith("+15550001111: [image, ") and got[3][0].endswith("]\ncaption 3")
+        assert w2s_cache_files(h) == [] and w2s_files_outside_cache(h) == []
+
+    def test_redirected_media_refusal_is_logged(self, w2s_make):
+        """Issue 3: a media URL pointing anywhere else is refused *and logged*; a redirect points elsewhere."""
+        h = w2s_make()
+        redirect = h.waha.add_file("r.jpeg", b"", "image/jpeg", redirect_to="http://169.254.169.254/latest/meta-data")
+        w2s_post(h, w2s_image_event(h, "3EB0REDIR", redirect, body="pic"))
+        w2s_settle(h)
+        assert len(w2s_deliveries(h)) == 1 and w2s_deliveries(h)[0]["atts"] == []
+        warned = [r for r in h.logs.records() if r["level"] in ("WARN", "ERROR") and "refused" in r["msg"]]
+        assert len(warned) == 1, [r["msg"] for r in h.logs.records()]
+
+    def test_oversized_by_content_length_and_huge_claim_refused_unread(self, w2s_make):
+        h = w2s_make(raw_overrides={"media": {"maxSizeMB": 1}})
+        url = h.waha.add_file("big.mp4", W2S_MP4 + b"\x00" * (2 * 1024 * 1024 - len(W2S_MP4)), "video/mp4")
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0BIG", "", hasMedia=True,
+                                media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
+        liar = h.waha.add_file("liar.jpeg", W2S_JPEG, "image/jpeg", lie_length=50 * 1024 * 1024)
+        w2s_post(h, w2s_image_event(h, "3EB0LIAR", liar, body="pic"))
+        w2s_settle(h)
+        assert [(x["text"], x["atts"]) for x in w2s_deliveries(h)] == \
+            [("+15550001111: [video, 2 MB, over the 1 MB limit]", []),
+             ("+15550001111: [image, 50 MB, over the 1 MB limit]\npic", [])]
+        assert w2s_cache_files(h) == []
+
+    def test_oversized_stream_without_length_is_cut_at_the_cap(self, w2s_make):
+        h = w2s_make(raw_overrides={"media": {"maxSizeMB": 1}})
+        url = h.waha.add_file("big2.mp4", W2S_MP4 + b"\x00" * (3 * 1024 * 1024), "video/mp4", no_length=True)
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0BIG2", "clip", hasMedia=True,
+                                media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert len(d) == 1 and d[0]["atts"] == []
+        assert d[0]["text"].startswith("+15550001111: [video, ") and "over the 1 MB limit]\nclip" in d[0]["text"]
+        assert w2s_cache_files(h) == []
+
+    def test_download_cut_short_is_never_forwarded_truncated(self, w2s_make):
+        """Content-Length says 3000 bytes more than WAHA sends before closing: the download failed."""
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        url = h.waha.add_file("cut.jpeg", W2S_JPEG, "image/jpeg", lie_length=len(W2S_JPEG) + 3000)
+        w2s_post(h, w2s_image_event(h, "3EB0CUT", url, body="pic"))
+        assert w2s_drain(h, d, clock)
+        got = w2s_deliveries(h)
+        assert [x["atts"] for x in got] == [[]], "a truncated file was forwarded as if complete"
+        assert [x["text"] for x in got] == ["+15550001111: [image, could not be downloaded]\npic"]
+        assert len(h.waha.calls_for("/api/files/")) == ws.Bridge.media_tries
+        assert w2s_cache_files(h) == []
+
+    def test_content_not_matching_declared_type(self, w2s_make):
+        h = w2s_make()
+        cases = [("image/jpeg", b"<html><script>alert(1)</script></html>",
+                  "+15550001111: [image, content does not match its type; not forwarded]\nhi"),
+                 ("application/pdf", b"MZ\x90\x00\x03\x00\x00\x00" + b"\x00" * 64,
+                  "+15550001111: [document, content does not match its type; not forwarded]\nhi"),
+                 ("audio/ogg", W2S_JPEG, "+15550001111: [audio, content does not match its type; not forwarded]\nhi")]
+        for i, (declared, data, _want) in enumerate(cases):
+            url = h.waha.add_file("fake%d.bin" % i, data, declared)
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0FAKE%d" % i, "hi", hasMedia=True,
+                                    media={"url": url, "mimetype": declared, "filename": None, "error": None}))
+        w2s_settle(h)
+        assert [(x["text"], x["atts"]) for x in w2s_deliveries(h)] == [(want, []) for _d, _b, want in cases]
+        assert w2s_cache_files(h) == []
+
+    def test_expired_or_not_downloaded_media_gives_notice(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_image_event(h, "3EB0GONE", h.waha.url + "/api/files/default/3EB0GONE.jpeg", body=""))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0ERR", "", hasMedia=True,
+                                media={"url": None, "mimetype": "video/mp4", "filename": None,
+                                       "error": "file too big"}))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0NULL", "see this", hasMedia=True, media=None))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["+15550001111: [image, expired on WhatsApp's server]",
+                                "+15550001111: [video, not downloaded by WhatsApp's server]",
+                                "+15550001111: [document, not downloaded by WhatsApp's server]\nsee this"]
+        assert [c["status"] for c in h.waha.calls_for("/api/files/")] == [404]     # expired: not retried
+
+    def test_transient_download_failure_retried_then_delivered_in_chat_order(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.waha.files["/api/files/default/busy.jpeg"] = {"status": 503}
+        w2s_post(h, w2s_image_event(h, "3EB0BUSY", h.waha.url + "/api/files/default/busy.jpeg", body="first"))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0AFTER", "second"))
+        w2s_post(h, w2s_message(h, W2S_BOB, "3EB0BOB", "other chat"))
+        d.run_once()
+        # Alice's chat waits behind the failing download; Bob's chat is not held up
+        assert w2s_texts(h) == ["+15550002222: other chat"]
+        h.waha.add_file("busy.jpeg", W2S_JPEG, "image/jpeg")
+        assert w2s_drain(h, d, clock)
+        assert [(x["text"], len(x["atts"])) for x in w2s_deliveries(h)] == \
+            [("+15550002222: other chat", 0), ("+15550001111: first", 1), ("+15550001111: second", 0)]
+
+
+# ===============================================================================================
+# Reactions, edits, deletes, acks
+# ===============================================================================================
+
+class TestReactionsEditsDeletes:
+    def test_reaction_and_removal_are_native(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0R1", "hello"))
+        w2s_settle(h)
+        copy_ts = w2s_deliveries(h)[0]["ts"]
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0R1", "👍", "3EB0RX1"))
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0R1", "", "3EB0RX2"))
+        w2s_settle(h)
+        reactions = h.signal.sent("sendReaction")
+        assert [(p["recipient"], p["emoji"], p["targetAuthor"], p["targetTimestamp"], p["remove"])
+                for p in reactions] == [([OWNER], "👍", BRIDGE, copy_ts, False), ([OWNER], "👍", BRIDGE, copy_ts, True)]
+        assert len(w2s_deliveries(h)) == 1
+
+    def test_reaction_on_rest(self, w2s_make):
+        h = w2s_make("rest", send_shape="array")
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0R1", "hello"))
+        w2s_settle(h)
+        copy_ts = w2s_deliveries(h)[0]["ts"]
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0R1", "❤️", "3EB0RX1"))
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0R1", "", "3EB0RX2"))
+        w2s_settle(h)
+        path = "/v1/reactions/" + BRIDGE
+        assert [(c["method"], urllib.parse.unquote(c["path"]), c["json"], c["status"])
+                for c in h.signal.calls_for("/v1/reactions")] == [
+            ("POST", path, {"recipient": OWNER, "reaction": "❤️", "target_author": BRIDGE, "timestamp": copy_ts}, 204),
+            ("DELETE", path, {"recipient": OWNER, "reaction": "❤️", "target_author": BRIDGE, "timestamp": copy_ts}, 204)]
+
+    def test_reaction_to_unknown_message_is_a_notice(self, w2s_make):
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0NEVER", "😂", "3EB0RX9"))
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0NEVER", "", "3EB0RX10"))   # removal of it: nothing to say
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice reacted 😂 to a message"]
+        assert h.signal.sent("sendReaction") == []
+
+    def test_edit_is_native(self, w2s_make):
+        bridges = w2s_make.many(*[{"kind": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        for h in bridges:
+            h.waha.contacts[W2S_ALICE] = "Alice"
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0E1", "See you at 8"))
+        for h, backend in zip(bridges, W2S_BACKENDS):
+            w2s_settle(h)
+            copy_ts = w2s_deliveries(h)[0]["ts"]
+            w2s_post(h, w2s_edit(h, W2S_ALICE, "3EB0E1", "See you at 9", "3EB0EDIT1"))
+            w2s_settle(h)
+            d = w2s_deliveries(h)
+            assert [(x["text"], x["edit"]) for x in d] == \
+                [("Alice: See you at 8", None), ("Alice: See you at 9", copy_ts)], backend
+
+    def test_group_edit_keeps_sender_and_group(self, w2s_make):
+        """The native edit replaces the whole Signal text, so it must keep "<participant> in <group>: "."""
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        h.waha.groups[W2S_GROUP] = "Family"
+        w2s_post(h, w2s_message(h, W2S_GROUP, "3EB0GE1", "See you at 8", participant=W2S_ALICE))
+        w2s_settle(h)
+        copy_ts = w2s_deliveries(h)[0]["ts"]
+        edit = w2s_edit(h, W2S_GROUP, "3EB0GE1", "See you at 9", "3EB0GEDIT")
+        edit["payload"].update(id="false_%s_3EB0GEDIT_%s" % (W2S_GROUP, W2S_ALICE), participant=W2S_ALICE)
+        w2s_post(h, edit)
+        w2s_settle(h)
+        assert [(x["text"], x["edit"]) for x in w2s_deliveries(h)] == \
+            [("Alice in Family: See you at 8", None), ("Alice in Family: See you at 9", copy_ts)]
+
+    def test_edit_of_unknown_message_is_a_notice(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_edit(h, W2S_ALICE, "3EB0UNKNOWN", "fixed typo", "3EB0EDIT2"))
+        w2s_settle(h)
+        assert [(x["text"], x["edit"]) for x in w2s_deliveries(h)] == \
+            [("+15550001111 edited a message: fixed typo", None)]
+
+    def test_delete_mirrored_by_default(self, w2s_make):
+        bridges = w2s_make.many(*[{"kind": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        for h in bridges:
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0D1", "oops"))
+        for h, backend in zip(bridges, W2S_BACKENDS):
+            w2s_settle(h)
+            copy_ts = w2s_deliveries(h)[0]["ts"]
+            w2s_post(h, w2s_revoke(h, W2S_ALICE, "3EB0D1", "3EB0REVOKE1"))
+            w2s_settle(h)
+            if backend[0] == "rpc":
+                assert [(p["recipient"], p["targetTimestamp"]) for p in h.signal.sent("remoteDelete")] == \
+                    [([OWNER], copy_ts)]
+            else:
+                calls = h.signal.calls_for("/v1/remote-delete")
+                assert [(c["method"], urllib.parse.unquote(c["path"]), c["json"], c["status"]) for c in calls] == \
+                    [("DELETE", "/v1/remote-delete/" + BRIDGE, {"recipient": OWNER, "timestamp": copy_ts}, 201)], backend
+            assert len(w2s_deliveries(h)) == 1
+
+    def test_delete_not_mirrored_is_a_quoted_notice(self, w2s_make):
+        h = w2s_make(raw_overrides={"whatsapp": {"mirrorDeletes": False}})
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0D2", "keep me"))
+        w2s_settle(h)
+        copy_ts = w2s_deliveries(h)[0]["ts"]
+        w2s_post(h, w2s_revoke(h, W2S_ALICE, "3EB0D2", "3EB0REVOKE2"))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [(x["text"], x["quote"]) for x in d][1:] == [("Alice deleted this message on WhatsApp", (copy_ts, BRIDGE))]
+        assert h.signal.sent("remoteDelete") == []
+
+    def test_ack_recorded_for_owner_message(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0HI", "hi"))
+        w2s_settle(h)
+        owner_ts = int(time.time() * 1000)
+        w2s_owner_reply(h, owner_ts, "hello back")
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        assert h.wait(lambda: (h.app.store.by_sig("default", owner_ts) or {}).get("direction") == "s2w")
+        wa_id = h.waha.calls_for("/api/sendText")[0]["wa_id"]
+        assert wa_id.startswith("true_%s_" % W2S_ALICE)
+
+        def ack_event(ack, name):
+            return h.waha.event("message.ack", {"id": wa_id, "from": W2S_ALICE, "to": None, "participant": None,
+                                                "fromMe": True, "ack": ack, "ackName": name})
+        w2s_post(h, ack_event(2, "DEVICE"))
+        w2s_post(h, ack_event(3, "READ"))
+        w2s_post(h, ack_event(2, "DEVICE"), expect="duplicate")
+        w2s_settle(h)
+        assert h.app.store.by_sig("default", owner_ts)["ack"] == 3
+        assert w2s_texts(h) == ["+15550001111: hi"]      # acks are recorded, not forwarded
+
+
+# ===============================================================================================
+# Session status
+# ===============================================================================================
+
+W2S_QR = ("WhatsApp session default is SCAN_QR_CODE: WhatsApp logged this device out; scan the QR code in WAHA "
+          "again. Messages to WhatsApp wait until it is back.")
+W2S_BACK = "WhatsApp session default is working again."
+
+
+class TestSessionStatus:
+    def test_one_notice_down_none_repeated_one_back(self, w2s_make):
+        h = w2s_make()
+        for s in ("WORKING", "SCAN_QR_CODE", "SCAN_QR_CODE", "SCAN_QR_CODE", "WORKING", "WORKING"):
+            w2s_post(h, w2s_status(h, s))
+        w2s_settle(h)
+        assert w2s_texts(h) == [W2S_QR, W2S_BACK]
+        assert h.app.store.state("default", "session_status") == "WORKING"
+        assert h.waha.calls_for("/api/sessions/default/restart") == []    # sessionAutoRestart is off by default
+
+    def test_back_notice_after_starting(self, w2s_make):
+        """WAHA's normal recovery is STOPPED -> STARTING -> WORKING (see the derived fixture's statuses)."""
+        h = w2s_make()
+        for s in ("WORKING", "STOPPED", "STARTING", "WORKING"):
+            w2s_post(h, w2s_status(h, s))
+        w2s_settle(h)
+        assert w2s_texts(h) == [
+            "WhatsApp session default is STOPPED: it was stopped; start it in WAHA (POST /api/sessions/default/start). "
+            "Messages to WhatsApp wait until it is back.", W2S_BACK]
+
+    def test_qr_refresh_through_starting_not_repeated(self, w2s_make):
+        h = w2s_make()
+        for s in ("SCAN_QR_CODE", "STARTING", "SCAN_QR_CODE"):
+            w2s_post(h, w2s_status(h, s))
+        w2s_settle(h)
+        assert w2s_texts(h) == [W2S_QR]
+
+    def test_auto_restart(self, w2s_make):
+        h = w2s_make(raw_overrides={"whatsapp": {"sessionAutoRestart": True}})
+        h.waha.session_status = "FAILED"
+        w2s_post(h, w2s_status(h, "FAILED"))
+        w2s_post(h, w2s_status(h, "FAILED"))     # again at once: no tight restart loop, no repeat
+        w2s_settle(h)
+        restarts = h.waha.calls_for("/api/sessions/default/restart", "POST")
+        assert [c["status"] for c in restarts] == [201]
+        w2s_post(h, w2s_status(h, "WORKING"))
+        w2s_settle(h)
+        assert w2s_texts(h) == [
+            "WhatsApp session default is FAILED: restart it in WAHA; if that fails, log out and scan the QR code "
+            "again. Messages to WhatsApp wait until it is back.",
+            "WhatSignal asked WAHA to restart session default (attempt 1).",
+            W2S_BACK]
+
+
+# ===============================================================================================
+# Durability
+# ===============================================================================================
+
+class TestDurability:
+    def test_duplicates_delivered_once(self, w2s_make):
+        """The same event twice (WAHA retry), and the same message under a new event id (engine repeat)."""
+        h = w2s_make()
+        ev = w2s_message(h, W2S_ALICE, "3EB0DUP", "only once")
+        w2s_post(h, ev)
+        w2s_post(h, ev, expect="duplicate")
+        again = h.waha.event("message", json.loads(json.dumps(ev["payload"])))
+        assert again["id"] != ev["id"]
+        w2s_post(h, again, expect="duplicate")
+        w2s_settle(h)
+        w2s_post(h, ev, expect="duplicate")
+        w2s_settle(h)
+        assert w2s_texts(h) == ["+15550001111: only once"]
+        assert len(w2s_queue(h)) == 1
+
+    def test_out_of_order_reaction_and_edit_before_their_message(self, w2s_make):
+        """A WAHA retry can bring a message after its reaction and edit: nothing is lost or fails."""
+        h = w2s_make()
+        h.waha.contacts[W2S_ALICE] = "Alice"
+        w2s_post(h, w2s_reaction(h, W2S_ALICE, "3EB0LATE", "👍", "3EB0LR"))
+        w2s_post(h, w2s_edit(h, W2S_ALICE, "3EB0LATE", "fixed", "3EB0LE"))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0LATE", "fxed"))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice reacted 👍 to a message", "Alice edited a message: fixed", "Alice: fxed"]
+        assert [q["state"] for q in w2s_queue(h)] == ["done"] * 3
+
+    def test_signal_down_then_back_all_delivered_in_order_per_chat(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.signal.mode = "down"
+        order = [(W2S_ALICE, "a1"), (W2S_BOB, "b1"), (W2S_ALICE, "a2"), (W2S_BOB, "b2"), (W2S_ALICE, "a3")]
+        t0 = time.monotonic()
+        for i, (chat, text) in enumerate(order):
+            w2s_post(h, w2s_message(h, chat, "3EB0ORD%d" % i, text))    # still answered 200 at once
+        assert time.monotonic() - t0 < 3.0
+        for _ in range(4):
+            d.run_once()
+            clock.advance(30)
+        assert h.signal.rpc == [] and w2s_texts(h) == []
+        q = w2s_queue(h)
+        assert [r["state"] for r in q] == ["pending"] * 5
+        assert [r["attempts"] for r in q] == [4, 4, 0, 0, 0]      # only each chat's head is tried
+        assert all(r["error"] for r in q[:2])
+        h.signal.mode = "ok"
+        assert w2s_drain(h, d, clock)
+        texts = w2s_texts(h)
+        assert sorted(texts) == sorted("+%s: %s" % (c.split("@")[0], t) for c, t in order)
+        for chat in (W2S_ALICE, W2S_BOB):
+            prefix = "+%s: " % chat.split("@")[0]
+            assert [t for t in texts if t.startswith(prefix)] == [prefix + t for c, t in order if c == chat]
+
+    def test_restart_in_the_middle_loses_nothing_sends_nothing_twice(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS1", "one"))
+        w2s_settle(h)
+        h.signal.mode = "down"
+        ev2 = w2s_message(h, W2S_ALICE, "3EB0RS2", "two")
+        w2s_post(h, ev2)
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS3", "three"))
+        assert h.wait(lambda: w2s_queue(h)[1]["attempts"] >= 1)
+        h.restart()
+        w2s_post(h, ev2, expect="duplicate")                       # dedupe survives the restart
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS4", "four"))
+        h.signal.mode = "ok"
+        w2s_settle(h, timeout=15)
+        assert w2s_texts(h) == ["+15550001111: one", "+15550001111: two", "+15550001111: three", "+15550001111: four"]
+        h.restart()
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS5", "five"))
+        w2s_settle(h)
+        assert len(w2s_texts(h)) == 5
+
+    def test_permanent_failure_dead_letter_metrics_outbox_retry(self, w2s_make, capsys):
+        h = w2s_make()
+        h.signal.errors.append((-1, "The user +15550000002 is not registered.", "send"))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0DEAD", "lost?"))
+        assert h.wait(lambda: [r["state"] for r in w2s_queue(h)] == ["dead"])
+        assert w2s_texts(h) == []
+        status, metrics = w2s_get(h.url + "/metrics")
+        assert status == 200
+        assert 'whatsignal_dead_letters_total{direction="w2s"} 1.0' in metrics.splitlines()
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert any("permanently" in r["msg"] for r in errors)
+        assert not any("15550000002" in json.dumps(r) for r in h.logs.records())   # numbers masked in logs
+        cfg = h.tmp_path / "config.json"
+        cfg.write_text(json.dumps(h.raw))
+        env = {"WHATSIGNAL_ENCRYPTION_SECRET": ENC_SECRET}
+        capsys.readouterr()
+        assert ws.main(["--config", str(cfg), "outbox"], env) == 0
+        listed = json.loads(capsys.readouterr().out)["dead"]
+        assert [(x["direction"], x["kind"], x["attempts"]) for x in listed] == [("w2s", "message", 0)]
+        assert "not registered" in listed[0]["error"]
+        assert ws.main(["--config", str(cfg), "outbox", "retry", "all"], env) == 0
+        assert json.loads(capsys.readouterr().out) == {"requeued": 1}
+        w2s_settle(h)
+        assert w2s_texts(h) == ["+15550001111: lost?"]
+        assert ws.main(["--config", str(cfg), "outbox"], env) == 0
+        assert json.loads(capsys.readouterr().out) == {"dead": []}
+
+    def test_untrusted_identity_keeps_message_queued(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.signal.recipient_results[OWNER] = "IDENTITY_FAILURE"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0ID", "new phone?"))
+        for _ in range(6):
+            d.run_once()
+            clock.advance(400)
+        q = w2s_queue(h)
+        assert [(r["state"], r["attempts"]) for r in q] == [("pending", 6)]
+        assert h.signal.trusted == [] and w2s_texts(h) == []
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert errors and all("trust" in r["msg"] for r in errors)
+        assert "signal.trustNewIdentity" in errors[0]["msg"]
+        assert [r["error"]["code"] for r in h.signal.requests("send")] == [-4] * 6
+
+    @pytest.mark.parametrize("backend", [("rpc", "normal"), ("rest", "json-rpc")], ids=["rpc", "rest-json-rpc"])
+    def test_trust_new_identity_trusts_then_delivers(self, w2s_make, backend):
+        kind, mode = backend
+        h = w2s_make(kind, rest_mode=mode, raw_overrides={"signal": {"trustNewIdentity": True}})
+        d, clock = w2s_manual(h)
+        if kind == "rpc":
+            h.signal.recipient_results[OWNER] = "IDENTITY_FAILURE"
+            real_trust = h.signal._methods["trust"]
+
+            def trust(params, rec):
+                result = real_trust(params, rec)
+                h.signal.recipient_results.pop(OWNER, None)      # the new key is trusted from now on
+                return result
+            h.signal._methods["trust"] = trust
+        else:
+            h.signal.recipient_failures[OWNER] = "IDENTITY_FAILURE"
+            real_trust = h.signal._trust
+
+            def rest_trust(hh, call, other):
+                h.signal.recipient_failures.pop(OWNER, None)
+                return real_trust(hh, call, other)
+            h.signal._trust = rest_trust
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0TR", "hello new phone"))
+        d.run_once()
+        assert h.signal.trusted == [OWNER]
+        assert w2s_texts(h) == []
+        assert w2s_drain(h, d, clock)
+        assert w2s_texts(h) == ["+15550001111: hello new phone"]
+
+
+# ===============================================================================================
+# Signal backends
+# ===============================================================================================
+
+class TestSignalBackends:
+    def test_round_trip(self, w2s_make):
+        """WhatsApp -> Signal, then the owner's quote-reply back to WhatsApp, on each backend."""
+        backends = [("rpc", "normal"), ("rest", "normal"), ("rest", "json-rpc")]
+        bridges = w2s_make.many(*[{"kind": k, "rest_mode": m, "raw_overrides": {"signal": {"pollIntervalSeconds": 0.1}}}
+                                  for k, m in backends])
+        for h in bridges:
+            h.waha.contacts[W2S_ALICE] = "Alice"
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RT1", "Are you coming?"))
+        for h, backend in zip(bridges, backends):
+            w2s_settle(h)
+            d = w2s_deliveries(h)
+            assert [(x["text"], x["to"]) for x in d] == [("Alice: Are you coming?", [OWNER])], backend
+            w2s_owner_reply(h, int(time.time() * 1000), "Yes, 10 minutes", quote_ts=d[0]["ts"])
+        for h, backend in zip(bridges, backends):
+            assert h.waha.wait_for(lambda f: f.sent("text"), 10), backend
+            assert [(x["chatId"], x["text"], x["reply_to"]) for x in h.waha.sent("text")] == \
+                [(W2S_ALICE, "Yes, 10 minutes", "false_%s_3EB0RT1" % W2S_ALICE)], backend
+            status, metrics = w2s_get(h.url + "/metrics")
+            lines = metrics.splitlines()
+            assert 'whatsignal_messages_processed_total{direction="w2s",kind="text",result="ok"} 1.0' in lines
+            assert 'whatsignal_delivery_latency_seconds_count{direction="w2s"} 1' in lines
+
+    def test_rest_rate_limit_429_is_retried(self, w2s_make):
+        h = w2s_make("rest")
+        d, clock = w2s_manual(h)
+        h.signal.errors.append((429, {"error": "Failed to send message due to rate limiting."}, "/v2/send"))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RL", "slow down"))
+        d.run_once()
+        assert [(r["state"], r["attempts"]) for r in w2s_queue(h)] == [("pending", 1)]
+        assert w2s_texts(h) == []
+        assert w2s_drain(h, d, clock)
+        assert w2s_texts(h) == ["+15550001111: slow down"]
+        assert [c["status"] for c in h.signal.calls_for("/v2/send")] == [429, 201]
+
+    def test_rpc_rate_limit_waits_before_retrying(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.signal.errors.append((-5, "Failed to send message due to rate limiting", "send"))
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RL2", "slow down"))
+        d.run_once()
+        clock.advance(30)
+        d.run_once()
+        assert len(h.signal.requests("send")) == 1          # not retried in a tight loop
+        clock.advance(31)
+        d.run_once()
+        assert w2s_texts(h) == ["+15550001111: slow down"]
+
+    def test_rpc_network_failure_is_retried_not_dead(self, w2s_make):
+        """All recipients NETWORK_FAILURE: signal-cli answers -1 "Failed to send message" with the results in
+        error.data; the cause is transient (signal-cli-jsonrpc.md section 5/6)."""
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.signal.recipient_results[OWNER] = "NETWORK_FAILURE"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0NET", "through the tunnel"))
+        d.run_once()
+        assert [r["state"] for r in w2s_queue(h)] == ["pending"]
+        h.signal.recipient_results.clear()
+        assert w2s_drain(h, d, clock)
+        assert w2s_texts(h) == ["+15550001111: through the tunnel"]
+
+    def test_rpc_unregistered_owner_is_dead(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        h.signal.recipient_results[OWNER] = "UNREGISTERED_FAILURE"
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0UNR", "anyone?"))
+        d.run_once()
+        assert [r["state"] for r in w2s_queue(h)] == ["dead"]
+
+    def test_rpc_transport_failures_are_transient(self, w2s_make):
+        h = w2s_make()
+        d, clock = w2s_manual(h)
+        for i, mode in enumerate(["down", "http500"]):
+            h.signal.mode = mode
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0TF%d" % i, "later %d" % i))
+            d.run_once()
+            assert [(r["state"], r["attempts"]) for r in w2s_queue(h)][i] == ("pending", 1), mode
+            h.signal.mode = "ok"
+            assert w2s_drain(h, d, clock)
+        assert w2s_texts(h) == ["+15550001111: later 0", "+15550001111: later 1"]
+
+    def test_rest_timestamp_stored_for_both_response_shapes(self, w2s_make):
+        for h in w2s_make.many({"kind": "rest", "send_shape": "object"}, {"kind": "rest", "send_shape": "array"}):
+            w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0TS", "first"))
+            w2s_settle(h)
+            sent_ts = h.signal.calls_for("/v2/send")[0]["timestamps"][0]
+            assert h.app.store.by_wa("default", "3EB0TS")["sig_ts"] == sent_ts, h.signal.send_shape

@@ -86,7 +86,7 @@ SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
@@ -625,8 +625,8 @@ def verify_waha_signature(secret, body, signature, algorithm):
     """True when *signature* is WAHA's hex HMAC-SHA512 of the exact *body* bytes."""
     if not secret or not signature or (algorithm or "sha512").lower() != "sha512":
         return False
-    expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha512).hexdigest()
-    return hmac.compare_digest(expected, signature.strip().lower())
+    expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha512).hexdigest().encode()
+    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
 
 
 def next_backoff(attempt, start=BACKOFF_START, factor=BACKOFF_FACTOR, cap=BACKOFF_CAP, rand=random.random):
@@ -942,7 +942,8 @@ def _parse_message(payload, event):
         return None                      # empty system message
     if payload.get("hasMedia") is True and not rec["media"]:
         rec["media"] = {"url": None, "mimetype": None, "filename": None, "error": "not downloaded by WAHA"}
-    return "message", "m:" + chat + ":" + rec["bare"], chat, rec
+    # the bare id alone: the same message may arrive under its @lid and its phone-number chat id
+    return "message", "m:" + rec["bare"], chat, rec
 
 
 def _parse_message_reaction(payload, event):
@@ -954,14 +955,15 @@ def _parse_message_reaction(payload, event):
         raise PayloadError("reaction needs reaction.messageId (serialized) and reaction.text")
     if _opt(payload, "fromMe", (bool,), "payload"):
         return None
-    rid = payload.get("id") if isinstance(payload.get("id"), str) else ""
+    ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
     chat = normalize_jid(parts[1])
     if not chat:
         raise PayloadError("reaction target has no chat id")
     rec = {"chat": chat, "target": target, "target_bare": parts[2], "emoji": text[:32],
            "sender": normalize_jid(payload.get("participant") if isinstance(payload.get("participant"), str) else None)
            or normalize_jid(payload.get("from") if isinstance(payload.get("from"), str) else None) or chat}
-    return "message.reaction", "r:%s:%s:%s" % (rid[:200], parts[2], text[:32]), chat, rec
+    # WEBJS gives a reaction the id of its target: key on target, reactor, time and emoji instead
+    return "message.reaction", "r:%s:%s:%r:%s" % (parts[2], rec["sender"], ts, text[:32]), chat, rec
 
 
 def _parse_message_edited(payload, event):
@@ -975,8 +977,12 @@ def _parse_message_edited(payload, event):
         raise PayloadError("edit has no chat id")
     body = _opt(payload, "body", (str,), "payload") or ""
     eid = payload.get("id") if isinstance(payload.get("id"), str) else ""
-    rec = {"chat": chat, "target_bare": bare_msg_id(target), "body": body}
-    return "message.edited", "e:%s:%s:%s" % (chat, eid[:200], hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]), chat, rec
+    ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
+    sender = normalize_jid(_opt(payload, "participant", (str,), "payload")) or \
+        normalize_jid(_opt(payload, "author", (str,), "payload")) or chat
+    rec = {"chat": chat, "target_bare": bare_msg_id(target), "body": body, "sender": sender}
+    digest = hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]
+    return "message.edited", "e:%s:%s:%r:%s" % (bare_msg_id(target), eid[:200], ts, digest), chat, rec
 
 
 def _parse_message_revoked(payload, event):
@@ -997,8 +1003,8 @@ def _parse_message_revoked(payload, event):
 def _parse_message_ack(payload, event):
     parts = msg_id_parts(payload.get("id"))
     ack = payload.get("ack")
-    if not parts or not isinstance(ack, int) or isinstance(ack, bool):
-        raise PayloadError("message.ack needs a serialized id and an integer ack")
+    if not parts or not isinstance(ack, int) or isinstance(ack, bool) or not -1 <= ack <= 4:
+        raise PayloadError("message.ack needs a serialized id and an ack from -1 to 4")
     chat = normalize_jid(parts[1])
     if not chat:
         raise PayloadError("ack has no chat id")
@@ -1010,8 +1016,8 @@ _parse_message_ack_group = _parse_message_ack
 
 def _parse_session_status(payload, event):
     status = _opt(payload, "status", (str,), "payload")
-    if not status:
-        raise PayloadError("session.status needs payload.status")
+    if status not in SESSION_DOWN + ("WORKING", "STARTING"):
+        raise PayloadError("session.status needs a known payload.status")
     eid = event.get("id") if isinstance(event.get("id"), str) else None
     ts = event.get("timestamp") if isinstance(event.get("timestamp"), (int, float)) else None
     dedupe = "s:" + (eid or "%s:%s" % (status, ts if ts is not None else secrets.token_hex(8)))
@@ -1112,7 +1118,8 @@ def parse_signal_envelope(obj):
                   text=_opt(dm, "message", (str,), "dataMessage") or "")
     if isinstance(env.get("receiptMessage"), dict):
         rm = env["receiptMessage"]
-        stamps = [t for t in (rm.get("timestamps") or []) if isinstance(t, int) and not isinstance(t, bool)][:100]
+        stamps = rm.get("timestamps") if isinstance(rm.get("timestamps"), list) else []
+        stamps = [t for t in stamps if isinstance(t, int) and not isinstance(t, bool) and 0 < t < 2 ** 53][:100]
         return mk("receipt", read=rm.get("isRead") is True or rm.get("isViewed") is True, timestamps=stamps)
     if isinstance(env.get("typingMessage"), dict):
         tm = env["typingMessage"]
@@ -1225,6 +1232,10 @@ SCHEMA = [
         PRIMARY KEY (channel, wa_chat));
     CREATE INDEX IF NOT EXISTS signal_groups_tok ON signal_groups(channel, group_tok);
     ALTER TABLE messages ADD COLUMN sig_conv_enc BLOB;   -- Signal group holding the copy (NULL: the owner's 1:1)
+    """,
+    # version 3: who wrote the WhatsApp original (lookup token), so only its author can edit the copy
+    """
+    ALTER TABLE messages ADD COLUMN wa_sender TEXT;
     """,
 ]
 ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recomputed on rotation
@@ -1389,7 +1400,7 @@ class Store:
             if after:
                 after(db)
             db.execute("UPDATE queue SET state=?, error=?, attempts=COALESCE(?, attempts),"
-                       " next_at=COALESCE(?, next_at), updated_at=? WHERE id=?",
+                       " next_at=COALESCE(?, next_at), updated_at=? WHERE id=? AND state='pending'",
                        (state, error, attempts, next_at, now, item_id))
 
     def counts(self):
@@ -1400,12 +1411,12 @@ class Store:
         return self.one("SELECT COUNT(*) FROM queue WHERE direction=? AND state='pending'", (direction,))[0]
 
     # -- mappings -------------------------------------------------------------
-    def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now, conv=None):
+    def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now, conv=None, sender=None):
         db.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
-                   " sig_author_enc, sig_conv_enc, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   " sig_author_enc, sig_conv_enc, wa_sender, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                    (channel, direction, self.tok("chat", chat), self.seal(chat),
                     self.tok("msg", bare_msg_id(wa_id)) if wa_id else None, self.seal(wa_id),
-                    sig_ts, self.seal(sig_author), self.seal(conv), now))
+                    sig_ts, self.seal(sig_author), self.seal(conv), self.tok("jid", sender) if sender else None, now))
 
     def _mapping(self, row):
         if row is None:
@@ -1413,14 +1424,14 @@ class Store:
         return {"direction": row["direction"], "chat": self.open(row["wa_chat_enc"]),
                 "wa_id": self.open(row["wa_msg_enc"]), "sig_ts": row["sig_ts"],
                 "sig_author": self.open(row["sig_author_enc"]), "ack": row["ack"], "rowid": row["id"],
-                "conv": self.open(row["sig_conv_enc"])}
+                "conv": self.open(row["sig_conv_enc"]), "sender_tok": row["wa_sender"]}
 
-    def by_wa(self, channel, bare_id, chat=None):
-        """The mapping of the WhatsApp message with *bare_id* (optionally in *chat*)."""
+    def by_wa(self, channel, bare_id, chat=None, strict=False):
+        """The mapping of the WhatsApp message with *bare_id*: in *chat* if given (only there, if *strict*)."""
         rows = self.query("SELECT * FROM messages WHERE channel=? AND wa_msg=? ORDER BY id",
                           (channel, self.tok("msg", bare_id)))
         if chat:
-            rows = [r for r in rows if r["wa_chat"] == self.tok("chat", chat)] or rows
+            rows = [r for r in rows if r["wa_chat"] == self.tok("chat", chat)] or ([] if strict else rows)
         return self._mapping(rows[0]) if rows else None
 
     def by_sig(self, channel, sig_ts):
@@ -1428,10 +1439,10 @@ class Store:
         return self._mapping(self.one("SELECT * FROM messages WHERE channel=? AND sig_ts=? ORDER BY id LIMIT 1",
                                       (channel, sig_ts)))
 
-    def last_forwarded(self, channel):
-        """The mapping of the most recent WhatsApp message forwarded to the owner."""
-        return self._mapping(self.one("SELECT * FROM messages WHERE channel=? AND direction='w2s'"
-                                      " ORDER BY id DESC LIMIT 1", (channel,)))
+    def last_forwarded(self, channel, before=None):
+        """The mapping of the most recent WhatsApp message forwarded to the owner (up to time *before*)."""
+        return self._mapping(self.one("SELECT * FROM messages WHERE channel=? AND direction='w2s' AND created_at <= ?"
+                                      " ORDER BY id DESC LIMIT 1", (channel, 1e18 if before is None else before)))
 
     def set_ack(self, channel, bare_id, ack):
         with self.tx() as db:
@@ -1603,15 +1614,21 @@ class StreamBody:
                     yield base64.b64encode(chunk)
 
 
-def json_stream(obj, files):
-    """Serialize *obj* where strings ``"\\x00N"`` stand for base64 data URIs of ``files[N]``.
+def attachment_markers(n):
+    """Placeholders for ``json_stream``: random, so no message text can contain one."""
+    nonce = secrets.token_hex(8)
+    return ["\x00%s-%d" % (nonce, i) for i in range(n)]
+
+
+def json_stream(obj, files, markers):
+    """Serialize *obj* where the strings *markers* stand for base64 data URIs of ``files[N]``.
 
     ``files`` holds (mime, filename, path); returns a StreamBody.
     """
     text = json.dumps(obj, separators=(",", ":"))
     parts, pos = [], 0
     for i, (mime, name, path) in enumerate(files):
-        marker = json.dumps("\x00%d" % i)[1:-1]
+        marker = json.dumps(markers[i])[1:-1]
         at = text.index(marker, pos)
         head = "data:%s;filename=%s;base64," % (mime, safe_filename(name, mime))
         parts.append((text[pos:at] + head).encode("utf-8"))
@@ -1863,6 +1880,8 @@ class WahaClient:
                     if size > max_bytes:
                         raise PermanentError("size %d over limit" % size)
                     f.write(chunk)
+            if declared and declared.isdigit() and size != int(declared):
+                raise TransientError("media download cut short (%d of %s bytes)" % (size, declared))
             return (resp.getheader("Content-Type") or "").split(";")[0].strip(), size
         except (OSError, http.client.HTTPException) as e:
             raise TransientError("media download interrupted (%s)" % e.__class__.__name__) from e
@@ -1943,8 +1962,8 @@ class SignalRpcClient(SignalClient):
         if edit_ts:
             params["editTimestamp"] = int(edit_ts)
         if attachments:
-            params["attachments"] = ["\x00%d" % i for i in range(len(attachments))]
-            body = lambda req: json_stream(req, list(attachments))
+            params["attachments"] = markers = attachment_markers(len(attachments))
+            body = lambda req: json_stream(req, list(attachments), markers)
             result = self.call("send", params, body)
         else:
             result = self.call("send", params)
@@ -2051,6 +2070,16 @@ def parse_sse(stream, stop):
 
 def _rpc_error(err):
     code, message = err.get("code"), shorten(str(err.get("message") or ""), 200)
+    data = err.get("data") if isinstance(err.get("data"), dict) else {}
+    response = data.get("response") if isinstance(data.get("response"), dict) else {}
+    kinds = {r.get("type") for r in response.get("results") or [] if isinstance(r, dict)}
+    if code == -5 or kinds == {"RATE_LIMIT_FAILURE"}:
+        return TransientError("signal-cli is rate limited (%s)" % message, 60.0)
+    if "NETWORK_FAILURE" in kinds or (code == -1 and "failed to send message" in message.lower()
+                                      and not kinds & {"UNREGISTERED_FAILURE", "IDENTITY_FAILURE"}):
+        return TransientError("signal-cli could not reach Signal (%s)" % message, 30.0)
+    if kinds == {"UNREGISTERED_FAILURE"}:
+        return PermanentError("the recipient is not registered on Signal (%s)" % message)
     if code == -4 or "untrusted" in message.lower():
         return IdentityError("signal-cli refuses: untrusted identity (%s)" % message)
     if code == -5 or "rate" in message.lower():
@@ -2103,6 +2132,8 @@ class SignalRestClient(SignalClient):
             raise IdentityError("signal-cli-rest-api: untrusted identity (%s)" % reason)
         if "not registered" in low or "unregistered" in low:
             raise PermanentError("the recipient is not registered on Signal (%s)" % reason)
+        if "failed to send message" in low or "network" in low:
+            raise TransientError("signal-cli could not reach Signal (%s)" % reason, 30.0)
         raise PermanentError("signal-cli-rest-api refused (%d): %s" % (resp.status, reason))
 
     def _path(self, fmt):
@@ -2129,8 +2160,8 @@ class SignalRestClient(SignalClient):
             body["edit_timestamp"] = int(edit_ts)
         stream = None
         if attachments:
-            body["base64_attachments"] = ["\x00%d" % i for i in range(len(attachments))]
-            stream = json_stream(body, list(attachments))
+            body["base64_attachments"] = markers = attachment_markers(len(attachments))
+            stream = json_stream(body, list(attachments), markers)
         result = self.call("POST", "/v2/send", body, stream)
         if isinstance(result, list):           # master since 6a225e6: one object per underlying send
             errs = [e for r in result if isinstance(r, dict) for e in ((r.get("errors") or {}).get("recipients") or [])]
@@ -2209,8 +2240,10 @@ class SignalRestClient(SignalClient):
 
     def poll(self, timeout=1):
         """normal/native mode: fetch and consume what is waiting."""
-        resp = self.http.request("GET", self.base + self._path("/v1/receive/%s") + "?timeout=%d" % timeout,
-                                 timeout=timeout + UPSTREAM_TIMEOUT)
+        # a normal-mode receive runs a JVM signal-cli that may take long, and it consumes what it
+        # fetched whether or not we are still listening: wait as long as the API itself may take
+        resp = self.http.request("GET", self.base + self._path("/v1/receive/%s") + "?timeout=%d&max_messages=100" % timeout,
+                                 timeout=timeout + 150)
         if resp.status != 200:
             raise TransientError("receive answered %d" % resp.status)
         try:
@@ -2471,12 +2504,12 @@ class Bridge:
     def now(self):
         return self.clock()
 
-    def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None, conv=None):
+    def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None, conv=None, sender=None):
         """The 'done' transaction's work: the mapping, and the chat's place in /chats."""
         now = self.clock()
 
         def record(db):
-            self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now, conv)
+            self.store.add_mapping(db, channel.session, direction, chat, wa_id, sig_ts, author, now, conv, sender)
             self.store.touch_chat(channel.session, chat, now, name=name, db=db)
         return record
 
@@ -2552,7 +2585,8 @@ class Bridge:
                     os.remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
-        return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv)
+        return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv,
+                         sender=sender)
 
     def fetch_media(self, media, row):
         """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
@@ -2585,6 +2619,10 @@ class Bridge:
             raise
         except PermanentError as e:
             self._remove(path)
+            if "redirects elsewhere" in str(e):
+                self.metrics.inc("whatsignal_rejected_total", reason="media_url")
+                self.log.warn("media URL refused: WAHA redirected it elsewhere")
+                raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
             m = re.search(r"size (\d+) over limit", str(e))
             if m:
                 raise MediaProblem("%s, %s, over the %s limit" % (kind, human_size(int(m.group(1))), limit)) from None
@@ -2604,7 +2642,7 @@ class Bridge:
 
     def _on_message_reaction(self, channel, rec, row):
         chat = self.resolve_jid(channel, rec["chat"])
-        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat, strict=True)
         key = "reaction:" + self.store.tok("msg", rec["target_bare"])
         if m and m["sig_ts"]:
             emoji = rec["emoji"] or self.store.state(channel.session, key) or "👍"
@@ -2616,21 +2654,36 @@ class Bridge:
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="reaction", result="ok")
         return None
 
+    def _names(self, channel, chat, sender):
+        """(sender name, group name or None) for a chat and its (resolved) sender."""
+        group = chat.endswith("@g.us")
+        sender = self.resolve_jid(channel, sender) if group and sender else chat
+        return self.display_name(channel, sender), (self.display_name(channel, chat, group=True) if group else None)
+
     def _on_message_edited(self, channel, rec, row):
         chat = self.resolve_jid(channel, rec["chat"])
-        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
-        name = self.display_name(channel, chat) if not chat.endswith("@g.us") else self.display_name(channel, chat, group=True)
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat, strict=True)
+        sender = self.resolve_jid(channel, rec.get("sender") or chat)
+        name, group_name = self._names(channel, chat, sender)
+        if m and m["sender_tok"] and m["sender_tok"] != self.store.tok("jid", sender):
+            self.metrics.inc("whatsignal_rejected_total", reason="edit_not_by_author")
+            self.log.warn("edit from someone other than the message's author ignored")
+            return None
         if m and m["sig_ts"] and m["direction"] == "w2s":
-            text = render_for_signal({"body": rec["body"]}, name, prefix=not m["conv"] or chat.endswith("@g.us"))
+            if m["conv"]:
+                text = render_for_signal({"body": rec["body"]}, name, prefix=chat.endswith("@g.us"))
+            else:
+                text = render_for_signal({"body": rec["body"]}, name, group_name)
             self.signal.send(self.to(channel, m["conv"]), text, edit_ts=m["sig_ts"])
         else:
-            self.notify(channel, "%s edited a message: %s" % (name, rec["body"]))
+            who = name + (" in " + group_name if group_name else "")
+            self.notify(channel, "%s edited a message: %s" % (who, rec["body"]))
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="edit", result="ok")
         return None
 
     def _on_message_revoked(self, channel, rec, row):
         chat = self.resolve_jid(channel, rec["chat"])
-        m = self.store.by_wa(channel.session, rec["target_bare"], chat)
+        m = self.store.by_wa(channel.session, rec["target_bare"], chat, strict=True)
         name = self.display_name(channel, chat, group=chat.endswith("@g.us"))
         if m and m["sig_ts"] and m["direction"] == "w2s":
             if self.config.get("whatsapp.mirrorDeletes"):
@@ -2651,15 +2704,17 @@ class Bridge:
 
     def _on_session_status(self, channel, rec, row):
         status, s = rec["status"], channel.session
-        before = self.store.state(s, "session_status")
+        alerted = self.store.state(s, "session_alerted")   # the down state the owner was told about
         now = self.clock()
-        if status == "WORKING" and before in SESSION_DOWN:
+        if status == "WORKING" and alerted:
             self.notify(channel, "WhatsApp session %s is working again." % s)
             self.store.set_state(s, "restart_attempts", "0", now)
-        elif status in SESSION_DOWN and status != before:
+            self.store.set_state(s, "session_alerted", "", now)
+        elif status in SESSION_DOWN and status != alerted:
             advice = SESSION_ADVICE.get(status, "check WAHA").replace("{s}", s)
             self.notify(channel, "WhatsApp session %s is %s: %s. Messages to WhatsApp wait until it is back."
                         % (s, status, advice))
+            self.store.set_state(s, "session_alerted", status, now)
         if status in ("FAILED", "STOPPED") and self.config.get("whatsapp.sessionAutoRestart"):
             self._auto_restart(channel, now)
         self.store.set_state(s, "session_status", status, now)
@@ -2744,8 +2799,7 @@ class Bridge:
             return self.send_to_whatsapp(channel, rec, g["chat"], f.get("text") or "", f.get("attachments") or [],
                                          reply_to, conv=g["group"])
         if text.startswith("/") and not f.get("quote"):
-            self.command(channel, rec, text)
-            return None
+            return self.command(channel, rec, text)
         target = self.route(channel, rec)
         if target is None:
             return None
@@ -2766,7 +2820,8 @@ class Bridge:
             self.notify(channel, "This conversation is the control room: write in a chat's Signal group to answer it, "
                         "quote a message, or use /to <chat> <text>.", quote=(rec["ts"], channel.destination, None))
             return None
-        m = self.store.last_forwarded(channel.session)
+        # the chat that was last when the owner wrote, not when this is delivered (a retry must not re-aim it)
+        m = self.store.last_forwarded(channel.session, before=rec["received_at"])
         if m is None:
             self.notify(channel, "No WhatsApp chat to answer yet. Use /to <+number> <text> to start one.",
                         quote=(rec["ts"], channel.destination, None))
@@ -2774,20 +2829,39 @@ class Bridge:
         return m["chat"], None
 
     def send_to_whatsapp(self, channel, rec, chat, text, attachments, reply_to, conv=None):
+        """Send the owner's message (text and every attachment) to *chat*; return the mapping recorder.
+
+        A message goes out as several WhatsApp sends; the ones already made are
+        remembered, so a retry after a failure half-way does not repeat them.
+        """
         s = channel.session
-        wa_id = None
-        for i, att in enumerate(attachments):
-            data = self.signal.get_attachment(att, self.max_media)
-            mime = att.get("contentType") or "application/octet-stream"
-            kind = media_kind(mime)
-            mid = self.waha.send_file(s, chat, kind, mime, safe_filename(att.get("filename"), mime), data,
-                                      caption=text if i == 0 and text else None, reply_to=reply_to)
-            wa_id = wa_id or mid
+        key = "s2w-progress:%d" % rec["ts"]
+        done, _, wa_id = (self.store.state(s, key) or "0|").partition("|")
+        done, wa_id = int(done), wa_id or None
+        parts = [("file", i, att) for i, att in enumerate(attachments)]
         if not attachments or (text and media_kind(attachments[0].get("contentType")) == "voice"):
-            wa_id = self.waha.send_text(s, chat, text, reply_to) or wa_id
+            parts.append(("text", 0, None))     # a voice note carries no caption: its text goes on its own
+        for n, (what, i, att) in enumerate(parts):
+            if n < done:
+                continue
+            if what == "file":
+                data = self.signal.get_attachment(att, self.max_media)
+                mime = att.get("contentType") or "application/octet-stream"
+                mid = self.waha.send_file(s, chat, media_kind(mime), mime, safe_filename(att.get("filename"), mime),
+                                          data, caption=text if i == 0 and text else None, reply_to=reply_to)
+            else:
+                mid = self.waha.send_text(s, chat, text, reply_to)
+            wa_id = wa_id or mid
+            if len(parts) > 1:
+                self.store.set_state(s, key, "%d|%s" % (n + 1, wa_id or ""), self.clock())
         self.metrics.inc("whatsignal_messages_processed_total", direction="s2w",
                          kind="media" if attachments else "text", result="ok")
-        return self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination, conv=conv)
+        record = self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination, conv=conv)
+
+        def record_and_forget_progress(db):
+            record(db)
+            db.execute("DELETE FROM state WHERE channel=? AND key=?", (s, key))
+        return record_and_forget_progress
 
     def _sig_reaction(self, channel, rec, row):
         f = rec["fields"]
@@ -2830,10 +2904,18 @@ class Bridge:
         return None
 
     def _sig_typing(self, channel, rec, row):
-        m = self.store.last_forwarded(channel.session)
-        if m:
+        group = rec["fields"].get("group")
+        if group:
+            g = self.store.chat_of_group(channel.session, group)
+            chat = g["chat"] if g else None
+        elif self.layout == "inbox":
+            m = self.store.last_forwarded(channel.session, before=rec["received_at"])
+            chat = m["chat"] if m else None
+        else:
+            chat = None      # typing in the control room is nobody's business
+        if chat:
             with contextlib.suppress(UpstreamError):   # typing is ephemeral: never retried
-                self.waha.typing(channel.session, m["chat"], rec["fields"].get("started"))
+                self.waha.typing(channel.session, chat, rec["fields"].get("started"))
         return None
 
     # -- commands ---------------------------------------------------------------
@@ -2843,8 +2925,8 @@ class Bridge:
         quote = (rec["ts"], channel.destination, None)
         if handler is None:
             self.notify(channel, ("Unknown command /%s.\n" % shorten(name, 20)) + HELP_TEXT, quote=quote)
-            return
-        handler(channel, rec, rest.strip(), quote)
+            return None
+        return handler(channel, rec, rest.strip(), quote)
 
     def _cmd_help(self, channel, rec, args, quote):
         self.notify(channel, HELP_TEXT)
@@ -2898,11 +2980,11 @@ class Bridge:
             title = self.display_name(channel, chat, group=chat.endswith("@g.us"))
             conv = self.ensure_group(channel, chat, title + (" (WhatsApp)" if chat.endswith("@g.us") else ""))
         after = self.send_to_whatsapp(channel, rec, chat, text, rec["fields"].get("attachments") or [], None, conv=conv)
-        with self.store.tx() as db:
-            after(db)
         if conv:
             g = self.store.group_of_chat(channel.session, chat)
-            self.notify(channel, "Sent. The chat continues in the Signal group %r." % (g["name"] if g else "?"))
+            with contextlib.suppress(UpstreamError):   # the message went out: a lost notice must not resend it
+                self.notify(channel, "Sent. The chat continues in the Signal group %r." % (g["name"] if g else "?"))
+        return after
 
     def _cmd_reopen(self, channel, rec, args, quote):
         if not args:
@@ -3020,7 +3102,7 @@ class Deliverer(Worker):
     def _pass(self, rows):
         blocked, done, delay = set(), 0, self.idle_wait
         for row in rows:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or not self.leader.is_set():
                 break
             if row["chat"] in blocked:
                 continue
@@ -3039,7 +3121,7 @@ class Deliverer(Worker):
         """Try one item; return True when it left the queue (delivered or dead)."""
         try:
             after = self.bridge.process(self.direction, row)
-            self.store.finish(row["id"], "done", self.clock(), after=after)
+            self._record_done(row, after)
             self.metrics.observe("whatsignal_delivery_latency_seconds", max(0.0, self.clock() - row["created_at"]),
                                  direction=self.direction)
             took = (self.clock() - row["created_at"]) * 1000
@@ -3068,13 +3150,25 @@ class Deliverer(Worker):
                            error=e.__class__.__name__, where=_where(e))
             return self._dead(row, "internal error (%s)" % e.__class__.__name__)
 
+    def _record_done(self, row, after):
+        """Mark a delivered item done; the send happened, so keep trying rather than send it again."""
+        for attempt in range(60):
+            try:
+                self.store.finish(row["id"], "done", self.clock(), after=after)
+                return
+            except StoreError as e:
+                if attempt == 0:
+                    self.log.error("delivered, but the database cannot record it yet; retrying", reason=scrub(e))
+                time.sleep(0.5)
+        raise StoreError("could not record a delivered item")
+
     def _retry(self, row, e):
         now = self.clock()
         attempts = row["attempts"] + 1
         if isinstance(e, HeldError):
             self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + e.retry_after)
             return False
-        if now - row["created_at"] > self.expire:
+        if now - row["created_at"] > self.expire and not isinstance(e, IdentityError):
             return self._dead(row, "gave up after %.0f hours: %s" % (self.expire / 3600, e))
         delay = max(e.retry_after or 0.0, next_backoff(attempts - 1, rand=self.rand))
         self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + delay)
@@ -3149,7 +3243,9 @@ class SignalReceiver(Worker):
             except UpstreamError as e:
                 if self.stopping.is_set():
                     break
-                delay = next_backoff(self.attempt, 1.0, 2.0, self.sleep_cap, self.bridge.rand)
+                # signal-cli-rest-api in json-rpc mode drops what arrives while no socket is open
+                cap = 2.0 if getattr(self.signal, "mode", None) == "json-rpc" else self.sleep_cap
+                delay = next_backoff(self.attempt, 1.0, 2.0, cap, self.bridge.rand)
                 self.attempt += 1
                 self.log.warn("signal receive interrupted; reconnecting", reason=scrub(e), retry_in_s=round(delay, 1))
                 self.stopping.wait(delay)
@@ -3174,14 +3270,16 @@ class SignalReceiver(Worker):
             self.take(obj)
 
     def take(self, obj):
-        """Commit one receive object, waiting (bounded by stop) while the database is unavailable."""
-        while not self.stopping.is_set():
+        """Commit one receive object; signal-cli already consumed it, so keep trying (also while stopping)."""
+        for attempt in range(120):
             try:
                 self.bridge.ingest_envelope(obj)
                 return
             except StoreError as e:
-                self.log.error("database unavailable; holding the Signal stream", reason=scrub(e))
-                self.stopping.wait(1.0)
+                if attempt == 0:
+                    self.log.error("database unavailable; holding the Signal stream", reason=scrub(e))
+                time.sleep(0.5)
+        self.log.error("a Signal message could not be stored and is lost; check the database")
 
 
 class LeaseKeeper(Worker):
@@ -3379,7 +3477,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return self._reject(411, "Content-Length required", close=True)
-        if not length.strip().isdigit():
+        if not re.fullmatch(r"[0-9]{1,15}", length.strip()):
             return self._reject(400, "invalid Content-Length", close=True)
         length = int(length)
         if length > app.max_body:
@@ -3477,7 +3575,7 @@ def cleanup(store, config, now, vacuum=False, batch=500, pause=0.0):
         if vacuum:
             store.db.execute("VACUUM")
         else:
-            store.db.execute("PRAGMA incremental_vacuum")
+            store.db.executescript("PRAGMA incremental_vacuum;")   # stepped to the end, not one page
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return counts
 
@@ -3542,7 +3640,7 @@ def backup(db_path, dest, config=None):
     src = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db_path)), uri=True, timeout=30)
     dst = sqlite3.connect(tmp)
     try:
-        src.backup(dst, pages=256, sleep=0.005)   # copies in steps; writers continue meanwhile
+        src.backup(dst)   # one read transaction: in WAL mode writers continue meanwhile, and it cannot restart
         dst.execute("PRAGMA journal_mode=DELETE")
         check = dst.execute("PRAGMA integrity_check").fetchone()[0]
         counts = table_counts(dst)
@@ -3746,6 +3844,7 @@ class App:
                         SignalReceiver(self.bridge, self.lease.leader)]
         self.server = None
         self.timer = None
+        self.stopped = False
         self.health_cache = {}
         self.media_cache = (0.0, (0, 0))
 
@@ -3779,13 +3878,19 @@ class App:
         self.timer.start()
 
     def _cleanup_tick(self):
-        if self.lease.leader.is_set():
-            run_cleanup(self)
-        self._schedule_cleanup(self.config.get("cleanupIntervalHours") * 3600)
+        try:
+            if self.lease.leader.is_set() and not self.stopped:
+                run_cleanup(self)
+        except Exception as e:  # pragma: no cover - the timer must survive anything
+            self.log.error("cleanup failed", reason=e.__class__.__name__)
+        finally:
+            if not self.stopped:
+                self._schedule_cleanup(self.config.get("cleanupIntervalHours") * 3600)
 
     def stop(self, timeout=8.0):
         """Stop accepting, let in-flight requests finish, stop workers, close the database."""
         deadline = time.monotonic() + timeout
+        self.stopped = True
         if self.timer:
             self.timer.cancel()
         if self.server:
@@ -3794,8 +3899,8 @@ class App:
             while self.server.busy_count() and time.monotonic() < deadline - 3:
                 time.sleep(0.02)
             self.server.server_close()
-        for w in self.workers:
-            w.stop(max(0.1, min(3.0, deadline - time.monotonic())))
+        for w in reversed(self.workers):   # the receiver first: what it has read is stored before the end
+            w.stop(max(0.5, deadline - time.monotonic() - 1.0))
         self.lease.stop(1.0)
         self.store.close()
         self.log.info("WhatSignal stopped")
@@ -4875,7 +4980,7 @@ def _reexec_as_module(argv):
     Imported, the tree is freed right after compiling.
     """
     here = os.path.dirname(os.path.abspath(__file__))
-    code = "import sys; sys.path.insert(0, %r); import whatsignal; sys.exit(whatsignal.main(sys.argv[1:]))" % here
+    code = "import sys; sys.path[0] = %r; import whatsignal; sys.exit(whatsignal.main(sys.argv[1:]))" % here
     os.environ["WHATSIGNAL_REEXEC"] = "0"
     os.execv(sys.executable, [sys.executable, "-c", code] + argv)
 
