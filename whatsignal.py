@@ -306,6 +306,7 @@ DEFAULTS = {
     "whatsapp.apiKey": (str, None, "WAHA X-Api-Key"),
     "whatsapp.session": (str, "default", "WAHA session of the single default channel"),
     "whatsapp.webhookSecret": (str, None, "WAHA webhook HMAC key (>= 32 chars); WEBHOOK_SECRET"),
+    "whatsapp.mediaBaseUrl": (str, None, "origin WAHA writes in media URLs (its WAHA_BASE_URL) if not apiUrl's"),
     "whatsapp.mirrorDeletes": (bool, True, "a WhatsApp deletion deletes the Signal copy (else a notice)"),
     "whatsapp.sessionAutoRestart": (bool, False, "restart a FAILED/STOPPED WAHA session with backoff"),
     "signal.rpcUrl": (str, None, "signal-cli daemon --http URL (JSON-RPC + SSE)"),
@@ -469,8 +470,9 @@ def _validate_channels(channels_raw, values, problems):
 
 def _validate_values(cfg, problems):
     g = cfg.get
-    if g("whatsapp.apiUrl"):
-        _check_url("whatsapp.apiUrl", g("whatsapp.apiUrl"), problems)
+    for key in ("whatsapp.apiUrl", "whatsapp.mediaBaseUrl"):
+        if g(key):
+            _check_url(key, g(key), problems)
     rpc, api = g("signal.rpcUrl"), g("signal.apiUrl")
     if bool(rpc) == bool(api):
         problems.append("signal: set exactly one of signal.rpcUrl (signal-cli daemon) or signal.apiUrl "
@@ -1727,11 +1729,14 @@ def _retry_after(resp):
 class WahaClient:
     """WAHA's REST API (waha.md section 5); every call sends X-Api-Key."""
 
-    def __init__(self, base_url, api_key, transport=None):
+    def __init__(self, base_url, api_key, transport=None, media_base=None):
         self.base = base_url.rstrip("/")
         self.api_key = api_key
         self.http = transport or HttpTransport()
         self.origin = urllib.parse.urlsplit(self.base)[:2]
+        # WAHA writes media URLs with its own WAHA_BASE_URL (http://localhost:3000 by default), which
+        # behind Docker is not how the bridge reaches it: such URLs are accepted, and fetched from base_url.
+        self.origins = {self.origin, urllib.parse.urlsplit(media_base.rstrip("/"))[:2] if media_base else self.origin}
 
     def _headers(self, extra=None):
         h = {"Accept": "application/json"}
@@ -1845,18 +1850,18 @@ class WahaClient:
             raise TransientError("WAHA /ping answered %d" % resp.status)
 
     def check_media_url(self, url):
-        """Raise PermanentError unless *url* is an http(s) URL on WAHA's own origin."""
+        """Return the URL to fetch for media *url*; PermanentError unless it is on WAHA's own origin."""
         u = urllib.parse.urlsplit(url or "")
-        if u.scheme not in ("http", "https") or (u.scheme, u.netloc) != self.origin or u.username or u.password:
+        if u.scheme not in ("http", "https") or (u.scheme, u.netloc) not in self.origins or u.username or u.password:
             raise PermanentError("media URL is not on WAHA's origin")
-        return u
+        return self.base + (u.path or "/") + ("?" + u.query if u.query else "")
 
     def download(self, url, dest, max_bytes):
         """Stream media at *url* (WAHA's origin only, no redirects) into *dest*; return (mime, size).
 
         Raises PermanentError when refused, too large or not found.
         """
-        self.check_media_url(url)
+        url = self.check_media_url(url)
         resp = self.http.open("GET", url, self._headers({"Accept": "*/*"}), timeout=UPSTREAM_TIMEOUT * 3)
         try:
             if resp.status == 404:
@@ -2428,6 +2433,9 @@ class Bridge:
         self.cache_dir = config.get("media.cacheDir")
         self.wake = {"w2s": threading.Event(), "s2w": threading.Event()}
         self.names = {}   # (channel, jid) -> (name, looked up at): spares a query per message
+        self._locks, self._locks_lock = {}, threading.Lock()   # one download per queued item at a time
+        self._media_failed = {}   # queued item -> notice, for media that cannot come
+        self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
         rate = config.get("bridge.groupCreatePerMinute") / 60.0
         self.group_bucket = TokenBucket(5, rate, clock)
@@ -2448,6 +2456,8 @@ class Bridge:
         new = self.store.enqueue(inbound.session, "w2s", inbound.dedupe, inbound.chat, inbound.kind, record, self.clock())
         if new:
             self.wake["w2s"].set()
+            if record.get("media"):
+                self.wake_media.set()
         return "stored" if new else "duplicate"
 
     def owner_channel(self, number, uuid):
@@ -2496,7 +2506,7 @@ class Bridge:
         if direction == "w2s":
             handler = getattr(self, "_on_" + row["kind"].replace(".", "_"))
         else:
-            handler = getattr(self, "_sig_" + row["kind"], None)
+            handler = getattr(self, "_sig_" + row["kind"].replace("-", "_"), None)
             if handler is None:
                 return None
         return handler(channel, rec, row)
@@ -2577,12 +2587,9 @@ class Bridge:
             text = render_for_signal(rec, name, None, inline, notice, prefix=group)
         else:
             text = render_for_signal(rec, name, group_name, inline, notice)
-        try:
-            ts = self.signal.send(self.to(channel, conv), text, attachments, quote)
-        finally:
-            for a in attachments:
-                with contextlib.suppress(OSError):
-                    os.remove(a.path)
+        ts = self.signal.send(self.to(channel, conv), text, attachments, quote)
+        for a in attachments:          # kept for retries until sent; private content does not linger
+            self._remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
         return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv,
@@ -2607,18 +2614,49 @@ class Bridge:
             self.log.warn("media URL refused: not on WAHA's origin", host=urllib.parse.urlsplit(media["url"]).hostname)
             raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
         os.makedirs(self.cache_dir, exist_ok=True)
-        path = os.path.join(self.cache_dir, "m-" + secrets.token_hex(16) + EXTENSIONS.get(mime, ".bin"))
+        path = self.media_path(row["id"], mime)      # our name for it: nothing from the payload
+        with self._media_lock(row["id"]):
+            if row["id"] in self._media_failed:       # the prefetcher already met a lasting problem
+                raise MediaProblem(self._media_failed[row["id"]])
+            if not os.path.exists(path):
+                try:
+                    self._download(media, mime, kind, limit, path, row)
+                except MediaProblem as e:
+                    if len(self._media_failed) > 1000:
+                        self._media_failed.clear()
+                    self._media_failed[row["id"]] = e.notice
+                    raise
+        return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
+
+    def media_path(self, item_id, mime):
+        return os.path.join(self.cache_dir, "m-%032x%s" % (item_id, EXTENSIONS.get(mime, ".bin")))
+
+    @contextlib.contextmanager
+    def _media_lock(self, item_id):
+        with self._locks_lock:
+            lock = self._locks.setdefault(item_id, threading.Lock())
         try:
-            _, size = self.waha.download(media["url"], path, self.max_media)
-            with open(path, "rb") as f:
+            with lock:
+                yield
+        finally:
+            with self._locks_lock:
+                if len(self._locks) > 1000:
+                    self._locks.clear()
+
+    def _download(self, media, mime, kind, limit, path, row):
+        part = path + ".part"
+        try:
+            _, size = self.waha.download(media["url"], part, self.max_media)
+            with open(part, "rb") as f:
                 head = f.read(16)
             if not media_type_ok(mime, head):
                 raise MediaProblem("%s, content does not match its type; not forwarded" % kind)
+            os.replace(part, path)
         except MediaProblem:
-            self._remove(path)
+            self._remove(part)
             raise
         except PermanentError as e:
-            self._remove(path)
+            self._remove(part)
             if "redirects elsewhere" in str(e):
                 self.metrics.inc("whatsignal_rejected_total", reason="media_url")
                 self.log.warn("media URL refused: WAHA redirected it elsewhere")
@@ -2629,11 +2667,10 @@ class Bridge:
             raise MediaProblem("%s, %s" % (kind, "expired on WhatsApp's server" if "expired" in str(e)
                                            else "could not be downloaded")) from None
         except TransientError:
-            self._remove(path)
+            self._remove(part)
             if row["attempts"] + 1 >= self.media_tries:
                 raise MediaProblem("%s, could not be downloaded" % kind) from None
             raise
-        return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
 
     @staticmethod
     def _remove(path):
@@ -2750,9 +2787,14 @@ class Bridge:
         now = self.clock()
         if g and g["state"] == "active":
             if title and g["name"] != title and not 0 <= now - g["renamed_at"] < 86400:
-                with contextlib.suppress(TransientError):
+                try:
                     self.signal.rename_group(g["group"], title)
                     self.store.save_group(channel.session, chat, now, "active", g["tag"], g["group"], title, renamed=True)
+                except TransientError:
+                    pass                      # tried again with the next message
+                except UpstreamError as e:    # cosmetic: never costs the message; tried again in a day
+                    self.log.warn("renaming a Signal group failed", reason=scrub(e, 120))
+                    self.store.save_group(channel.session, chat, now, "active", g["tag"], g["group"], g["name"], renamed=True)
             return g["group"]
         if g and g["state"] == "left":
             raise HeldError("the owner left this chat's Signal group; held until /reopen", 3600.0)
@@ -2887,7 +2929,14 @@ class Bridge:
     def _sig_edit(self, channel, rec, row):
         m = self._own_message(channel, rec["fields"]["target_ts"])
         if m:
-            self.waha.edit(channel.session, m["chat"], m["wa_id"], rec["fields"]["text"])
+            text = rec["fields"]["text"]
+            if text.startswith("/to "):               # an edited /to command: only its text is the message
+                words = text[4:].split(" ")
+                for cut in range(len(words) - 1, 0, -1):
+                    if self.find_chat(channel, " ".join(words[:cut]))[0] == m["chat"]:
+                        text = " ".join(words[cut:]).strip()
+                        break
+            self.waha.edit(channel.session, m["chat"], m["wa_id"], text)
             self.metrics.inc("whatsignal_messages_processed_total", direction="s2w", kind="edit", result="ok")
         return None
 
@@ -2990,7 +3039,7 @@ class Bridge:
         if not args:
             self.notify(channel, "Use /reopen <n|+number|name>.", quote=quote)
             return
-        chat, error = self.find_chat(channel, args)
+        chat, error = self.find_chat(channel, re.sub(r"\s*\(WhatsApp\)$", "", args))
         g = self.store.group_of_chat(channel.session, chat) if chat else None
         if not chat or not g or g["state"] != "left":
             self.notify(channel, error or "That chat's Signal group is not closed.", quote=quote)
@@ -3204,6 +3253,49 @@ def _where(exc):
     return "%s:%d" % (tb.tb_frame.f_code.co_name, tb.tb_lineno) if tb else "?"
 
 
+class MediaPrefetcher(Worker):
+    """Downloads queued WhatsApp media as soon as it arrives, independently of Signal.
+
+    WAHA deletes its media files after a few minutes (WHATSAPP_FILES_LIFETIME,
+    180 s by default): a photo waiting behind a Signal outage must already be
+    on disk.  The delivery worker uses the same file, or downloads it itself.
+    """
+
+    name = "media-prefetch"
+
+    def __init__(self, bridge, leader):
+        super().__init__()
+        self.bridge, self.store, self.log = bridge, bridge.store, bridge.log
+        self.leader = leader
+        self.last_id = 0
+
+    def interrupt(self):
+        self.bridge.wake_media.set()
+
+    def run(self):
+        while not self.stopping.is_set():
+            self.bridge.wake_media.wait(5.0)
+            self.bridge.wake_media.clear()
+            if self.leader.is_set():
+                with contextlib.suppress(StoreError):
+                    self.run_once()
+
+    def run_once(self):
+        rows = self.store.query("SELECT * FROM queue WHERE direction='w2s' AND state='pending' AND kind='message'"
+                                " AND id > ? ORDER BY id LIMIT 200", (self.last_id,))
+        for row in rows:
+            if self.stopping.is_set():
+                return
+            self.last_id = row["id"]
+            try:
+                media = self.bridge.store.record_of(row).get("media")
+                still = self.store.one("SELECT state FROM queue WHERE id=?", (row["id"],))
+                if media and media.get("url") and not media.get("error") and still and still[0] == "pending":
+                    self.bridge.fetch_media(media, row)
+            except (UpstreamError, CryptoError, OSError, ValueError) as e:
+                self.log.debug("media prefetch failed; delivery will try again", reason=scrub(e, 80))
+
+
 class SignalReceiver(Worker):
     """Keeps receiving from signal-cli: SSE (daemon), WebSocket (REST json-rpc) or polling (REST normal)."""
 
@@ -3224,7 +3316,6 @@ class SignalReceiver(Worker):
                 sock = getattr(conn, "sock", None)
                 if sock is not None:
                     sock.shutdown(socket.SHUT_RDWR)
-                conn.close()
 
     def _opened(self, conn):
         self.conn = conn
@@ -3833,14 +3924,16 @@ class App:
         except CryptoError:
             self.store.close()
             raise
-        self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"))
+        self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"),
+                               media_base=config.get("whatsapp.mediaBaseUrl"))
         if config.get("signal.rpcUrl"):
             self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"))
         else:
             self.signal = SignalRestClient(config.get("signal.apiUrl"), config.get("signal.number"))
         self.bridge = Bridge(config, self.store, self.waha, self.signal, log, self.metrics, clock, rand)
         self.lease = LeaseKeeper(self.store, log, self.metrics, clock, holder)
-        self.workers = [Deliverer(self.bridge, "w2s", self.lease.leader), Deliverer(self.bridge, "s2w", self.lease.leader),
+        self.workers = [MediaPrefetcher(self.bridge, self.lease.leader),
+                        Deliverer(self.bridge, "w2s", self.lease.leader), Deliverer(self.bridge, "s2w", self.lease.leader),
                         SignalReceiver(self.bridge, self.lease.leader)]
         self.server = None
         self.timer = None
