@@ -1553,11 +1553,11 @@ class Store:
                               (now, channel, self.tok("chat", chat))).rowcount
 
     # -- lease ------------------------------------------------------------------
-    def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery"):
+    def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery", is_dead=None):
         """Take or renew the delivery lease; True when *holder* has it."""
         with self.tx() as db:
             row = db.execute("SELECT holder, expires_at FROM lease WHERE name=?", (name,)).fetchone()
-            if row and row[0] != holder and row[1] > now:
+            if row and row[0] != holder and row[1] > now and not (is_dead and is_dead(row[0])):
                 return False
             db.execute("INSERT OR REPLACE INTO lease(name, holder, expires_at) VALUES (?,?,?)",
                        (name, holder, now + seconds))
@@ -3373,6 +3373,26 @@ class SignalReceiver(Worker):
         self.log.error("a Signal message could not be stored and is lost; check the database")
 
 
+_OWN_HOLDERS = set()   # lease holder names of the LeaseKeepers alive in this process
+
+
+def lease_holder_dead(holder):
+    """True when *holder* ("host:pid:token") names a process of this host that no longer runs."""
+    host, _, rest = str(holder).partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname()[:40] or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():          # our own pid: an earlier incarnation (container restart), unless alive here
+        return holder not in _OWN_HOLDERS
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class LeaseKeeper(Worker):
     """Holds the delivery lease so only one instance on a volume runs workers and the receiver."""
 
@@ -3382,6 +3402,7 @@ class LeaseKeeper(Worker):
         super().__init__()
         self.store, self.log, self.metrics, self.clock = store, log, metrics, clock
         self.holder = holder or "%s:%d:%s" % (socket.gethostname()[:40], os.getpid(), secrets.token_hex(4))
+        _OWN_HOLDERS.add(self.holder)
         self.seconds = seconds
         self.leader = threading.Event()
         self.renewed = 0.0
@@ -3389,7 +3410,7 @@ class LeaseKeeper(Worker):
     def tick(self):
         now = self.clock()
         try:
-            got = self.store.acquire_lease(self.holder, now, self.seconds)
+            got = self.store.acquire_lease(self.holder, now, self.seconds, is_dead=lease_holder_dead)
             self.renewed = now if got else self.renewed
         except StoreError:
             got = self.leader.is_set() and now - self.renewed < self.seconds * 0.8
@@ -3456,7 +3477,14 @@ class BridgeServer(http.server.ThreadingHTTPServer):
         self.app = app
         self.connections = {}   # socket -> busy flag, so shutdown can close idle keep-alives
         self.conn_lock = threading.Lock()
+        self.draining = False
         super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            return                                   # the client went away: nothing to report
+        self.app.log.error("internal error in the HTTP server", error=exc.__class__.__name__, where=_where(exc))
 
     def close_idle(self):
         with self.conn_lock:
@@ -3495,9 +3523,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass   # requests are counted in /metrics; bodies and addresses never reach the log
 
-    def handle_one_request(self):
-        with self.server.conn_lock:
+    def parse_request(self):
+        with self.server.conn_lock:       # busy from the request line on, not while waiting for one
             self.server.connections[self.connection] = True
+        if self.server.draining:
+            self.close_connection = True
+        ok = super().parse_request()
+        if self.server.draining:
+            self.close_connection = True
+        return ok
+
+    def handle_one_request(self):
         try:
             super().handle_one_request()
         finally:
@@ -3547,6 +3583,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             self.route_webhook()
+        except (ConnectionError, socket.timeout):    # the client hung up mid-request or mid-answer
+            self.close_connection = True
         except Exception as e:  # never a 500 body with internals; logged once with the place
             self.server.app.log.error("internal error handling a webhook", error=e.__class__.__name__, where=_where(e))
             self.reply(500, {"error": "internal error"}, close=True)
@@ -3987,10 +4025,12 @@ class App:
         if self.timer:
             self.timer.cancel()
         if self.server:
+            self.server.draining = True
             self.server.shutdown()
             self.server.close_idle()
             while self.server.busy_count() and time.monotonic() < deadline - 3:
                 time.sleep(0.02)
+                self.server.close_idle()
             self.server.server_close()
         for w in reversed(self.workers):   # the receiver first: what it has read is stored before the end
             w.stop(max(0.5, deadline - time.monotonic() - 1.0))
