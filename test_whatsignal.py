@@ -3704,6 +3704,19 @@ def core_source():
 
 
 class TestMisc:
+    def test_every_config_key_and_command_is_documented_in_the_readme(self):
+        readme = open(os.path.join(os.path.dirname(os.path.abspath(ws.__file__)), "README.md"), encoding="utf-8").read()
+        missing = [k for k in ws.DEFAULTS if "`%s`" % k not in readme]
+        assert missing == [], "README's configuration table lacks %s" % missing
+        for env in list(ws.ENV_OVERRIDES) + ["WEBHOOK_SECRET", "WHATSIGNAL_ENABLE_ENCRYPTION",
+                                             "WHATSIGNAL_ENCRYPTION_SECRET", "WHATSIGNAL_ENCRYPTION_SECRET_OLD"]:
+            assert env in readme, env
+        for name, _ in ws.COMMANDS:
+            assert name in readme, name
+        assert "python3 -m pytest -q test_whatsignal.py" in readme
+        ci = open(os.path.join(os.path.dirname(os.path.abspath(ws.__file__)), ".ci", "run"), encoding="utf-8").read()
+        assert "-m pytest -q test_whatsignal.py" in ci
+
     def test_standard_library_only(self):
         tree = ast.parse(core_source())
         names = set()
@@ -8141,3 +8154,868 @@ class TestSecrets:
                      "4915111111189", "4915999999988", "15550000002", "15550000001", "491511111118900"]
         leaks = [(where, f) for where, text in shown.items() for f in forbidden if f in text]
         assert not leaks, leaks
+
+
+###############################################################################
+# The fakes speak the upstream contracts ######################################
+###############################################################################
+
+FK_FIXTURES = FIXTURES
+FK_ALICE = "+15550000002"
+FK_ALICE_UUID = "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d"
+FK_BOB = "+15550000003"
+FK_ME = "+15550000001"
+FK_PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+FK_JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
+
+
+def fk_fixture(name, default=None):
+    path = os.path.join(FK_FIXTURES, name)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    return default
+
+
+FK_TEXT_RECEIVE = fk_fixture("signal-envelope-text-current-derived.json", {
+    "envelope": {"source": FK_ALICE, "sourceNumber": FK_ALICE, "sourceUuid": FK_ALICE_UUID, "sourceName": "Alice",
+                 "sourceDevice": 1, "timestamp": 1767225600123, "dataMessage": {
+                     "timestamp": 1767225600123, "message": "Hello from Signal"}},
+    "account": FK_ME})
+
+
+def fk_request(url, method, path, body=None, headers=None, timeout=5.0, conn=None):
+    """Returns (status, response, raw bytes, parsed JSON or None)."""
+    u = urllib.parse.urlsplit(url)
+    c = conn or http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    hdrs = {}
+    data = None
+    if isinstance(body, (bytes, bytearray)):
+        data = bytes(body)
+    elif body is not None:
+        data = json.dumps(body).encode("utf-8")
+        hdrs["Content-Type"] = "application/json"
+    hdrs.update(headers or {})
+    c.request(method, path, body=data, headers=hdrs)
+    r = c.getresponse()
+    raw = r.read()
+    if conn is None:
+        c.close()
+    try:
+        js = json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        js = None
+    return r.status, r, raw, js
+
+
+FK_KEY = {"X-Api-Key": "waha-key"}
+
+
+@pytest.fixture
+def fk_waha():
+    f = FakeWaha().start()
+    yield f
+    f.stop()
+    assert f.server_errors == []
+
+
+@pytest.fixture
+def fk_daemon():
+    f = FakeSignalDaemon().start()
+    yield f
+    f.stop()
+    assert f.server_errors == []
+
+
+@pytest.fixture
+def fk_rest():
+    f = FakeSignalRest().start()
+    yield f
+    f.stop()
+    assert f.server_errors == []
+
+
+@pytest.fixture
+def fk_rest_ws():
+    f = FakeSignalRest(mode="json-rpc").start()
+    yield f
+    f.stop()
+    assert f.server_errors == []
+
+
+# ============================================================================================
+# WAHA
+# ============================================================================================
+
+def test_fakes_waha_auth_ping_health(fk_waha):
+    assert re.match(r"^http://127\.0\.0\.1:\d+$", fk_waha.url)
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/ping")
+    assert (st, js) == (200, {"message": "pong"})
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/health")
+    assert (st, js) == (401, {"message": "Unauthorized", "statusCode": 401})
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/health", headers={"X-Api-Key": "wrong"})
+    assert st == 401
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/health", headers=FK_KEY)
+    assert (st, js) == (200, {})
+    st, _, _, _ = fk_request(fk_waha.url, "GET", "/health?x-api-key=waha-key")
+    assert st == 200
+    call = fk_waha.calls[-1]
+    assert set(["method", "path", "query", "headers", "json"]) <= set(call)
+    assert call["query"] == {"x-api-key": "waha-key"}
+
+
+def test_fakes_waha_send_text_seen_typing(fk_waha):
+    body = {"chatId": "15550000002@c.us", "text": "hi", "session": "default"}
+    st, r, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    assert st == 201 and r.getheader("Content-Type").startswith("application/json")
+    assert re.match(r"^true_15550000002@c\.us_[0-9A-F]{20}$", js["id"]) and js["_data"] == {}
+    assert fk_waha.calls[-1]["headers"]["x-api-key"] == "waha-key"   # case-insensitive headers
+    assert fk_waha.calls[-1]["headers"]["X-API-KEY"] == "waha-key"
+    group = {"chatId": "120363025555555555@g.us", "text": "g", "session": "default", "reply_to": None}
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", group, FK_KEY)
+    assert st == 201 and re.match(r"^true_120363025555555555@g\.us_[0-9A-F]{20}_15550000001@c\.us$", js["id"])
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendSeen",
+                           {"chatId": "15550000002@c.us", "session": "default",
+                            "messageIds": ["false_15550000002@c.us_AAA"]}, FK_KEY)
+    assert (st, js) == (201, {})
+    for p in ("/api/startTyping", "/api/stopTyping"):
+        st, _, _, js = fk_request(fk_waha.url, "POST", p, {"chatId": "15550000002@c.us", "session": "default"}, FK_KEY)
+        assert (st, js) == (201, {"result": True})
+    assert fk_waha.sent() == [body, group]
+    assert fk_waha.sent("text") == [body, group] == fk_waha.sent("sendText")
+    assert len(fk_waha.sent("seen")) == 1 and fk_waha.sent("image") == []
+
+
+def test_fakes_waha_send_validation_and_media(fk_waha):
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"text": "x", "session": "default"}, FK_KEY)
+    assert st == 400 and js["statusCode"] == 400 and js["error"] == "Bad Request" and isinstance(js["message"], list)
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x"}, FK_KEY)
+    assert st == 400 and any("session" in m for m in js["message"])
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", b"{not json", {**FK_KEY, "Content-Type": "application/json"})
+    assert st == 400 and js["statusCode"] == 400
+    img = {"chatId": "15550000002@c.us", "session": "default", "caption": "c",
+           "file": {"mimetype": "image/jpeg", "filename": "a.jpg"}}
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    assert st == 400
+    img["file"]["data"] = "data:image/jpeg;base64," + base64.b64encode(FK_JPEG).decode()
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    assert st == 400 and any("data URI" in m for m in js["message"])
+    img["file"]["data"] = base64.b64encode(FK_JPEG).decode()
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    assert st == 201 and js["id"].startswith("true_15550000002@c.us_")
+    assert fk_waha.calls[-1]["file_bytes"] == FK_JPEG
+    voice = {"chatId": "15550000002@c.us", "session": "default",
+             "file": {"mimetype": "audio/ogg; codecs=opus", "url": "http://x/v.ogg"}}
+    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    assert st == 400  # convert is required
+    voice["convert"] = False
+    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    assert st == 201
+    doc = {"chatId": "15550000002@c.us", "session": "default",
+           "file": {"mimetype": "application/pdf", "filename": "a.pdf", "data": base64.b64encode(b"%PDF-1").decode()}}
+    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendFile", doc, FK_KEY)
+    assert st == 201
+    assert [b["chatId"] for b in fk_waha.sent()] == ["15550000002@c.us"] * 3
+    assert fk_waha.sent("image") == [img] and fk_waha.sent("voice") == [voice] and fk_waha.sent("file") == [doc]
+
+
+def test_fakes_waha_reaction_edit_delete(fk_waha):
+    r = {"messageId": "false_15550000002@c.us_3EB0AAAA", "reaction": "\U0001F44D", "session": "default"}
+    st, _, _, js = fk_request(fk_waha.url, "PUT", "/api/reaction", r, FK_KEY)
+    assert st == 200 and js["id"].startswith("true_15550000002@c.us_") and js["_data"] == {}
+    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/reaction", r, FK_KEY)
+    assert st == 404
+    g = {"messageId": "false_120363025555555555@g.us_3EB0BBBB", "reaction": "", "session": "default"}
+    st, _, _, _ = fk_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    assert st == 400  # group message id without _participant
+    g["messageId"] += "_15550000004@c.us"
+    st, _, _, _ = fk_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    assert st == 200
+    path = "/api/default/chats/15550000002%40c.us/messages/true_15550000002%40c.us_3EB0CCCC"
+    st, _, _, js = fk_request(fk_waha.url, "PUT", path, {"text": "edited"}, FK_KEY)
+    assert st == 200 and "id" in js
+    call = fk_waha.calls[-1]
+    assert call["path"] == path and call["chatId"] == "15550000002@c.us"
+    assert call["messageId"] == "true_15550000002@c.us_3EB0CCCC" and call["json"] == {"text": "edited"}
+    st, _, _, _ = fk_request(fk_waha.url, "PUT", path, {"nope": 1}, FK_KEY)
+    assert st == 400
+    st, _, _, _ = fk_request(fk_waha.url, "DELETE", path, headers=FK_KEY)
+    assert st == 200 and fk_waha.calls[-1]["method"] == "DELETE" and fk_waha.calls[-1]["chatId"] == "15550000002@c.us"
+
+
+def test_fakes_waha_contacts_lids_sessions(fk_waha):
+    fk_waha.contacts["15550000002@c.us"] = "Alice"
+    fk_waha.lids["123456@lid"] = "15550000002@c.us"
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000002%40c.us&session=default", headers=FK_KEY)
+    assert st == 200 and js["id"] == "15550000002@c.us" and js["name"] == "Alice" and js["number"] == "15550000002"
+    assert {"pushname", "isMe", "isGroup"} <= set(js)
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000009&session=default", headers=FK_KEY)
+    assert st == 200 and js["id"] == "15550000009@c.us" and js["name"] is None
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/default/lids/123456%40lid", headers=FK_KEY)
+    assert (st, js) == (200, {"lid": "123456@lid", "pn": "15550000002@c.us"})
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/default/lids/999%40lid", headers=FK_KEY)
+    assert js == {"lid": "999@lid", "pn": None}
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/sessions/default", headers=FK_KEY)
+    assert st == 200 and js["name"] == "default" and js["status"] == "WORKING" and js["config"] is None
+    assert js["engine"] == {"engine": "GOWS"} and js["me"]["id"] == "15550000001@c.us"
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/sessions/nope", headers=FK_KEY)
+    assert st == 404 and js["statusCode"] == 404
+    fk_waha.session_status = "STARTING"
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText",
+                           {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
+    assert st == 422 and js["expected"] == ["WORKING"] and js["status"] == "STARTING" and js["session"] == "default"
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "other"}, FK_KEY)
+    assert st == 404
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sessions/default/restart", headers=FK_KEY)
+    assert (st, js["name"], js["status"]) == (201, "default", "STARTING")
+    assert fk_waha.session_status == "WORKING"
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sessions/default/start", headers=FK_KEY)
+    assert st == 201
+    assert len(fk_waha.calls_for("/api/sessions/default/", "POST")) == 2
+    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
+    assert st == 201
+
+
+def test_fakes_waha_files(fk_waha):
+    url = fk_waha.add_file("ABC.jpeg", FK_JPEG, "image/jpeg")
+    assert url == fk_waha.url + "/api/files/default/ABC.jpeg"
+    st, r, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg", headers=FK_KEY)
+    assert st == 200 and raw == FK_JPEG and r.getheader("Content-Type") == "image/jpeg"
+    assert r.getheader("Content-Length") == str(len(FK_JPEG))
+    st, _, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg?x-api-key=waha-key")
+    assert st == 200 and raw == FK_JPEG
+    st, _, _, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg")
+    assert st == 401
+    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/files/default/missing.jpeg", headers=FK_KEY)
+    assert st == 404 and js == {"error": {"code": 404, "key": "FILE_NOT_FOUND", "message": "File not found",
+                                          "details": "File not found or no longer available"}}
+    fk_waha.files["/api/files/default/R.jpeg"] = {"redirect_to": "http://169.254.169.254/latest"}
+    st, r, _, _ = fk_request(fk_waha.url, "GET", "/api/files/default/R.jpeg", headers=FK_KEY)
+    assert st == 302 and r.getheader("Location") == "http://169.254.169.254/latest"
+    fk_waha.files["/api/files/default/BIG.jpeg"] = {"body": b"0123456789", "content_type": "image/jpeg",
+                                                 "lie_length": 10_000_000}
+    c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
+    c.request("GET", "/api/files/default/BIG.jpeg", headers=FK_KEY)
+    r = c.getresponse()
+    assert r.status == 200 and r.getheader("Content-Length") == "10000000"
+    with pytest.raises(http.client.IncompleteRead):
+        r.read()
+    c.close()
+    fk_waha.files["/api/files/default/N.oga"] = {"body": b"x" * 100, "content_type": "audio/ogg", "no_length": True}
+    st, r, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/N.oga", headers=FK_KEY)
+    assert st == 200 and r.getheader("Content-Length") is None and raw == b"x" * 100
+
+
+def test_fakes_waha_fault_modes(fk_waha):
+    body = {"chatId": "1@c.us", "text": "x", "session": "default"}
+    fk_waha.mode = "down"
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    assert fk_waha.calls[-1]["status"] == "dropped"
+    fk_waha.mode = "error"
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    assert st == 500 and js["statusCode"] == 500 and js["request"]["path"] == "/api/sendText"
+    assert js["request"]["method"] == "POST" and "timestamp" in js and "exception" in js
+    fk_waha.mode = "session_not_working"
+    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    assert st == 422 and js["error"].startswith("Session status is not as expected")
+    fk_waha.mode = "ok"
+    assert fk_waha.sent() == []
+
+
+def test_fakes_waha_slow_is_interrupted_by_stop():
+    f = FakeWaha().start()
+    f.mode, f.slow_seconds = "slow", 30
+    outcome = []
+
+    def client():
+        try:
+            outcome.append(fk_request(f.url, "GET", "/health", headers=FK_KEY, timeout=10)[0])
+        except Exception as e:  # noqa: BLE001 - any failure is the expected outcome
+            outcome.append(e)
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert f.wait_for(lambda w: len(w.calls) == 1, 3)
+    t0 = time.monotonic()
+    f.stop()
+    assert time.monotonic() - t0 < 2.0
+    t.join(5)
+    assert outcome and isinstance(outcome[0], Exception)
+
+
+def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
+    vector = ("208f8a55dde9e05519e898b10b89bf0d0b3b0fdf11fdbf09b6b90476301b98d8097c462b2b17a6ce93b6b4"
+              "7a136cf2e78a33a63f6752c2c1631777076153fa89")
+    assert FakeWaha.sign(b'{"event":"message","session":"default","engine":"WEBJS"}', "my-secret-key") == vector
+    got = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, dict(self.headers.items()), body))
+            out = b'{"ok":true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        url = "http://127.0.0.1:%d/waha?x=1" % srv.server_address[1]
+        ev = fk_waha.event("message", {"id": "false_15550000002@c.us_AAA", "body": "h\u00e9llo", "fromMe": False})
+        assert re.match(r"^evt_[0-9a-hjkmnp-tv-z]{26}$", ev["id"]) and len(str(ev["timestamp"])) == 13
+        assert {"session", "engine", "environment", "me", "payload"} <= set(ev)
+        before = int(time.time() * 1000)
+        status, resp = fk_waha.webhook(url, ev, "sekret")
+        assert (status, resp) == (200, {"ok": True})
+        path, hdrs, body = got[-1]
+        hdrs = {k.lower(): v for k, v in hdrs.items()}
+        assert path == "/waha?x=1" and json.loads(body) == ev
+        assert hdrs["content-type"] == "application/json"
+        assert hdrs["x-webhook-hmac-algorithm"] == "sha512"
+        assert hmac.compare_digest(hdrs["x-webhook-hmac"],
+                                   hmac.new(b"sekret", body, hashlib.sha512).hexdigest())
+        assert before - 1000 <= int(hdrs["x-webhook-timestamp"]) <= int(time.time() * 1000) + 1000
+        assert hdrs["x-webhook-request-id"]
+        status, _ = fk_waha.webhook(url, b'{"raw":1}', None, headers={"X-Extra": "1", "User-Agent": None})
+        _, hdrs, body = got[-1]
+        hdrs = {k.lower(): v for k, v in hdrs.items()}
+        assert body == b'{"raw":1}' and "x-webhook-hmac" not in hdrs and hdrs["x-extra"] == "1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_fakes_waha_keepalive_and_bounded_wait(fk_waha):
+    c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
+    for _ in range(3):
+        st, r, _, _ = fk_request(fk_waha.url, "GET", "/health", headers=FK_KEY, conn=c)
+        assert st == 200 and r.getheader("Connection") != "close"
+    c.close()
+    assert len(fk_waha.calls) == 3
+    t0 = time.monotonic()
+    assert fk_waha.wait_for(lambda f: False, timeout=0.2) is False
+    assert fk_waha.wait_for(lambda f: f.calls[99]["x"], timeout=0.1) is False  # exceptions = False
+    assert time.monotonic() - t0 < 1.5
+    assert fk_waha.wait_for(lambda f: len(f.calls) == 3, timeout=1) is True
+    # the predicate runs without the fake's lock: it may itself call the fake over HTTP
+    t0 = time.monotonic()
+    assert fk_waha.wait_for(lambda f: fk_request(f.url, "GET", "/health", headers=FK_KEY, timeout=2)[0] == 200, 3)
+    assert time.monotonic() - t0 < 1.0
+    # a background change wakes the waiter
+    done = []
+    timer = threading.Timer(0.1, lambda: done.append(fk_request(fk_waha.url, "GET", "/ping")[0]))
+    timer.start()
+    assert fk_waha.wait_for(lambda f: f.calls[-1]["path"] == "/ping", 3)
+    timer.join(3)
+    assert done == [200]
+
+
+# ============================================================================================
+# signal-cli daemon
+# ============================================================================================
+
+def fk_rpc(fake, method, params=None, rid=1, headers=None):
+    body = {"jsonrpc": "2.0", "method": method, "id": rid}
+    if params is not None:
+        body["params"] = params
+    st, r, raw, js = fk_request(fake.url, "POST", "/api/v1/rpc", body, headers)
+    assert st == 200 and r.getheader("Content-Type") == "application/json"
+    assert js["jsonrpc"] == "2.0" and js["id"] == rid
+    return js
+
+
+def test_fakes_daemon_send_shapes_and_attachments(fk_daemon):
+    js = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "hi"})
+    res = js["result"]
+    assert isinstance(res["timestamp"], int) and len(str(res["timestamp"])) == 13
+    assert res["results"] == [{"recipientAddress": {"uuid": FK_ALICE_UUID, "number": FK_ALICE, "username": None},
+                               "type": "SUCCESS"}]
+    js2 = fk_rpc(fk_daemon, "send", {"recipients": [FK_ALICE, FK_BOB], "message": "x", "quote-timestamp": 1767225600123,
+                               "quote-author": FK_ALICE, "quoteMessage": "q"}, rid="s2")
+    assert js2["result"]["timestamp"] > res["timestamp"] and len(js2["result"]["results"]) == 2
+    rec = fk_daemon.requests("send")[-1]
+    assert rec["quote"] == {"timestamp": 1767225600123, "author": FK_ALICE, "message": "q"}
+    uri = "data:image/png;filename=pic%20one.png;base64," + base64.b64encode(FK_PNG).decode()
+    plain = "data:image/jpeg;base64," + base64.b64encode(FK_JPEG).decode()
+    js3 = fk_rpc(fk_daemon, "send", {"recipient": [FK_ALICE], "attachments": [uri, plain]})
+    assert "result" in js3
+    atts = fk_daemon.requests("send")[-1]["attachments"]
+    assert atts == [{"mime": "image/png", "filename": "pic one.png", "data": FK_PNG},
+                    {"mime": "image/jpeg", "filename": None, "data": FK_JPEG}]
+    assert [p.get("message") for p in fk_daemon.sent()] == ["hi", "x", None]
+    stamps = [r["result"]["timestamp"] for r in fk_daemon.requests("send")]
+    assert stamps == sorted(set(stamps))
+
+
+def test_fakes_daemon_contract_errors(fk_daemon):
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "quoteTimestamp": "1767225600123",
+                             "quoteAuthor": FK_ALICE})["error"]
+    assert e["code"] == -32603 and "java.lang.String" in e["message"] and e["data"] is None
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "quoteTimestamp": 1767225600123})["error"]
+    assert (e["code"], e["message"]) == (-1, "Quote author parameter is missing")
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": ""})["error"]
+    assert e["code"] == -1 and e["message"].startswith("Sending empty message is not allowed")
+    e = fk_rpc(fk_daemon, "send", {"message": "x"})["error"]
+    assert (e["code"], e["message"]) == (-1, "No recipients given")
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "editTimestamp": 1.5})["error"]
+    assert e["code"] == -32603
+    e = fk_rpc(fk_daemon, "sendReaction", {"recipient": FK_ALICE, "emoji": "x", "targetAuthor": FK_ALICE,
+                                     "targetTimestamp": "5"})["error"]
+    assert e["code"] == -32603
+    e = fk_rpc(fk_daemon, "nope")["error"]
+    assert (e["code"], e["message"]) == (-32601, "Method not implemented")
+    st, _, raw, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", b'{"jsonrpc":"2.0","method":"version","id":1}',
+                            {"Content-Type": "text/plain"})
+    assert (st, raw) == (415, b"")
+    st, _, raw, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version"})
+    assert (st, raw) == (201, b"")
+    batch = [{"jsonrpc": "2.0", "method": "version", "id": 1}, {"jsonrpc": "2.0", "method": "version"},
+             {"jsonrpc": "2.0", "method": "nope", "id": 3}]
+    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", batch)
+    assert st == 200 and [x["id"] for x in js] == [1, 3] and js[0]["result"] == {"version": "0.14.6"}
+    assert js[1]["error"]["code"] == -32601
+    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", b"{oops", {"Content-Type": "application/json"})
+    assert st == 200 and js["error"]["code"] == -32700
+    st, _, _, _ = fk_request(fk_daemon.url, "GET", "/api/v1/rpc")
+    assert st == 405
+    st, _, _, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1},
+                          {"Host": "evil.example:8080"})
+    assert st == 421
+    st, r, raw, _ = fk_request(fk_daemon.url, "GET", "/api/v1/check")
+    assert (st, raw, r.getheader("Content-Length")) == (200, b"", "0")
+    st, _, _, _ = fk_request(fk_daemon.url, "GET", "/api/v1/other")
+    assert st == 404
+
+
+def test_fakes_daemon_scripted_and_partial_failures(fk_daemon):
+    fk_daemon.errors.append((-4, "Failed to send message due to untrusted identities"))
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x"})["error"]
+    assert e["code"] == -4 and e["data"]["response"]["results"][0]["type"] == "IDENTITY_FAILURE"
+    fk_daemon.errors.append((-5, "Failed to send message due to rate limiting", "send"))
+    assert fk_rpc(fk_daemon, "version")["result"] == {"version": "0.14.6"}   # filtered: not consumed
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x"})["error"]
+    assert e["code"] == -5 and e["data"]["response"]["results"][0]["type"] == "RATE_LIMIT_FAILURE"
+    assert not fk_daemon.errors
+    fk_daemon.recipient_results[FK_BOB] = "UNREGISTERED_FAILURE"
+    res = fk_rpc(fk_daemon, "send", {"recipient": [FK_ALICE, FK_BOB], "message": "x"})["result"]
+    assert [r["type"] for r in res["results"]] == ["SUCCESS", "UNREGISTERED_FAILURE"]
+    e = fk_rpc(fk_daemon, "send", {"recipient": FK_BOB, "message": "x"})["error"]
+    assert e["code"] == -1 and e["data"]["response"]["results"][0]["type"] == "UNREGISTERED_FAILURE"
+
+
+def test_fakes_daemon_methods(fk_daemon):
+    fk_daemon.attachments["Vq3kZ8bX2mYpL0rT7sWd.jpg"] = FK_JPEG
+    res = fk_rpc(fk_daemon, "getAttachment", {"id": "Vq3kZ8bX2mYpL0rT7sWd.jpg", "recipient": FK_ALICE})["result"]
+    assert base64.b64decode(res["data"]) == FK_JPEG
+    e = fk_rpc(fk_daemon, "getAttachment", {"id": "missing.jpg"})["error"]
+    assert (e["code"], e["message"]) == (-1, "Could not find attachment with ID: missing.jpg")
+    created = fk_rpc(fk_daemon, "updateGroup", {"name": "G", "member": [FK_ALICE, FK_BOB]})["result"]
+    gid = created["groupId"]
+    assert len(base64.b64decode(gid)) == 32 and isinstance(created["timestamp"], int)
+    groups = fk_rpc(fk_daemon, "listGroups")["result"]
+    assert groups[0]["id"] == gid and groups[0]["name"] == "G"
+    assert {m["number"] for m in groups[0]["members"]} == {FK_ME, FK_ALICE, FK_BOB}
+    res = fk_rpc(fk_daemon, "send", {"groupId": gid, "message": "to group"})["result"]
+    assert {r["recipientAddress"]["number"] for r in res["results"]} == {FK_ALICE, FK_BOB}
+    assert all(r["groupId"] == gid for r in res["results"])
+    e = fk_rpc(fk_daemon, "send", {"group-id": base64.b64encode(b"x" * 32).decode(), "message": "m"})["error"]
+    assert e["code"] == -1
+    for method, params in [
+        ("sendReaction", {"recipient": FK_ALICE, "emoji": "\U0001F44D", "targetAuthor": FK_ALICE,
+                          "targetTimestamp": 1767225600123, "remove": True}),
+        ("remoteDelete", {"recipient": FK_ALICE, "targetTimestamp": 1767225600123}),
+        ("sendTyping", {"recipient": FK_ALICE, "stop": True}),
+        ("sendTyping", {"groupId": gid}),
+        ("sendReceipt", {"recipient": FK_ALICE, "targetTimestamp": [1767225600123], "type": "viewed"}),
+    ]:
+        res = fk_rpc(fk_daemon, method, params)["result"]
+        assert isinstance(res["timestamp"], int) and isinstance(res["results"], list)
+    e = fk_rpc(fk_daemon, "sendTyping", {})["error"]
+    assert (e["code"], e["message"]) == (-1, "No recipients given")
+    assert fk_rpc(fk_daemon, "trust", {"recipient": FK_ALICE, "trustAllKnownKeys": True})["result"] == {}
+    assert fk_daemon.trusted == [FK_ALICE]
+    fk_daemon.contacts[FK_ALICE] = "Alice"
+    contacts = fk_rpc(fk_daemon, "listContacts")["result"]
+    assert contacts[0]["number"] == FK_ALICE and contacts[0]["name"] == "Alice" and contacts[0]["uuid"] == FK_ALICE_UUID
+    fk_daemon.pending.append(FK_TEXT_RECEIVE)
+    assert fk_rpc(fk_daemon, "receive", {"timeout": 0.1})["result"] == [FK_TEXT_RECEIVE]
+
+
+def fk_sse_connect(fake):
+    c = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    c.request("GET", "/api/v1/events")
+    r = c.getresponse()
+    return c, r
+
+
+def fk_read_event(r):
+    lines = []
+    while True:
+        line = r.readline()
+        if not line:
+            raise EOFError
+        if line == b":\n":
+            continue
+        if line == b"\n":
+            return lines
+        lines.append(line)
+
+
+def test_fakes_daemon_sse_stream(fk_daemon):
+    fk_daemon.keepalive_seconds = 0.2
+    fk_daemon.push(FK_TEXT_RECEIVE)  # held until a stream connects (on-connection receive mode)
+    c, r = fk_sse_connect(fk_daemon)
+    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+    assert r.getheader("Content-Length") is None and r.getheader("Transfer-Encoding") == "chunked"
+    lines = fk_read_event(r)
+    assert lines[0] == b"event:receive\n" and lines[1].startswith(b"data:{")
+    assert json.loads(lines[1][5:]) == FK_TEXT_RECEIVE and len(lines) == 2
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    second = dict(FK_TEXT_RECEIVE, account=FK_ME)
+    fk_daemon.push_envelope(second["envelope"])
+    assert json.loads(fk_read_event(r)[1][5:]) == second
+    assert r.readline() == b":\n"  # keep-alive comment
+    assert fk_daemon.delivered == [FK_TEXT_RECEIVE, second]
+    assert fk_daemon.cut_mid_event() == 1
+    got = b""
+    with pytest.raises((http.client.IncompleteRead, EOFError, ConnectionError, ValueError)):
+        while True:
+            line = r.readline()
+            if not line:
+                raise EOFError
+            got += line
+            if line == b"\n":
+                break
+    assert not got.endswith(b"\n\n")
+    c.close()
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 0)
+    # a client that goes away is noticed without waiting for a keep-alive
+    fk_daemon.keepalive_seconds = 30
+    c, r = fk_sse_connect(fk_daemon)
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    c.close()
+    r.close()
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 0, 3)
+    # stop() ends an open stream promptly
+    c, r = fk_sse_connect(fk_daemon)
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    t0 = time.monotonic()
+    fk_daemon.stop()
+    assert time.monotonic() - t0 < 2.0
+    with pytest.raises((http.client.IncompleteRead, EOFError, ConnectionError, ValueError)):
+        fk_read_event(r)
+    c.close()
+
+
+def test_fakes_daemon_close_streams_and_on_start_mode(fk_daemon):
+    c, r = fk_sse_connect(fk_daemon)
+    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    assert fk_daemon.close_streams() == 1
+    assert r.read() == b""  # clean end of the chunked stream
+    c.close()
+    fk_daemon.receive_mode = "on-start"
+    assert fk_daemon.push(FK_TEXT_RECEIVE) is False and fk_daemon.dropped == 1 and not fk_daemon.pending
+
+
+def test_fakes_daemon_faults(fk_daemon):
+    fk_daemon.mode = "http500"
+    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+    assert st == 500 and js["error"]["code"] == -32603
+    fk_daemon.mode = "down"
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+    fk_daemon.mode = "ok"
+    assert fk_rpc(fk_daemon, "version")["result"]["version"] == "0.14.6"
+    port = fk_daemon.port
+    fk_daemon.stop()
+    fk_daemon.start()   # restart keeps the port so clients can reconnect
+    assert fk_daemon.port == port and fk_rpc(fk_daemon, "version")["result"]["version"] == "0.14.6"
+
+
+# ============================================================================================
+# signal-cli-rest-api
+# ============================================================================================
+
+def test_fakes_rest_about_health(fk_rest):
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/about")
+    assert st == 200 and js == {"versions": ["v1", "v2"], "build": 2, "mode": "normal", "version": "0.100",
+                                "capabilities": {"v2/send": ["quotes", "mentions"]}}
+    st, r, raw, _ = fk_request(fk_rest.url, "GET", "/v1/health")
+    assert (st, raw) == (204, b"")
+    st, _, raw, _ = fk_request(fk_rest.url, "GET", "/v1/nope")
+    assert (st, raw) == (404, b"404 page not found")
+
+
+def test_fakes_rest_send(fk_rest):
+    body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "hi"}
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    assert st == 201 and isinstance(js["timestamp"], str) and js["timestamp"].isdigit()
+    st, _, _, js2 = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    assert int(js2["timestamp"]) > int(js["timestamp"])
+    att = {"number": FK_ME, "recipients": [FK_ALICE], "message": "",
+           "base64_attachments": [base64.b64encode(FK_PNG).decode(),
+                                  "data:image/jpeg;filename=a b.jpg;base64," + base64.b64encode(FK_JPEG).decode()]}
+    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v2/send", att)
+    assert st == 201
+    assert fk_rest.calls[-1]["attachments"] == [{"mime": "image/png", "filename": None, "data": FK_PNG},
+                                             {"mime": "image/jpeg", "filename": "a b.jpg", "data": FK_JPEG}]
+    for bad, msg in [({"recipients": [FK_ALICE], "message": "x"}, "number"),
+                     ({"number": FK_ME, "message": "x"}, "recipient"),
+                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": "x", "quote_timestamp": 1}, "Quote author"),
+                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": ""}, "empty message"),
+                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": "x", "quote_timestamp": "1",
+                       "quote_author": FK_ALICE}, "invalid request"),
+                     ({"number": FK_ME, "recipients": [FK_ALICE, "group.abc"], "message": "x"}, "Groups")]:
+        st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", bad)
+        assert st == 400 and msg in js["error"], (bad, js)
+    gid = fk_rest.add_group("G", [FK_ALICE])
+    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [gid], "message": "g",
+                                                         "quote_timestamp": 5, "quote_author": FK_ALICE})
+    assert st == 201
+    assert len(fk_rest.sent()) == 4
+    fk_rest.send_shape = "array"
+    fk_rest.recipient_failures[FK_BOB] = "UNREGISTERED_FAILURE"
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    assert st == 201 and isinstance(js, list) and js[0]["timestamp"].isdigit()
+    assert js[0]["errors"]["recipients"][0]["number"] == FK_BOB
+    assert js[0]["errors"]["recipients"][0]["reason"] == "UNREGISTERED_FAILURE"
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipient": FK_ALICE, "message": "x"})
+    assert st == 201 and "errors" not in js[0]
+    fk_rest.send_shape = "object"
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    assert st == 400  # 0.100 normal mode: a partial failure is a 400
+
+
+def test_fakes_rest_actions(fk_rest):
+    num = "/%2B15550000001"
+    react = {"recipient": FK_ALICE, "reaction": "\U0001F44D", "target_author": FK_ALICE, "timestamp": 1767225600123}
+    st, _, raw, _ = fk_request(fk_rest.url, "POST", "/v1/reactions" + num, react)
+    assert (st, raw) == (204, b"")
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, reaction=""))
+    assert st == 400 and "reaction" in js["error"]
+    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, timestamp="1767225600123"))
+    assert st == 400
+    st, _, _, _ = fk_request(fk_rest.url, "DELETE", "/v1/reactions/" + FK_ME, {k: v for k, v in react.items() if k != "reaction"})
+    assert st == 204
+    st, _, _, js = fk_request(fk_rest.url, "DELETE", "/v1/remote-delete/" + FK_ME, {"recipient": FK_ALICE, "timestamp": 5})
+    assert st == 201 and js["timestamp"].isdigit()
+    for m in ("PUT", "DELETE"):
+        st, _, _, _ = fk_request(fk_rest.url, m, "/v1/typing-indicator/" + FK_ME, {"recipient": FK_ALICE})
+        assert st == 204
+    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "read",
+                                                                   "timestamp": 5})
+    assert st == 204
+    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "seen",
+                                                                   "timestamp": 5})
+    assert st == 400
+    st, _, _, _ = fk_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {"trust_all_known_keys": True})
+    assert st == 204 and fk_rest.trusted == [FK_ALICE]
+    st, _, _, _ = fk_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {})
+    assert st == 400
+    st, _, _, js = fk_request(fk_rest.url, "PUT", "/v1/typing-indicator/+15559999999", {"recipient": FK_ALICE})
+    assert st == 400 and "error" in js
+
+
+def test_fakes_rest_attachments_and_groups(fk_rest):
+    fk_rest.attachments["Vq3kZ8bX2mYpL0rT7sWd.png"] = FK_PNG
+    st, r, raw, _ = fk_request(fk_rest.url, "GET", "/v1/attachments/Vq3kZ8bX2mYpL0rT7sWd.png")
+    assert st == 200 and raw == FK_PNG and r.getheader("Content-Type") == "image/png"
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/attachments/nope.jpg")
+    assert (st, js) == (404, {"error": "No attachment with that name found"})
+    internal = "b+hd++b2BpZA4n88MhTdsuNefYE/CPbd+FdDgFrEg4c="
+    rest_id = "group.YitoZCsrYjJCcFpBNG44OE1oVGRzdU5lZllFL0NQYmQrRmREZ0ZyRWc0Yz0="
+    assert FakeSignalRest.rest_group_id(internal) == rest_id
+    assert FakeSignalRest.internal_group_id(rest_id) == internal
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v1/groups/" + FK_ME, {"name": "Bridge", "members": [FK_ALICE]})
+    assert st == 201 and js["id"].startswith("group.")
+    new_internal = FakeSignalRest.internal_group_id(js["id"])
+    st, _, _, lst = fk_request(fk_rest.url, "GET", "/v1/groups/" + FK_ME)
+    assert st == 200 and lst[0]["id"] == js["id"] and lst[0]["internal_id"] == new_internal
+    assert lst[0]["members"] == [FK_ALICE] and lst[0]["name"] == "Bridge"
+    st, _, _, one = fk_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(js["id"], safe="")))
+    assert st == 200 and one["internal_id"] == new_internal
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(rest_id, safe="")))
+    assert (st, js) == (404, {"error": "No group with that id found"})
+
+
+def test_fakes_rest_receive_polling(fk_rest):
+    fk_rest.push(FK_TEXT_RECEIVE)
+    fk_rest.push(dict(FK_TEXT_RECEIVE))
+    st, r, raw, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=1" % FK_ME)
+    assert st == 200 and r.getheader("Content-Type") == "text/plain; charset=utf-8" and js == [FK_TEXT_RECEIVE] * 2
+    t0 = time.monotonic()
+    st, _, raw, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    assert (st, raw) == (200, b"[]") and time.monotonic() - t0 < 1
+    threading.Timer(0.2, fk_rest.push, args=(FK_TEXT_RECEIVE,)).start()   # long poll wakes on push
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=3" % FK_ME)
+    assert js == [FK_TEXT_RECEIVE] and time.monotonic() - t0 < 2.5
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % FK_ME)
+    assert st == 400 and "ignore_attachments" in js["error"]
+
+
+def test_fakes_rest_scripted_errors_and_faults(fk_rest):
+    fk_rest.errors.append((429, {"error": "Failed to send message due to rate limiting. Use the attached challenge "
+                                       "tokens", "challenge_tokens": ["tok"], "account": FK_ME}))
+    fk_rest.errors.append((400, "Failed to send message due to untrusted identities"))
+    assert fk_request(fk_rest.url, "GET", "/v1/about")[0] == 200   # GET does not consume 2-tuples
+    body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "x"}
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    assert st == 429 and js["challenge_tokens"] == ["tok"]
+    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    assert (st, js) == (400, {"error": "Failed to send message due to untrusted identities"})
+    fk_rest.errors.append((500, {"error": "boom"}, "/v1/receive"))
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    assert (st, js) == (500, {"error": "boom"})
+    assert fk_rest.sent() == []
+    fk_rest.fault = "http500"
+    assert fk_request(fk_rest.url, "POST", "/v2/send", body)[0] == 500
+    fk_rest.fault = "down"
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        fk_request(fk_rest.url, "POST", "/v2/send", body)
+    fk_rest.fault = "ok"
+    assert fk_request(fk_rest.url, "POST", "/v2/send", body)[0] == 201
+
+
+class FK_WsClient:
+    """Tiny RFC 6455 client: masked frames out, unmasked frames in."""
+
+    def __init__(self, port, path, key=None):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.key = key or base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           % (path, port, self.key)).encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise EOFError("no handshake")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_frame(self):
+        b0, b1 = self._read(2)
+        assert not b1 & 0x80, "server frames must not be masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._read(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._read(8))[0]
+        return b0 & 0x0F, self._read(n)
+
+    def send_frame(self, opcode, payload=b"", mask=True):
+        n = len(payload)
+        b1 = 0x80 if mask else 0
+        hdr = struct.pack("!BB", 0x80 | opcode, b1 | n) if n < 126 else struct.pack("!BBH", 0x80 | opcode, b1 | 126, n)
+        if mask:
+            key = os.urandom(4)
+            payload = key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+        self.sock.sendall(hdr + payload)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_fakes_rest_websocket(fk_rest_ws):
+    fk_rest = fk_rest_ws
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/about")
+    assert js["mode"] == "json-rpc"
+    assert fk_rest.push(FK_TEXT_RECEIVE) is False and fk_rest.dropped == 1   # no socket: dropped, not buffered
+    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/" + FK_ME)
+    assert st == 400 and "websocket" in js["error"]
+    ws = FK_WsClient(fk_rest.port, "/v1/receive/%2B15550000001")
+    expect = base64.b64encode(hashlib.sha1((ws.key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    assert ws.status == 101 and ws.headers["sec-websocket-accept"] == expect.decode()
+    assert ws.headers["upgrade"].lower() == "websocket"
+    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
+    assert fk_rest.push(FK_TEXT_RECEIVE) is True
+    op, payload = ws.recv_frame()
+    assert op == 0x1 and json.loads(payload) == FK_TEXT_RECEIVE
+    assert fk_rest.push(dict(FK_TEXT_RECEIVE, account="+19999999999")) is False   # other account: not forwarded
+    ws.send_frame(0x9, b"hb")
+    assert ws.recv_frame() == (0xA, b"hb")
+    ws.send_frame(0x1, b'{"hello":1}')
+    assert fk_rest.wait_for(lambda f: f.ws_received == ['{"hello":1}'])
+    fk_rest.ping_seconds = 0.1
+    fk_rest.push(FK_TEXT_RECEIVE)  # wakes the writer so the new ping interval applies
+    assert ws.recv_frame()[0] == 0x1
+    op, _ = ws.recv_frame()
+    assert op == 0x9
+    ws.send_frame(0xA, b"")
+    assert fk_rest.wait_for(lambda f: f.pongs >= 1)
+    fk_rest.ping_seconds = 54
+    ws.send_frame(0x8, struct.pack("!H", 1000))
+    while True:
+        op, payload = ws.recv_frame()
+        if op == 0x8:
+            break
+    assert struct.unpack("!H", payload[:2])[0] == 1000 and fk_rest.ws_close_codes == [1000]
+    assert fk_rest.wait_for(lambda f: f.ws_connections == 0)
+    ws.close()
+    # unmasked client frame -> protocol error close 1002
+    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
+    ws.send_frame(0x1, b"x", mask=False)
+    op, payload = ws.recv_frame()
+    assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1002
+    ws.close()
+    assert fk_rest.wait_for(lambda f: f.ws_connections == 0)
+    # abrupt close: EOF without a close frame
+    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
+    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
+    assert fk_rest.close_ws_abruptly() == 1
+    with pytest.raises((EOFError, ConnectionError)):
+        ws.recv_frame()
+    ws.close()
+    # stop(): close frame 1001, then EOF, promptly
+    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
+    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
+    t0 = time.monotonic()
+    fk_rest.stop()
+    assert time.monotonic() - t0 < 2.0
+    op, payload = ws.recv_frame()
+    assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
+    with pytest.raises((EOFError, ConnectionError)):
+        ws.recv_frame()
+    ws.close()
+
+
+def test_fakes_rest_websocket_bad_handshake(fk_rest_ws):
+    st, _, _, js = fk_request(fk_rest_ws.url, "GET", "/v1/receive/" + FK_ME,
+                           headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                                    "Sec-WebSocket-Key": "short"})
+    assert st == 400 and "Sec-WebSocket-Key" in js["error"]
+
+
+# ============================================================================================
+# FakeClock
+# ============================================================================================
+
+def test_fakes_fake_clock():
+    clock = FakeClock(start=1000.0, monotonic_start=5.0)
+    assert clock.time() == 1000.0 and clock.monotonic() == 5.0
+    clock.sleep(2.5)
+    clock.advance(0.5)
+    assert clock.time() == 1003.0 and clock.monotonic() == 8.0 and clock.sleeps == [2.5]
+    assert clock.time_ms() == 1003000
