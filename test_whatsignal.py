@@ -6789,6 +6789,29 @@ class TestBackupRestore:
         assert h.webhook(ops_msg(OPS_ALICE, "still here", "AFTERREFUSE"))[0] == 200
         assert h.wait(lambda: any(s.endswith("still here") for s in h.sends()))
 
+    def test_restore_and_rotation_refused_while_a_standby_instance_serves(self, tmp_path, capsys):
+        """A standby instance does not hold the delivery lease but still stores webhooks: it counts as running."""
+        raw = ops_offline_raw(tmp_path)
+        cfg = ops_write_config(tmp_path, raw)
+        store = ops_store(raw["database"]["path"])
+        good = str(tmp_path / "good.db")
+        assert ops_main(capsys, ["--config", cfg, "backup", good], ops_env())[0] == 0
+        standby = ws.LeaseKeeper(store, ws.Log("error", stream=io.StringIO()), ws.new_metrics(),
+                                 holder="otherhost:4242:standby")
+        store.acquire_lease("otherhost:1:active", time.time(), 0.01)          # the delivery lease: expired
+        standby.store.acquire_lease("otherhost:1:active", time.time() + 60, 60)  # someone else will hold it
+        standby.tick()                                                          # heartbeat, not the lease
+        assert not standby.leader.is_set() and store.serving(time.time()) == ["otherhost:4242:standby"]
+        rc, out, err = ops_main(capsys, ["--config", cfg, "restore", good], ops_env())
+        assert rc == 2 and "refusing to restore" in err and "otherhost" in err
+        rc, out, err = ops_main(capsys, ["--config", cfg, "rotate-key"],
+                                ops_env("new-secret-" + "n" * 32, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+        assert rc == 2 and "running" in err
+        standby.stopping.set()
+        standby.run()                                  # a clean stop removes the heartbeat
+        assert store.serving(time.time()) == []
+        store.close()
+
     def test_restore_refuses_a_corrupt_backup(self, tmp_path, capsys):
         raw = ops_offline_raw(tmp_path)
         cfg = ops_write_config(tmp_path, raw)

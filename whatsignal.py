@@ -1571,6 +1571,11 @@ class Store:
         row = self.one("SELECT holder, expires_at FROM lease WHERE name=?", (name,))
         return row[0] if row and row[1] > now else None
 
+    def serving(self, now):
+        """Holders of every instance serving this database (active or standby), by their heartbeats."""
+        rows = self.query("SELECT holder FROM lease WHERE name LIKE 'serving:%' AND expires_at > ?", (now,))
+        return [r[0] for r in rows]
+
     def size_bytes(self):
         total = 0
         for suffix in ("", "-wal"):
@@ -3409,6 +3414,10 @@ class LeaseKeeper(Worker):
 
     def tick(self):
         now = self.clock()
+        try:   # a heartbeat of every serving instance: restore and rotate-key refuse while any is fresh
+            self.store.acquire_lease(self.holder, now, self.seconds, name="serving:" + self.holder)
+        except StoreError:
+            pass
         try:
             got = self.store.acquire_lease(self.holder, now, self.seconds, is_dead=lease_holder_dead)
             self.renewed = now if got else self.renewed
@@ -3426,6 +3435,8 @@ class LeaseKeeper(Worker):
         while not self.stopping.is_set():
             self.tick()
             self.stopping.wait(self.seconds / 3)
+        with contextlib.suppress(StoreError):
+            self.store.release_lease(self.holder, name="serving:" + self.holder)
         if self.leader.is_set():
             with contextlib.suppress(StoreError):
                 self.store.release_lease(self.holder)
@@ -3828,10 +3839,10 @@ def restore(db_path, src, config, clock=time.time):
     if os.path.exists(db_path):
         store = Store(db_path)
         try:
-            holder = store.lease_holder(clock())
-            if holder:
-                raise WhatSignalError("refusing to restore: WhatSignal is running on %s (%s); stop it first"
-                                      % (db_path, holder.split(":")[0]))
+            running = store.serving(clock()) or [h for h in [store.lease_holder(clock())] if h]
+            if running:
+                raise WhatSignalError("refusing to restore: WhatSignal is running on %s (%s); stop it (and every other instance) first"
+                                      % (db_path, ", ".join(sorted({h.split(":")[0] for h in running}))))
             with store.lock:
                 store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -4562,8 +4573,8 @@ def cmd_rotate_key(args, config, environ):
         raise WhatSignalError("rotate-key needs encryption enabled (WHATSIGNAL_ENABLE_ENCRYPTION)")
     store = Store(config.get("database.path"), config.get("database.synchronous"))
     try:
-        if store.lease_holder(time.time()):
-            raise WhatSignalError("WhatSignal is running on this database; stop it before rotating the key")
+        if store.serving(time.time()) or store.lease_holder(time.time()):
+            raise WhatSignalError("WhatSignal is running on this database; stop it (and every other instance) before rotating the key")
         progress = lambda table, n: print("rotated %s: %d rows" % (table, n), file=sys.stderr)
         totals = rotate_key(store, config.old_secret, config.encryption_secret, progress=progress)
         _print({"rotated": totals, "key_check": "updated"})
