@@ -4451,6 +4451,7 @@ def build_parser():
         elif name == "bench":
             sp.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
             sp.add_argument("--growth-rows", type=int, default=1000000, help="rows for the growth test")
+            sp.add_argument("--profile", metavar="DIR", help="profile the bridge (cProfile, all threads) into DIR")
     return p
 
 
@@ -4481,7 +4482,7 @@ def main(argv=None, environ=None, stdout=None):
         if command == "demo":
             return run_demo(keep=args.keep)
         if command == "bench":
-            return run_bench(quick=args.quick, growth_rows=args.growth_rows)
+            return run_bench(quick=args.quick, growth_rows=args.growth_rows, profile=args.profile)
         config = _load(args, environ)
         return globals()["cmd_" + command.replace("-", "_")](args, config, environ)
     except ConfigError as e:
@@ -4510,6 +4511,9 @@ def release_memory():
 
 def cmd_serve(args, config, environ):
     log = Log(config.get("logLevel"))
+    profiler = ThreadProfiler(environ["WHATSIGNAL_PROFILE"]) if environ.get("WHATSIGNAL_PROFILE") else None
+    if profiler:
+        profiler.install()
     app = App(config, log).start()
     release_memory()
     stop = threading.Event()
@@ -4518,6 +4522,8 @@ def cmd_serve(args, config, environ):
     while not stop.wait(1.0):
         pass
     app.stop()
+    if profiler:
+        profiler.dump()
     return 0
 
 
@@ -5028,7 +5034,7 @@ def _fill(db_path, rows):
     db.close()
 
 
-def run_bench(quick=False, growth_rows=1000000, out=None):
+def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
     """Measure this machine: baseline, ingest, end to end both ways, burst, memory, media, growth."""
     import multiprocessing
     import tempfile
@@ -5050,6 +5056,8 @@ def run_bench(quick=False, growth_rows=1000000, out=None):
     with tempfile.TemporaryDirectory(prefix="whatsignal-bench-") as tmp:
         waha, sig = WahaSim(), SignalSim(keepalive=5.0)
         bridge = _BridgeProcess(tmp, waha, sig, secret, secrets.token_urlsafe(32))
+        if profile:
+            bridge.env["WHATSIGNAL_PROFILE"] = os.path.abspath(profile)
         try:
             results["startup_s"] = round(bridge.start(), 3)
             time.sleep(1.0)
@@ -5097,6 +5105,46 @@ def run_bench(quick=False, growth_rows=1000000, out=None):
     _bench_report(results, say)
     say(json.dumps(results, separators=(",", ":"), default=str))
     return 0
+
+
+class ThreadProfiler:
+    """cProfile for every HTTP handler and worker thread of a serving bridge (``bench --profile DIR``).
+
+    cProfile sees only the thread it runs in; this wraps each thread's work in
+    its own profile and, at the end, merges them into DIR/bridge.prof and a
+    readable DIR/bridge-top.txt (by own time).
+    """
+
+    def __init__(self, directory):
+        import cProfile
+        self.cProfile, self.directory = cProfile, directory
+        self.profiles, self.lock = [], threading.Lock()
+
+    def wrap(self, fn):
+        def profiled(*args, **kwargs):
+            prof = self.cProfile.Profile()
+            with self.lock:
+                self.profiles.append(prof)
+            return prof.runcall(fn, *args, **kwargs)
+        return profiled
+
+    def install(self):
+        Handler.handle = self.wrap(Handler.handle)
+        Worker._run_safely = self.wrap(Worker._run_safely)
+
+    def dump(self):
+        import pstats
+        with self.lock:
+            profiles = list(self.profiles)
+        if not profiles:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        stats = pstats.Stats(profiles[0])
+        for prof in profiles[1:]:
+            stats.add(prof)
+        stats.dump_stats(os.path.join(self.directory, "bridge.prof"))
+        with open(os.path.join(self.directory, "bridge-top.txt"), "w") as f:
+            pstats.Stats(os.path.join(self.directory, "bridge.prof"), stream=f).sort_stats("tottime").print_stats(40)
 
 
 def _bench_report(r, say):
