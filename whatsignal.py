@@ -35,6 +35,13 @@ Sections (grep -n '^# .*###' whatsignal.py):
 XXX / Known gaps:
     - Signal rich text (mentions, styles) and WhatsApp polls, stories and calls
       are not bridged; they arrive as plain text or a short notice.
+    - Groups layout: no group avatars (WhatsApp pictures live on WhatsApp's CDN,
+      and media is fetched only from WAHA).
+    - signal-cli's SSE stream has no acknowledgement: an envelope on the wire at
+      the instant of a kill -9 is lost (contract limit; see README, Reliability).
+    - Ingest reaches about 30 % of a bare ThreadingHTTPServer's request rate
+      (bench): the per-webhook work (HMAC, JSON, sealing, one commit) shares one
+      interpreter lock; latency stays far inside the targets.
 """
 
 __version__ = "1.0.0"
