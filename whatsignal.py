@@ -1255,11 +1255,6 @@ ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recompu
 Row = sqlite3.Row
 
 
-def _is_store_failure(exc):
-    return isinstance(exc, sqlite3.OperationalError) or isinstance(exc, sqlite3.DatabaseError) \
-        and "disk" in str(exc).lower()
-
-
 class Store:
     """SQLite in WAL mode behind one lock; every write is one short transaction.
 
@@ -1484,9 +1479,6 @@ class Store:
         row = self.one("SELECT name_enc, name_at FROM chats WHERE channel=? AND wa_chat=?",
                        (channel, self.tok("chat", chat)))
         return (self.open(row[0]), row[1]) if row else (None, 0)
-
-    def set_chat_name(self, channel, chat, name, now):
-        self.touch_chat(channel, chat, now, name=name)
 
     def recent_chats(self, channel, limit=10):
         rows = self.query("SELECT * FROM chats WHERE channel=? ORDER BY last_at DESC LIMIT ?", (channel, limit))
@@ -2522,9 +2514,6 @@ class Bridge:
             if handler is None:
                 return None
         return handler(channel, rec, row)
-
-    def now(self):
-        return self.clock()
 
     def _map(self, channel, direction, chat, wa_id, sig_ts, author, name=None, conv=None, sender=None):
         """The 'done' transaction's work: the mapping, and the chat's place in /chats."""
@@ -4785,15 +4774,8 @@ def _drive(url, secret, concurrency, seconds=0.0, count=0, tag="x"):
             "p99_ms": round(_pct(lat, 0.99) * 1000, 2)}
 
 
-class _BaselineHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *a):
-        pass
+class _BaselineHandler(_SimHandler):
+    """Answers every POST with 200 and does nothing else: the ceiling ingest is compared with."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
