@@ -98,6 +98,7 @@ SCHEMA_VERSION = 3
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
                "message.ack", "message.ack.group", "session.status")
+HELD_REASON = "held until /reopen"
 SESSION_DOWN = ("STOPPED", "FAILED", "SCAN_QR_CODE", "PASSKEY_REQUIRED",
                 "PASSKEY_CONFIRMATION_REQUIRED")
 
@@ -1546,8 +1547,14 @@ class Store:
                         self.seal(group_id), self.seal(name), tag, state, now, now if renamed else 0, renamed))
 
     def release_held(self, channel, chat, now):
-        """Make a chat's held items due now (after /reopen)."""
+        """Make a reopened chat's items due now; return how many wait for it.
+
+        Also every item held under another id form of a chat (@lid or phone number): those of
+        chats still left are simply held again.
+        """
         with self.tx() as db:
+            db.execute("UPDATE queue SET next_at=? WHERE channel=? AND state='pending' AND error LIKE ?",
+                       (now, channel, "%" + HELD_REASON + "%"))
             return db.execute("UPDATE queue SET next_at=? WHERE channel=? AND chat=? AND state='pending'",
                               (now, channel, self.tok("chat", chat))).rowcount
 
@@ -2798,7 +2805,7 @@ class Bridge:
                     self.store.save_group(channel.session, chat, now, "active", g["tag"], g["group"], g["name"], renamed=True)
             return g["group"]
         if g and g["state"] == "left":
-            raise HeldError("the owner left this chat's Signal group; held until /reopen", 3600.0)
+            raise HeldError("the owner left this chat's Signal group; " + HELD_REASON, 3600.0)
         if g and g["state"] == "creating":   # a crash between creating the group and recording it
             found = next((x for x in self.signal.list_groups() if g["tag"] in x["description"]), None)
             if found:
