@@ -1382,15 +1382,10 @@ class Store:
                 (channel, direction, self.tok("dedupe", dedupe), self.tok("chat", chat), kind, body, now, now, now))
             return cur.rowcount == 1
 
-    def pending(self, direction, limit=256):
-        return self.query("SELECT * FROM queue WHERE direction=? AND state='pending' ORDER BY id LIMIT ?",
-                          (direction, limit))
-
-    def chat_heads(self, direction, limit=256):
-        """The oldest pending item of each chat: used when one chat in backoff fills a batch."""
-        return self.query(
-            "SELECT * FROM queue WHERE id IN (SELECT MIN(id) FROM queue WHERE direction=? AND state='pending'"
-            " GROUP BY chat) ORDER BY id LIMIT ?", (direction, limit))
+    def pending(self, direction, limit=256, after=0):
+        """Pending items in the order they arrived, from id *after* on."""
+        return self.query("SELECT * FROM queue WHERE direction=? AND state='pending' AND id > ? ORDER BY id LIMIT ?",
+                          (direction, after, limit))
 
     def record_of(self, row):
         return json.loads(self.open(row["body"]))
@@ -3129,6 +3124,8 @@ class Deliverer(Worker):
         self.rand = rand or bridge.rand
         self.wake = bridge.wake[direction]
         self.expire = bridge.config.get("bridge.expireAfterHours") * 3600
+        self.waiting, self.seen, self.full_at = set(), 0, 0.0   # see run_once
+        self.retry_at = 0.0        # when the item that last failed is due again
 
     def interrupt(self):
         self.wake.set()
@@ -3148,29 +3145,47 @@ class Deliverer(Worker):
                 self.wake.clear()
 
     def run_once(self):
-        """Deliver what is due now; return (items handled, seconds until something may be due)."""
-        rows = self.store.pending(self.direction, self.batch)
-        done, delay = self._pass(rows)
-        if not done and len(rows) == self.batch:
-            done, delay = self._pass(self.store.chat_heads(self.direction, self.batch))
-        self.metrics.set("whatsignal_queue_depth", self.store.queue_depth(self.direction), direction=self.direction)
-        return done, delay
+        """Deliver what is due now; return (items handled, seconds until something may be due).
+
+        A full pass starts from the oldest pending item.  Until the next one (when
+        the first waiting chat comes due, at most a second later) a wake-up reads
+        only items queued since, so a backlog of chats waiting for a retry is not
+        read again for every new webhook; chats seen waiting stay skipped, which
+        keeps the order per chat.
+        """
+        now = self.clock()
+        full = not 0 <= self.full_at - now <= self.idle_wait      # also after the clock jumped
+        if full:
+            self.waiting, self.seen = set(), 0
+        done, delay = 0, self.idle_wait
+        while not self.stopping.is_set():
+            rows = self.store.pending(self.direction, self.batch, after=self.seen)
+            n, d = self._pass(rows)
+            done, delay = done + n, min(delay, d)
+            if n or len(rows) < self.batch:
+                break                           # a full batch with nothing due: read on past it
+        self.full_at = now + delay if full else min(self.full_at, now + delay)
+        if full:
+            self.metrics.set("whatsignal_queue_depth", self.store.queue_depth(self.direction), direction=self.direction)
+        return done, max(0.0, min(delay, self.full_at - now))
 
     def _pass(self, rows):
-        blocked, done, delay = set(), 0, self.idle_wait
+        done, delay = 0, self.idle_wait
         for row in rows:
             if self.stopping.is_set() or not self.leader.is_set():
                 break
-            if row["chat"] in blocked:
+            self.seen = max(self.seen, row["id"])
+            if row["chat"] in self.waiting:
                 continue
             now = self.clock()
             wait = row["next_at"] - now
             if wait > 0 and now >= row["updated_at"] - 60:   # scheduled before now, unless the clock went back
-                blocked.add(row["chat"])
+                self.waiting.add(row["chat"])
                 delay = min(delay, wait)
                 continue
             if not self.deliver(row):
-                blocked.add(row["chat"])
+                self.waiting.add(row["chat"])
+                delay = min(delay, max(0.0, self.retry_at - now))
             done += 1
         return done, delay
 
@@ -3223,12 +3238,14 @@ class Deliverer(Worker):
         now = self.clock()
         attempts = row["attempts"] + 1
         if isinstance(e, HeldError):
-            self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + e.retry_after)
+            self.retry_at = now + e.retry_after
+            self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at)
             return False
         if now - row["created_at"] > self.expire and not isinstance(e, IdentityError):
             return self._dead(row, "gave up after %.0f hours: %s" % (self.expire / 3600, e))
         delay = max(e.retry_after or 0.0, next_backoff(attempts - 1, rand=self.rand))
-        self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=now + delay)
+        self.retry_at = now + delay
+        self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at)
         self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="retry")
         self.log.warn("delivery failed, will retry", direction=self.direction, item=row["id"], attempt=attempts,
                       retry_in_s=round(delay, 1), reason=scrub(e))
