@@ -2617,7 +2617,7 @@ class Bridge:
             self.log.warn("media URL refused: not on WAHA's origin", host=urllib.parse.urlsplit(media["url"]).hostname)
             raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
         os.makedirs(self.cache_dir, exist_ok=True)
-        path = self.media_path(row["id"], mime)      # our name for it: nothing from the payload
+        path = self.media_path(row, mime)      # our name for it: nothing from the payload
         with self._media_lock(row["id"]):
             if row["id"] in self._media_failed:       # the prefetcher already met a lasting problem
                 raise MediaProblem(self._media_failed[row["id"]])
@@ -2631,8 +2631,9 @@ class Bridge:
                     raise
         return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
 
-    def media_path(self, item_id, mime):
-        return os.path.join(self.cache_dir, "m-%032x%s" % (item_id, EXTENSIONS.get(mime, ".bin")))
+    def media_path(self, row, mime):
+        """The cache file of a queued item: named by its dedupe token, unique for ever (row ids can be reused)."""
+        return os.path.join(self.cache_dir, "m-%s%s" % (row["dedupe"], EXTENSIONS.get(mime, ".bin")))
 
     @contextlib.contextmanager
     def _media_lock(self, item_id):
