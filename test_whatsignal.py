@@ -4859,6 +4859,32 @@ class TestSessionStatus:
 # ===============================================================================================
 
 class TestDurability:
+    def test_a_worker_that_loses_the_lease_mid_backlog_stops_instead_of_spinning(self, tmp_path):
+        raw = raw_config(tmp_path, "http://127.0.0.1:9", rpc_url="http://127.0.0.1:9")
+        config = make_config(raw)
+        store = ws.Store(raw["database"]["path"])
+        store.unlock(ENC_SECRET)
+        try:
+            bridge = ws.Bridge(config, store, ws.WahaClient("http://127.0.0.1:9", WAHA_KEY),
+                               ws.SignalRpcClient("http://127.0.0.1:9", BRIDGE), ws.Log("error", stream=io.StringIO()),
+                               ws.new_metrics())
+            for i in range(600):    # more than one batch, all pending
+                store.enqueue("default", "w2s", "d%d" % i, "c%d" % i, "message", {"body": "x"}, time.time())
+            leader = threading.Event()   # never set: another instance holds the lease
+            d = ws.Deliverer(bridge, "w2s", leader)
+            result = []
+            t = threading.Thread(target=lambda: result.append(d.run_once()), daemon=True)
+            t.start()
+            t.join(5.0)
+            alive = t.is_alive()
+            d.stopping.set()
+            t.join(5.0)
+            assert not alive, "run_once kept reading the same batch while not holding the lease"
+            assert result and result[0][0] == 0
+            assert store.queue_depth("w2s") == 600      # nothing touched
+        finally:
+            store.close()
+
     def test_duplicates_delivered_once(self, w2s_make):
         """The same event twice (WAHA retry), and the same message under a new event id (engine repeat)."""
         h = w2s_make()
@@ -6116,6 +6142,19 @@ class TestGroupsLayout:
         h.app.store.save_group("default", S2W_ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
         self.s2w_held_then_reopened(h, gid)
 
+    def test_to_a_chat_whose_group_was_left_never_blocks_the_owner(self, s2w_make):
+        """/to a closed chat is refused with a hint; it must not sit in the owner's queue ahead of /reopen."""
+        h = s2w_make("rpc", raw_overrides=dict(S2W_GROUPS))
+        s2w_forward(h, S2W_ALICE, "before leaving")
+        g = h.app.store.group_of_chat("default", S2W_ALICE)
+        h.app.store.save_group("default", S2W_ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
+        s2w_push(h, "/to Alice Example are you there")
+        s2w_push(h, "/reopen Alice Example")
+        assert h.wait(lambda: any(t.startswith("Reopened") for t in s2w_texts_to(h)))
+        assert "You left that chat's Signal group; /reopen Alice Example first." in s2w_texts_to(h)
+        assert not [b for b in s2w_waha_texts(h) if b["text"] == "are you there"]
+        assert h.wait(lambda: s2w_queue(h, "s2w", "pending") == [])
+
     def s2w_held_then_reopened(self, h, gid):
         ev1, _ = s2w_wa_event(h, S2W_ALICE, "while away 1")
         ev2, _ = s2w_wa_event(h, S2W_ALICE, "while away 2")
@@ -6575,7 +6614,7 @@ class TestRetention:
 
             counts = ws.cleanup(store, config, OPS_T0)
 
-            assert counts == {"queue": 2, "messages": 1, "chats": 1, "contacts": 1, "lids": 1, "media_files": 1}
+            assert counts == {"queue": 2, "messages": 1, "chats": 1, "contacts": 1, "lids": 1, "state": 0, "media_files": 1}
             left = {r[0]: r[1] for r in store.query("SELECT id, state FROM queue")}
             assert left == {ids["old_pending"]: "pending", ids["young_done"]: "done", ids["young_pending"]: "pending"}
             # the old pending item is intact and still readable
@@ -6593,7 +6632,7 @@ class TestRetention:
             assert outside.read_bytes() == b"keep me"
             # a second sweep finds nothing more
             assert ws.cleanup(store, config, OPS_T0) == {"queue": 0, "messages": 0, "chats": 0, "contacts": 0,
-                                                         "lids": 0, "media_files": 0}
+                                                         "lids": 0, "state": 0, "media_files": 0}
         finally:
             store.close()
 

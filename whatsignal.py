@@ -2591,14 +2591,16 @@ class Bridge:
         else:
             text = render_for_signal(rec, name, group_name, inline, notice)
         ts = self.signal.send(self.to(channel, conv), text, attachments, quote)
-        for a in attachments:          # kept for retries until sent; private content does not linger
-            self._remove(a.path)
+        if attachments:                # kept for retries until sent; private content does not linger
+            with self._media_lock(row["dedupe"]):
+                for a in attachments:
+                    self._remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
         return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv,
                          sender=sender)
 
-    def fetch_media(self, media, row):
+    def fetch_media(self, media, row, prefetch=False):
         """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
 
         Raises MediaProblem (the notice to send instead) or TransientError (retry).
@@ -2618,16 +2620,19 @@ class Bridge:
             raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
         os.makedirs(self.cache_dir, exist_ok=True)
         path = self.media_path(row, mime)      # our name for it: nothing from the payload
-        with self._media_lock(row["id"]):
-            if row["id"] in self._media_failed:       # the prefetcher already met a lasting problem
-                raise MediaProblem(self._media_failed[row["id"]])
+        key = row["dedupe"]
+        with self._media_lock(key):
+            if key in self._media_failed:       # the prefetcher already met a lasting problem
+                raise MediaProblem(self._media_failed[key])
+            if prefetch and self.store.one("SELECT state FROM queue WHERE id=?", (row["id"],))[0] != "pending":
+                return None                     # delivered meanwhile: do not bring the file back
             if not os.path.exists(path):
                 try:
                     self._download(media, mime, kind, limit, path, row)
                 except MediaProblem as e:
                     if len(self._media_failed) > 1000:
                         self._media_failed.clear()
-                    self._media_failed[row["id"]] = e.notice
+                    self._media_failed[key] = e.notice
                     raise
         return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
 
@@ -2636,16 +2641,19 @@ class Bridge:
         return os.path.join(self.cache_dir, "m-%s%s" % (row["dedupe"], EXTENSIONS.get(mime, ".bin")))
 
     @contextlib.contextmanager
-    def _media_lock(self, item_id):
+    def _media_lock(self, key):
+        """One download per queued item at a time (prefetcher and delivery worker)."""
         with self._locks_lock:
-            lock = self._locks.setdefault(item_id, threading.Lock())
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
         try:
-            with lock:
+            with entry[0]:
                 yield
         finally:
             with self._locks_lock:
-                if len(self._locks) > 1000:
-                    self._locks.clear()
+                entry[1] -= 1
+                if not entry[1]:
+                    self._locks.pop(key, None)
 
     def _download(self, media, mime, kind, limit, path, row):
         part = path + ".part"
@@ -3029,6 +3037,11 @@ class Bridge:
             self.notify(channel, error, quote=quote)
             return
         conv = None
+        g = self.store.group_of_chat(channel.session, chat) if self.layout == "groups" else None
+        if g and g["state"] == "left":       # held items would block the owner's later messages, /reopen too
+            self.notify(channel, "You left that chat's Signal group; /reopen %s first." % (g["name"] or "<chat>"),
+                        quote=quote)
+            return None
         if self.layout == "groups":
             title = self.display_name(channel, chat, group=chat.endswith("@g.us"))
             conv = self.ensure_group(channel, chat, title + (" (WhatsApp)" if chat.endswith("@g.us") else ""))
@@ -3163,7 +3176,7 @@ class Deliverer(Worker):
             rows = self.store.pending(self.direction, self.batch, after=self.seen)
             n, d = self._pass(rows)
             done, delay = done + n, min(delay, d)
-            if n or len(rows) < self.batch:
+            if n or len(rows) < self.batch or not self.leader.is_set():
                 break                           # a full batch with nothing due: read on past it
         self.full_at = now + delay if full else min(self.full_at, now + delay)
         if full:
@@ -3315,9 +3328,8 @@ class MediaPrefetcher(Worker):
             self.last_id = row["id"]
             try:
                 media = self.bridge.store.record_of(row).get("media")
-                still = self.store.one("SELECT state FROM queue WHERE id=?", (row["id"],))
-                if media and media.get("url") and not media.get("error") and still and still[0] == "pending":
-                    self.bridge.fetch_media(media, row)
+                if media and media.get("url") and not media.get("error"):
+                    self.bridge.fetch_media(media, row, prefetch=True)
             except (UpstreamError, CryptoError, OSError, ValueError) as e:
                 self.log.debug("media prefetch failed; delivery will try again", reason=scrub(e, 80))
 
@@ -3402,12 +3414,20 @@ class SignalReceiver(Worker):
 _OWN_HOLDERS = set()   # lease holder names of the LeaseKeepers alive in this process
 
 
+def _host_id():
+    """This host and PID namespace, as one token without colons (a PID means something only within both)."""
+    ns = ""
+    with contextlib.suppress(OSError):
+        ns = "-%d" % os.stat("/proc/self/ns/pid").st_ino
+    return (socket.gethostname().replace(":", "_") + ns)[:80]
+
+
 def lease_holder_dead(holder):
     """True when *holder* ("host:pid:token") names a process of this host that no longer runs."""
     host, _, rest = str(holder).partition(":")
     pid = rest.split(":", 1)[0]
-    if host != socket.gethostname()[:40] or not pid.isdigit():
-        return False
+    if host != _host_id() or not pid.isdigit():
+        return False          # another host, container or PID namespace: only its lease expiry tells
     if int(pid) == os.getpid():          # our own pid: an earlier incarnation (container restart), unless alive here
         return holder not in _OWN_HOLDERS
     try:
@@ -3427,7 +3447,7 @@ class LeaseKeeper(Worker):
     def __init__(self, store, log, metrics, clock=time.time, holder=None, seconds=LEASE_SECONDS):
         super().__init__()
         self.store, self.log, self.metrics, self.clock = store, log, metrics, clock
-        self.holder = holder or "%s:%d:%s" % (socket.gethostname()[:40], os.getpid(), secrets.token_hex(4))
+        self.holder = holder or "%s:%d:%s" % (_host_id(), os.getpid(), secrets.token_hex(4))
         _OWN_HOLDERS.add(self.holder)
         self.seconds = seconds
         self.leader = threading.Event()
@@ -3714,6 +3734,7 @@ RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue 
     ("chats", "last_at < ?"),
     ("contacts", "updated_at < ?"),
     ("lids", "updated_at < ?"),
+    ("state", "key LIKE 's2w-progress:%' AND updated_at < ?"),
 )
 
 
@@ -4535,11 +4556,11 @@ def cmd_serve(args, config, environ):
     profiler = ThreadProfiler(environ["WHATSIGNAL_PROFILE"]) if environ.get("WHATSIGNAL_PROFILE") else None
     if profiler:
         profiler.install()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):   # before serving: a SIGTERM right after start is a clean stop too
+        signal.signal(sig, lambda *_: stop.set())
     app = App(config, log).start()
     release_memory()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     app.stop()
@@ -5198,8 +5219,11 @@ def _reexec_as_module(argv):
     ends; for this file that is about 12 MB held for the life of the service.
     Imported, the tree is freed right after compiling.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = "import sys; sys.path[0] = %r; import whatsignal; sys.exit(whatsignal.main(sys.argv[1:]))" % here
+    path = os.path.abspath(__file__)
+    code = ("import importlib.machinery, importlib.util, sys; sys.path[0] = %r; "
+            "spec = importlib.util.spec_from_loader('whatsignal', importlib.machinery.SourceFileLoader('whatsignal', %r)); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['whatsignal'] = m; spec.loader.exec_module(m); "
+            "sys.exit(m.main(sys.argv[1:]))") % (os.path.dirname(path), path)   # this very file, whatever its name
     os.environ["WHATSIGNAL_REEXEC"] = "0"
     os.execv(sys.executable, [sys.executable, "-c", code] + argv)
 
