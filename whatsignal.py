@@ -4867,6 +4867,13 @@ class _RssSampler:
         return peak
 
 
+def _await(predicate, limit):
+    """Poll *predicate* every 50 ms for at most *limit* seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.05)
+
+
 def _quiet(sim, seconds=1.0, limit=120.0):
     """Wait until *sim* has recorded no new call for *seconds* (the bridge's backlog is drained)."""
     deadline = time.monotonic() + limit
@@ -4955,12 +4962,7 @@ def _e2e_w2s(bridge, sig, secret, rate, seconds):
         post_webhook(bridge.url + "/webhook/whatsapp", waha_message("4915100000%03d@c.us" % (i % 50),
                      "e2e-" + key, msg_id="E2E%08d%s" % (i, key[-6:].upper())), secret, conn)
     conn.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with lock:
-            if len(arrived) >= n:
-                break
-        time.sleep(0.05)
+    _await(lambda: len(arrived) >= n, 60)
     sig.listeners.remove(listen)
     lat = [arrived[k][0] - sent[k] for k in sent if k in arrived]
     return {"offered_per_s": rate, "messages": n, "delivered": len(arrived),
@@ -4983,9 +4985,7 @@ def _burst_w2s(bridge, sig, secret, count, concurrency):
     sig.listeners.append(listen)
     t0 = time.time()
     ingest = _drive(bridge.url + "/webhook/whatsapp", secret, concurrency, count=count, tag="u")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(seen) < ingest["requests"]:
-        time.sleep(0.05)
+    _await(lambda: len(seen) >= ingest["requests"], 120)
     sig.listeners.remove(listen)
     done = max(first_last) if first_last else time.time()
     span = (max(first_last) - min(first_last)) if len(first_last) > 1 else float("nan")
@@ -5016,12 +5016,7 @@ def _e2e_s2w(waha, sig, rate, count):
         key = "s2w-%d-%d" % (base, i)
         sent[key] = time.time()
         sig.push(owner_envelope("+15550000002", base // 10 + i + 1, key))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with lock:
-            if len(arrived) >= count:
-                break
-        time.sleep(0.05)
+    _await(lambda: len(arrived) >= count, 120)
     waha.listeners.remove(listen)
     at = [v[0] for v in arrived.values()]
     lat = [arrived[k][0] - sent[k] for k in sent if k in arrived]
