@@ -7169,8 +7169,9 @@ class TestLease:
             assert h.wait(lambda: len(h.sends()) == 2, 10)
             assert h.sends()[1].endswith("during takeover")
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 5)
-            assert second.metrics.get("whatsignal_messages_processed_total", direction="w2s", kind="text",
-                                      result="ok") == 1
+            # counted just after the send returns: wait for it rather than race the worker
+            assert ops_wait(lambda: second.metrics.get("whatsignal_messages_processed_total", direction="w2s",
+                                                       kind="text", result="ok") == 1, 5)
             assert any("lease taken" in r["msg"] for r in logs2.records())
         finally:
             if second is not None:
@@ -7351,6 +7352,8 @@ class TestCrashes:
             assert waha.webhook(bridge.url + "/webhook/whatsapp", ops_msg(OPS_ALICE, "warm up", "WARM"),
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
+            assert ops_wait(lambda: ops_sql(bridge.raw["database"]["path"],
+                                            "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)   # recorded, not just sent
             kills = rng.randint(3, 5)
             uptimes = [rng.uniform(0.4, 1.4) for _ in range(kills)]
             load = OpsLoad(bridge.url, daemon, n, pace=0.008).start()
@@ -7474,6 +7477,8 @@ class TestCrashes:
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
             assert daemon.wait_for(lambda f: f.stream_connections == 1, 10)
+            # the owner answers the forwarded message: only once the bridge has recorded it (ms after the send)
+            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)
             waha.mode = "down"             # the owner's messages are stored but cannot leave yet
             ts0 = int(time.time() * 1000)
             for j in range(50):

@@ -3448,12 +3448,18 @@ class LeaseKeeper(Worker):
         super().__init__()
         self.store, self.log, self.metrics, self.clock = store, log, metrics, clock
         self.holder = holder or "%s:%d:%s" % (_host_id(), os.getpid(), secrets.token_hex(4))
+        self.lock = threading.Lock()   # tick and release never interleave
         _OWN_HOLDERS.add(self.holder)
         self.seconds = seconds
         self.leader = threading.Event()
         self.renewed = 0.0
 
     def tick(self):
+        with self.lock:
+            if not self.stopping.is_set():
+                self._tick()
+
+    def _tick(self):
         now = self.clock()
         try:   # a heartbeat of every serving instance: restore and rotate-key refuse while any is fresh
             self.store.acquire_lease(self.holder, now, self.seconds, name="serving:" + self.holder)
@@ -3476,10 +3482,13 @@ class LeaseKeeper(Worker):
         while not self.stopping.is_set():
             self.tick()
             self.stopping.wait(self.seconds / 3)
-        with contextlib.suppress(StoreError):
-            self.store.release_lease(self.holder, name="serving:" + self.holder)
-        if self.leader.is_set():
-            with contextlib.suppress(StoreError):
+        self.release()
+
+    def release(self):
+        """Give up the heartbeat and, if held, the delivery lease (clean shutdown): another instance may go on at once."""
+        with self.lock:
+            with contextlib.suppress(StoreError, sqlite3.ProgrammingError):
+                self.store.release_lease(self.holder, name="serving:" + self.holder)
                 self.store.release_lease(self.holder)
             self.leader.clear()
 
@@ -4096,6 +4105,7 @@ class App:
         for w in reversed(self.workers):   # the receiver first: what it has read is stored before the end
             w.stop(max(0.5, deadline - time.monotonic() - 1.0))
         self.lease.stop(1.0)
+        self.lease.release()       # also when its thread was slow to end: the next instance must not wait
         self.store.close()
         self.log.info("WhatSignal stopped")
 
