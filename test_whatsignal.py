@@ -8280,36 +8280,32 @@ def fk_request(url, method, path, body=None, headers=None, timeout=5.0, conn=Non
 FK_KEY = {"X-Api-Key": "waha-key"}
 
 
+def fk_running(fake):
+    """Run *fake* for one test; afterwards it must have met no internal error of its own."""
+    fake.start()
+    yield fake
+    fake.stop()
+    assert fake.server_errors == []
+
+
 @pytest.fixture
 def fk_waha():
-    f = FakeWaha().start()
-    yield f
-    f.stop()
-    assert f.server_errors == []
+    yield from fk_running(FakeWaha())
 
 
 @pytest.fixture
 def fk_daemon():
-    f = FakeSignalDaemon().start()
-    yield f
-    f.stop()
-    assert f.server_errors == []
+    yield from fk_running(FakeSignalDaemon())
 
 
 @pytest.fixture
 def fk_rest():
-    f = FakeSignalRest().start()
-    yield f
-    f.stop()
-    assert f.server_errors == []
+    yield from fk_running(FakeSignalRest())
 
 
 @pytest.fixture
 def fk_rest_ws():
-    f = FakeSignalRest(mode="json-rpc").start()
-    yield f
-    f.stop()
-    assert f.server_errors == []
+    yield from fk_running(FakeSignalRest(mode="json-rpc"))
 
 
 # ============================================================================================
