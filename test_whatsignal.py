@@ -9084,3 +9084,76 @@ def test_fakes_fake_clock():
     clock.advance(0.5)
     assert clock.time() == 1003.0 and clock.monotonic() == 8.0 and clock.sleeps == [2.5]
     assert clock.time_ms() == 1003000
+
+###############################################################################
+# Set-up, doctor and monitoring ###############################################
+###############################################################################
+
+# `init`, `webhook install|show`, `doctor`, /readyz, PORT, the process and file-system metrics the
+# alert rules use, and the shipped monitoring files.  Helpers carry the prefix ``setup_``.
+
+SETUP_DIR = os.path.dirname(os.path.abspath(ws.__file__))
+
+
+class TestReadinessAndProcessMetrics:
+    def test_readyz_200_when_leader_and_all_upstreams_answer(self, rpc_bridge):
+        status, _, rep = core_get_json(rpc_bridge, "/readyz")
+        assert status == 200 and rep["ready"] is True and rep["role"] == "active"
+        assert "waiting_for" not in rep
+
+    def test_readyz_503_names_the_upstream_that_is_down(self, core_harness):
+        h = core_harness().start()
+        h.signal.stop()
+        status, _, rep = core_get_json(h, "/readyz")
+        assert status == 503 and rep["ready"] is False and rep["waiting_for"] == ["signal"]
+        assert core_get_json(h, "/healthz")[0] == 200
+
+    def test_readyz_503_on_the_standby_instance(self, core_harness):
+        h = core_harness().start()
+        standby = ws.App(make_config(h.raw), ws.Log("error", stream=LogCapture())).start()
+        try:
+            host, port = standby.server.server_address[:2]
+            c = http.client.HTTPConnection(host, port, timeout=10)
+            c.request("GET", "/readyz")
+            r = c.getresponse()
+            rep = json.loads(r.read())
+            c.close()
+            assert r.status == 503 and rep["role"] == "standby"
+            assert rep["waiting_for"] == ["lease (another instance is active)"]
+        finally:
+            standby.stop()
+        assert core_get_json(h, "/readyz")[0] == 200
+
+    def test_process_and_filesystem_metrics(self, rpc_bridge):
+        text = core_request(rpc_bridge, "GET", "/metrics")[2].decode()
+        rss = core_metric_value(text, "process_resident_memory_bytes")
+        assert rss is not None and 1 << 20 < rss < 1 << 34
+        assert core_metric_value(text, "process_cpu_seconds_total") > 0
+        assert core_metric_value(text, "process_open_fds") >= 3
+        started = core_metric_value(text, "process_start_time_seconds")
+        assert time.time() - 24 * 3600 < started <= time.time() + 5
+        free, size = (core_metric_value(text, "whatsignal_data_fs_free_bytes"),
+                      core_metric_value(text, "whatsignal_data_fs_size_bytes"))
+        st = os.statvfs(str(rpc_bridge.tmp_path))
+        assert 0 <= free <= size == st.f_blocks * st.f_frsize
+        assert core_metric_value(text, "whatsignal_memory_limit_bytes") > rss
+        for name in ("process_cpu_seconds_total", "whatsignal_encryption_errors_total",
+                     "whatsignal_cleanup_failures_total"):
+            assert "# TYPE %s counter" % name in text
+        assert core_metric_value(text, "whatsignal_encryption_errors_total") == 0
+        assert core_metric_value(text, "whatsignal_http_requests_total", path="/metrics", status="200") is None
+
+    def test_cleanup_failure_is_counted(self, rpc_bridge):
+        h = rpc_bridge
+        with h.app.store.lock:
+            h.app.store.db.close()
+        assert ws.run_cleanup(h.app) is None
+        assert h.app.metrics.get("whatsignal_cleanup_failures_total") == 1
+
+    def test_port_environment_override(self, tmp_path):
+        raw = core_base_raw(tmp_path)
+        assert ws.validate_config(copy.deepcopy(raw), core_env(PORT="9099")).get("server.port") == 9099
+        with pytest.raises(ws.ConfigError) as e:
+            ws.validate_config(copy.deepcopy(raw), core_env(PORT="80a"))
+        assert [p for p in e.value.problems if p.startswith("PORT:")] == \
+            ["PORT: '80a' is not a port number; set it to 1-65535 or unset it"]

@@ -290,13 +290,80 @@ def new_metrics():
         ("whatsignal_database_size_bytes", "gauge", "Size of the database and its WAL."),
         ("whatsignal_media_files_count", "gauge", "Files in the media cache."),
         ("whatsignal_leader", "gauge", "1 when this instance runs the delivery workers."),
+        ("whatsignal_encryption_errors_total", "counter", "Stored values that failed to decrypt or authenticate."),
+        ("whatsignal_cleanup_failures_total", "counter", "Retention cleanups that failed."),
+        ("whatsignal_data_fs_free_bytes", "gauge", "Bytes free to the bridge on the database's file system."),
+        ("whatsignal_data_fs_size_bytes", "gauge", "Total bytes of the database's file system."),
+        ("whatsignal_memory_limit_bytes", "gauge", "Memory the process may use: the cgroup limit, else physical RAM."),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes."),
+        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
+        ("process_open_fds", "gauge", "Number of open file descriptors."),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors."),
+        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds."),
     ):
         m.describe(name, kind, text)
     m.set("whatsignal_build_info", 1, version=__version__)
     for name in ("whatsignal_webhook_auth_failures_total", "whatsignal_unauthorized_senders_total",
-                 "whatsignal_dead_letters_total", "whatsignal_untrusted_identity_total"):
+                 "whatsignal_dead_letters_total", "whatsignal_untrusted_identity_total",
+                 "whatsignal_encryption_errors_total", "whatsignal_cleanup_failures_total"):
         m.set(name, 0)
     return m
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def process_stats():
+    """The standard Prometheus process_* values for this process (Linux /proc; fewer elsewhere)."""
+    cpu = os.times()
+    out = {"process_cpu_seconds_total": cpu.user + cpu.system}
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    statm = _read_text("/proc/self/statm")
+    if statm:
+        fields = statm.split()
+        out["process_virtual_memory_bytes"] = int(fields[0]) * page
+        out["process_resident_memory_bytes"] = int(fields[1]) * page
+    with contextlib.suppress(OSError):
+        out["process_open_fds"] = len(os.listdir("/proc/self/fd"))
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+        out["process_max_fds"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    stat, boot = _read_text("/proc/self/stat"), _read_text("/proc/stat")
+    if stat and boot:
+        with contextlib.suppress(ValueError, IndexError, OSError, StopIteration):
+            ticks = int(stat.rsplit(")", 1)[1].split()[19])      # field 22, starttime, in clock ticks since boot
+            btime = int(next(l.split()[1] for l in boot.splitlines() if l.startswith("btime ")))
+            out["process_start_time_seconds"] = btime + ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def memory_limit():
+    """Bytes this process may use: the cgroup (v2, then v1) memory limit, else physical RAM; None if unknown."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        text = (_read_text(path) or "").strip()
+        if text.isdigit() and int(text) < 1 << 60:        # "max" / a huge number: no limit set
+            return int(text)
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None  # pragma: no cover
+
+
+def fs_space(path):
+    """(free bytes for an unprivileged writer, total bytes) of the file system holding *path*, or None."""
+    probe = os.path.abspath(path or ".")
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        st = os.statvfs(probe)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 ###############################################################################
 # Configuration ###############################################################
@@ -338,7 +405,8 @@ DEFAULTS = {
 CHANNEL_KEYS = {"whatsappSession": str, "signalDestination": str}
 ENV_OVERRIDES = {"WHATSAPP_API_URL": "whatsapp.apiUrl", "SIGNAL_RPC_URL": "signal.rpcUrl",
                  "SIGNAL_API_URL": "signal.apiUrl", "DB_PATH": "database.path",
-                 "MEDIA_DIR": "media.cacheDir", "WHATSIGNAL_HOST": "server.host"}
+                 "MEDIA_DIR": "media.cacheDir", "WHATSIGNAL_HOST": "server.host",
+                 "PORT": "server.port"}
 SECRET_KEYS = ("whatsapp.apiKey", "whatsapp.webhookSecret", "server.metricsToken")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
@@ -425,6 +493,12 @@ def validate_config(raw, environ, problems=None):
     for env, path in ENV_OVERRIDES.items():
         if environ.get(env):
             values[path] = environ[env]
+            if path == "server.port":
+                if not environ[env].strip().isdigit():
+                    problems.append("PORT: %r is not a port number; set it to 1-65535 or unset it" % environ[env])
+                    values.pop(path)
+                    continue
+                values[path] = int(environ[env])
             if path == "signal.rpcUrl":
                 values.pop("signal.apiUrl", None)
             elif path == "signal.apiUrl":
@@ -3228,6 +3302,8 @@ class Deliverer(Worker):
         except TransientError as e:
             return self._retry(row, e)
         except (PermanentError, CryptoError) as e:
+            if isinstance(e, CryptoError):
+                self.metrics.inc("whatsignal_encryption_errors_total")
             return self._dead(row, str(e))
         except StoreError:
             raise
@@ -3631,12 +3707,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _count(self, status):
         path = getattr(self, "path", None)
         path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
-        known = path if path in ("/webhook/whatsapp", "/health", "/healthz", "/metrics") else "other"
+        known = path if path in ("/webhook/whatsapp", "/health", "/healthz", "/readyz", "/metrics") else "other"
         self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
 
     def do_GET(self):
         path = urllib.parse.urlsplit(self.path).path
-        route = {"/healthz": self.route_healthz, "/health": self.route_health, "/metrics": self.route_metrics}.get(path)
+        route = {"/healthz": self.route_healthz, "/health": self.route_health, "/readyz": self.route_readyz,
+                 "/metrics": self.route_metrics}.get(path)
         if route is None:
             self.reply(404, {"error": "not found"})
         else:
@@ -3710,6 +3787,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except PayloadError as e:
             return self._reject(400, "invalid payload: %s" % shorten(str(e), 100))
         except (StoreError, CryptoError) as e:
+            if isinstance(e, CryptoError):
+                app.metrics.inc("whatsignal_encryption_errors_total")
             app.log.error("webhook not stored; answering 503 so WAHA retries", reason=scrub(e))
             return self.reply(503, {"error": "storage unavailable, retry later"}, headers={"Retry-After": "5"})
         except RecursionError:
@@ -3722,6 +3801,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_health(self):
         status, report = self.server.app.health()
         self.reply(503 if report["status"] == "unhealthy" else 200, report)
+
+    def route_readyz(self):
+        ready, report = self.server.app.readiness()
+        self.reply(200 if ready else 503, report)
 
     def route_metrics(self):
         app = self.server.app
@@ -3807,6 +3890,7 @@ def run_cleanup(app, vacuum=False):
     try:
         counts = cleanup(app.store, app.config, app.clock(), vacuum=vacuum, pause=0.001)
     except (StoreError, sqlite3.Error, OSError) as e:
+        app.metrics.inc("whatsignal_cleanup_failures_total")
         app.log.error("cleanup failed", reason=scrub(e))
         return None
     took = time.monotonic() - start
@@ -4139,6 +4223,17 @@ class App:
                   "role": "active" if self.lease.leader.is_set() else "standby"}
         return status, report
 
+    def readiness(self):
+        """(ready, report): ready only when this instance holds the lease and the database and both upstreams answer."""
+        status, report = self.health()
+        waiting = [name for name, c in report["checks"].items() if c["status"] != "ok"]
+        if report["role"] != "active":
+            waiting.append("lease (another instance is active)")
+        report["ready"] = not waiting
+        if waiting:
+            report["waiting_for"] = waiting
+        return not waiting, report
+
     def refresh_gauges(self):
         with contextlib.suppress(StoreError, sqlite3.Error):
             for d in ("w2s", "s2w"):
@@ -4149,6 +4244,15 @@ class App:
             count, size = media_stats(self.config.get("media.cacheDir"))
             self.media_cache = (time.monotonic(), (count, size))
         self.metrics.set("whatsignal_media_files_count", count)
+        for name, value in process_stats().items():
+            self.metrics.set(name, value)
+        space = fs_space(os.path.dirname(os.path.abspath(self.config.get("database.path"))))
+        if space:
+            self.metrics.set("whatsignal_data_fs_free_bytes", space[0])
+            self.metrics.set("whatsignal_data_fs_size_bytes", space[1])
+        limit = memory_limit()
+        if limit:
+            self.metrics.set("whatsignal_memory_limit_bytes", limit)
 
 ###############################################################################
 # Simulators ##################################################################
