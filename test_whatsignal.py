@@ -2334,7 +2334,7 @@ class FakeClock:
 
 
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "contracts", "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 WEBHOOK_SECRET = "webhook-secret-" + "w" * 32
 ENC_SECRET = "encryption-secret-" + "e" * 32
 BRIDGE = "+15550000001"
@@ -2343,7 +2343,7 @@ WAHA_KEY = "waha-key"
 
 
 def fixture(name):
-    """Load a contract fixture (shared/contracts/fixtures/NAME)."""
+    """Load a payload of the project's own test data (testdata/NAME)."""
     with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
         return json.load(f)
 
@@ -3778,6 +3778,48 @@ class TestMisc:
         user = re.findall(r"^USER (\S+)", text, re.M)
         assert user and user[-1].split(":")[0] not in ("root", "0")
 
+    @staticmethod
+    def paths_leaving_the_repository(source, name):
+        """Return "file:line: text" for each path in *source* that climbs out of the file's own folder.
+
+        A path is anchored at the repository when it is built from ``__file__`` (directly, or through a
+        module-level name assigned from it); such a path may not contain ``..``.  And no string may name
+        the workshop's contract folder, which a clone of the repository does not have.
+        """
+        tree = ast.parse(source)
+        anchored = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(n, ast.Name) and n.id == "__file__"
+                                                    for n in ast.walk(node.value)):
+                anchored.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.search(r"shared[/\\]contracts|\.\.[/\\]shared", node.value):
+                found.append("%s:%d: %r" % (name, node.lineno, node.value))
+            if not isinstance(node, ast.Call):
+                continue
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if "__file__" not in names and not names & anchored:
+                continue
+            ups = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   and re.search(r"(^|[/\\])\.\.([/\\]|$)", n.value)]
+            if ups:
+                found.append("%s:%d: %r" % (name, node.lineno, ups))
+        return found
+
+    def test_no_path_leaves_the_repository(self):
+        for path in (CORE_WS_PATH, os.path.abspath(__file__)):
+            with open(path, encoding="utf-8") as f:
+                assert self.paths_leaving_the_repository(f.read(), os.path.basename(path)) == []
+        # The scan finds what it is meant to find.
+        old = 'D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "x")\n'
+        assert len(self.paths_leaving_the_repository(old, "old.py")) == 1
+        assert len(self.paths_leaving_the_repository('P = "../' + 'shared' + '/contracts/fixtures"\n', "p.py")) == 1
+        assert self.paths_leaving_the_repository('os.path.join(cache, "..", "escape.pdf")\n', "ok.py") == []
+        # and the test data it reads is inside the repository
+        assert os.path.commonpath([FIXTURES, CORE_DIR]) == CORE_DIR and os.path.isdir(FIXTURES)
+
     def test_compose_healthcheck_uses_health(self):
         with open(os.path.join(CORE_DIR, "docker-compose.yml"), encoding="utf-8") as f:
             text = f.read()
@@ -3804,7 +3846,7 @@ W2S_WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(range(128))
 W2S_ALICE = "15550001111@c.us"
 W2S_BOB = "15550002222@c.us"
 W2S_GROUP = "120363025555555555@g.us"
-W2S_FIXTURE_DIR = FIXTURES   # from the harness: ../shared/contracts/fixtures
+W2S_FIXTURE_DIR = FIXTURES
 
 
 # -- fakes extended for this file --------------------------------------------------------------
@@ -4052,17 +4094,17 @@ W2S_WAHA_FIXTURES = sorted(f for f in os.listdir(W2S_FIXTURE_DIR)
 
 # fixture -> None (not bridged) | "PayloadError" | (kind, dedupe, chat, {record fields to check})
 W2S_PARSED = {
-    "waha-ack-group.json": ("message.ack", "a:11111111111@g.us:4CC5EDD64BC22EBA6D639F2AF571346C:3", "11111111111@g.us",
-                            {"bare": "4CC5EDD64BC22EBA6D639F2AF571346C", "ack": 3}),
-    "waha-ack.json": ("message.ack", "a:11111111111@c.us:4CC5EDD64BC22EBA6D639F2AF571346C:3", "11111111111@c.us",
-                      {"bare": "4CC5EDD64BC22EBA6D639F2AF571346C", "ack": 3}),
+    "waha-ack-group.json": ("message.ack", "a:120363026666666666@g.us:3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0:3", "120363026666666666@g.us",
+                            {"bare": "3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0", "ack": 3}),
+    "waha-ack.json": ("message.ack", "a:15550003333@c.us:3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0:3", "15550003333@c.us",
+                      {"bare": "3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0", "ack": 3}),
     "waha-edited-derived.json": ("message.edited", None, "15550000002@c.us",
                                  {"target_bare": "3EB0C0FFEE0000000000A1", "body": "Hello (edited)"}),
-    "waha-message-document.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
-                                   {"bare": "A" * 32, "body": "", "sender": "11111111111@c.us", "reply": None,
-                                    "media": {"url": "http://localhost:3000/api/files/true_11111111111@c.us_"
-                                              + "A" * 32 + ".pdf", "mimetype": "application/pdf",
-                                              "filename": "some-file.pdf", "error": None}}),
+    "waha-message-document.json": ("message", "m:" + "3EB0D0C0000000000000000000000001", "15550003333@c.us",
+                                   {"bare": "3EB0D0C0000000000000000000000001", "body": "", "sender": "15550003333@c.us", "reply": None,
+                                    "media": {"url": "http://localhost:3000/api/files/true_15550003333@c.us_"
+                                              + "3EB0D0C0000000000000000000000001" + ".pdf", "mimetype": "application/pdf",
+                                              "filename": "tickets.pdf", "error": None}}),
     "waha-message-group-derived.json": ("message", "m:3EB0C0FFEE1234567890AB", W2S_GROUP,
                                         {"bare": "3EB0C0FFEE1234567890AB", "body": "Hi everyone",
                                          "sender": "15550000004@c.us", "media": None}),
@@ -4070,16 +4112,16 @@ W2S_PARSED = {
                                         {"body": "Check this out (caption)",
                                          "media": {"url": "http://localhost:3000/api/files/default/3EB0123456789ABCDEF012.jpeg",
                                                    "mimetype": "image/jpeg", "filename": None, "error": None}}),
-    "waha-message-image.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
-                                {"body": "Check this out (caption for the media)!"}),
-    "waha-message-reply.json": ("message", "m:" + "A" * 32, "11111111111@c.us",
-                                {"body": "Yes!", "reply": {"id": "A" * 19, "body": "Check this out!",
-                                                           "participant": "22222222222@c.us"}}),
+    "waha-message-image.json": ("message", "m:" + "3EB0D0C0000000000000000000000001", "15550003333@c.us",
+                                {"body": "The view from the top (caption)!"}),
+    "waha-message-reply.json": ("message", "m:" + "3EB0D0C0000000000000000000000001", "15550003333@c.us",
+                                {"body": "Yes, lovely!", "reply": {"id": "3EB0D0C000000000002", "body": "The view from the top",
+                                                           "participant": "15550004444@c.us"}}),
     "waha-message-text.json": None,          # fromMe: the owner's own message, never echoed
     "waha-presence-update.json": None,       # not an event the bridge handles
-    "waha-reaction.json": ("message.reaction", "r:" + "1" * 32 + ":79111111@c.us:1710481111.853:🙏",
-                           "79111111@c.us", {"target": "true_79111111@c.us_" + "1" * 32, "target_bare": "1" * 32,
-                                             "emoji": "🙏", "sender": "79111111@c.us"}),
+    "waha-reaction.json": ("message.reaction", "r:" + "3EB0EAC7000000000000000000000001" + ":15550005555@c.us:1710481111.853:🙏",
+                           "15550005555@c.us", {"target": "true_15550005555@c.us_" + "3EB0EAC7000000000000000000000001", "target_bare": "3EB0EAC7000000000000000000000001",
+                                             "emoji": "🙏", "sender": "15550005555@c.us"}),
     "waha-revoked-derived.json": ("message.revoked", "d:15550000002@c.us:3EB0C0FFEE0000000000A1", "15550000002@c.us",
                                   {"target_bare": "3EB0C0FFEE0000000000A1"}),
     "waha-revoked.json": "PayloadError",     # docs placeholders: no chat id anywhere
@@ -4287,17 +4329,17 @@ W2S_E2E = {
     "waha-ack.json": (200, {"status": "stored"}, []),
     "waha-edited-derived.json": (200, {"status": "stored"}, [("+15550000002 edited a message: Hello (edited)", [])]),
     "waha-message-document.json": (200, {"status": "stored"},
-                                   [("+11111111111:", [("application/pdf", "some-file.pdf", W2S_PDF)])]),
+                                   [("+15550003333:", [("application/pdf", "tickets.pdf", W2S_PDF)])]),
     "waha-message-group-derived.json": (200, {"status": "stored"}, [("+15550000004 in Family: Hi everyone", [])]),
     "waha-message-image-derived.json": (200, {"status": "stored"},
                                         [("+15550000002: Check this out (caption)", [("image/jpeg", "file.jpg", W2S_JPEG)])]),
     "waha-message-image.json": (200, {"status": "stored"},
-                                [("+11111111111: Check this out (caption for the media)!",
+                                [("+15550003333: The view from the top (caption)!",
                                   [("image/jpeg", "file.jpg", W2S_JPEG)])]),
-    "waha-message-reply.json": (200, {"status": "stored"}, [("> Check this out!\n+11111111111: Yes!", [])]),
+    "waha-message-reply.json": (200, {"status": "stored"}, [("> The view from the top\n+15550003333: Yes, lovely!", [])]),
     "waha-message-text.json": (200, {"status": "ignored"}, []),
     "waha-presence-update.json": (200, {"status": "ignored"}, []),
-    "waha-reaction.json": (200, {"status": "stored"}, [("+79111111 reacted 🙏 to a message", [])]),
+    "waha-reaction.json": (200, {"status": "stored"}, [("+15550005555 reacted 🙏 to a message", [])]),
     "waha-revoked-derived.json": (200, {"status": "stored"}, [("+15550000002 deleted a message on WhatsApp", [])]),
     # Docs placeholders ("some-id-here"): no chat can be derived. 400 is right: it is not a real WAHA
     # payload, nothing can be bridged from it, and a 4xx tells the sender it is malformed.
@@ -5375,7 +5417,7 @@ class TestReceiving:
         sid, _ = s2w_forward(h, S2W_ALICE, "are you there?")
         obj = s2w_fixture(name)
         assert h.signal.push(obj)
-        text = "Hello from Signal" if "current" in name else "foobar"
+        text = "Hello from Signal"
         assert h.wait(lambda: s2w_waha_texts(h))
         s2w_settle(h)
         assert s2w_waha_texts(h, S2W_ALICE) == [{"session": "default", "chatId": S2W_ALICE, "text": text}]
