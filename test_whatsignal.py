@@ -8267,6 +8267,231 @@ class TestSecrets:
         assert not leaks, leaks
 
 
+# ===========================================================================
+# Issue 13: what an adversarial review found (the server, dedupe, replays)
+# ===========================================================================
+
+SEC_NINE_MB = 9 * 1024 * 1024
+
+
+def sec_rss_mb(pid):
+    """Resident set size of process *pid* in MB, from /proc."""
+    with open("/proc/%d/status" % pid, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
+def sec_process(tmp_path, fakes, **server):
+    waha, daemon = fakes
+    raw = raw_config(tmp_path, waha.url, rpc_url=daemon.url)
+    raw["server"].update(server)
+    return OpsBridgeProcess(tmp_path, raw)
+
+
+class SecFlood:
+    """*n* hostile connections announcing 9 MB webhook bodies, unsigned or with a forged signature.
+
+    One thread drives every socket without blocking: headers, then as much of
+    the body as the socket takes up to the last byte, then one byte per second.
+    A connection the server closes is opened again (at most every 0.2 s), so
+    the pressure stays at *n* connections until ``stop``.
+    """
+
+    def __init__(self, url, n):
+        u = urllib.parse.urlsplit(url)
+        self.addr, self.n = (u.hostname, u.port), n
+        self.stop_event = threading.Event()
+        self.opened = self.closed_by_server = 0
+        self.answers = collections.Counter()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def _open(self, k):
+        s = socket.create_connection(self.addr, timeout=2)
+        s.setblocking(False)
+        head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(SEC_NINE_MB)}
+        if k % 2:
+            head["X-Webhook-Hmac"] = "%0128x" % (k + 1)      # the right shape, the wrong value
+            head["X-Webhook-Hmac-Algorithm"] = "sha512"
+        data = ("POST /webhook/whatsapp HTTP/1.1\r\n" + "".join("%s: %s\r\n" % kv for kv in head.items())
+                + "\r\n").encode()
+        self.opened += 1
+        return {"sock": s, "k": k, "pending": data, "sent": 0, "next": 0.0, "reopen": 0.0}
+
+    def _pump(self, c, now, chunk):
+        s = c["sock"]
+        try:
+            got = s.recv(4096)
+            if got:
+                m = re.match(rb"HTTP/1\.[01] (\d{3})", got)
+                self.answers[int(m.group(1)) if m else None] += 1
+            else:
+                raise ConnectionResetError
+        except BlockingIOError:
+            pass
+        if c["pending"]:
+            n = s.send(c["pending"])
+            c["pending"] = c["pending"][n:]
+            return
+        if c["sent"] < SEC_NINE_MB - 1:
+            c["sent"] += s.send(chunk[:SEC_NINE_MB - 1 - c["sent"]])
+        elif now >= c["next"]:
+            c["next"] = now + 1.0                    # the last byte never comes: one byte a second instead
+            s.send(b" ")
+
+    def run(self):
+        chunk = b" " * 262144
+        conns = [None] * self.n
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            for k in range(self.n):
+                c = conns[k]
+                if c is None or c["sock"] is None:
+                    if c is not None and now < c["reopen"]:
+                        continue
+                    try:
+                        conns[k] = c = self._open(k)
+                    except OSError:
+                        conns[k] = {"sock": None, "reopen": now + 0.2}
+                        continue
+                try:
+                    self._pump(c, now, chunk)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.closed_by_server += 1
+                    c["sock"].close()
+                    c["sock"], c["reopen"] = None, now + 0.2
+            self.stop_event.wait(0.01)
+        for c in conns:
+            if c is not None and c["sock"] is not None:
+                c["sock"].close()
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def sec_dribble(url, data, first=b"", every=0.1, limit=8.0):
+    """Send *first* at once, then *data* a byte every *every* s.
+
+    Return (seconds until the server cut the connection off, or None when it
+    never did within *limit*; what the server answered).
+    """
+    u = urllib.parse.urlsplit(url)
+    s = socket.create_connection((u.hostname, u.port), timeout=2)
+    started = time.monotonic()
+    answer = b""
+    try:
+        s.sendall(first)
+        s.settimeout(every)
+        for i in range(len(data)):
+            if time.monotonic() - started > limit:
+                return None, answer
+            try:
+                s.send(data[i:i + 1])
+                got = s.recv(4096)
+                if not got:
+                    return time.monotonic() - started, answer
+                answer += got
+            except socket.timeout:
+                continue
+            except OSError:
+                return time.monotonic() - started, answer
+        return None, answer
+    finally:
+        s.close()
+
+
+class TestServerLimits:
+    """Connections, handler threads and unverified bodies are bounded; signed webhooks still get through."""
+
+    def test_flood_of_hostile_connections_keeps_memory_bounded_and_webhooks_answered(self, tmp_path, ops_fakes):
+        waha, daemon = ops_fakes
+        bridge = sec_process(tmp_path, ops_fakes)
+        flood = None
+        try:
+            bridge.start()
+            poster = OpsPoster(bridge.url, timeout=5)
+            assert poster.post(ops_msg(OPS_ALICE, "before the flood", "FL0"))[0] == 200
+            base = sec_rss_mb(bridge.proc.pid)
+            flood = SecFlood(bridge.url, 200).start()
+            peak, answered, k = base, [], 0
+            deadline = time.monotonic() + 6.0
+            while time.monotonic() < deadline:
+                peak = max(peak, sec_rss_mb(bridge.proc.pid))
+                if peak >= 60:
+                    break                                 # no point in pushing a machine further
+                k += 1
+                status, _, took = poster.post(ops_msg(OPS_BOB, "during the flood %d" % k, "FL%d" % k))
+                answered.append((status, round(took, 2)))
+                time.sleep(0.2)
+            flood.stop()
+            assert peak < 60, "RSS went from %.0f MB to %.0f MB under 200 hostile connections" % (base, peak)
+            assert len(answered) >= 10 and all(st == 200 and took < 1.0 for st, took in answered), answered
+            assert flood.opened > 200 and flood.closed_by_server > 0, (flood.opened, flood.closed_by_server)
+            assert set(flood.answers) <= {401, 503, 429, 408, None}, flood.answers
+            assert daemon.wait_for(lambda f: len(f.sent()) == 1 + len(answered), 15)
+            metrics = ops_get(bridge.url, "/metrics")[1]
+            assert 'status="500"' not in metrics
+            assert not [r for r in bridge.log_records() if r.get("level") == "ERROR"]
+        finally:
+            if flood is not None:
+                flood.stop_event.set()
+                flood.thread.join(10)
+            bridge.stop()
+
+    def test_connections_over_the_cap_get_503_at_once(self, tmp_path, ops_fakes):
+        bridge = sec_process(tmp_path, ops_fakes, maxConnections=4, requestTimeoutSeconds=30)
+        held = []
+        try:
+            bridge.start()
+            u = urllib.parse.urlsplit(bridge.url)
+            for _ in range(4):
+                s = socket.create_connection((u.hostname, u.port), timeout=5)
+                s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\n")       # a request that never ends
+                held.append(s)
+            assert ops_wait(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 503, 5)
+            status, raw, took = ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status == 503 and b"too many connections" in raw and took < 2.0
+            held.pop().close()
+            assert ops_wait(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
+            assert ops_wait(lambda: 'reason="connections"' in ops_get(bridge.url, "/metrics")[1]
+                            if len(held) < 4 else False, 5)
+        finally:
+            for s in held:
+                s.close()
+            bridge.stop()
+
+    def test_the_whole_request_has_a_deadline_not_each_read(self, tmp_path, ops_fakes):
+        bridge = sec_process(tmp_path, ops_fakes, requestTimeoutSeconds=1.0)
+        try:
+            bridge.start()
+            body = ops_body(ops_msg(OPS_ALICE, "slowly", "DL1"))
+            # the headers one byte every 0.1 s: each read is quick, the request never ends
+            cut, _ = sec_dribble(bridge.url, ops_request("/webhook/whatsapp", body))
+            assert cut is not None, "a request dribbled a byte every 0.1 s was never cut off"
+            # the headers at once, the body one byte every 0.1 s: answered 408 and closed
+            data = ops_request("/webhook/whatsapp", body)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            cut, answer = sec_dribble(bridge.url, rest, first=head + b"\r\n\r\n")
+            assert cut is not None and answer.startswith(b"HTTP/1.1 408"), answer[:80]
+            # a kept-alive connection that idles between requests is not cut by the deadline
+            poster = OpsPoster(bridge.url)
+            assert poster.post(ops_msg(OPS_ALICE, "first", "DL2"))[0] == 200
+            time.sleep(1.5)
+            assert poster.post(ops_msg(OPS_ALICE, "second", "DL3"))[0] == 200 and poster.connects == 1
+            poster.close()
+        finally:
+            bridge.stop()
+
+
 ###############################################################################
 # The fakes speak the upstream contracts ######################################
 ###############################################################################

@@ -57,6 +57,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import json
 import math
 import os
@@ -80,6 +81,10 @@ import urllib.parse
 DEFAULT_PORT = 8082
 MAX_BODY_BYTES = 10 * 1024 * 1024     # webhook bodies above this get 413, unread
 READ_TIMEOUT = 30.0                   # idle keep-alive / slow client limit (s)
+REQUEST_TIMEOUT = 10.0                # a whole request (line, headers, body) must arrive within this (s)
+MAX_CONNECTIONS = 256                 # open HTTP connections (one handler thread each); more get 503 at once
+SMALL_BODY = 64 * 1024                # bodies up to this size may use the body budget's last reserve
+BODY_RESERVE = 2 * 1024 * 1024        # ... of this many bytes, so large unverified bodies cannot starve them
 UPSTREAM_TIMEOUT = 10.0               # one call to WAHA or signal-cli (s)
 BACKOFF_START = 1.0                   # first retry delay (s)
 BACKOFF_FACTOR = 2.0
@@ -377,6 +382,8 @@ DEFAULTS = {
     "server.port": (int, DEFAULT_PORT, "port for webhooks, /health and /metrics"),
     "server.metricsToken": (str, None, "bearer token required on /metrics when set"),
     "server.maxBodyMB": (int, 10, "largest webhook body accepted, in MB"),
+    "server.maxConnections": (int, MAX_CONNECTIONS, "open HTTP connections; more are answered 503 at once"),
+    "server.requestTimeoutSeconds": (float, REQUEST_TIMEOUT, "a whole request (headers and body) must arrive within this"),
     "whatsapp.apiUrl": (str, REQUIRED, "WAHA base URL; media is fetched only from its origin"),
     "whatsapp.apiKey": (str, None, "WAHA X-Api-Key"),
     "whatsapp.session": (str, "default", "WAHA session of the single default channel"),
@@ -588,11 +595,14 @@ def _validate_values(cfg, problems):
                         % ("not set" if not cfg.encryption_secret else "only %d characters" % len(cfg.encryption_secret)))
     if not 0 <= g("server.port") < 65536:
         problems.append("server.port: %d is out of range; use 1-65535 (0 picks a free port)" % g("server.port"))
-    for key, lo, hi in (("server.maxBodyMB", 1, 1024), ("media.maxSizeMB", 1, 2048), ("retentionDays", 1, 36500)):
+    for key, lo, hi in (("server.maxBodyMB", 1, 1024), ("media.maxSizeMB", 1, 2048), ("retentionDays", 1, 36500),
+                        ("server.maxConnections", 4, 10000)):
         if not lo <= g(key) <= hi:
             problems.append("%s: %s is out of range; use %d-%d" % (key, g(key), lo, hi))
     if g("media.retentionDays") is not None and g("media.retentionDays") < 1:
         problems.append("media.retentionDays: must be at least 1")
+    if not 0.5 <= g("server.requestTimeoutSeconds") <= 600:
+        problems.append("server.requestTimeoutSeconds: %s is out of range; use 0.5-600" % g("server.requestTimeoutSeconds"))
     if g("cleanupIntervalHours") <= 0 or g("bridge.expireAfterHours") <= 0 or g("signal.pollIntervalSeconds") <= 0:
         problems.append("cleanupIntervalHours, bridge.expireAfterHours and signal.pollIntervalSeconds must be > 0")
     if g("logLevel") not in LEVELS:
@@ -3603,8 +3613,65 @@ class AuthThrottle:
             q.append(self.clock())
 
 
+class BodyBudget:
+    """Bytes of not yet verified webhook bodies the server holds at once.
+
+    A body is read only into a reservation of its announced length; when the
+    budget cannot take it, the request is answered 503 before a byte is read.
+    Bodies over SMALL_BODY never take the last *reserve* bytes, so large bodies
+    from strangers cannot keep WAHA's ordinary (small) webhooks out.
+    """
+
+    def __init__(self, total, reserve=BODY_RESERVE):
+        self.total, self.reserve = total, reserve
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def take(self, n):
+        with self.lock:
+            limit = self.total if n <= SMALL_BODY else self.total - self.reserve
+            if self.used + n > limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n):
+        with self.lock:
+            self.used -= n
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each limited by what is left of the request's deadline (not per read)."""
+
+    def __init__(self, sock, idle):
+        self.sock, self.idle = sock, idle
+        self.deadline = None       # monotonic time by which the current request must have arrived
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        timeout = self.idle
+        if self.deadline is not None:
+            timeout = min(self.idle, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise socket.timeout("request not received within server.requestTimeoutSeconds")
+        self.sock.settimeout(timeout)
+        return self.sock.recv_into(buf)
+
+
+SIGNATURE_SHAPE = re.compile(r"[0-9a-fA-F]{128}")   # hex HMAC-SHA512, checked before any body byte is read
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 5\r\n"
+                 b"Connection: close\r\nContent-Length: 47\r\n\r\n{\"error\": \"too many connections, retry later\"}\n")
+
+
 class BridgeServer(http.server.ThreadingHTTPServer):
-    """The webhook, health and metrics server; handlers reach the App through ``self.app``."""
+    """The webhook, health and metrics server; handlers reach the App through ``self.app``.
+
+    At most ``server.maxConnections`` connections (one handler thread each) are
+    served at once; the accept loop answers any further one 503 itself, without
+    starting a thread.
+    """
 
     request_queue_size = 128   # listen backlog: WAHA bursts after a reconnect
     daemon_threads = True
@@ -3615,7 +3682,44 @@ class BridgeServer(http.server.ThreadingHTTPServer):
         self.connections = {}   # socket -> busy flag, so shutdown can close idle keep-alives
         self.conn_lock = threading.Lock()
         self.draining = False
+        self.active = 0         # connections with a handler thread
+        self.max_connections = app.config.get("server.maxConnections")
+        self.request_timeout = app.config.get("server.requestTimeoutSeconds")
+        self.refused_logged = 0.0
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        with self.conn_lock:
+            full = self.active >= self.max_connections
+            if not full:
+                self.active += 1
+        if full:
+            return self._refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.conn_lock:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.conn_lock:
+                self.active -= 1
+
+    def _refuse(self, request):
+        """Answer 503 from the accept loop and close: no thread, nothing read."""
+        self.app.metrics.inc("whatsignal_rejected_total", reason="connections")
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(BUSY_RESPONSE)
+        self.shutdown_request(request)
+        now = time.monotonic()
+        if now - self.refused_logged > 10:     # under a flood: one line per 10 s, the metric counts each
+            self.refused_logged = now
+            self.app.log.warn("connection refused: server.maxConnections reached", limit=self.max_connections)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -3648,6 +3752,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile.close()                 # reads go through the request deadline instead
+        self.reader = _DeadlineReader(self.connection, self.timeout)
+        self.reader.deadline = time.monotonic() + self.server.request_timeout   # the first request: from accept
+        self.rfile = io.BufferedReader(self.reader, 65536)
         with self.server.conn_lock:
             self.server.connections[self.connection] = False
 
@@ -3671,12 +3779,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return ok
 
     def handle_one_request(self):
+        if self.reader.deadline is None:   # kept alive: wait idle, then the deadline runs from the first byte
+            try:
+                first = self.rfile.peek(1)
+            except OSError:
+                first = b""
+            if not first:
+                self.close_connection = True
+                return
+            self.reader.deadline = time.monotonic() + self.server.request_timeout
         try:
             super().handle_one_request()
         finally:
+            self._received()
             with self.server.conn_lock:
                 if self.connection in self.server.connections:
                     self.server.connections[self.connection] = False
+
+    def _received(self):
+        """The request has been read: answering and the next idle wait are not under its deadline."""
+        self.reader.deadline = None
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(self.timeout)
 
     def send_error(self, code, message=None, explain=None):
         """Malformed request lines and headers: a short JSON reason, counted, never a traceback."""
@@ -3685,6 +3809,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply(code, {"error": shorten(message or http.HTTPStatus(code).phrase, 80)})
 
     def reply(self, status, obj, headers=None, content_type="application/json", close=False):
+        if hasattr(self, "reader"):
+            self._received()
         body = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -3759,25 +3885,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._reject(413, "body over %d bytes" % app.max_body, close=True)
         if ctype != "application/json":
             return self._reject(415, "Content-Type must be application/json", close=True)
+        signature = self.headers.get("X-Webhook-Hmac") or ""
+        if not SIGNATURE_SHAPE.fullmatch(signature.strip()) or \
+                (self.headers.get("X-Webhook-Hmac-Algorithm") or "sha512").lower() != "sha512":
+            return self._auth_failed(close=True)          # no body is read for a request that cannot be signed
+        if not app.body_budget.take(length):
+            return self._reject(503, "busy: too many request bodies in flight; retry later", close=True,
+                                headers={"Retry-After": "5"})
         try:
             body = self.rfile.read(length)
-        except OSError:   # read timeout or reset: a slow or vanished client, not an internal error
+            signed = verify_waha_signature(app.webhook_secret, body, signature,
+                                           self.headers.get("X-Webhook-Hmac-Algorithm"))
+        except OSError:   # deadline passed or reset: a slow or vanished client, not an internal error
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._reject(408, "request body not received in time", close=True)
             return
+        finally:
+            app.body_budget.give(length)
+        self._received()
         if len(body) < length:
             self.close_connection = True
             return self._reject(400, "body shorter than Content-Length", close=True)
-        client = self.client_address[0] if self.client_address else "?"
-        if not verify_waha_signature(app.webhook_secret, body, self.headers.get("X-Webhook-Hmac"),
-                                     self.headers.get("X-Webhook-Hmac-Algorithm")):
-            app.metrics.inc("whatsignal_webhook_auth_failures_total")
-            if app.throttle.blocked(client):
-                return self._reject(429, "too many failed signatures", headers={"Retry-After": str(int(AUTH_FAIL_WINDOW))})
-            app.throttle.fail(client)
-            app.log.warn("webhook authentication failed", reason="missing or wrong X-Webhook-Hmac")
-            return self.reply(401, {"error": "authentication failed"})
+        if not signed:
+            return self._auth_failed()
         try:
             event = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -3794,6 +3925,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RecursionError:
             return self._reject(400, "payload nested too deeply")
         self.reply(200, {"status": result})
+
+    def _auth_failed(self, close=False):
+        app = self.server.app
+        client = self.client_address[0] if self.client_address else "?"
+        app.metrics.inc("whatsignal_webhook_auth_failures_total")
+        if app.throttle.blocked(client):
+            return self._reject(429, "too many failed signatures", close=close,
+                                headers={"Retry-After": str(int(AUTH_FAIL_WINDOW))})
+        app.throttle.fail(client)
+        app.log.warn("webhook authentication failed", reason="missing or wrong X-Webhook-Hmac")
+        return self.reply(401, {"error": "authentication failed"}, close=close)
 
     def route_healthz(self):
         self.reply(200, {"status": "ok"})
@@ -4110,6 +4252,7 @@ class App:
         self.max_body = config.get("server.maxBodyMB") * 1024 * 1024
         self.webhook_secret = config.get("whatsapp.webhookSecret")
         self.throttle = AuthThrottle()
+        self.body_budget = BodyBudget(self.max_body + BODY_RESERVE)
         self.store = Store(config.get("database.path"), config.get("database.synchronous"))
         try:
             self.store.unlock(config.encryption_secret, enabled=config.encryption)
