@@ -2702,6 +2702,10 @@ CORE_BROKEN = [
      {"channels": [{"whatsappSession": "default", "signalDestination": OWNER},
                    {"whatsappSession": "default", "signalDestination": "+15550000003"}]}, {},
      "channels[1].whatsappSession:", ["twice"], []),
+    ("channels-duplicate-owner",
+     {"channels": [{"whatsappSession": "default", "signalDestination": OWNER},
+                   {"whatsappSession": "work", "signalDestination": OWNER}]}, {},
+     "channels[1].signalDestination:", ["channels[0]", "one channel", "own Signal number"], [OWNER]),
     ("channels-bad-number", {"channels": [{"whatsappSession": "default", "signalDestination": "12345"}]}, {},
      "channels[0].signalDestination:", ["E.164"], []),
     ("channels-unknown-key",
@@ -8488,6 +8492,63 @@ class TestServerLimits:
             time.sleep(1.5)
             assert poster.post(ops_msg(OPS_ALICE, "second", "DL3"))[0] == 200 and poster.connects == 1
             poster.close()
+        finally:
+            bridge.stop()
+
+
+class TestMessageIds:
+
+    def test_no_message_id_length_or_form_gives_a_500(self, tmp_path, ops_fakes):
+        """Signed webhooks whose ids (message, reaction target, edit, delete, ack) have every length and form."""
+        bridge = sec_process(tmp_path, ops_fakes)
+        lengths = (1, 2, 31, 127, 128, 129, 130, 200, 255, 256, 299, 300, 301, 1000)
+        forms = {
+            "bare": lambda n: "B" * n,
+            "underscores": lambda n: ("U_" * n)[:n],
+            "unicode": lambda n: "\u00e9" * n,
+            "spaces": lambda n: (" x\n" * n)[:n],
+            "serialized": lambda n: "false_%s_%s" % (OPS_ALICE, "S" * n),
+            "serialized in a group": lambda n: "false_120363000000000001@g.us_%s_%s" % ("G" * n, OPS_BOB),
+            "serialized without a chat": lambda n: "true_nochat_%s" % ("N" * n),
+        }
+
+        def events(mid, k):
+            ser = mid if mid.startswith(("false_", "true_")) else "false_%s_%s" % (OPS_ALICE, mid)
+            base = {"session": "default", "engine": "GOWS", "me": {"id": "15550000001@c.us"}}
+            common = {"from": OPS_ALICE, "fromMe": False, "timestamp": 1767225600 + k}
+            yield dict(base, event="message", payload=dict(common, id=mid, body="id case %d" % k))
+            yield dict(base, event="message", payload=dict(common, id={"_serialized": mid}, body="dict id %d" % k))
+            yield dict(base, event="message", payload=dict(common, id="false_%s_R%d" % (OPS_ALICE, k),
+                                                            body="reply %d" % k, replyTo={"id": mid}))
+            yield dict(base, event="message.reaction",
+                       payload=dict(common, id="false_%s_RE%d" % (OPS_ALICE, k),
+                                    reaction={"text": "+", "messageId": ser}))
+            yield dict(base, event="message.edited", payload=dict(common, id="E%d" % k, editedMessageId=mid, body="e"))
+            yield dict(base, event="message.revoked", payload={"revokedMessageId": mid, "after": common,
+                                                               "before": dict(common, id=mid)})
+            yield dict(base, event="message.ack", payload=dict(common, id=ser, ack=3))
+
+        try:
+            bridge.start()
+            poster = OpsPoster(bridge.url)
+            answers, odd, k = collections.Counter(), [], 0
+            for form, make in forms.items():
+                for n in lengths:
+                    for ev in events(make(n), k):
+                        k += 1
+                        status, data, _ = poster.post(ev)
+                        answers[status] += 1
+                        if status not in (200, 400):
+                            odd.append((form, n, ev["event"], status, data[:80]))
+            poster.close()
+            assert not odd, odd[:5]
+            assert answers[200] > 100 and answers[400] > 20, answers
+            db = bridge.raw["database"]["path"]
+            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0, 30)
+            assert ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='dead'")[0][0] == 0
+            assert ops_get(bridge.url, "/healthz")[0] == 200
+            assert 'status="500"' not in ops_get(bridge.url, "/metrics")[1]
+            assert not [r for r in bridge.log_records() if r.get("level") == "ERROR"]
         finally:
             bridge.stop()
 

@@ -580,6 +580,11 @@ def _validate_values(cfg, problems):
         if ch.destination == g("signal.number"):
             problems.append("%s: the owner cannot be the bridge's own number; "
                             "use the owner's personal Signal number" % where)
+        first = next(j for j, c in enumerate(cfg.channels) if c.destination == ch.destination)
+        if first < i:      # envelopes are routed by their sender: only one channel could ever be answered
+            problems.append("%s: %s is already channels[%d]'s owner, and one owner number can have only one channel; "
+                            "give each channel its own Signal number, or remove this one"
+                            % (where, mask_phone(ch.destination), first))
     secret = g("whatsapp.webhookSecret")
     if not secret and any(p.startswith("whatsapp.webhookSecret:") for p in problems):
         pass   # already reported: the env variable it names is missing
@@ -700,6 +705,14 @@ def bare_msg_id(msg_id):
     if parts:
         return parts[2]
     return msg_id if isinstance(msg_id, str) and msg_id and len(msg_id) <= 128 else None
+
+
+def _bare_id_of(msg_id, where):
+    """The bare id of a payload's message id; PayloadError when it has none (e.g. over 128 characters, unserialized)."""
+    bare = bare_msg_id(msg_id)
+    if not bare:
+        raise PayloadError("%s must be a message id (serialized, or at most 128 characters)" % where)
+    return bare
 
 
 def jid_to_phone(jid):
@@ -1024,7 +1037,7 @@ def _parse_message(payload, event):
     if chat.endswith(("@broadcast", "@newsletter")):
         return None
     body = _opt(payload, "body", (str,), "payload")
-    rec = {"id": msg_id, "bare": bare_msg_id(msg_id), "chat": chat,
+    rec = {"id": msg_id, "bare": _bare_id_of(msg_id, "payload.id"), "chat": chat,
            "sender": normalize_jid(_opt(payload, "participant", (str,), "payload")) or
            normalize_jid(_opt(payload, "author", (str,), "payload")) or chat,
            "push": _push_name(payload), "body": body or "",
@@ -1074,9 +1087,9 @@ def _parse_message_edited(payload, event):
     ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
     sender = normalize_jid(_opt(payload, "participant", (str,), "payload")) or \
         normalize_jid(_opt(payload, "author", (str,), "payload")) or chat
-    rec = {"chat": chat, "target_bare": bare_msg_id(target), "body": body, "sender": sender}
+    rec = {"chat": chat, "target_bare": _bare_id_of(target, "editedMessageId"), "body": body, "sender": sender}
     digest = hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]
-    return "message.edited", "e:%s:%s:%r:%s" % (bare_msg_id(target), eid[:200], ts, digest), chat, rec
+    return "message.edited", "e:%s:%s:%r:%s" % (rec["target_bare"], eid[:200], ts, digest), chat, rec
 
 
 def _parse_message_revoked(payload, event):
@@ -1091,7 +1104,8 @@ def _parse_message_revoked(payload, event):
         raise PayloadError("message.revoked needs revokedMessageId and a chat")
     if after.get("fromMe") is True:
         return None
-    return "message.revoked", "d:%s:%s" % (chat, bare_msg_id(target)), chat, {"chat": chat, "target_bare": bare_msg_id(target)}
+    bare = _bare_id_of(target, "revokedMessageId")
+    return "message.revoked", "d:%s:%s" % (chat, bare), chat, {"chat": chat, "target_bare": bare}
 
 
 def _parse_message_ack(payload, event):
