@@ -524,6 +524,8 @@ class FakeWaha(_FakeBase):
         self.lids = {}
         self.files = {}
         self.require_group_participant = True
+        self.session_config = None     # the session's config (config.webhooks ...), set by PUT /api/sessions/{s}
+        self.restarts = 0              # restarts caused by a config change of a running session
 
     # -- helpers for tests ----------------------------------------------------------------------
     def sent(self, kind=None):
@@ -886,7 +888,7 @@ class FakeWaha(_FakeBase):
         return self._send_json(h, call, 200, {"lid": lid, "pn": pn})
 
     def _session_info(self):
-        return {"name": self.session, "status": self.session_status, "config": None,
+        return {"name": self.session, "status": self.session_status, "config": copy.deepcopy(self.session_config),
                 "me": dict(self.me) if self.me else None, "engine": {"engine": self.engine},
                 "presence": None, "timestamps": {"activity": None}}
 
@@ -903,6 +905,8 @@ class FakeWaha(_FakeBase):
             return self._session_404(h, call, name)
         if len(segs) == 3 and m == "GET":
             return self._send_json(h, call, 200, self._session_info())
+        if len(segs) == 3 and m == "PUT":
+            return self._update_session(h, call, name)
         if len(segs) == 4 and m == "GET" and segs[3] == "me":
             me = dict(self.me) if (self.me and self.session_status == "WORKING") else None
             return self._send_json(h, call, 200, me)
@@ -913,6 +917,35 @@ class FakeWaha(_FakeBase):
             return self._send_json(h, call, 201, {"name": name, "status": status, "config": None})
         return self._send_json(h, call, 404, {"message": "Cannot %s %s" % (m, call["path"]),
                                               "error": "Not Found", "statusCode": 404})
+
+    def _update_session(self, h, call, name):
+        # src/api/sessions.controller.ts (update): the body's config replaces the stored one whole; a running
+        # session is stopped, updated and started again; the answer is the SessionDTO (200)
+        body = call["json"]
+        config = body.get("config") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or (config is not None and not isinstance(config, dict)):
+            return self._bad_request(h, call, "config must be an object")
+        hooks = (config or {}).get("webhooks")
+        if hooks is not None and not isinstance(hooks, list):
+            return self._bad_request(h, call, "config.webhooks must be an array")
+        for i, w in enumerate(hooks or []):
+            if not isinstance(w, dict) or not isinstance(w.get("url"), str):
+                return self._bad_request(h, call, "config.webhooks.%d.url must be a string" % i)
+            if not isinstance(w.get("events"), list):
+                return self._bad_request(h, call, "config.webhooks.%d.events must be an array" % i)
+        stored = copy.deepcopy(config)
+        for w in (stored or {}).get("webhooks") or []:
+            for part in ("hmac", "retries", "customHeaders"):   # waha.md 2.1: unset parts come back as null
+                w.setdefault(part, None)
+        with self._cond:
+            if self.session_status != "STOPPED":
+                self.restarts += 1
+                if self.session_status == "WORKING":
+                    self.session_status = self.status_after_restart
+            self.session_config = stored
+            self._bump()
+            status = self.session_status
+        return self._send_json(h, call, 200, {"name": name, "status": status, "config": copy.deepcopy(stored)})
 
     def _serve_file(self, h, call):
         path = call["path"]
@@ -985,7 +1018,9 @@ class FakeSignalDaemon(_FakeBase):
     number, uuid, mode ("ok"|"down"|"slow"|"http500"), slow_seconds, errors (deque of
     (code, message[, method[, data]]) scripted JSON-RPC errors), keepalive_seconds (SSE),
     receive_mode ("on-connection" holds pushes until a stream connects | "on-start" drops them),
-    check_host (421 on a foreign Host header), sse_chunked (Transfer-Encoding: chunked like the JDK
+    check_host (421 on a foreign Host header), bound_port (the port the daemon believes it is bound to, as behind
+    a published Docker port; None = its real one), identities {number: trustLevel}, unregistered (numbers Signal
+    does not know; getUserStatus), sse_chunked (Transfer-Encoding: chunked like the JDK
     server), attachments {id: bytes}, contacts {number: name | dict}, groups {groupId: {...}},
     uuids {number: uuid}, recipient_results {recipient|groupId: failure type},
     rpc (list of per-JSON-RPC-request records), pending (deque held for the next stream),
@@ -1005,6 +1040,9 @@ class FakeSignalDaemon(_FakeBase):
         self.keepalive_seconds = 15.0
         self.receive_mode = "on-connection"
         self.check_host = True
+        self.bound_port = None
+        self.identities = {}
+        self.unregistered = set()
         self.sse_chunked = True
         self.attachments = {}
         self.contacts = {}
@@ -1024,6 +1062,7 @@ class FakeSignalDaemon(_FakeBase):
             "getAttachment": self._m_get_attachment, "listContacts": self._m_list_contacts,
             "listGroups": self._m_list_groups, "updateGroup": self._m_update_group,
             "version": self._m_version, "trust": self._m_trust, "receive": self._m_receive,
+            "listIdentities": self._m_list_identities, "getUserStatus": self._m_get_user_status,
         }
 
     # -- public helpers -------------------------------------------------------------------------
@@ -1140,7 +1179,8 @@ class FakeSignalDaemon(_FakeBase):
 
     def _host_ok(self, call):
         host = call["headers"].get("host", "")
-        return host in ("127.0.0.1:%d" % self._port, "localhost:%d" % self._port, "[::1]:%d" % self._port)
+        port = self.bound_port or self._port
+        return host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "[::1]:%d" % port)
 
     @staticmethod
     def _rpc_err(code, message, data, rid):
@@ -1516,6 +1556,24 @@ class FakeSignalDaemon(_FakeBase):
         with self._lock:
             self.trusted.extend(recips)
         return {}
+
+    def _m_list_identities(self, p, rec):
+        # src/main/java/org/asamk/signal/commands/ListIdentitiesCommand.java (JsonIdentity)
+        number = self._p(p, "number")
+        with self._lock:
+            known = sorted(self.identities.items())
+        return [{"number": n, "uuid": self._uuid_for(n), "fingerprint": "05" + "ab" * 32,
+                 "safetyNumber": "12345 67890 " * 6, "scannableSafetyNumber": None, "trustLevel": level,
+                 "addedTimestamp": 1767225600000} for n, level in known if number in (None, n)]
+
+    def _m_get_user_status(self, p, rec):
+        # src/main/java/org/asamk/signal/commands/GetUserStatusCommand.java (JsonUserStatus)
+        out = []
+        for r in self._plist(p, "recipient", "recipients"):
+            known = r not in self.unregistered
+            out.append({"recipient": r, "number": r if known else None, "uuid": self._uuid_for(r) if known else None,
+                        "isRegistered": known})
+        return out
 
     def _m_receive(self, p, rec):
         if "account" in p:
@@ -9485,3 +9543,300 @@ class TestReadinessAndProcessMetrics:
             ws.validate_config(copy.deepcopy(raw), core_env(PORT="80a"))
         assert [p for p in e.value.problems if p.startswith("PORT:")] == \
             ["PORT: '80a' is not a port number; set it to 1-65535 or unset it"]
+
+
+# -- init, webhook, doctor against the fakes ---------------------------------------------------
+
+class SetupStack:
+    """Fake WAHA and signal-cli, config.json and .env written by `init --yes`, and a bridge serving that config."""
+
+    def __init__(self, tmp_path, capsys):
+        self.tmp_path, self.capsys = tmp_path, capsys
+        self.waha = FakeWaha(api_key=WAHA_KEY).start()
+        self.signal = FakeSignalDaemon(number=BRIDGE).start()
+        self.port = core_free_port()
+        self.cfg = str(tmp_path / "config.json")
+        self.env_path = str(tmp_path / ".env")
+        self.app = None
+
+    def init_argv(self, *extra):
+        return ["--config", self.cfg, "init", "--yes", "--waha-url", self.waha.url, "--waha-api-key", WAHA_KEY,
+                "--signal-rpc-url", self.signal.url, "--number", BRIDGE, "--owner", OWNER, "--port", str(self.port),
+                "--db", str(self.tmp_path / "data" / "whatsignal.db"),
+                "--cache-dir", str(self.tmp_path / "cache")] + list(extra)
+
+    def main(self, *argv):
+        return core_main(self.capsys, ["--config", self.cfg] + list(argv), {})
+
+    def start_bridge(self):
+        config = ws.load_config(self.cfg, ws.with_env_file(self.cfg, {}))
+        self.app = ws.App(config, ws.Log("error", stream=LogCapture())).start()
+        return self
+
+    def env(self):
+        return ws.read_env_file(self.env_path)
+
+    def stop(self):
+        if self.app:
+            self.app.stop()
+        self.waha.stop()
+        self.signal.stop()
+
+
+@pytest.fixture
+def setup_stack(tmp_path, capsys):
+    """A stack ready for `webhook install`: init --yes done, the bridge serving."""
+    s = SetupStack(tmp_path, capsys)
+    try:
+        rc, out, err = core_main(capsys, s.init_argv(), {})
+        assert rc == 0, err
+        s.start_bridge()
+        yield s
+    finally:
+        s.stop()
+
+
+def setup_doctor_lines(out):
+    return [line for line in out.splitlines() if line.startswith(("ok ", "FAIL "))]
+
+
+def setup_fails(out):
+    return [line for line in setup_doctor_lines(out) if line.startswith("FAIL ")]
+
+
+class TestInit:
+    def test_init_yes_writes_private_files_that_check_config_accepts(self, tmp_path, capsys):
+        s = SetupStack(tmp_path, capsys)
+        try:
+            rc, out, err = core_main(capsys, s.init_argv(), {})
+            assert rc == 0, err
+            for path in (s.cfg, s.env_path):
+                assert os.stat(path).st_mode & 0o777 == 0o600, path
+            env = s.env()
+            assert set(env) >= {"WEBHOOK_SECRET", "WAHA_API_KEY", "WHATSIGNAL_ENABLE_ENCRYPTION",
+                                "WHATSIGNAL_ENCRYPTION_SECRET"}
+            assert env["WAHA_API_KEY"] == WAHA_KEY and env["WHATSIGNAL_ENABLE_ENCRYPTION"] == "true"
+            assert len(env["WEBHOOK_SECRET"]) >= 32 and len(env["WHATSIGNAL_ENCRYPTION_SECRET"]) >= 32
+            assert env["WEBHOOK_SECRET"] != env["WHATSIGNAL_ENCRYPTION_SECRET"]
+            raw = json.loads(open(s.cfg, encoding="utf-8").read())
+            assert raw["whatsapp"]["webhookSecret"] == "env:WEBHOOK_SECRET" and raw["whatsapp"]["apiKey"] == "env:WAHA_API_KEY"
+            assert (raw["signal"]["number"], raw["signal"]["destination"], raw["server"]["port"]) == (BRIDGE, OWNER, s.port)
+            assert env["WEBHOOK_SECRET"] not in open(s.cfg, encoding="utf-8").read()
+            # it says what it found upstream, and what comes next
+            assert "WAHA 2026.7.1 at %s: session default is WORKING" % s.waha.url in out
+            assert "signal-cli 0.14.6 at %s: +1555*****01 is registered" % s.signal.url in out
+            assert "webhook install" in out and "doctor" in out
+            assert env["WEBHOOK_SECRET"] not in out + err
+            rc, out, err = s.main("check-config")
+            assert rc == 0 and "configuration OK" in err, err
+            assert json.loads(out)["whatsapp"]["webhookSecret"].startswith("***")
+        finally:
+            s.stop()
+
+    def test_init_never_overwrites_without_force(self, tmp_path, capsys):
+        s = SetupStack(tmp_path, capsys)
+        try:
+            assert core_main(capsys, s.init_argv(), {})[0] == 0
+            before = (open(s.cfg).read(), open(s.env_path).read())
+            rc, out, err = core_main(capsys, s.init_argv(), {})
+            assert rc == 2 and "already exist" in err and "--force" in err
+            assert (open(s.cfg).read(), open(s.env_path).read()) == before
+            rc, out, err = core_main(capsys, s.init_argv("--force"), {})
+            assert rc == 0, err
+            assert s.env()["WEBHOOK_SECRET"] not in before[1]     # new secrets
+            assert os.stat(s.env_path).st_mode & 0o777 == 0o600
+        finally:
+            s.stop()
+
+    @pytest.mark.parametrize("flag,value,expect", [
+        ("--number", "4930123456", "--number: 4930****56 is not an E.164 number"),
+        ("--owner", "+0123", "--owner: "),
+        ("--waha-url", "localhost:3000", "--waha-url: 'localhost:3000' is not an http(s) URL"),
+        ("--port", "99999", "--port: '99999' is not a port number"),
+    ])
+    def test_init_refuses_a_bad_answer_and_writes_nothing(self, tmp_path, capsys, flag, value, expect):
+        s = SetupStack(tmp_path, capsys)
+        try:
+            argv = s.init_argv()
+            argv[argv.index(flag) + 1] = value
+            rc, out, err = core_main(capsys, argv, {})
+            assert rc == 2
+            assert [l for l in err.splitlines() if l.startswith("config error: ")] == \
+                [l for l in err.splitlines() if l.strip()]
+            assert expect in err, err
+            assert not os.path.exists(s.cfg) and not os.path.exists(s.env_path)
+        finally:
+            s.stop()
+
+    def test_init_interactive_asks_with_defaults_and_validates_on_the_spot(self, tmp_path):
+        waha = FakeWaha(api_key=WAHA_KEY).start()
+        sig = FakeSignalDaemon(number=BRIDGE).start()
+        try:
+            answers = [waha.url, WAHA_KEY, "", sig.url, "12345", BRIDGE, OWNER, "", "", "", "", ""]
+            p = subprocess.run([sys.executable, CORE_WS_PATH, "--config", str(tmp_path / "config.json"), "init"],
+                               input="\n".join(answers) + "\n", cwd=str(tmp_path), env=core_subprocess_env(),
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stdout + p.stderr
+            assert "WAHA URL [http://localhost:3000]: " in p.stdout
+            assert "WAHA session [default]: " in p.stdout
+            assert "is not an E.164 number" in p.stdout     # 12345, asked again
+            assert "session default is WORKING" in p.stdout and "+1555*****01 is registered" in p.stdout
+            raw = json.loads((tmp_path / "config.json").read_text())
+            assert raw["whatsapp"]["session"] == "default" and raw["server"] == {"host": "127.0.0.1", "port": 8082}
+            assert raw["signal"]["rpcUrl"] == sig.url and raw["database"]["path"] == "./whatsignal.db"
+        finally:
+            waha.stop()
+            sig.stop()
+
+    def test_init_compose_defaults(self, tmp_path, capsys):
+        rc, out, err = core_main(capsys, ["--config", str(tmp_path / "config.json"), "init", "--yes", "--compose",
+                                          "--number", BRIDGE, "--owner", OWNER], {})
+        assert rc == 0, err
+        raw = json.loads((tmp_path / "config.json").read_text())
+        assert raw["whatsapp"]["apiUrl"] == "http://waha:3000" and raw["signal"]["rpcUrl"] == "http://signal-cli:8080"
+        assert raw["server"] == {"host": "0.0.0.0", "port": 8082, "publicUrl": "http://whatsignal:8082/webhook/whatsapp"}
+        assert raw["database"]["path"] == "/app/data/whatsignal.db"
+        env = ws.read_env_file(str(tmp_path / ".env"))
+        assert len(env["WAHA_API_KEY"]) >= 32 and env["WHATSIGNAL_UID"] == str(os.getuid())
+        assert os.stat(str(tmp_path / "data")).st_mode & 0o777 == 0o700
+        assert "docker compose up -d" in out and "docker compose exec whatsignal" in out
+
+
+class TestWebhookInstall:
+    def test_install_sets_exactly_the_right_webhook_keeps_others_and_is_a_noop_the_second_time(self, setup_stack):
+        s = setup_stack
+        other = {"url": "https://n8n.example/hook", "events": ["message.any"], "hmac": None, "retries": None,
+                 "customHeaders": [{"name": "X-Team", "value": "ops"}]}
+        s.waha.session_config = {"metadata": {"owner": "me"}, "webhooks": [other]}
+        rc, out, err = s.main("webhook", "install")
+        assert rc == 0, err
+        url = "http://127.0.0.1:%d/webhook/whatsapp" % s.port
+        want = {"url": url, "events": list(ws.WAHA_EVENTS), "hmac": {"key": s.env()["WEBHOOK_SECRET"]},
+                "retries": {"policy": "exponential", "delaySeconds": 2, "attempts": 15}, "customHeaders": None}
+        assert s.waha.session_config == {"metadata": {"owner": "me"}, "webhooks": [other, want]}
+        assert "restarts session default" in err and s.waha.restarts == 1
+        assert "webhook installed: %s" % url in out and "1 other webhook kept" in out
+        assert s.env()["WEBHOOK_SECRET"] not in out + err
+        puts = len(s.waha.calls_for("/api/sessions/default", method="PUT"))
+        rc, out, err = s.main("webhook", "install")
+        assert rc == 0 and "already right" in out and "nothing changed" in out
+        assert len(s.waha.calls_for("/api/sessions/default", method="PUT")) == puts == 1
+        assert s.waha.restarts == 1 and "restarts" not in err
+
+    def test_install_replaces_an_earlier_url_of_the_bridge(self, setup_stack):
+        s = setup_stack
+        old = {"url": "http://old-host:8082/webhook/whatsapp", "events": ["message"], "hmac": {"key": "k" * 40},
+               "retries": None, "customHeaders": None}
+        s.waha.session_config = {"webhooks": [old]}
+        s.waha.session_status = "STOPPED"
+        rc, out, err = s.main("webhook", "install")
+        assert rc == 0, err
+        hooks = s.waha.session_config["webhooks"]
+        assert [h["url"] for h in hooks] == ["http://127.0.0.1:%d/webhook/whatsapp" % s.port]
+        assert s.waha.restarts == 0 and "warning" not in err     # a stopped session is not restarted
+
+    def test_show_names_each_difference_with_the_fix(self, setup_stack):
+        s = setup_stack
+        url = "http://127.0.0.1:%d/webhook/whatsapp" % s.port
+        s.waha.session_config = {"webhooks": [{"url": url, "events": ["message"], "hmac": {"key": "x" * 40},
+                                               "retries": None, "customHeaders": None}]}
+        rc, out, err = s.main("webhook", "show")
+        assert rc == 1, err
+        diffs = [l for l in out.splitlines() if l.startswith("DIFF ")]
+        assert len(diffs) == 3, out
+        assert "lacks the events message.reaction, message.edited" in diffs[0]
+        assert "HMAC key is not WEBHOOK_SECRET" in diffs[1] and "401" in diffs[1]
+        assert "no retry policy" in diffs[2]
+        assert all(d.endswith("fix: run `python3 whatsignal.py webhook install`") or
+                   "webhook install" in d for d in diffs)
+        assert "x" * 40 not in out and "HMAC: set" in out and "<- this bridge" in out
+        assert s.main("webhook", "install")[0] == 0
+        rc, out, err = s.main("webhook", "show")
+        assert rc == 0 and out.strip().endswith("HMAC, retries)") and "DIFF" not in out
+
+    def test_errors_say_cause_and_fix(self, setup_stack):
+        s = setup_stack
+        s.waha.api_key = "another-key"
+        rc, out, err = s.main("webhook", "install")
+        assert rc == 2 and "WAHA refused the API key (401)" in err and "WAHA_API_KEY" in err
+        s.waha.api_key = WAHA_KEY
+        rc, out, err = s.main("webhook", "show", "--session", "nosuch")
+        assert rc == 2 and "WAHA has no session 'nosuch'" in err and "/api/sessions" in err
+        assert "Traceback" not in err
+
+
+# (id, how to break the set-up, the failing check, cause must contain, fix must contain)
+SETUP_BROKEN = [
+    ("wrong-hmac-key", lambda s: s.waha.session_config["webhooks"][0]["hmac"].update(key="k" * 44),
+     "webhook default", "HMAC key is not WEBHOOK_SECRET", "webhook install"),
+    ("session-scan-qr", lambda s: setattr(s.waha, "session_status", "SCAN_QR_CODE"),
+     "waha session default", "session default is SCAN_QR_CODE, not WORKING", "auth/qr?format=image"),
+    ("signal-cli-421", lambda s: setattr(s.signal, "bound_port", 8080),
+     "signal-cli", "answered 421", "--http 0.0.0.0:"),
+    ("number-not-registered", lambda s: s.signal.unregistered.add(BRIDGE),
+     "signal number", "+1555*****01 is not registered", "link -n WhatSignal"),
+    ("owner-untrusted", lambda s: s.signal.identities.update({OWNER: "UNTRUSTED"}),
+     "owner identity +1555*****02", "UNTRUSTED", "trust -a %s" % OWNER),
+    ("db-secret-wrong", lambda s: setup_rewrite_env(s, WHATSIGNAL_ENCRYPTION_SECRET="another-secret-" + "z" * 30),
+     "database", "does not open this database", "use the secret it was created with"),
+    ("env-readable-by-others", lambda s: os.chmod(s.env_path, 0o644),
+     "files", "readable by other users", "chmod 600"),
+    ("bridge-not-running", lambda s: setup_stop_bridge(s),
+     "self-test webhook", "nothing answers at http://127.0.0.1:", "start the bridge"),
+]
+
+
+def setup_rewrite_env(s, **changes):
+    env = s.env()
+    env.update(changes)
+    ws._write_private(s.env_path, "".join("%s=%s\n" % kv for kv in env.items()))
+
+
+def setup_stop_bridge(s):
+    s.app.stop()
+    s.app = None
+
+
+class TestDoctor:
+    def test_doctor_passes_on_a_correct_setup_and_sends_the_test_message(self, setup_stack):
+        s = setup_stack
+        s.signal.identities[OWNER] = "TRUSTED_UNVERIFIED"
+        assert s.main("webhook", "install")[0] == 0
+        rc, out, err = s.main("doctor", "--send-test")
+        assert rc == 0, out + err
+        lines = setup_doctor_lines(out)
+        assert not setup_fails(out)
+        names = [l.split(":", 1)[0].split(None, 1)[1] for l in lines]
+        assert names == ["config", "files", "database", "waha", "waha session default", "webhook default",
+                         "self-test webhook", "signal-cli", "signal number", "owner identity +1555*****02",
+                         "send test +1555*****02"]
+        assert "WAHA 2026.7.1 (GOWS, CORE)" in out and "signal-cli 0.14.6" in out
+        assert out.strip().endswith("all checks passed")
+        sent = s.signal.sent("send")
+        assert len(sent) == 1 and sent[0]["recipient"] == [OWNER] and "WhatSignal doctor" in sent[0]["message"]
+        assert s.env()["WEBHOOK_SECRET"] not in out and s.env()["WHATSIGNAL_ENCRYPTION_SECRET"] not in out
+        assert s.app.metrics.get("whatsignal_webhook_auth_failures_total") == 0
+
+    @pytest.mark.parametrize("name,breakit,check,cause,fix", SETUP_BROKEN, ids=[b[0] for b in SETUP_BROKEN])
+    def test_doctor_names_the_broken_link_and_its_fix(self, setup_stack, name, breakit, check, cause, fix):
+        s = setup_stack
+        assert s.main("webhook", "install")[0] == 0
+        assert s.main("doctor")[0] == 0
+        breakit(s)
+        rc, out, err = s.main("doctor")
+        assert rc == 1, out
+        fails = setup_fails(out)
+        assert len(fails) == 1, out
+        head, _, tail = fails[0].partition("; fix: ")
+        assert head.startswith("FAIL  %s: " % check), fails[0]
+        assert cause in head and fix in tail, fails[0]
+        assert "Traceback" not in out + err and out.strip().endswith("1 check failed")
+
+    def test_doctor_reports_an_invalid_config_as_failed_lines(self, setup_stack):
+        s = setup_stack
+        setup_rewrite_env(s, WEBHOOK_SECRET="short")
+        rc, out, err = s.main("doctor")
+        assert rc == 1
+        fails = setup_fails(out)
+        assert len(fails) == 1 and fails[0].startswith("FAIL  config: whatsapp.webhookSecret: only 5 characters")
+        assert "fix: use at least 32" in fails[0]

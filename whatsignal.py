@@ -30,7 +30,7 @@ secrets, text and full numbers never reach the logs.  The server binds to
 Sections (grep -n '^# .*###' whatsignal.py):
     Constants and defaults, Errors, Logging and metrics, Configuration,
     Pure helpers, Encryption, Translation, Store, Clients, Bridge, Workers,
-    HTTP server, Operations, Application, Simulators, Command line, Benchmark
+    HTTP server, Operations, Application, Simulators, Set-up, Command line, Benchmark
 
 XXX / Known gaps:
     - Signal rich text (mentions, styles) and WhatsApp polls, stories and calls
@@ -384,6 +384,8 @@ DEFAULTS = {
     "server.maxBodyMB": (int, 10, "largest webhook body accepted, in MB"),
     "server.maxConnections": (int, MAX_CONNECTIONS, "open HTTP connections; more are answered 503 at once"),
     "server.requestTimeoutSeconds": (float, REQUEST_TIMEOUT, "a whole request (headers and body) must arrive within this"),
+    "server.publicUrl": (str, None, "URL WAHA posts webhooks to (webhook install, doctor); "
+                                    "default http://<server.host>:<server.port>/webhook/whatsapp"),
     "whatsapp.apiUrl": (str, REQUIRED, "WAHA base URL; media is fetched only from its origin"),
     "whatsapp.apiKey": (str, None, "WAHA X-Api-Key"),
     "whatsapp.session": (str, "default", "WAHA session of the single default channel"),
@@ -559,7 +561,7 @@ def _validate_channels(channels_raw, values, problems):
 
 def _validate_values(cfg, problems):
     g = cfg.get
-    for key in ("whatsapp.apiUrl", "whatsapp.mediaBaseUrl"):
+    for key in ("whatsapp.apiUrl", "whatsapp.mediaBaseUrl", "server.publicUrl"):
         if g(key):
             _check_url(key, g(key), problems)
     rpc, api = g("signal.rpcUrl"), g("signal.apiUrl")
@@ -1371,6 +1373,8 @@ class Store:
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
+            with contextlib.suppress(FileExistsError):   # private from the start; SQLite gives -wal/-shm the same mode
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.db = sqlite3.connect(path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
                                   check_same_thread=False)
         self.db.row_factory = Row
@@ -4716,11 +4720,640 @@ def post_webhook(url, event, secret, conn=None):
 
 
 ###############################################################################
+# Set-up ######################################################################
+###############################################################################
+# `init` writes config.json and .env, `webhook install|show` configures the WAHA
+# session's webhook through WAHA's sessions API, and `doctor` checks every link of
+# a set-up, each with the cause and the exact fix when it is broken.
+
+WEBHOOK_PATH = "/webhook/whatsapp"
+# WAHA's retry policy for the bridge's webhook (waha.md 2.2; the spec's example defaults).
+WEBHOOK_RETRIES = {"policy": "exponential", "delaySeconds": 2, "attempts": 15}
+ENV_FILE_KEYS = ("WEBHOOK_SECRET", "WAHA_API_KEY", "WHATSIGNAL_ENABLE_ENCRYPTION", "WHATSIGNAL_ENCRYPTION_SECRET")
+
+
+class SetupError(WhatSignalError):
+    """A set-up step cannot go on; the message says the cause and the fix."""
+
+
+def read_env_file(path):
+    """Return the NAME=value pairs of a .env file (comments, blank lines and ``export`` skipped, quotes removed)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            name, _, value = line.partition("=")
+            name = name.strip()
+            if name.startswith("export "):
+                name = name[7:].strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                out[name] = value
+    return out
+
+
+def env_file_for(config_path):
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), ".env")
+
+
+def with_env_file(config_path, environ):
+    """*environ* plus the variables of the .env beside the config that it does not set (like docker compose)."""
+    path = env_file_for(config_path)
+    if not os.path.isfile(path):
+        return environ
+    merged = read_env_file(path)
+    merged.update(environ)
+    return merged
+
+
+def webhook_url(config, public_host=None):
+    """The URL WAHA posts to: server.publicUrl, or http://<public host or server.host>:<port>/webhook/whatsapp."""
+    if config.get("server.publicUrl") and not public_host:
+        return config.get("server.publicUrl")
+    host = public_host or config.get("server.host")
+    if host in ("0.0.0.0", "::", ""):
+        raise SetupError("server.host is %s, an address WAHA cannot post to; pass --public-host NAME (the name WAHA "
+                         "reaches this bridge by, e.g. whatsignal in the compose stack) or set server.publicUrl" % host)
+    return "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, config.get("server.port"), WEBHOOK_PATH)
+
+
+def desired_webhook(config, url):
+    """The webhook entry the bridge wants in the WAHA session's config.webhooks."""
+    return {"url": url, "events": list(WAHA_EVENTS), "hmac": {"key": config.get("whatsapp.webhookSecret")},
+            "retries": dict(WEBHOOK_RETRIES), "customHeaders": None}
+
+
+def _is_bridge_hook(hook, url):
+    """A webhook of this bridge: the same URL, or an earlier URL of it (same path, another host)."""
+    u = hook.get("url") if isinstance(hook, dict) else None
+    return isinstance(u, str) and (u == url or urllib.parse.urlsplit(u).path.rstrip("/") == WEBHOOK_PATH)
+
+
+def webhook_problems(session_config, want):
+    """One (problem, fix) per difference between WAHA's session webhooks and *want*; [] when all is right."""
+    fix = "run `python3 whatsignal.py webhook install`"
+    hooks = [h for h in (session_config or {}).get("webhooks") or [] if isinstance(h, dict)]
+    ours = [h for h in hooks if _is_bridge_hook(h, want["url"])]
+    if not ours:
+        return [("no webhook of the session points to %s, so WhatsApp messages never reach the bridge" % want["url"],
+                 fix)]
+    out = []
+    if len(ours) > 1:
+        out.append(("%d webhooks point to the bridge; WAHA would send every event %d times" % (len(ours), len(ours)),
+                    fix))
+    hook = next((h for h in ours if h.get("url") == want["url"]), ours[0])
+    if hook.get("url") != want["url"]:
+        out.append(("the webhook posts to %s, not %s" % (hook.get("url"), want["url"]), fix))
+    events = hook.get("events") if isinstance(hook.get("events"), list) else []
+    missing = [e for e in WAHA_EVENTS if e not in events and "*" not in events]
+    if missing:
+        out.append(("the webhook lacks the events %s" % ", ".join(missing), fix))
+    key = (hook.get("hmac") or {}).get("key") if isinstance(hook.get("hmac"), dict) else None
+    if not key:
+        out.append(("the webhook has no HMAC key: WAHA sends unsigned requests and the bridge refuses each one (401)",
+                    fix))
+    elif not hmac.compare_digest(str(key).encode(), want["hmac"]["key"].encode()):
+        out.append(("the webhook's HMAC key is not WEBHOOK_SECRET: the bridge refuses every webhook (401)",
+                    fix + " (or set WEBHOOK_SECRET to WAHA's key)"))
+    if not isinstance(hook.get("retries"), dict):
+        out.append(("the webhook has no retry policy: an event WAHA cannot deliver at once is lost", fix))
+    return out
+
+
+def _webhook_matches(hook, want):
+    return (hook.get("url") == want["url"] and isinstance(hook.get("events"), list)
+            and sorted(hook["events"]) == sorted(want["events"])
+            and isinstance(hook.get("hmac"), dict) and hook["hmac"].get("key") == want["hmac"]["key"]
+            and hook.get("retries") == want["retries"] and not hook.get("customHeaders"))
+
+
+def _waha_get(waha, path):
+    """(status, JSON body) of a GET on WAHA; SetupError when it cannot be reached."""
+    try:
+        resp = waha.http.request("GET", waha.base + path, waha._headers(), timeout=5)
+    except TransientError as e:
+        raise SetupError("cannot reach WAHA at %s (%s); start it (docker compose up -d waha) or correct "
+                         "whatsapp.apiUrl" % (waha.base, scrub(e, 80))) from None
+    return resp.status, _json_body(resp)
+
+
+def _waha_key_fix():
+    return ("set WAHA_API_KEY in .env to the key WAHA runs with (its WAHA_API_KEY; WAHA prints a generated one "
+            "at start: docker compose logs waha | grep -i key)")
+
+
+def waha_session(waha, session):
+    """GET /api/sessions/{session} as a dict; SetupError with the fix for 401 and 404."""
+    status, body = _waha_get(waha, "/api/sessions/%s" % urllib.parse.quote(session, safe=""))
+    if status == 401:
+        raise SetupError("WAHA refused the API key (401); " + _waha_key_fix())
+    if status == 404:
+        raise SetupError("WAHA has no session %r; create and start it: curl -X POST -H 'X-Api-Key: $WAHA_API_KEY' "
+                         "-H 'Content-Type: application/json' -d '{\"name\": \"%s\", \"start\": true}' %s/api/sessions"
+                         % (session, session, waha.base))
+    if status != 200 or not isinstance(body, dict):
+        raise SetupError("WAHA answered %d to GET /api/sessions/%s; check WAHA's log" % (status, session))
+    return body
+
+
+SESSION_FIXES = {
+    "SCAN_QR_CODE": "WhatsApp is not linked yet; scan the QR code: open %(waha)s/dashboard, or "
+                    "curl -H 'X-Api-Key: $WAHA_API_KEY' '%(waha)s/api/%(s)s/auth/qr?format=image' -o qr.png and scan "
+                    "qr.png in WhatsApp > Settings > Linked devices",
+    "STOPPED": "start it: curl -X POST -H 'X-Api-Key: $WAHA_API_KEY' %(waha)s/api/sessions/%(s)s/start",
+    "FAILED": "restart it: curl -X POST -H 'X-Api-Key: $WAHA_API_KEY' %(waha)s/api/sessions/%(s)s/restart "
+              "(if it fails again, log out and scan the QR code anew)",
+    "STARTING": "wait a minute and run doctor again; if it stays STARTING, see docker compose logs waha",
+    "PASSKEY_REQUIRED": "confirm the login on the phone (WhatsApp asks for the passkey), then run doctor again",
+    "PASSKEY_CONFIRMATION_REQUIRED": "confirm the login on the phone, then run doctor again",
+}
+
+
+def describe_hook(hook, url):
+    h = hook if isinstance(hook, dict) else {}
+    retries = h.get("retries") if isinstance(h.get("retries"), dict) else None
+    events = h.get("events") if isinstance(h.get("events"), list) else []
+    return "%s  events: %s  HMAC: %s  retries: %s%s" % (
+        h.get("url"), ", ".join(str(e) for e in events) or "none",
+        "set" if isinstance(h.get("hmac"), dict) and h["hmac"].get("key") else "none",
+        "%s %ss x%s" % (retries.get("policy"), retries.get("delaySeconds"), retries.get("attempts")) if retries else "none",
+        "   <- this bridge" if _is_bridge_hook(h, url) else "")
+
+
+def webhook_show(config, waha, session, url, out):
+    """Print the session's webhooks and one line per difference; return the number of differences."""
+    info = waha_session(waha, session)
+    hooks = (info.get("config") or {}).get("webhooks") or []
+    print("session %s (%s): %d webhook%s" % (session, info.get("status"), len(hooks), "" if len(hooks) == 1 else "s"),
+          file=out)
+    for hook in hooks:
+        print("  " + describe_hook(hook, url), file=out)
+    problems = webhook_problems(info.get("config"), desired_webhook(config, url))
+    for problem, fix in problems:
+        print("DIFF %s; fix: %s" % (problem, fix), file=out)
+    if not problems:
+        print("ok: the webhook matches what the bridge expects (%s, %d events, HMAC, retries)"
+              % (url, len(WAHA_EVENTS)), file=out)
+    return len(problems)
+
+
+def webhook_install(config, waha, session, url, out, err, confirm=None):
+    """Put the bridge's webhook into the WAHA session's config, keeping the others; return True if WAHA changed."""
+    info = waha_session(waha, session)
+    cfg = dict(info.get("config") or {})
+    hooks = [h for h in cfg.get("webhooks") or [] if isinstance(h, dict)]
+    want = desired_webhook(config, url)
+    ours = [h for h in hooks if _is_bridge_hook(h, url)]
+    if len(ours) == 1 and _webhook_matches(ours[0], want):
+        print("session %s: the webhook is already right (%s, %d events, HMAC, retries); nothing changed"
+              % (session, url, len(WAHA_EVENTS)), file=out)
+        return False
+    if info.get("status") != "STOPPED":
+        # src/api/sessions.controller.ts (update): a running session is stopped, its config replaced, then started
+        print("warning: WAHA stops and restarts session %s (now %s) to apply a config change; WhatsApp stays "
+              "linked and messages that arrive meanwhile come in after the restart" % (session, info.get("status")),
+              file=err)
+        if confirm is not None and not confirm():
+            raise SetupError("nothing changed; run again and answer y, or pass --yes")
+    cfg["webhooks"] = [h for h in hooks if not _is_bridge_hook(h, url)] + [want]
+    try:
+        resp = waha.http.request("PUT", waha.base + "/api/sessions/%s" % urllib.parse.quote(session, safe=""),
+                                 waha._headers({"Content-Type": "application/json"}),
+                                 json.dumps({"config": cfg}).encode(), timeout=60)
+    except TransientError as e:
+        raise SetupError("WAHA did not answer the update (%s); run webhook show to see what it holds" % scrub(e, 80))
+    if resp.status != 200:
+        raise SetupError("WAHA refused the update (%d: %s)" % (resp.status, _waha_reason(resp)))
+    left = webhook_problems(waha_session(waha, session).get("config"), want)
+    if left:
+        raise SetupError("WAHA took the update but still differs: %s" % left[0][0])
+    kept = len(cfg["webhooks"]) - 1
+    print("session %s: webhook installed: %s (events %s; HMAC key = WEBHOOK_SECRET; retries %s %ds x%d)%s"
+          % (session, url, ", ".join(WAHA_EVENTS), WEBHOOK_RETRIES["policy"], WEBHOOK_RETRIES["delaySeconds"],
+             WEBHOOK_RETRIES["attempts"], "; %d other webhook%s kept" % (kept, "" if kept == 1 else "s") if kept else ""),
+          file=out)
+    return True
+
+
+# -- doctor ------------------------------------------------------------------
+
+
+class CheckFailed(WhatSignalError):
+    """One doctor check failed: ``cause`` and ``fix``."""
+
+    def __init__(self, cause, fix):
+        super().__init__(cause)
+        self.cause, self.fix = cause, fix
+
+
+class Doctor:
+    """Runs the set-up checks in order, one line each: ``ok  name: detail`` or ``FAIL  name: cause; fix: ...``."""
+
+    def __init__(self, config, config_path, environ, out, send_test=False):
+        self.config, self.config_path, self.environ, self.out = config, config_path, environ, out
+        self.send_test = send_test
+        self.failed = 0
+        self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"))
+        if config.get("signal.rpcUrl"):
+            self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"))
+        else:
+            self.signal = SignalRestClient(config.get("signal.apiUrl"), config.get("signal.number"))
+
+    def check(self, name, fn):
+        """Run *fn*; print its line; return True when it passed."""
+        try:
+            detail = fn()
+        except CheckFailed as e:
+            self.failed += 1
+            print("FAIL  %s: %s; fix: %s" % (name, e.cause, e.fix), file=self.out)
+            return False
+        except SetupError as e:
+            self.failed += 1
+            cause, _, fix = str(e).partition("; ")
+            print("FAIL  %s: %s; fix: %s" % (name, cause, fix or "see the cause"), file=self.out)
+            return False
+        print("ok    %s: %s" % (name, detail), file=self.out)
+        return True
+
+    def run(self):
+        c = self.config
+        self.check("config", lambda: "%s is valid (%d channel%s, %s)" % (
+            self.config_path, len(c.channels), "" if len(c.channels) == 1 else "s", self.signal.kind))
+        self.check("files", self.check_files)
+        self.check("database", self.check_database)
+        if self.check("waha", self.check_waha):
+            for ch in c.channels:
+                if self.check("waha session %s" % ch.session, lambda: self.check_session(ch.session)):
+                    self.check("webhook %s" % ch.session, lambda: self.check_webhook(ch.session))
+        self.check("self-test webhook", self.check_self_webhook)
+        if self.check("signal-cli", self.check_signal):
+            self.check("signal number", self.check_number)
+            for ch in c.channels:
+                self.check("owner identity %s" % mask_phone(ch.destination), lambda: self.check_identity(ch.destination))
+            if self.send_test:
+                for ch in c.channels:
+                    self.check("send test %s" % mask_phone(ch.destination), lambda: self.check_send(ch.destination))
+        print("%s" % ("all checks passed" if not self.failed else "%d check%s failed" % (
+            self.failed, "" if self.failed == 1 else "s")), file=self.out)
+        return 0 if not self.failed else 1
+
+    # -- local ---------------------------------------------------------------
+    def check_files(self):
+        paths = [self.config_path, env_file_for(self.config_path)]
+        db = self.config.get("database.path")
+        paths += [db, db + "-wal", db + "-shm"]
+        loose = []
+        for p in paths:
+            with contextlib.suppress(OSError):
+                if os.stat(p).st_mode & 0o077:
+                    loose.append(p)
+        if loose:
+            raise CheckFailed("readable by other users: %s" % ", ".join(loose),
+                              "chmod 600 %s" % " ".join(shlex_quote(p) for p in loose))
+        return "config, .env and database are private (no group or other access)"
+
+    def check_database(self):
+        try:
+            store = Store(self.config.get("database.path"), self.config.get("database.synchronous"))
+        except (sqlite3.Error, OSError) as e:
+            raise CheckFailed("%s cannot be opened (%s)" % (self.config.get("database.path"), scrub(e, 80)),
+                              "check database.path and that the directory is writable by this user")
+        try:
+            store.unlock(self.config.encryption_secret, enabled=self.config.encryption)
+            pending = store.queue_depth("w2s") + store.queue_depth("s2w")
+        except CryptoError as e:
+            cause, _, fix = str(e).partition("; ")
+            raise CheckFailed(cause, fix or "use the secret the database was created with")
+        finally:
+            store.close()
+        return "%s opens with WHATSIGNAL_ENCRYPTION_SECRET (%s; %d item%s queued)" % (
+            self.config.get("database.path"), "encrypted" if self.config.encryption else "NOT encrypted",
+            pending, "" if pending == 1 else "s")
+
+    # -- WAHA ----------------------------------------------------------------
+    def check_waha(self):
+        status, _ = _waha_get(self.waha, "/ping")
+        if status != 200:
+            raise CheckFailed("WAHA at %s answered %d to /ping" % (self.waha.base, status),
+                              "check that whatsapp.apiUrl points to WAHA itself")
+        status, body = _waha_get(self.waha, "/api/server/version")
+        if status == 401:
+            raise CheckFailed("WAHA refused the API key (401)", _waha_key_fix())
+        body = body if isinstance(body, dict) else {}
+        return "WAHA %s (%s, %s) at %s, API key accepted" % (body.get("version", "?"), body.get("engine", "?"),
+                                                             body.get("tier", "?"), self.waha.base)
+
+    def check_session(self, session):
+        info = waha_session(self.waha, session)
+        status = info.get("status")
+        if status != "WORKING":
+            fix = SESSION_FIXES.get(status, "see docker compose logs waha") % {"waha": self.waha.base, "s": session}
+            raise CheckFailed("session %s is %s, not WORKING" % (session, status), fix)
+        me = info.get("me") if isinstance(info.get("me"), dict) else {}
+        return "session %s is WORKING as %s" % (session, mask_phone(jid_to_phone(me.get("id")) or me.get("id") or "?"))
+
+    def check_webhook(self, session):
+        url = webhook_url(self.config)
+        info = waha_session(self.waha, session)
+        problems = webhook_problems(info.get("config"), desired_webhook(self.config, url))
+        if problems:
+            raise CheckFailed("; ".join(p for p, _ in problems), problems[0][1])
+        return "posts to %s with the %d events, the HMAC key and retries" % (url, len(WAHA_EVENTS))
+
+    # -- the bridge itself ---------------------------------------------------
+    def check_self_webhook(self):
+        host, port = self.config.get("server.host"), self.config.get("server.port")
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        url = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, port, WEBHOOK_PATH)
+        event = {"id": "evt_doctor_" + secrets.token_hex(8), "timestamp": int(time.time() * 1000),
+                 "event": "engine.event", "session": self.config.channels[0].session, "payload": {}}
+        try:
+            status, body = post_webhook(url, event, self.config.get("whatsapp.webhookSecret"))
+        except OSError as e:
+            raise CheckFailed("nothing answers at %s (%s)" % (url, e.__class__.__name__),
+                              "start the bridge (docker compose up -d whatsignal, or python3 whatsignal.py), "
+                              "and check server.host/server.port (PORT)")
+        if status == 401:
+            raise CheckFailed("the bridge at %s refused a webhook signed with this WEBHOOK_SECRET (401)" % url,
+                              "the running bridge has another secret: restart it after changing .env "
+                              "(docker compose up -d whatsignal)")
+        if status != 200:
+            raise CheckFailed("the bridge at %s answered %d to a signed test webhook" % (url, status),
+                              "see its log (docker compose logs whatsignal)")
+        return "the bridge at %s accepted a webhook signed with WEBHOOK_SECRET" % url
+
+    # -- Signal --------------------------------------------------------------
+    def _rpc(self, method, params):
+        """(HTTP status, JSON-RPC message) of one call to signal-cli's JSON-RPC endpoint."""
+        req = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).encode()
+        resp = self.signal.http.request("POST", self.signal.base + "/api/v1/rpc", {"Content-Type": "application/json"},
+                                        req, timeout=10)
+        return resp.status, _json_body(resp)
+
+    def _rest(self, path):
+        resp = self.signal.http.request("GET", self.signal.base + path, timeout=10)
+        return resp.status, _json_body(resp)
+
+    def check_signal(self):
+        base = self.signal.base
+        try:
+            self.signal.check()
+            if isinstance(self.signal, SignalRestClient):
+                status, about = self._rest("/v1/about")
+                about = about if isinstance(about, dict) else {}
+                return "signal-cli-rest-api %s (mode %s) at %s" % (about.get("version", "?"), about.get("mode", "?"), base)
+            status, msg = self._rpc("version", {})
+        except TransientError as e:
+            raise CheckFailed("cannot reach signal-cli at %s (%s)" % (base, scrub(e, 80)),
+                              "start it (docker compose up -d signal-cli) or correct signal.rpcUrl / signal.apiUrl")
+        if status == 421:
+            host = urllib.parse.urlsplit(base).netloc
+            raise CheckFailed("signal-cli answered 421 to its JSON-RPC endpoint: it is bound to one address and "
+                              "refuses the Host header %s" % host,
+                              "start the daemon with --http 0.0.0.0:%s (the compose file does), or set "
+                              "signal.rpcUrl to the exact address and port it is bound to"
+                              % (urllib.parse.urlsplit(base).port or 8080))
+        if status != 200 or not isinstance(msg, dict) or "result" not in msg:
+            raise CheckFailed("signal-cli's JSON-RPC endpoint answered HTTP %d" % status,
+                              "check that signal.rpcUrl is signal-cli's `daemon --http` address")
+        version = (msg.get("result") or {}).get("version", "?") if isinstance(msg.get("result"), dict) else "?"
+        return "signal-cli %s at %s (JSON-RPC endpoint answers)" % (version, base)
+
+    def check_number(self):
+        number = self.config.get("signal.number")
+        shown = mask_phone(number)
+        if isinstance(self.signal, SignalRestClient):
+            status, accounts = self._rest("/v1/accounts")
+            registered = isinstance(accounts, list) and number in accounts
+            fix = ("register or link it in signal-cli-rest-api: open %s/v1/qrcodelink?device_name=whatsignal and "
+                   "scan it in Signal > Settings > Linked devices" % self.signal.base)
+        else:
+            status, msg = self._rpc("listAccounts", {})
+            result = msg.get("result") if isinstance(msg, dict) else None
+            if isinstance(result, list):      # multi-account daemon: the accounts it serves
+                registered = any(isinstance(a, dict) and a.get("number") == number for a in result)
+            else:                             # single-account daemon (-a): ask Signal about the number
+                status, msg = self._rpc("getUserStatus", {"recipient": [number]})
+                result = msg.get("result") if isinstance(msg, dict) else None
+                registered = isinstance(result, list) and any(
+                    isinstance(r, dict) and r.get("isRegistered") for r in result)
+            fix = ("link signal-cli to it (docker compose run --rm signal-cli link -n WhatSignal, scan the printed "
+                   "sgnl:// link as a QR code in Signal > Settings > Linked devices) or register it (signal-cli -a %s "
+                   "register, then verify CODE), then restart the daemon" % number)
+        if not registered:
+            raise CheckFailed("the bridge's number %s is not registered with signal-cli" % shown, fix)
+        return "the bridge's number %s is registered" % shown
+
+    def check_identity(self, owner):
+        number = self.config.get("signal.number")
+        if isinstance(self.signal, SignalRestClient):
+            status, ids = self._rest("/v1/identities/%s" % urllib.parse.quote(number, safe=""))
+            entries = [i for i in ids or [] if isinstance(i, dict) and i.get("number") == owner]
+            levels = [i.get("status") for i in entries]
+            fix = ("check the safety number with the owner, then: curl -X PUT -H 'Content-Type: application/json' "
+                   "-d '{\"trust_all_known_keys\": true}' %s/v1/identities/%s/trust/%s" % (self.signal.base, number, owner))
+        else:
+            status, msg = self._rpc("listIdentities", {"number": owner})
+            result = msg.get("result") if isinstance(msg, dict) else None
+            entries = [i for i in result or [] if isinstance(i, dict)]
+            levels = [i.get("trustLevel") for i in entries]
+            fix = ("check the safety number with the owner, then: signal-cli -a %s trust -a %s "
+                   "(docker compose exec signal-cli signal-cli -a %s trust -a %s), or set signal.trustNewIdentity"
+                   % (number, owner, number, owner))
+        if "UNTRUSTED" in levels:
+            raise CheckFailed("the owner's identity key (%s) is UNTRUSTED: the owner's safety number changed and "
+                              "nothing is sent to them" % mask_phone(owner), fix)
+        if not entries:
+            return "no identity key of %s known yet (trusted on first contact)" % mask_phone(owner)
+        return "the owner's identity key is trusted (%s)" % ", ".join(sorted(set(str(l) for l in levels)))
+
+    def check_send(self, owner):
+        try:
+            self.signal.send(owner, "WhatSignal doctor: the bridge can reach you on Signal (%s)" % iso_now())
+        except UpstreamError as e:
+            raise CheckFailed("the test message to %s was not sent (%s)" % (mask_phone(owner), scrub(e, 120)),
+                              "fix the failed checks above; then see the signal-cli log")
+        return "a test message went to %s; look at your Signal" % mask_phone(owner)
+
+
+def shlex_quote(s):
+    return s if re.fullmatch(r"[A-Za-z0-9_./:+-]+", s) else "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+# -- init --------------------------------------------------------------------
+
+INIT_DEFAULTS = {   # flag -> (local default, compose default, question)
+    "waha_url": ("http://localhost:3000", "http://waha:3000", "WAHA URL"),
+    "waha_api_key": (None, None, "WAHA API key (empty: generate one for a new WAHA)"),
+    "session": ("default", "default", "WAHA session"),
+    "signal_rpc_url": ("http://localhost:8080", "http://signal-cli:8080", "signal-cli daemon URL"),
+    "number": (None, None, "the bridge's Signal number (E.164, e.g. +15550000001)"),
+    "owner": (None, None, "your own Signal number, the owner (E.164)"),
+    "host": ("127.0.0.1", "0.0.0.0", "address the bridge listens on"),
+    "port": ("8082", "8082", "port the bridge listens on"),
+    "public_url": (None, "http://whatsignal:8082" + WEBHOOK_PATH, "URL WAHA posts webhooks to"),
+    "db": ("./whatsignal.db", "/app/data/whatsignal.db", "database file"),
+    "cache_dir": ("./cache", "/app/cache", "media cache directory"),
+}
+
+
+def _validate_answer(key, value):
+    """Return a problem for one answer, or None."""
+    if key in ("waha_url", "signal_rpc_url", "signal_rest_url", "public_url") and value:
+        u = urllib.parse.urlsplit(value)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            return "%r is not an http(s) URL; write it like http://localhost:3000" % value
+    if key in ("number", "owner"):
+        if not value:
+            return "needed; write it like +15550000001"
+        if not E164.match(value):
+            return "%s is not an E.164 number; write it like +15550000001 (+, country code, number)" % mask_phone(value)
+    if key == "port" and not (str(value).isdigit() and 0 < int(value) < 65536):
+        return "%r is not a port number (1-65535)" % value
+    return None
+
+
+def _probe_waha(url, key, session):
+    """What init can learn from WAHA now: one line."""
+    waha = WahaClient(url, key or None, HttpTransport(timeout=3))
+    try:
+        status, ver = _waha_get(waha, "/api/server/version")
+        if status == 401:
+            return "WAHA at %s is up but refused the API key (401)" % url
+        info = waha_session(waha, session)
+        return "WAHA %s at %s: session %s is %s" % ((ver or {}).get("version", "?") if isinstance(ver, dict) else "?",
+                                                   url, session, info.get("status"))
+    except SetupError as e:
+        return "WAHA: %s" % str(e).split("; ")[0]
+
+
+def _probe_signal(rpc_url, rest_url, number):
+    try:
+        if rest_url:
+            client = SignalRestClient(rest_url, number, HttpTransport(timeout=3))
+            about = client.call("GET", "/v1/about") or {}
+            accounts = client.call("GET", "/v1/accounts") or []
+            return "signal-cli-rest-api %s at %s: %s is %s" % (about.get("version", "?"), rest_url, mask_phone(number),
+                                                               "registered" if number in accounts else "NOT registered")
+        client = SignalRpcClient(rpc_url, number, HttpTransport(timeout=3))
+        version = (client.call("version", {}) or {}).get("version", "?")
+        try:
+            accounts = client.call("listAccounts", {})
+            registered = any(a.get("number") == number for a in accounts if isinstance(a, dict))
+        except UpstreamError:
+            status = client.call("getUserStatus", {"recipient": [number]}) or []
+            registered = any(isinstance(r, dict) and r.get("isRegistered") for r in status)
+        return "signal-cli %s at %s: %s is %s" % (version, rpc_url, mask_phone(number),
+                                                  "registered" if registered else "NOT registered")
+    except UpstreamError as e:
+        return "signal-cli at %s: not reachable now (%s)" % (rpc_url or rest_url, scrub(e, 60))
+
+
+def _ask(question, default, validate, stdin, out):
+    while True:
+        print("%s%s: " % (question, " [%s]" % default if default else ""), end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line:
+            raise SetupError("no answer (end of input); pass the value as a flag or use --yes")
+        answer = line.strip() or (default or "")
+        problem = validate(answer)
+        if not problem:
+            return answer
+        print("  %s" % problem, file=out)
+
+
+def init_answers(args, interactive, stdin, out):
+    """Every init value: flag, else the answer to the question, else the default; validated."""
+    compose = args.compose
+    answers, problems = {}, []
+    for key, (local, comp, question) in INIT_DEFAULTS.items():
+        if key == "signal_rpc_url" and args.signal_rest_url:
+            answers["signal_rest_url"] = args.signal_rest_url
+            continue
+        given = getattr(args, key)
+        default = comp if compose else local
+        if given is not None:
+            value = str(given)
+        elif interactive:
+            value = _ask(question, default, lambda a, k=key: _validate_answer(k, a), stdin, out)
+        else:
+            value = default or ""
+        problem = _validate_answer(key, value)
+        if problem:
+            problems.append("--%s: %s" % (key.replace("_", "-"), problem))
+        answers[key] = value
+        if interactive and key == "waha_api_key" and not value:
+            print("  a new key will be generated; give WAHA the same one (WAHA_API_KEY in .env)", file=out)
+        if interactive and key == "session" and not problems:
+            print("  " + _probe_waha(answers["waha_url"], answers["waha_api_key"], value), file=out)
+        if interactive and key == "number" and not problems:
+            print("  " + _probe_signal(answers.get("signal_rpc_url"), answers.get("signal_rest_url"), value), file=out)
+    if answers.get("number") and answers.get("number") == answers.get("owner"):
+        problems.append("--owner: the owner cannot be the bridge's own number; use your personal Signal number")
+    if problems:
+        raise ConfigError(problems)
+    return answers
+
+
+def init_files(answers, config_path, force=False, compose=False, rand=secrets.token_urlsafe):
+    """Write config.json and .env (mode 0600) from *answers*; return (config dict, env dict)."""
+    env_path = env_file_for(config_path)
+    existing = [p for p in (config_path, env_path) if os.path.exists(p)]
+    if existing and not force:
+        raise SetupError("%s already exist%s; nothing written (pass --force to replace, after a backup: "
+                         "losing WHATSIGNAL_ENCRYPTION_SECRET makes the database unreadable)"
+                         % (" and ".join(existing), "s" if len(existing) == 1 else ""))
+    raw = {"server": {"host": answers["host"], "port": int(answers["port"])},
+           "whatsapp": {"apiUrl": answers["waha_url"], "apiKey": "env:WAHA_API_KEY", "session": answers["session"],
+                        "webhookSecret": "env:WEBHOOK_SECRET"},
+           "signal": {"number": answers["number"], "destination": answers["owner"]},
+           "database": {"path": answers["db"]}, "media": {"cacheDir": answers["cache_dir"]}}
+    if answers.get("public_url"):
+        raw["server"]["publicUrl"] = answers["public_url"]
+    if answers.get("signal_rest_url"):
+        raw["signal"]["apiUrl"] = answers["signal_rest_url"]
+    else:
+        raw["signal"]["rpcUrl"] = answers["signal_rpc_url"]
+    env = {"WEBHOOK_SECRET": rand(32), "WAHA_API_KEY": answers["waha_api_key"] or rand(32),
+           "WHATSIGNAL_ENABLE_ENCRYPTION": "true", "WHATSIGNAL_ENCRYPTION_SECRET": rand(32)}
+    if compose:   # docker-compose.yml runs the bridge as this user, on ./data and ./cache beside the config
+        env.update(WHATSIGNAL_UID=str(os.getuid()), WHATSIGNAL_GID=str(os.getgid()))
+        for d in ("data", "cache"):
+            os.makedirs(os.path.join(os.path.dirname(os.path.abspath(config_path)), d), mode=0o700, exist_ok=True)
+    lines = ["# Written by `whatsignal.py init` on %s. Keep it private (mode 0600) and back it up:" % iso_now(),
+             "# without WHATSIGNAL_ENCRYPTION_SECRET the database cannot be read."]
+    lines += ["%s=%s" % (k, v) for k, v in env.items()]
+    _write_private(env_path, "\n".join(lines) + "\n")
+    _write_private(config_path, json.dumps(raw, indent=2) + "\n")
+    return raw, env
+
+
+def _write_private(path, text):
+    """Write *text* to *path* with mode 0600 from the first byte (replacing what is there)."""
+    tmp = path + ".tmp-%d" % os.getpid()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
 COMMANDS = (
     ("serve", "run the bridge (the default command)"),
+    ("init", "ask for (or take flags for) the set-up, write config.json and .env with new secrets"),
+    ("webhook", "`webhook install` points the WAHA session's webhook here; `webhook show` compares it"),
+    ("doctor", "check every link of the set-up, one line each with the fix (--send-test: message the owner)"),
     ("check-config", "validate the configuration and print it with secrets masked"),
     ("outbox", "list undeliverable items; `outbox retry ID|all` queues them again"),
     ("cleanup", "one retention sweep now (--vacuum to compact); safe while serving"),
@@ -4761,6 +5394,27 @@ def build_parser():
             sp.add_argument("src", help="backup file to restore")
         elif name == "demo":
             sp.add_argument("--keep", action="store_true", help="leave the demo running and print its URLs")
+        elif name == "init":
+            for flag, text in (("--waha-url", "WAHA base URL"), ("--waha-api-key", "WAHA API key (default: generate)"),
+                               ("--session", "WAHA session"), ("--signal-rpc-url", "signal-cli daemon --http URL"),
+                               ("--signal-rest-url", "signal-cli-rest-api URL (instead of --signal-rpc-url)"),
+                               ("--number", "the bridge's Signal number, E.164"),
+                               ("--owner", "the owner's Signal number, E.164"), ("--host", "listen address"),
+                               ("--port", "listen port"), ("--public-url", "URL WAHA posts webhooks to"),
+                               ("--db", "database file"), ("--cache-dir", "media cache directory")):
+                sp.add_argument(flag, help=text)
+            sp.add_argument("--compose", action="store_true",
+                            help="defaults for the docker-compose.yml stack (waha, signal-cli, /app/data)")
+            sp.add_argument("--yes", "-y", action="store_true", help="ask nothing: flags, else the defaults")
+            sp.add_argument("--force", action="store_true", help="replace an existing config.json and .env")
+        elif name == "webhook":
+            sp.add_argument("action", choices=["install", "show"])
+            sp.add_argument("--url", help="webhook URL (default: server.publicUrl, else from server.host and port)")
+            sp.add_argument("--public-host", help="host name WAHA reaches the bridge by (with server.port)")
+            sp.add_argument("--session", help="WAHA session (default: every configured one)")
+            sp.add_argument("--yes", "-y", action="store_true", help="do not ask before WAHA restarts the session")
+        elif name == "doctor":
+            sp.add_argument("--send-test", action="store_true", help="also send the owner a test message on Signal")
         elif name == "bench":
             sp.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
             sp.add_argument("--growth-rows", type=int, default=1000000, help="rows for the growth test")
@@ -4772,8 +5426,13 @@ def _print(obj):
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def _config_path(args, environ):
+    return args.config or environ.get("WHATSIGNAL_CONFIG") or "config.json"
+
+
 def _load(args, environ):
-    return load_config(args.config or environ.get("WHATSIGNAL_CONFIG") or "config.json", environ)
+    path = _config_path(args, environ)
+    return load_config(path, with_env_file(path, environ))
 
 
 def _open_store(config):
@@ -4796,6 +5455,10 @@ def main(argv=None, environ=None, stdout=None):
             return run_demo(keep=args.keep)
         if command == "bench":
             return run_bench(quick=args.quick, growth_rows=args.growth_rows, profile=args.profile)
+        if command == "init":
+            return cmd_init(args, environ)
+        if command == "doctor":
+            return cmd_doctor(args, environ)
         config = _load(args, environ)
         return globals()["cmd_" + command.replace("-", "_")](args, config, environ)
     except ConfigError as e:
@@ -4805,6 +5468,60 @@ def main(argv=None, environ=None, stdout=None):
     except (WhatSignalError, sqlite3.DatabaseError, OSError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
+
+
+def cmd_init(args, environ):
+    path = _config_path(args, environ)
+    answers = init_answers(args, not args.yes, sys.stdin, sys.stdout)
+    raw, env = init_files(answers, path, force=args.force, compose=args.compose)
+    env_path = env_file_for(path)
+    print("wrote %s and %s (mode 0600); back up .env: its WHATSIGNAL_ENCRYPTION_SECRET opens the database"
+          % (path, env_path))
+    print(_probe_waha(answers["waha_url"], env["WAHA_API_KEY"], answers["session"]))
+    print(_probe_signal(answers.get("signal_rpc_url"), answers.get("signal_rest_url"), answers["number"]))
+    run = "docker compose exec whatsignal python /app/whatsignal.py" if args.compose else \
+        "python3 whatsignal.py --config %s" % shlex_quote(path)
+    print("next steps:")
+    print("  1. start the stack: docker compose up -d" if args.compose else
+          "  1. start WAHA (WAHA_API_KEY from .env) and signal-cli, then the bridge: %s" % run)
+    print("  2. link the accounts (README, Set-up): scan WAHA's QR code for WhatsApp; link or register %s in "
+          "signal-cli" % mask_phone(answers["number"]))
+    print("  3. point WAHA's webhook here: %s webhook install" % run)
+    print("  4. check everything: %s doctor" % run)
+    return 0
+
+
+def cmd_webhook(args, config, environ):
+    waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"))
+    url = args.url or webhook_url(config, args.public_host)
+    problems = []
+    _check_url("--url", url, problems)
+    if problems:
+        raise ConfigError(problems)
+    sessions = [args.session] if args.session else [c.session for c in config.channels]
+    if args.action == "show":
+        return 1 if sum(webhook_show(config, waha, s, url, sys.stdout) for s in sessions) else 0
+    confirm = None
+    if not args.yes and sys.stdin.isatty():
+        def confirm():
+            print("continue? [y/N] ", end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline().strip().lower() in ("y", "yes")
+    for s in sessions:
+        webhook_install(config, waha, s, url, sys.stdout, sys.stderr, confirm)
+    return 0
+
+
+def cmd_doctor(args, environ):
+    path = _config_path(args, environ)
+    try:
+        config = load_config(path, with_env_file(path, environ))
+    except ConfigError as e:
+        for line in e.problems:
+            cause, _, fix = line.rpartition("; ")
+            print("FAIL  config: %s; fix: %s" % (cause or line, fix if cause else "see the cause"))
+        print("the other checks need a valid config; fix it and run doctor again")
+        return 1
+    return Doctor(config, path, environ, sys.stdout, send_test=args.send_test).run()
 
 
 def cmd_check_config(args, config, environ):
