@@ -2432,6 +2432,103 @@ def make_config(raw, environ=None):
     return ws.validate_config(json.loads(json.dumps(raw)), env)
 
 
+def eventually(predicate, timeout=10.0):
+    """The suite's one bounded wait: poll `predicate` until it is truthy or `timeout` seconds pass.
+    Returns the last truthy value or False; never waits longer than `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = predicate()
+        except Exception:
+            got = False
+        if got or time.monotonic() >= deadline:
+            return got
+        time.sleep(0.02)
+
+
+def http_request(url, method, path, body=None, headers=None, conn=None, timeout=10.0):
+    """One HTTP request to `url` (or over the kept-alive `conn`). A dict body is sent as JSON.
+    Returns (status, headers (case-insensitive), raw body bytes, parsed JSON body or None)."""
+    u = urllib.parse.urlsplit(url)
+    c = conn or http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    hdrs = {}
+    if body is not None and not isinstance(body, (bytes, bytearray)):
+        body = json.dumps(body).encode("utf-8")
+        hdrs["Content-Type"] = "application/json"
+    hdrs.update(headers or {})
+    try:
+        c.request(method, path, body=body, headers=hdrs)
+        r = c.getresponse()
+        raw = r.read()
+    finally:
+        if conn is None:
+            c.close()
+    try:
+        js = json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        js = None
+    return r.status, r.headers, raw, js
+
+
+def http_get(url, path="", headers=None):
+    """GET `url` + `path`; returns (status, body text)."""
+    status, _, raw, _ = http_request(url, "GET", urllib.parse.urlsplit(url).path + path or "/", headers=headers)
+    return status, raw.decode("utf-8", "replace")
+
+
+def sign(body, secret=WEBHOOK_SECRET):
+    """WAHA's X-Webhook-Hmac: hex HMAC-SHA512 of the exact body bytes."""
+    return FakeWaha.sign(body, secret)
+
+
+def signed_headers(body, secret=WEBHOOK_SECRET, ctype="application/json"):
+    return {"Content-Type": ctype, "X-Webhook-Hmac": sign(body, secret), "X-Webhook-Hmac-Algorithm": "sha512"}
+
+
+def post_signed(h, body, secret=WEBHOOK_SECRET, conn=None, **hdr):
+    """POST a signed webhook to the bridge `h`; returns what http_request returns."""
+    if isinstance(body, dict):
+        body = json.dumps(body, separators=(",", ":")).encode()
+    headers = signed_headers(body, secret)
+    headers.update(hdr)
+    return http_request(h.url, "POST", "/webhook/whatsapp", body, headers, conn=conn)
+
+
+def free_port():
+    """A loopback port that was free a moment ago (for child processes that must bind a known port)."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def run_main(capsys, argv, environ):
+    """Run ws.main in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    rc = ws.main(argv, environ)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def bridge_env(secret=ENC_SECRET, **extra):
+    """The environment of a bridge command: the encryption secret plus `extra` (a None value removes a key)."""
+    env = {"WHATSIGNAL_ENCRYPTION_SECRET": secret}
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def write_config(tmp_path, raw, name="config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return str(path)
+
+
 class LogCapture(io.StringIO):
     """A thread-safe stream for ws.Log; ``records()`` parses the JSON lines."""
 
@@ -2491,14 +2588,6 @@ class Harness:
         if isinstance(self.signal, FakeSignalDaemon):
             return [p.get("message") for p in self.signal.sent("send")]
         return [b.get("message") for b in self.signal.sent()]
-
-    def wait(self, predicate, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
 
     def stop(self):
         if self.app:
@@ -2581,16 +2670,6 @@ def core_base_raw(tmp_path):
     return raw_config(tmp_path, "http://127.0.0.1:3000", rpc_url="http://127.0.0.1:8080")
 
 
-def core_env(**extra):
-    env = {"WHATSIGNAL_ENCRYPTION_SECRET": ENC_SECRET}
-    for k, v in extra.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    return env
-
-
 def core_set(raw, path, value):
     """Set (or delete with CORE_DELETE) a dotted key in a raw config dict."""
     parts = path.split(".")
@@ -2603,54 +2682,12 @@ def core_set(raw, path, value):
         node[parts[-1]] = value
 
 
-def core_write(tmp_path, raw, name="config.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(raw), encoding="utf-8")
-    return str(path)
-
-
-def core_main(capsys, argv, environ):
-    capsys.readouterr()
-    rc = ws.main(argv, environ)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def core_error_lines(err):
     return [line for line in err.splitlines() if line.strip()]
 
 
 def core_addr(h):
     return h.app.server.server_address[:2]
-
-
-def core_request(h, method, path, body=None, headers=None, conn=None, timeout=10.0):
-    """One request to the bridge; returns (status, headers dict (lower-case keys), raw body)."""
-    own = conn is None
-    if own:
-        host, port = core_addr(h)
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        if own:
-            conn.close()
-
-
-def core_signed_headers(body, secret=WEBHOOK_SECRET, ctype="application/json"):
-    return {"Content-Type": ctype, "X-Webhook-Hmac": FakeWaha.sign(body, secret),
-            "X-Webhook-Hmac-Algorithm": "sha512"}
-
-
-def core_post_signed(h, body, secret=WEBHOOK_SECRET, conn=None, **hdr):
-    if isinstance(body, dict):
-        body = json.dumps(body, separators=(",", ":")).encode()
-    headers = core_signed_headers(body, secret)
-    headers.update(hdr)
-    return core_request(h, "POST", "/webhook/whatsapp", body, headers, conn=conn)
 
 
 def core_message_event(h, text=CORE_TEXT, msg_id="3EB0C0RE00000001", peer=CORE_PEER, name=CORE_NAME):
@@ -2668,13 +2705,13 @@ def core_queue_rows(h):
 def core_round_trip(h, text=CORE_TEXT, reply=CORE_REPLY):
     """WhatsApp message in (signed webhook), Signal copy out, owner reply back to the WhatsApp chat."""
     assert h.webhook(core_message_event(h, text)) == (200, {"status": "stored"})
-    assert h.wait(lambda: len(h.sends()) >= 1), "the message never reached Signal"
+    assert eventually(lambda: len(h.sends()) >= 1), "the message never reached Signal"
     assert h.sends() == ["%s: %s" % (CORE_NAME, text)]
     h.signal.push(owner_env(int(time.time() * 1000), reply))
     assert h.waha.wait_for(lambda f: f.sent("text"), 10), "the owner's reply never reached WAHA"
     sent = h.waha.sent("text")[-1]
     assert (sent["chatId"], sent["text"]) == (CORE_PEER_JID, reply)
-    assert h.wait(lambda: h.app.store.queue_depth("w2s") == 0 and h.app.store.queue_depth("s2w") == 0)
+    assert eventually(lambda: h.app.store.queue_depth("w2s") == 0 and h.app.store.queue_depth("s2w") == 0)
 
 
 def core_db_bytes(path):
@@ -2685,15 +2722,6 @@ def core_db_bytes(path):
             with open(path + suffix, "rb") as f:
                 data += f.read()
     return data
-
-
-def core_free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def core_subprocess_env(**extra):
@@ -2777,10 +2805,10 @@ class TestConfiguration:
     def test_example_config_passes_check_config_with_masked_output(self, capsys, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         api_key = "waha-api-key-" + "k" * 30
-        env = core_env(WAHA_API_KEY=api_key, WEBHOOK_SECRET=WEBHOOK_SECRET)
+        env = bridge_env(WAHA_API_KEY=api_key, WEBHOOK_SECRET=WEBHOOK_SECRET)
         with open(CORE_EXAMPLE, encoding="utf-8") as f:
             json.load(f)   # valid JSON, no comments
-        rc, out, err = core_main(capsys, ["--config", CORE_EXAMPLE, "check-config"], env)
+        rc, out, err = run_main(capsys, ["--config", CORE_EXAMPLE, "check-config"], env)
         assert rc == 0, err
         assert "configuration OK" in err
         tree = json.loads(out)
@@ -2801,8 +2829,8 @@ class TestConfiguration:
         raw = core_base_raw(tmp_path)
         for path, value in changes.items():
             core_set(raw, path, value)
-        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"],
-                                 core_env(**env_changes))
+        rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "check-config"],
+                                 bridge_env(**env_changes))
         assert rc == 2
         assert out == "", "nothing is printed to stdout for a broken config"
         assert "Traceback" not in err
@@ -2820,7 +2848,7 @@ class TestConfiguration:
         core_set(raw, "whatsapp.apiUrl", "waha:3000")
         core_set(raw, "media.maxSizeMB", "50")
         core_set(raw, "whatsapp.apiKey", "env:CORE_NOT_THERE")
-        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"], core_env())
+        rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "check-config"], bridge_env())
         assert rc == 2 and out == "" and "Traceback" not in err
         lines = core_error_lines(err)
         assert sorted(line.split(":")[1].strip() for line in lines) == \
@@ -2830,21 +2858,21 @@ class TestConfiguration:
     def test_invalid_json_and_non_object(self, capsys, tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text('{"server": {"port": 8082,}}', encoding="utf-8")
-        rc, out, err = core_main(capsys, ["--config", str(bad), "check-config"], core_env())
+        rc, out, err = run_main(capsys, ["--config", str(bad), "check-config"], bridge_env())
         assert rc == 2 and "Traceback" not in err
         lines = core_error_lines(err)
         assert len(lines) == 1 and "not valid JSON" in lines[0] and "line 1 column" in lines[0], lines
         bad.write_text("[1, 2]", encoding="utf-8")
-        rc, out, err = core_main(capsys, ["--config", str(bad), "check-config"], core_env())
+        rc, out, err = run_main(capsys, ["--config", str(bad), "check-config"], bridge_env())
         assert rc == 2 and len(core_error_lines(err)) == 1 and "JSON object" in err
 
     def test_env_overrides(self, capsys, tmp_path):
         raw = core_base_raw(tmp_path)
         del raw["whatsapp"]["webhookSecret"]
-        env = core_env(WHATSAPP_API_URL="http://waha.internal:3001", SIGNAL_RPC_URL="http://signal-cli:8090",
+        env = bridge_env(WHATSAPP_API_URL="http://waha.internal:3001", SIGNAL_RPC_URL="http://signal-cli:8090",
                        DB_PATH=str(tmp_path / "other" / "x.db"), MEDIA_DIR=str(tmp_path / "media"),
                        WEBHOOK_SECRET=WEBHOOK_SECRET)
-        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "check-config"], env)
+        rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "check-config"], env)
         assert rc == 0, err
         tree = json.loads(out)
         assert tree["whatsapp"]["apiUrl"] == "http://waha.internal:3001"
@@ -2859,8 +2887,8 @@ class TestConfiguration:
         assert (cfg.get("signal.rpcUrl"), cfg.get("signal.apiUrl")) == ("http://127.0.0.1:8080", None)
 
     def test_whatsignal_config_env_stands_in_for_config_flag(self, capsys, tmp_path):
-        path = core_write(tmp_path, core_base_raw(tmp_path))
-        rc, out, err = core_main(capsys, ["check-config"], core_env(WHATSIGNAL_CONFIG=path))
+        path = write_config(tmp_path, core_base_raw(tmp_path))
+        rc, out, err = run_main(capsys, ["check-config"], bridge_env(WHATSIGNAL_CONFIG=path))
         assert rc == 0, err
         assert json.loads(out)["database"]["path"] == str(tmp_path / "whatsignal.db")
 
@@ -2902,9 +2930,9 @@ class TestConfiguration:
     def test_serve_refuses_a_broken_config_the_same_way(self, capsys, tmp_path):
         raw = core_base_raw(tmp_path)
         core_set(raw, "server.port", "eighty")
-        path = core_write(tmp_path, raw)
+        path = write_config(tmp_path, raw)
         for argv in (["--config", path, "serve"], ["--config", path]):
-            rc, out, err = core_main(capsys, argv, core_env())
+            rc, out, err = run_main(capsys, argv, bridge_env())
             assert rc == 2 and "Traceback" not in err
             assert core_error_lines(err) == [l for l in core_error_lines(err) if l.startswith("config error: server.port:")]
             assert len(core_error_lines(err)) == 1
@@ -3117,8 +3145,8 @@ class TestEncryption:
         s = ws.Store(raw["database"]["path"])
         s.unlock(ENC_SECRET)
         s.close()
-        path = core_write(tmp_path, raw)
-        rc, out, err = core_main(capsys, ["--config", path, "stats"],
+        path = write_config(tmp_path, raw)
+        rc, out, err = run_main(capsys, ["--config", path, "stats"],
                                  {"WHATSIGNAL_ENCRYPTION_SECRET": "b" * 40})
         assert rc == 2 and "Traceback" not in err
         lines = core_error_lines(err)
@@ -3279,10 +3307,10 @@ class TestStore:
 class TestHttpServer:
     def test_signed_webhook_is_stored_and_delivered(self, rpc_bridge):
         h = rpc_bridge
-        status, headers, body = core_post_signed(h, core_message_event(h))
+        status, headers, body, _ = post_signed(h, core_message_event(h))
         assert status == 200 and json.loads(body) == {"status": "stored"}
         assert headers["content-type"] == "application/json"
-        assert h.wait(lambda: h.sends())
+        assert eventually(lambda: h.sends())
         assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
         assert core_queue_rows(h) == 1
         # the same event again (WAHA retry): acknowledged, not delivered twice
@@ -3304,22 +3332,22 @@ class TestHttpServer:
         assert h.webhook(ev, secret="not-the-secret-" + "n" * 30)[0] == 401
         body = json.dumps(ev).encode()
         good = FakeWaha.sign(body, WEBHOOK_SECRET)
-        status, _, _ = core_request(h, "POST", "/webhook/whatsapp", body, {
+        status, _, _, _ = http_request(h.url, "POST", "/webhook/whatsapp", body, {
             "Content-Type": "application/json", "X-Webhook-Hmac": good, "X-Webhook-Hmac-Algorithm": "sha256"})
         assert status == 401
-        status, _, _ = core_request(h, "POST", "/webhook/whatsapp", body + b" ", {
+        status, _, _, _ = http_request(h.url, "POST", "/webhook/whatsapp", body + b" ", {
             "Content-Type": "application/json", "X-Webhook-Hmac": good, "X-Webhook-Hmac-Algorithm": "sha512"})
         assert status == 401, "the signature covers the exact body bytes"
         assert core_queue_rows(h) == 0
         # the correctly signed body is fine
-        assert core_post_signed(h, body)[0] == 200
+        assert post_signed(h, body)[0] == 200
         assert core_queue_rows(h) == 1
 
     def test_non_json_content_type_is_415(self, rpc_bridge):
         h = rpc_bridge
-        status, _, body = core_post_signed(h, core_message_event(h), **{"Content-Type": "text/plain"})
+        status, _, body, _ = post_signed(h, core_message_event(h), **{"Content-Type": "text/plain"})
         assert status == 415 and "application/json" in json.loads(body)["error"]
-        assert core_post_signed(h, core_message_event(h), **{"Content-Type": "application/json; charset=utf-8"})[0] \
+        assert post_signed(h, core_message_event(h), **{"Content-Type": "application/json; charset=utf-8"})[0] \
             == 200
         assert core_queue_rows(h) == 1
 
@@ -3341,7 +3369,7 @@ class TestHttpServer:
         # just under the limit is accepted (an ignored event padded with a big field)
         ev = fixture("waha-presence-update.json")
         ev["padding"] = "p" * (1024 * 1024 - 1000)
-        status, _, body = core_post_signed(h, ev)
+        status, _, body, _ = post_signed(h, ev)
         assert (status, json.loads(body)) == (200, {"status": "ignored"})
 
     def test_default_body_limit(self, tmp_path):
@@ -3349,7 +3377,7 @@ class TestHttpServer:
 
     def test_malformed_json_is_400(self, rpc_bridge):
         h = rpc_bridge
-        status, _, body = core_post_signed(h, b'{"event": "message", "session": ')
+        status, _, body, _ = post_signed(h, b'{"event": "message", "session": ')
         assert status == 400 and json.loads(body) == {"error": "malformed JSON"}
         assert core_queue_rows(h) == 0
 
@@ -3360,7 +3388,7 @@ class TestHttpServer:
         b'{"event":5,"session":"default","payload":{}}',
     ], ids=["array", "string", "null", "payload-string", "message-without-id", "event-number"])
     def test_wrong_shape_is_400(self, rpc_bridge, body):
-        status, _, resp = core_post_signed(rpc_bridge, body)
+        status, _, resp, _ = post_signed(rpc_bridge, body)
         assert status == 400, resp
         assert "error" in json.loads(resp)
         assert core_queue_rows(rpc_bridge) == 0
@@ -3385,9 +3413,9 @@ class TestHttpServer:
                   json.dumps({"event": "message.revoked", "session": "default", "payload": []}).encode(),
                   json.dumps({"event": "message.edited", "session": "default", "payload": {"id": 1}}).encode()]
         for body in bodies:
-            status, _, resp = core_post_signed(h, body)
+            status, _, resp, _ = post_signed(h, body)
             assert status in (200, 400), (status, body[:80], resp)
-        assert core_request(h, "GET", "/healthz")[0] == 200
+        assert http_request(h.url, "GET", "/healthz")[0] == 200
         assert not [r for r in h.logs.records() if r["level"] == "ERROR"], h.logs.text()
 
     def test_database_locked_gives_503_then_recovers(self, rpc_bridge):
@@ -3397,7 +3425,7 @@ class TestHttpServer:
         blocker = sqlite3.connect(h.app.store.path, isolation_level=None, timeout=5)
         try:
             blocker.execute("BEGIN EXCLUSIVE")
-            status, headers, body = core_post_signed(h, core_message_event(h))
+            status, headers, body, _ = post_signed(h, core_message_event(h))
             assert status == 503, body
             assert headers.get("retry-after", "").isdigit()
             assert "retry" in json.loads(body)["error"]
@@ -3405,9 +3433,9 @@ class TestHttpServer:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert [r for r in h.logs.records() if r["level"] == "ERROR" and "503" in r["msg"]]
-        status, _, body = core_post_signed(h, core_message_event(h))
+        status, _, body, _ = post_signed(h, core_message_event(h))
         assert (status, json.loads(body)) == (200, {"status": "stored"}), "the 503 event was not stored"
-        assert h.wait(lambda: h.sends())
+        assert eventually(lambda: h.sends())
         assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
 
     def test_failed_signatures_are_throttled_but_signed_traffic_is_not(self, rpc_bridge):
@@ -3417,14 +3445,14 @@ class TestHttpServer:
         try:
             statuses = []
             for i in range(ws.AUTH_FAIL_LIMIT + 5):
-                st, hd, _ = core_post_signed(h, core_message_event(h, msg_id="BAD%04d" % i), conn=conn,
+                st, hd, _, _ = post_signed(h, core_message_event(h, msg_id="BAD%04d" % i), conn=conn,
                                              secret="wrong-secret-" + "w" * 30)
                 statuses.append((st, hd.get("retry-after")))
             assert [s for s, _ in statuses[:ws.AUTH_FAIL_LIMIT]] == [401] * ws.AUTH_FAIL_LIMIT
             assert all(s == 429 and ra and int(ra) > 0 for s, ra in statuses[ws.AUTH_FAIL_LIMIT:]), statuses
             # correctly signed requests from the same client, in a burst, all pass
             for i in range(30):
-                st, _, body = core_post_signed(h, core_message_event(h, text="burst %d" % i, msg_id="OK%04d" % i),
+                st, _, body, _ = post_signed(h, core_message_event(h, text="burst %d" % i, msg_id="OK%04d" % i),
                                                conn=conn)
                 assert (st, json.loads(body)) == (200, {"status": "stored"})
         finally:
@@ -3436,14 +3464,14 @@ class TestHttpServer:
         host, port = core_addr(h)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
-            assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+            assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
             sock = conn.sock
             for i in range(40):
                 if i % 4 == 0:
-                    st, hd, _ = core_post_signed(h, core_message_event(h, text="k %d" % i, msg_id="KA%04d" % i),
+                    st, hd, _, _ = post_signed(h, core_message_event(h, text="k %d" % i, msg_id="KA%04d" % i),
                                                  conn=conn)
                 else:
-                    st, hd, _ = core_request(h, "GET", "/healthz", conn=conn)
+                    st, hd, _, _ = http_request(h.url, "GET", "/healthz", conn=conn)
                 assert st == 200 and hd.get("connection", "").lower() != "close"
                 assert conn.sock is sock, "the connection was not kept alive (request %d)" % i
         finally:
@@ -3455,7 +3483,7 @@ class TestHttpServer:
         host, port = core_addr(h)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
-            assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+            assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
             with h.app.server.conn_lock:
                 socks = list(h.app.server.connections)
             assert socks, "the open keep-alive connection is tracked"
@@ -3463,7 +3491,7 @@ class TestHttpServer:
             times = []
             for _ in range(20):
                 t = time.perf_counter()
-                assert core_request(h, "GET", "/healthz", conn=conn)[0] == 200
+                assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
                 times.append(time.perf_counter() - t)
             assert statistics.median(times) < 0.030, times   # Nagle + delayed ACK would give ~40 ms
         finally:
@@ -3494,23 +3522,18 @@ class TestHttpServer:
         assert not [r for r in h.logs.records() if r["level"] == "ERROR"], h.logs.text()
 
     def test_unknown_paths_are_404(self, rpc_bridge):
-        assert core_request(rpc_bridge, "GET", "/nope")[0] == 404
-        assert core_request(rpc_bridge, "POST", "/webhook/other", b"{}", {"Content-Type": "application/json"})[0] == 404
+        assert http_request(rpc_bridge.url, "GET", "/nope")[0] == 404
+        assert http_request(rpc_bridge.url, "POST", "/webhook/other", b"{}", {"Content-Type": "application/json"})[0] == 404
 
 
 # -- Health and metrics ---------------------------------------------------------------------------
 
-def core_get_json(h, path, headers=None):
-    status, hd, body = core_request(h, "GET", path, headers=headers)
-    return status, hd, json.loads(body)
-
-
 class TestHealthAndMetrics:
     def test_healthz(self, rpc_bridge):
-        assert core_get_json(rpc_bridge, "/healthz")[::2] == (200, {"status": "ok"})
+        assert http_request(rpc_bridge.url, "GET", "/healthz")[::3] == (200, {"status": "ok"})
 
     def test_health_shape(self, rpc_bridge):
-        status, hd, rep = core_get_json(rpc_bridge, "/health")
+        status, hd, _, rep = http_request(rpc_bridge.url, "GET", "/health")
         assert status == 200 and hd["content-type"] == "application/json"
         assert rep["status"] == "healthy"
         assert CORE_ISO_Z.match(rep["timestamp"]), rep["timestamp"]
@@ -3524,7 +3547,7 @@ class TestHealthAndMetrics:
     def test_health_degraded_when_waha_is_down(self, core_harness):
         h = core_harness().start()
         h.waha.stop()
-        status, _, rep = core_get_json(h, "/health")
+        status, _, _, rep = http_request(h.url, "GET", "/health")
         assert status == 200
         assert rep["status"] == "degraded"
         assert rep["checks"]["whatsapp"]["status"] == "error" and rep["checks"]["whatsapp"].get("error")
@@ -3533,13 +3556,13 @@ class TestHealthAndMetrics:
     def test_health_degraded_when_signal_is_down(self, core_harness):
         h = core_harness().start()
         h.signal.stop()
-        rep = core_get_json(h, "/health")[2]
+        rep = http_request(h.url, "GET", "/health")[3]
         assert rep["status"] == "degraded" and rep["checks"]["signal"]["status"] == "error"
 
     def test_upstream_checks_are_cached(self, rpc_bridge):
         h = rpc_bridge
         for _ in range(5):
-            assert core_request(h, "GET", "/health")[0] == 200
+            assert http_request(h.url, "GET", "/health")[0] == 200
         assert len(h.waha.calls_for("/ping")) == 1
         assert len(h.signal.calls_for("/api/v1/check")) == 1
 
@@ -3547,13 +3570,13 @@ class TestHealthAndMetrics:
         h = rpc_bridge
         with h.app.store.lock:
             h.app.store.db.close()
-        status, _, rep = core_get_json(h, "/health")
+        status, _, _, rep = http_request(h.url, "GET", "/health")
         assert status == 503
         assert rep["status"] == "unhealthy" and rep["checks"]["database"]["status"] == "error"
-        assert core_request(h, "GET", "/healthz")[0] == 200
+        assert http_request(h.url, "GET", "/healthz")[0] == 200
 
     def test_metrics_fresh_process_lists_the_seed_metrics(self, rpc_bridge):
-        status, hd, body = core_request(rpc_bridge, "GET", "/metrics")
+        status, hd, body, _ = http_request(rpc_bridge.url, "GET", "/metrics")
         assert status == 200
         assert hd["content-type"].startswith("text/plain; version=0.0.4")
         text = body.decode()
@@ -3567,9 +3590,9 @@ class TestHealthAndMetrics:
         h = rpc_bridge
         core_round_trip(h)
         assert h.webhook(core_message_event(h, msg_id="UNSIGNED1"), secret=None)[0] == 401
-        assert core_request(h, "GET", "/healthz")[0] == 200
+        assert http_request(h.url, "GET", "/healthz")[0] == 200
         ws.run_cleanup(h.app)
-        text = core_request(h, "GET", "/metrics")[2].decode()
+        text = http_request(h.url, "GET", "/metrics")[2].decode()
         assert core_metric_value(text, "whatsignal_build_info", version=ws.__version__) == 1.0
         assert core_metric_value(text, "whatsignal_messages_processed_total", direction="w2s", kind="text",
                                  result="ok") == 1.0
@@ -3588,11 +3611,11 @@ class TestHealthAndMetrics:
     def test_metrics_token(self, core_harness):
         token = "metrics-token-" + "t" * 20
         h = core_harness(raw_overrides={"server": {"metricsToken": token}}).start()
-        status, hd, _ = core_request(h, "GET", "/metrics")
+        status, hd, _, _ = http_request(h.url, "GET", "/metrics")
         assert status == 401 and hd.get("www-authenticate") == "Bearer"
-        assert core_request(h, "GET", "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert core_request(h, "GET", "/metrics", headers={"Authorization": token})[0] == 401
-        status, _, body = core_request(h, "GET", "/metrics", headers={"Authorization": "Bearer " + token})
+        assert http_request(h.url, "GET", "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http_request(h.url, "GET", "/metrics", headers={"Authorization": token})[0] == 401
+        status, _, body, _ = http_request(h.url, "GET", "/metrics", headers={"Authorization": "Bearer " + token})
         assert status == 200 and b"whatsignal_build_info" in body
         assert token not in h.logs.text()
 
@@ -3638,11 +3661,11 @@ class TestLogging:
         stranger["envelope"].update(source=CORE_STRANGER, sourceNumber=CORE_STRANGER,
                                     sourceUuid="0f0e0d0c-0b0a-4908-8706-050403020100", sourceName="Mallory")
         h.signal.push(stranger)
-        assert h.wait(lambda: any(r["msg"] == "unauthorized sender ignored" for r in h.logs.records()))
+        assert eventually(lambda: any(r["msg"] == "unauthorized sender ignored" for r in h.logs.records()))
         rec = next(r for r in h.logs.records() if r["msg"] == "unauthorized sender ignored")
         assert rec["level"] == "WARN" and rec["sender"] == "+1555*****99"
         h.webhook(core_message_event(h, text="forged " + CORE_TEXT, msg_id="FORGED1"), secret="x" * 40)
-        core_post_signed(h, b'{"event": "message", "body": "' + CORE_TEXT.encode() + b'"')
+        post_signed(h, b'{"event": "message", "body": "' + CORE_TEXT.encode() + b'"')
         h.webhook(core_message_event(h, text="ignored " + CORE_TEXT, msg_id="OTHER1", peer="4917612345678"),
                   headers={"X-Webhook-Hmac-Algorithm": "sha1"})
         text = h.logs.text()
@@ -3694,30 +3717,19 @@ class TestCommandLine:
         sig = FakeSignalDaemon(number=BRIDGE).start()
         proc = None
         try:
-            port = core_free_port()
+            port = free_port()
             raw = raw_config(tmp_path, waha.url, rpc_url=sig.url, server={"port": port}, logLevel="info")
             raw["whatsapp"]["webhookSecret"] = "env:WEBHOOK_SECRET"
-            cfg = core_write(tmp_path, raw)
+            cfg = write_config(tmp_path, raw)
             err_path = tmp_path / "stderr.log"
             with open(err_path, "wb") as err, open(tmp_path / "stdout.log", "wb") as out:
                 proc = subprocess.Popen(
                     [sys.executable, CORE_WS_PATH, "--config", cfg], cwd=str(tmp_path), stdout=out, stderr=err,
                     env=core_subprocess_env(WEBHOOK_SECRET=WEBHOOK_SECRET, WHATSIGNAL_ENCRYPTION_SECRET=ENC_SECRET))
             url = "http://127.0.0.1:%d" % port
-            deadline = time.monotonic() + 20
-            up = False
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    c.request("GET", "/healthz")
-                    r = c.getresponse()
-                    up = (r.status, json.loads(r.read())) == (200, {"status": "ok"})
-                    c.close()
-                    if up:
-                        break
-                except OSError:
-                    time.sleep(0.05)
-            assert up, err_path.read_text()
+            up = lambda: proc.poll() is not None or http_request(url, "GET", "/healthz", timeout=2)[::3] == (
+                200, {"status": "ok"})
+            assert eventually(up, 20) and proc.poll() is None, err_path.read_text()
             ev = waha.event("message", {"id": "false_%s_SUBPROC1" % CORE_PEER_JID, "timestamp": int(time.time()),
                                         "from": CORE_PEER_JID, "fromMe": False, "body": CORE_TEXT,
                                         "hasMedia": False, "_data": {"notifyName": CORE_NAME}})
@@ -3751,7 +3763,7 @@ class TestCommandLine:
         s.unlock(ENC_SECRET)
         s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, time.time())
         s.close()
-        rc, out, err = core_main(capsys, ["--config", core_write(tmp_path, raw), "stats"], core_env())
+        rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "stats"], bridge_env())
         assert rc == 0, err
         rep = json.loads(out)
         assert rep["queue"]["w2s"]["pending"] == 1 and rep["tables"]["queue"] == 1
@@ -4041,7 +4053,7 @@ def w2s_post(h, event, expect="stored"):
 
 def w2s_settle(h, timeout=10.0):
     """Wait until nothing is pending in the WhatsApp -> Signal queue."""
-    assert h.wait(lambda: h.app.store.queue_depth("w2s") == 0, timeout), w2s_queue(h)
+    assert eventually(lambda: h.app.store.queue_depth("w2s") == 0, timeout), w2s_queue(h)
 
 
 def w2s_queue(h):
@@ -4106,17 +4118,6 @@ def w2s_drain(h, deliverer, clock, step=301.0, limit=40):
             return True
         clock.advance(step)
     return False
-
-
-def w2s_get(url):
-    u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    try:
-        conn.request("GET", u.path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode("utf-8")
-    finally:
-        conn.close()
 
 
 def w2s_files_outside_cache(h):
@@ -4890,7 +4891,7 @@ class TestReactionsEditsDeletes:
         owner_ts = int(time.time() * 1000)
         w2s_owner_reply(h, owner_ts, "hello back")
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
-        assert h.wait(lambda: (h.app.store.by_sig("default", owner_ts) or {}).get("direction") == "s2w")
+        assert eventually(lambda: (h.app.store.by_sig("default", owner_ts) or {}).get("direction") == "s2w")
         wa_id = h.waha.calls_for("/api/sendText")[0]["wa_id"]
         assert wa_id.startswith("true_%s_" % W2S_ALICE)
 
@@ -5048,7 +5049,7 @@ class TestDurability:
         ev2 = w2s_message(h, W2S_ALICE, "3EB0RS2", "two")
         w2s_post(h, ev2)
         w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS3", "three"))
-        assert h.wait(lambda: w2s_queue(h)[1]["attempts"] >= 1)
+        assert eventually(lambda: w2s_queue(h)[1]["attempts"] >= 1)
         h.restart()
         w2s_post(h, ev2, expect="duplicate")                       # dedupe survives the restart
         w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0RS4", "four"))
@@ -5064,9 +5065,9 @@ class TestDurability:
         h = w2s_make()
         h.signal.errors.append((-1, "The user +15550000002 is not registered.", "send"))
         w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0DEAD", "lost?"))
-        assert h.wait(lambda: [r["state"] for r in w2s_queue(h)] == ["dead"])
+        assert eventually(lambda: [r["state"] for r in w2s_queue(h)] == ["dead"])
         assert w2s_texts(h) == []
-        status, metrics = w2s_get(h.url + "/metrics")
+        status, metrics = http_get(h.url, "/metrics")
         assert status == 200
         assert 'whatsignal_dead_letters_total{direction="w2s"} 1.0' in metrics.splitlines()
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
@@ -5155,7 +5156,7 @@ class TestSignalBackends:
             assert h.waha.wait_for(lambda f: f.sent("text"), 10), backend
             assert [(x["chatId"], x["text"], x["reply_to"]) for x in h.waha.sent("text")] == \
                 [(W2S_ALICE, "Yes, 10 minutes", "false_%s_3EB0RT1" % W2S_ALICE)], backend
-            status, metrics = w2s_get(h.url + "/metrics")
+            status, metrics = http_get(h.url, "/metrics")
             lines = metrics.splitlines()
             assert 'whatsignal_messages_processed_total{direction="w2s",kind="text",result="ok"} 1.0' in lines
             assert 'whatsignal_delivery_latency_seconds_count{direction="w2s"} 1' in lines
@@ -5389,10 +5390,10 @@ def s2w_forward(h, chat, body, participant=None, push=None, session="default", t
     status, resp = h.webhook(ev)
     assert status == 200, resp
     match = lambda: [o for o in s2w_out(h) if o["text"] and o["text"].endswith(body)]
-    assert h.wait(lambda: match(), timeout), "message %r never reached Signal: %r" % (body, s2w_out(h))
+    assert eventually(lambda: match(), timeout), "message %r never reached Signal: %r" % (body, s2w_out(h))
     # the mapping is committed right after the send returns: wait for it too
     mine = lambda: [r for r in s2w_queue(h, "w2s") if h.app.store.record_of(r).get("id") == sid]
-    assert h.wait(lambda: [r["state"] for r in mine()] == ["done"], timeout)
+    assert eventually(lambda: [r["state"] for r in mine()] == ["done"], timeout)
     return sid, match()[-1]
 
 
@@ -5451,14 +5452,9 @@ def s2w_settle(h, timeout=10.0):
     """Push a /to marker from the owner and wait for it: everything received before it was handled."""
     marker = "marker-" + uuid.uuid4().hex[:8]
     s2w_push(h, "/to +15550000077 " + marker)
-    assert h.wait(lambda: any(b["text"] == marker for b in h.waha.sent("text")), timeout), \
+    assert eventually(lambda: any(b["text"] == marker for b in h.waha.sent("text")), timeout), \
         "the marker never reached WAHA"
     return marker
-
-
-def s2w_metrics(h):
-    with urllib.request.urlopen(h.url + "/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 def s2w_queue(h, direction="s2w", state=None):
@@ -5480,7 +5476,7 @@ class TestReceiving:
         obj = s2w_fixture(name)
         assert h.signal.push(obj)
         text = "Hello from Signal"
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         s2w_settle(h)
         assert s2w_waha_texts(h, S2W_ALICE) == [{"session": "default", "chatId": S2W_ALICE, "text": text}]
 
@@ -5488,7 +5484,7 @@ class TestReceiving:
         h = s2w_make("rest")
         sid, _ = s2w_forward(h, S2W_ALICE, "polling?")
         assert h.signal.push(s2w_fixture("signal-envelope-text-current-derived.json"))
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Hello from Signal"}]
         polls = h.signal.calls_for("/v1/receive/", "GET")
         assert polls and all("timeout" in c["query"] for c in polls)
@@ -5497,7 +5493,7 @@ class TestReceiving:
         h = s2w_make("rest", rest_mode="json-rpc")
         sid, _ = s2w_forward(h, S2W_ALICE, "websocket?")
         assert h.signal.push(s2w_fixture("signal-envelope-text-current-derived.json"))
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Hello from Signal"}]
         assert h.signal.dropped == 0
         upgrades = [c for c in h.signal.calls_for("/v1/receive/") if c["status"] == 101]
@@ -5510,7 +5506,7 @@ class TestReceiving:
         assert h.signal.cut_mid_event(half) == 1
         assert h.signal.wait_for(lambda f: len(f.calls_for("/api/v1/events")) >= 2 and f.stream_connections == 1, 8)
         ts = s2w_push(h, "after the cut")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         s2w_settle(h)
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["after the cut"]
         assert "signal receive interrupted; reconnecting" in h.logs.text()
@@ -5523,7 +5519,7 @@ class TestReceiving:
             lambda f: len([c for c in f.calls_for("/v1/receive/") if c["status"] == 101]) >= 2
             and f.ws_connections == 1, 8)
         s2w_push(h, "after the drop")
-        assert h.wait(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["after the drop"]
         assert h.signal.dropped == 0
 
@@ -5532,7 +5528,7 @@ class TestReceiving:
         s2w_forward(h, S2W_ALICE, "ping")
         obj = s2w_env(text="only once")
         assert h.signal.push(obj)
-        assert h.wait(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
         assert h.signal.push(copy.deepcopy(obj))
         # a redelivery with the same sender+timestamp but another body is the same envelope too
         again = copy.deepcopy(obj)
@@ -5548,14 +5544,14 @@ class TestReceiving:
         h.waha.mode = "down"
         s2w_push(h, "first")
         s2w_push(h, "second")
-        assert h.wait(lambda: len(h.waha.calls_for("/api/sendText")) >= 1)
-        assert h.wait(lambda: len(s2w_queue(h, state="pending")) == 2)
+        assert eventually(lambda: len(h.waha.calls_for("/api/sendText")) >= 1)
+        assert eventually(lambda: len(s2w_queue(h, state="pending")) == 2)
         s2w_stop_app(h)
         s2w_push(h, "third (sent while the bridge was away)")
         assert len(h.signal.pending) == 1      # held by the daemon (receive-mode on-connection)
         h.waha.mode = "ok"
         s2w_start_app(h)
-        assert h.wait(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 3, 10)
+        assert eventually(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 3, 10)
         s2w_settle(h)
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == \
             ["first", "second", "third (sent while the bridge was away)"]
@@ -5585,7 +5581,7 @@ class TestOwnerOnly:
         assert len(recs) == 2
         assert all(r["sender"] == "+1555*****03" for r in recs)
         assert "15550000003" not in h.logs.text()
-        assert "whatsignal_unauthorized_senders_total 2.0" in s2w_metrics(h)
+        assert "whatsignal_unauthorized_senders_total 2.0" in http_get(h.url, "/metrics")[1]
 
     def test_numbers_that_only_look_like_the_owner_are_ignored(self, s2w_make):
         h = s2w_make("rpc")
@@ -5596,7 +5592,7 @@ class TestOwnerOnly:
             s2w_push(h, "spoof %d" % i, source=number, uuid_=str(uuid.uuid4()))
         s2w_settle(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
-        assert "whatsignal_unauthorized_senders_total %r" % float(len(fakes)) in s2w_metrics(h)
+        assert "whatsignal_unauthorized_senders_total %r" % float(len(fakes)) in http_get(h.url, "/metrics")[1]
 
     @pytest.mark.parametrize("name", ["signal-envelope-sync-sent-derived.json",
                                       "signal-envelope-sync-sent-group-derived.json",
@@ -5616,9 +5612,9 @@ class TestOwnerOnly:
         s2w_forward(h, S2W_ALICE, "hello owner")
         s2w_push(h, "hidden before seen", source=None)
         s2w_push(h, "with number")          # the owner, number + UUID: now the UUID is known
-        assert h.wait(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
         s2w_push(h, "hidden after seen", source=None)
-        assert h.wait(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 2)
+        assert eventually(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 2)
         s2w_settle(h)
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["with number", "hidden after seen"]
         assert [r["sender"] for r in h.logs.records() if "unauthorized sender" in r["msg"]] == ["hidden number"]
@@ -5627,11 +5623,11 @@ class TestOwnerOnly:
         h = s2w_make("rpc")
         s2w_forward(h, S2W_ALICE, "hello owner")
         s2w_push(h, "owner")
-        assert h.wait(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
         s2w_push(h, "hidden stranger", source=None, uuid_="b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e")
         s2w_settle(h)
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["owner"]
-        assert "whatsignal_unauthorized_senders_total 1.0" in s2w_metrics(h)
+        assert "whatsignal_unauthorized_senders_total 1.0" in http_get(h.url, "/metrics")[1]
 
 
 # ---------------------------------------------------------------------------
@@ -5643,9 +5639,9 @@ class TestRouting:
         assert a_copy["to"] == OWNER and a_copy["text"] == "Alice Example: Shall we meet at 6?"
         s2w_push(h, "Yes, sounds good", quote={"id": a_copy["ts"], "author": BRIDGE, "authorNumber": BRIDGE,
                                                "text": a_copy["text"], "attachments": []})
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         s2w_push(h, "Sure", quote={"id": b_copy["ts"], "author": BRIDGE, "text": b_copy["text"]})
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 2)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
         s2w_settle(h)
         assert s2w_waha_texts(h)[:2] == [
             {"session": "default", "chatId": S2W_ALICE, "text": "Yes, sounds good", "reply_to": a_id},
@@ -5659,7 +5655,7 @@ class TestRouting:
         obj = s2w_fixture("signal-envelope-quote-reply-derived.json")
         obj["envelope"]["dataMessage"]["quote"]["id"] = a_copy["ts"]
         assert h.signal.push(obj)
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Yes, sounds good",
                                       "reply_to": a_id}]
 
@@ -5668,10 +5664,10 @@ class TestRouting:
         s2w_forward(h, S2W_ALICE, "one")
         s2w_forward(h, S2W_BOB, "two")
         s2w_push(h, "plain answer")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         s2w_forward(h, S2W_ALICE, "three")
         s2w_push(h, "second plain answer")
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 2)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_BOB, "text": "plain answer"},
                                      {"session": "default", "chatId": S2W_ALICE, "text": "second plain answer"}]
 
@@ -5680,7 +5676,7 @@ class TestRouting:
         s2w_forward(h, S2W_ALICE, "hello")
         before = len(s2w_out(h))
         ts = s2w_push(h, "answer to what?", quote={"id": 1700000000000, "author": BRIDGE, "text": "old"})
-        assert h.wait(lambda: len(s2w_out(h)) > before)
+        assert eventually(lambda: len(s2w_out(h)) > before)
         s2w_settle(h)
         notices = s2w_out(h)[before:]
         assert len(notices) == 1
@@ -5701,7 +5697,7 @@ class TestRouting:
 class TestCommands:
     def s2w_reply(self, h, text, before):
         s2w_push(h, text)
-        assert h.wait(lambda: len(s2w_out(h)) > before), "no answer to %r" % text
+        assert eventually(lambda: len(s2w_out(h)) > before), "no answer to %r" % text
         return s2w_out(h)[before]
 
     def test_help(self, s2w_make):
@@ -5732,18 +5728,18 @@ class TestCommands:
         s2w_forward(h, S2W_ALICE, "a")
         s2w_forward(h, S2W_BOB, "b")
         s2w_push(h, "/to 1 hello Alice, via /to")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "hello Alice, via /to"}]
 
     def test_to_new_number_starts_a_chat(self, s2w_make):
         h = s2w_make("rpc")
         s2w_push(h, "/to +447700900123 Hi, this is new")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us", "text": "Hi, this is new"}]
         # an answer without a quote does not go there: it was no forwarded message
         n = len(s2w_out(h))
         s2w_push(h, "/to +12 bad")
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         assert "+E.164" in s2w_out(h)[n]["text"]
 
     def test_to_by_name_single_and_multi_word(self, s2w_make):
@@ -5755,7 +5751,7 @@ class TestCommands:
         s2w_push(h, "/to Bob hi Bob")
         s2w_push(h, "/to Alice Example see you at 6")
         s2w_push(h, "/to alice cooper rock on")
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 3)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 3)
         assert s2w_waha_texts(h) == [
             {"session": "default", "chatId": S2W_BOB, "text": "hi Bob"},
             {"session": "default", "chatId": S2W_ALICE, "text": "see you at 6"},
@@ -5768,7 +5764,7 @@ class TestCommands:
         s2w_forward(h, S2W_CAROL, "c")
         n = len(s2w_out(h))
         ts = s2w_push(h, "/to Alice hello")
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         r = s2w_out(h)[n]
         assert r["quote_ts"] == ts
         assert "1. Alice Example" in r["text"] and "2. Alice Cooper" in r["text"] and "several" in r["text"]
@@ -5779,7 +5775,7 @@ class TestCommands:
         h = s2w_make("rpc")
         ev = h.waha.event("session.status", {"name": "default", "status": "WORKING"})
         assert h.webhook(ev)[0] == 200
-        assert h.wait(lambda: h.app.store.state("default", "session_status") == "WORKING")
+        assert eventually(lambda: h.app.store.state("default", "session_status") == "WORKING")
         r = self.s2w_reply(h, "/status", len(s2w_out(h)))
         assert r["to"] == OWNER
         assert "WhatSignal " + ws.__version__ in r["text"]
@@ -5792,7 +5788,7 @@ class TestCommands:
         s2w_forward(h, S2W_ALICE, "hello")
         n = len(s2w_out(h))
         ts = s2w_push(h, "/frobnicate now")
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         r = s2w_out(h)[n]
         assert r["text"].startswith("Unknown command /frobnicate")
         assert ws.HELP_TEXT in r["text"] and r["quote_ts"] == ts
@@ -5810,11 +5806,11 @@ class TestOwnerActions:
         obj["envelope"]["dataMessage"]["reaction"]["targetSentTimestamp"] = a_copy["ts"]
         assert h.signal.push(obj)
         reactions = lambda: [c["json"] for c in h.waha.calls_for("/api/reaction", "PUT") if c["status"] == 200]
-        assert h.wait(lambda: reactions())
+        assert eventually(lambda: reactions())
         removal = s2w_fixture("signal-envelope-reaction-derived.json")
         removal["envelope"]["dataMessage"]["reaction"].update(targetSentTimestamp=a_copy["ts"], isRemove=True)
         assert h.signal.push(removal)
-        assert h.wait(lambda: len(reactions()) >= 2)
+        assert eventually(lambda: len(reactions()) >= 2)
         s2w_settle(h)
         assert reactions() == [{"session": "default", "messageId": a_id, "reaction": "\U0001F44D"},
                                {"session": "default", "messageId": a_id, "reaction": ""}]
@@ -5825,7 +5821,7 @@ class TestOwnerActions:
         g_id, g_copy = s2w_forward(h, S2W_FAMILY, "Hi everyone", participant=S2W_DORA)
         s2w_push(h, None, reaction={"emoji": "\u2764\ufe0f", "targetAuthor": BRIDGE,
                                     "targetSentTimestamp": g_copy["ts"], "isRemove": False})
-        assert h.wait(lambda: h.waha.calls_for("/api/reaction"))
+        assert eventually(lambda: h.waha.calls_for("/api/reaction"))
         c = h.waha.calls_for("/api/reaction")[0]
         assert c["status"] == 200, c["response"]
         assert c["json"]["messageId"] == g_id and g_id.endswith("_" + S2W_DORA)
@@ -5834,7 +5830,7 @@ class TestOwnerActions:
         """The owner writes *text* (routed to *chat*); return (its Signal ts, the WhatsApp id WAHA gave it)."""
         n = len(h.waha.calls_for("/api/sendText"))
         ts = s2w_push(h, text)
-        assert h.wait(lambda: len(h.waha.calls_for("/api/sendText")) > n)
+        assert eventually(lambda: len(h.waha.calls_for("/api/sendText")) > n)
         c = h.waha.calls_for("/api/sendText")[n]
         assert c["json"]["chatId"] == chat and c["json"]["text"] == text
         return ts, c["wa_id"]
@@ -5846,7 +5842,7 @@ class TestOwnerActions:
         obj = s2w_fixture("signal-envelope-remote-delete-derived.json")
         obj["envelope"]["dataMessage"]["remoteDelete"]["timestamp"] = ts
         assert h.signal.push(obj)
-        assert h.wait(lambda: h.waha.calls_for("/api/default/chats/", "DELETE"))
+        assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "DELETE"))
         s2w_settle(h)
         dels = h.waha.calls_for("/api/default/chats/", "DELETE")
         assert [(c["chatId"], c["messageId"], c["status"]) for c in dels] == [(S2W_ALICE, wa_id, 200)]
@@ -5865,7 +5861,7 @@ class TestOwnerActions:
         obj = s2w_fixture("signal-envelope-edit-derived.json")
         obj["envelope"]["editMessage"]["targetSentTimestamp"] = ts
         assert h.signal.push(obj)
-        assert h.wait(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
+        assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
         s2w_settle(h)
         edits = h.waha.calls_for("/api/default/chats/", "PUT")
         assert [(c["chatId"], c["messageId"], c["json"], c["status"]) for c in edits] == \
@@ -5876,13 +5872,13 @@ class TestOwnerActions:
         s2w_forward(h, S2W_ALICE, "a")
         s2w_forward(h, S2W_BOB, "b")
         ts = s2w_push(h, "/to 1 see you at 6")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         wa_id = h.waha.calls_for("/api/sendText")[0]["wa_id"]
         obj = s2w_fixture("signal-envelope-edit-derived.json")
         obj["envelope"]["editMessage"]["targetSentTimestamp"] = ts
         obj["envelope"]["editMessage"]["dataMessage"]["message"] = "/to 1 see you at 7"
         assert h.signal.push(obj)
-        assert h.wait(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
+        assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
         edit = h.waha.calls_for("/api/default/chats/", "PUT")[0]
         assert (edit["chatId"], edit["messageId"]) == (S2W_ALICE, wa_id)
         assert edit["json"] == {"text": "see you at 7"}     # never the command syntax on WhatsApp
@@ -5896,7 +5892,7 @@ class TestOwnerActions:
         obj["envelope"]["receiptMessage"]["timestamps"] = [c1["ts"], c2["ts"], c3["ts"], 1700000000000]
         assert h.signal.push(obj)
         seen = lambda: h.waha.sent("seen")
-        assert h.wait(lambda: len(seen()) >= 2)
+        assert eventually(lambda: len(seen()) >= 2)
         s2w_settle(h)
         assert sorted(seen(), key=lambda b: b["chatId"]) == [
             {"session": "default", "chatId": S2W_ALICE, "messageIds": [a1, a2]},
@@ -5915,7 +5911,7 @@ class TestOwnerActions:
         stopped = s2w_fixture("signal-envelope-typing-derived.json")
         stopped["envelope"]["typingMessage"]["action"] = "STOPPED"
         assert h.signal.push(stopped)
-        assert h.wait(lambda: h.waha.calls_for("/api/stopTyping"))
+        assert eventually(lambda: h.waha.calls_for("/api/stopTyping"))
         assert [(c["path"], c["json"]["chatId"]) for c in h.waha.calls if "Typing" in c["path"]] == \
             [("/api/startTyping", S2W_BOB), ("/api/stopTyping", S2W_BOB)]
 
@@ -5928,7 +5924,7 @@ class TestOwnerActions:
                 {"contentType": "application/pdf", "filename": "report.pdf", "id": "att-3.pdf",
                  "size": len(S2W_PDF)}]
         s2w_push(h, "Look at this", attachments=atts)
-        assert h.wait(lambda: len(h.waha.sent()) >= 3)
+        assert eventually(lambda: len(h.waha.sent()) >= 3)
         s2w_settle(h)
         media = [c for c in h.waha.calls if c["path"] in ("/api/sendImage", "/api/sendVoice", "/api/sendFile",
                                                            "/api/sendVideo", "/api/sendText")]
@@ -5952,7 +5948,7 @@ class TestOwnerActions:
         h.signal.attachments[att["id"]] = S2W_JPEG
         obj["envelope"]["dataMessage"]["quote"] = {"id": a_copy["ts"], "author": BRIDGE, "text": a_copy["text"]}
         assert h.signal.push(obj)
-        assert h.wait(lambda: h.waha.sent("image"))
+        assert eventually(lambda: h.waha.sent("image"))
         assert h.waha.sent("image")[0]["chatId"] == S2W_ALICE
         assert h.waha.sent("image")[0]["caption"] == "Look at this"
         assert h.waha.sent("image")[0]["reply_to"] == a_id
@@ -5965,7 +5961,7 @@ class TestOwnerActions:
         ts = s2w_push(h, "see attached", attachments=[{"contentType": "application/pdf", "id": att_id,
                                                        "filename": "passwd", "size": 100}])
         notice = lambda: [o for o in s2w_out(h) if o["to"] == OWNER and o["quote_ts"] == ts]
-        assert h.wait(lambda: notice())
+        assert eventually(lambda: notice())
         assert "Not delivered to WhatsApp" in notice()[0]["text"]
         assert [c["path"] for c in h.signal.calls if "attachments" in c["path"]] == []
         assert h.waha.sent() == []
@@ -5976,7 +5972,7 @@ class TestOwnerActions:
         ts = s2w_push(h, "see attached", attachments=[{"contentType": "application/pdf", "id": "../../etc/passwd",
                                                        "filename": "passwd", "size": 100}])
         notice = lambda: [o for o in s2w_out(h) if o["to"] == OWNER and o["quote_ts"] == ts]
-        assert h.wait(lambda: notice())
+        assert eventually(lambda: notice())
         # only ever asked signal-cli for it by id (never opened as a file), and nothing went to WhatsApp
         assert [r["params"] for r in h.signal.requests("getAttachment")] == [{"id": "../../etc/passwd"}]
         assert h.waha.sent() == []
@@ -5990,7 +5986,7 @@ class TestTellingTheOwner:
         h.waha.refuse["/api/sendText"] = (400, "chatId does not exist")
         n = len(s2w_out(h))
         ts = s2w_push(h, "this will bounce")
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         notices = s2w_out(h)[n:]
         assert len(notices) == 1
         note = notices[0]
@@ -6000,7 +5996,7 @@ class TestTellingTheOwner:
         assert "chatId does not exist" in note["text"] and "\n" not in note["text"]
         assert len(h.waha.calls_for("/api/sendText")) == 1           # not retried
         assert [r["state"] for r in s2w_queue(h)] == ["dead"]
-        assert "whatsignal_dead_letters_total" in s2w_metrics(h)
+        assert "whatsignal_dead_letters_total" in http_get(h.url, "/metrics")[1]
 
     def test_media_refused_by_waha_is_reported(self, s2w_make):
         h = s2w_make("rpc")
@@ -6009,7 +6005,7 @@ class TestTellingTheOwner:
         h.signal.attachments["p.jpg"] = S2W_JPEG
         ts = s2w_push(h, "pic", attachments=[{"contentType": "image/jpeg", "id": "p.jpg", "size": len(S2W_JPEG)}])
         notice = lambda: [o for o in s2w_out(h) if o["quote_ts"] == ts]
-        assert h.wait(lambda: notice())
+        assert eventually(lambda: notice())
         assert notice()[0]["quote_author"] == OWNER
         assert "file.mimetype is not supported" in notice()[0]["text"]
 
@@ -6021,7 +6017,7 @@ class TestTellingTheOwner:
         h.waha.mode = "down"
         s2w_push(h, "patience")
         for attempt in (1, 2, 3):                 # tried, and retried with backoff: no notice for a delay
-            assert h.wait(lambda: [r["attempts"] for r in s2w_queue(h)] == [attempt])
+            assert eventually(lambda: [r["attempts"] for r in s2w_queue(h)] == [attempt])
             assert len(h.waha.calls_for("/api/sendText")) == attempt
             row = s2w_queue(h)[0]
             assert row["state"] == "pending" and row["next_at"] > clock.time()
@@ -6031,11 +6027,11 @@ class TestTellingTheOwner:
         assert len(s2w_out(h)) == n
         h.waha.mode = "ok"
         h.app.bridge.wake["s2w"].set()
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         s2w_settle(h)
         assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["patience"]
         assert len(s2w_out(h)) == n
-        assert h.wait(lambda: [r["state"] for r in s2w_queue(h)] == ["done", "done"])
+        assert eventually(lambda: [r["state"] for r in s2w_queue(h)] == ["done", "done"])
 
     def test_a_message_delayed_past_the_expiry_is_given_up_and_reported(self, s2w_make):
         clock = FakeClock(start=time.time())
@@ -6043,12 +6039,12 @@ class TestTellingTheOwner:
         s2w_forward(h, S2W_ALICE, "hi")
         h.waha.mode = "down"
         ts = s2w_push(h, "too late")
-        assert h.wait(lambda: [r["attempts"] for r in s2w_queue(h)] == [1])
+        assert eventually(lambda: [r["attempts"] for r in s2w_queue(h)] == [1])
         assert not [o for o in s2w_out(h) if o["quote_ts"] == ts]
         clock.advance(25 * 3600)
         h.app.bridge.wake["s2w"].set()
         notice = lambda: [o for o in s2w_out(h) if o["quote_ts"] == ts]
-        assert h.wait(lambda: notice())
+        assert eventually(lambda: notice())
         assert notice()[0]["text"].startswith("Not delivered to WhatsApp: gave up after 24 hours")
         assert notice()[0]["quote_author"] == OWNER
         assert s2w_queue(h)[0]["state"] == "dead"
@@ -6073,7 +6069,7 @@ class TestMultiChannel:
         h = s2w_two
         s2w_push(h, "reply from work owner", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
         s2w_push(h, "reply from private owner")
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 2)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
         got = sorted(s2w_waha_texts(h), key=lambda b: b["session"])
         assert got == [{"session": "default", "chatId": S2W_ALICE, "text": "reply from private owner"},
                        {"session": "work", "chatId": S2W_CAROL, "text": "reply from work owner"}]
@@ -6082,7 +6078,7 @@ class TestMultiChannel:
         h = s2w_two
         s2w_push(h, "/chats", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
         s2w_push(h, "/chats")
-        assert h.wait(lambda: len([t for t in s2w_texts_to(h, S2W_OWNER2) if t.startswith("Recent")]) == 1
+        assert eventually(lambda: len([t for t in s2w_texts_to(h, S2W_OWNER2) if t.startswith("Recent")]) == 1
                       and len([t for t in s2w_texts_to(h, OWNER) if t.startswith("Recent")]) == 1)
         work = [t for t in s2w_texts_to(h, S2W_OWNER2) if t.startswith("Recent")][0]
         private = [t for t in s2w_texts_to(h, OWNER) if t.startswith("Recent")][0]
@@ -6092,12 +6088,12 @@ class TestMultiChannel:
         n = len(s2w_texts_to(h, S2W_OWNER2))
         ts = s2w_push(h, "sneaky", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID,
                       quote={"id": self.a_copy["ts"], "author": BRIDGE, "text": "x"})
-        assert h.wait(lambda: len(s2w_texts_to(h, S2W_OWNER2)) > n)
+        assert eventually(lambda: len(s2w_texts_to(h, S2W_OWNER2)) > n)
         note = [o for o in s2w_out(h) if o["quote_ts"] == ts][0]
         assert note["to"] == S2W_OWNER2 and note["quote_author"] == S2W_OWNER2
         # /to by short number resolves within the channel: work's chat 1 is Carol
         s2w_push(h, "/to 1 via number", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "work", "chatId": S2W_CAROL, "text": "via number"}]
         assert not [t for t in s2w_texts_to(h, OWNER) if "know which" in t]
 
@@ -6142,7 +6138,7 @@ class TestGroupsLayout:
         # the owner answers in each group without quoting
         for gid, text in ((b1["group"], "to Bob"), (f1["group"], "to the family"), (a1["group"], "to Alice")):
             assert h.signal.push(s2w_group_env(s2w_new_ts(), text, gid))
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 3)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 3)
         assert sorted((b["chatId"], b["text"], b.get("reply_to")) for b in s2w_waha_texts(h)) == sorted(
             [(S2W_BOB, "to Bob", None), (S2W_FAMILY, "to the family", None), (S2W_ALICE, "to Alice", None)])
         assert len(s2w_created_groups(h)) == 3
@@ -6158,7 +6154,7 @@ class TestGroupsLayout:
         for t in threads:
             t.join(10)
         assert results == [200] * 6
-        assert h.wait(lambda: len([o for o in s2w_out(h) if (o["text"] or "").startswith("burst")]) == 6)
+        assert eventually(lambda: len([o for o in s2w_out(h) if (o["text"] or "").startswith("burst")]) == 6)
         copies = [o for o in s2w_out(h) if (o["text"] or "").startswith("burst")]
         assert len({o["group"] for o in copies}) == 1
         assert [g["name"] for g in s2w_created_groups(h)] == ["Bob Builder"]
@@ -6170,11 +6166,11 @@ class TestGroupsLayout:
         b1_id, b1 = s2w_forward(h, S2W_BOB, "Bob's question")
         assert h.signal.push(s2w_group_env(s2w_new_ts(), "answer to the first", a1["group"],
                                            quote={"id": a1["ts"], "author": BRIDGE, "text": a1["text"]}))
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         # quoting another chat's message inside Alice's group still writes to Alice, as a plain message
         assert h.signal.push(s2w_group_env(s2w_new_ts(), "odd quote", a1["group"],
                                            quote={"id": b1["ts"], "author": BRIDGE, "text": b1["text"]}))
-        assert h.wait(lambda: len(s2w_waha_texts(h)) >= 2)
+        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
         assert s2w_waha_texts(h) == [
             {"session": "default", "chatId": S2W_ALICE, "text": "answer to the first", "reply_to": a1_id},
             {"session": "default", "chatId": S2W_ALICE, "text": "odd quote"}]
@@ -6188,7 +6184,7 @@ class TestGroupsLayout:
             "id": "false_%s_R1" % S2W_ALICE, "from": S2W_ALICE, "fromMe": False, "participant": S2W_ALICE,
             "timestamp": int(time.time()), "reaction": {"text": "\U0001F64F", "messageId": a_id}})
         assert h.webhook(ev)[0] == 200
-        assert h.wait(lambda: h.signal.requests("sendReaction"))
+        assert eventually(lambda: h.signal.requests("sendReaction"))
         r = h.signal.requests("sendReaction")[0]
         assert r["error"] is None
         assert r["params"].get("groupId") == a["group"] and not r["params"].get("recipient")
@@ -6197,7 +6193,7 @@ class TestGroupsLayout:
         assert h.signal.push(s2w_env(None, None, reaction={
             "emoji": "\U0001F44D", "targetAuthor": BRIDGE, "targetSentTimestamp": a["ts"], "isRemove": False},
             groupInfo={"groupId": a["group"], "type": "DELIVER"}))
-        assert h.wait(lambda: h.waha.calls_for("/api/reaction"))
+        assert eventually(lambda: h.waha.calls_for("/api/reaction"))
         assert [c["json"] for c in h.waha.calls_for("/api/reaction")] == [
             {"session": "default", "messageId": a_id, "reaction": "\U0001F44D"}]
 
@@ -6230,7 +6226,7 @@ class TestGroupsLayout:
         gid = a["group"]
         h.signal.groups[gid]["members"].remove(OWNER)
         assert h.signal.push(s2w_env(None, None, groupInfo={"groupId": gid, "type": "UPDATE", "revision": 2}))
-        assert h.wait(lambda: [t for t in s2w_texts_to(h) if "You left" in t], 3), \
+        assert eventually(lambda: [t for t in s2w_texts_to(h) if "You left" in t], 3), \
             "no notice after the owner left the group: %r" % s2w_texts_to(h)
         note = [t for t in s2w_texts_to(h) if "You left" in t][0]
         assert "Alice Example" in note and "/reopen Alice Example" in note
@@ -6254,16 +6250,16 @@ class TestGroupsLayout:
         h.app.store.save_group("default", S2W_ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
         s2w_push(h, "/to Alice Example are you there")
         s2w_push(h, "/reopen Alice Example")
-        assert h.wait(lambda: any(t.startswith("Reopened") for t in s2w_texts_to(h)))
+        assert eventually(lambda: any(t.startswith("Reopened") for t in s2w_texts_to(h)))
         assert "You left that chat's Signal group; /reopen Alice Example first." in s2w_texts_to(h)
         assert not [b for b in s2w_waha_texts(h) if b["text"] == "are you there"]
-        assert h.wait(lambda: s2w_queue(h, "s2w", "pending") == [])
+        assert eventually(lambda: s2w_queue(h, "s2w", "pending") == [])
 
     def s2w_held_then_reopened(self, h, gid):
         ev1, _ = s2w_wa_event(h, S2W_ALICE, "while away 1")
         ev2, _ = s2w_wa_event(h, S2W_ALICE, "while away 2")
         assert h.webhook(ev1)[0] == 200 and h.webhook(ev2)[0] == 200
-        assert h.wait(lambda: [r["attempts"] for r in s2w_queue(h, "w2s", "pending")][:1] == [1])
+        assert eventually(lambda: [r["attempts"] for r in s2w_queue(h, "w2s", "pending")][:1] == [1])
         s2w_forward(h, S2W_BOB, "Bob is not affected")
         time.sleep(0.3)                                       # held: not retried in a loop
         pend = s2w_queue(h, "w2s", "pending")
@@ -6271,7 +6267,7 @@ class TestGroupsLayout:
         assert not [o for o in s2w_out(h) if (o["text"] or "").startswith("while away")]
         assert len(s2w_created_groups(h)) == 2             # Alice's group was not re-created on its own
         s2w_push(h, "/reopen Alice Example")
-        assert h.wait(lambda: len([o for o in s2w_out(h) if (o["text"] or "").startswith("while away")]) == 2)
+        assert eventually(lambda: len([o for o in s2w_out(h) if (o["text"] or "").startswith("while away")]) == 2)
         created = s2w_created_groups(h)
         assert [g["name"] for g in created] == ["Alice Example", "Bob Builder", "Alice Example"]
         copies = [o for o in s2w_out(h) if (o["text"] or "").startswith("while away")]
@@ -6280,7 +6276,7 @@ class TestGroupsLayout:
         assert new_gid not in (None, gid) and copies[1]["group"] == new_gid
         assert [t for t in s2w_texts_to(h) if t.startswith("Reopened")] == \
             ["Reopened 'Alice Example' in a new Signal group; 2 held message(s) follow."]
-        assert h.wait(lambda: s2w_queue(h, "w2s", "pending") == [])
+        assert eventually(lambda: s2w_queue(h, "w2s", "pending") == [])
 
     def test_a_burst_of_new_chats_is_paced_and_nothing_is_lost(self, s2w_make):
         clock = FakeClock(start=time.time())
@@ -6289,8 +6285,8 @@ class TestGroupsLayout:
         chats = ["1555009%04d@c.us" % i for i in range(20)]
         for i, chat in enumerate(chats):
             assert h.webhook(s2w_wa_event(h, chat, "burst message %d" % i)[0])[0] == 200
-        assert h.wait(lambda: len(s2w_created_groups(h)) == 5)
-        assert h.wait(lambda: all(r["attempts"] >= 1 for r in s2w_queue(h, "w2s", "pending")))
+        assert eventually(lambda: len(s2w_created_groups(h)) == 5)
+        assert eventually(lambda: all(r["attempts"] >= 1 for r in s2w_queue(h, "w2s", "pending")))
         assert len(s2w_created_groups(h)) == 5                  # at most 5 at once
         pend = s2w_queue(h, "w2s", "pending")
         assert len(pend) == 15
@@ -6299,11 +6295,11 @@ class TestGroupsLayout:
         # half a minute later: one more group at 2 per minute
         clock.advance(30.5)
         h.app.bridge.wake["w2s"].set()
-        assert h.wait(lambda: len(s2w_created_groups(h)) == 6)
+        assert eventually(lambda: len(s2w_created_groups(h)) == 6)
         for expected in (11, 16, 20):                          # every 5 minutes the burst allowance is back
             clock.advance(300)
             h.app.bridge.wake["w2s"].set()
-            assert h.wait(lambda: len(s2w_created_groups(h)) == expected and
+            assert eventually(lambda: len(s2w_created_groups(h)) == expected and
                           len(s2w_queue(h, "w2s", "pending")) == 20 - expected)
             assert len(s2w_created_groups(h)) == expected
         assert s2w_queue(h, "w2s", "pending") == []
@@ -6338,13 +6334,13 @@ class TestGroupsLayout:
         h.raw["bridge"] = {"layout": "groups"}
         s2w_start_app(h)
         s2w_push(h, "late answer", quote={"id": a["ts"], "author": BRIDGE, "text": a["text"]})
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "late answer",
                                       "reply_to": a_id}]
         # a reaction on the old 1:1 copy still reaches the original too
         s2w_push(h, None, reaction={"emoji": "\U0001F44D", "targetAuthor": BRIDGE, "targetSentTimestamp": a["ts"],
                                     "isRemove": False})
-        assert h.wait(lambda: h.waha.calls_for("/api/reaction"))
+        assert eventually(lambda: h.waha.calls_for("/api/reaction"))
         assert h.waha.calls_for("/api/reaction")[0]["json"]["messageId"] == a_id
 
     def test_plain_text_in_the_control_room_gets_a_hint(self, s2w_make):
@@ -6352,7 +6348,7 @@ class TestGroupsLayout:
         s2w_forward(h, S2W_ALICE, "hello")
         n = len(s2w_out(h))
         ts = s2w_push(h, "an answer without a quote")
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         note = s2w_out(h)[n]
         assert note["to"] == OWNER and note["quote_ts"] == ts and note["quote_author"] == OWNER
         assert "control room" in note["text"]
@@ -6362,10 +6358,10 @@ class TestGroupsLayout:
     def test_to_command_creates_the_group_and_says_where(self, s2w_make):
         h = s2w_make("rpc", raw_overrides=dict(S2W_GROUPS))
         s2w_push(h, "/to +447700900123 Hi, new chat here")
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert s2w_waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us",
                                       "text": "Hi, new chat here"}]
-        assert h.wait(lambda: [t for t in s2w_texts_to(h) if t.startswith("Sent.")])
+        assert eventually(lambda: [t for t in s2w_texts_to(h) if t.startswith("Sent.")])
         created = s2w_created_groups(h)
         assert len(created) == 1
         assert [t for t in s2w_texts_to(h) if t.startswith("Sent.")] == \
@@ -6386,13 +6382,13 @@ class TestGroupsLayout:
         delivered = lambda: [o for o in s2w_out(h) if o["text"] == "day two"]
         dead = lambda: [r for r in s2w_queue(h, "w2s") if r["state"] == "dead"]
         for _ in range(4):                      # whatever the retry policy, it arrives, in Alice's group
-            if h.wait(lambda: delivered() or dead(), 1.5):
+            if eventually(lambda: delivered() or dead(), 1.5):
                 break
             clock.advance(600)
             h.app.bridge.wake["w2s"].set()
         assert not dead(), "the WhatsApp message was given up: %s" % dead()[0]["error"]
         assert delivered() and delivered()[0]["group"] == a["group"]
-        assert h.wait(lambda: [r["state"] for r in s2w_queue(h, "w2s")] == ["done", "done"])
+        assert eventually(lambda: [r["state"] for r in s2w_queue(h, "w2s")] == ["done", "done"])
 
     def test_rename_on_the_rest_api(self, s2w_make):
         class S2wRestRename(FakeSignalRest):
@@ -6429,7 +6425,7 @@ class TestGroupsLayout:
         typing["envelope"]["typingMessage"]["groupId"] = a["group"]
         assert h.signal.push(typing)
         assert h.signal.push(s2w_group_env(s2w_new_ts(), "to Alice", a["group"]))
-        assert h.wait(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: s2w_waha_texts(h))
         assert [c["json"]["chatId"] for c in h.waha.calls if "Typing" in c["path"]] in ([], [S2W_ALICE])
 
     def test_reopen_a_whatsapp_group_by_its_signal_group_name(self, s2w_make):
@@ -6440,7 +6436,7 @@ class TestGroupsLayout:
         h.app.store.save_group("default", S2W_FAMILY, time.time(), "left", g["tag"], g["group"], g["name"])
         n = len(s2w_out(h))
         s2w_push(h, "/reopen Family (WhatsApp)")          # the name the owner sees in Signal
-        assert h.wait(lambda: len(s2w_out(h)) > n)
+        assert eventually(lambda: len(s2w_out(h)) > n)
         assert s2w_texts_to(h)[-1].startswith("Reopened 'Family (WhatsApp)'"), s2w_texts_to(h)
         assert len(s2w_created_groups(h)) == 2
 
@@ -6477,10 +6473,6 @@ def ops_msg(chat, text, mid, push=None, reply_to=None, session="default"):
             "engine": "GOWS", "me": {"id": "15550000001@c.us", "pushName": "Bridge"}}
 
 
-def ops_sign(body, secret=WEBHOOK_SECRET):
-    return hmac.new(secret.encode(), body, hashlib.sha512).hexdigest()
-
-
 def ops_body(event):
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -6498,7 +6490,7 @@ class OpsPoster:
         """Return (status, body bytes, seconds); raises OSError/HTTPException when unreachable."""
         if isinstance(body, dict):
             body = ops_body(body)
-        hdrs = {"Content-Type": "application/json", "X-Webhook-Hmac": ops_sign(body, secret),
+        hdrs = {"Content-Type": "application/json", "X-Webhook-Hmac": sign(body, secret),
                 "X-Webhook-Hmac-Algorithm": "sha512"}
         hdrs.update(headers or {})
         for attempt in (0, 1):
@@ -6529,50 +6521,9 @@ class OpsPoster:
             self.conn = None
 
 
-def ops_get(url, path, headers=None):
-    u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
-
-
-def ops_wait(predicate, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
-
-
 def ops_offline_raw(tmp_path, **sections):
     """Config for the offline commands (cleanup, backup, ...): upstream URLs never contacted."""
     return raw_config(tmp_path, OPS_DEAD_URL, rpc_url=OPS_DEAD_URL, **sections)
-
-
-def ops_write_config(tmp_path, raw, name="config.json"):
-    path = str(tmp_path / name)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(raw, f)
-    return path
-
-
-def ops_env(secret=ENC_SECRET, **extra):
-    env = {"WHATSIGNAL_ENCRYPTION_SECRET": secret}
-    env.update(extra)
-    return env
-
-
-def ops_main(capsys, argv, environ):
-    """Run ws.main; return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    rc = ws.main(argv, environ)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def ops_sql(db_path, sql, args=()):
@@ -6793,7 +6744,7 @@ class TestRetention:
         assert set(statuses) == {200}
         assert len(latencies) >= 5
         assert max(latencies) < 1.0, "webhook answered in %.3f s during the sweep" % max(latencies)
-        assert h.wait(lambda: len(h.sends()) == i, 20)
+        assert eventually(lambda: len(h.sends()) == i, 20)
         assert all(s.endswith(": during sweep %d" % n) for n, s in enumerate(h.sends()))
         # nothing of the young traffic was swept
         assert ops_sql(db_path, "SELECT COUNT(*) FROM queue")[0][0] == i
@@ -6816,7 +6767,7 @@ class TestRetention:
         m = h.app.metrics
         assert m.get("whatsignal_cleanup_duration_seconds") > 0
         assert before - 1 <= m.get("whatsignal_cleanup_last_success_timestamp_seconds") <= time.time() + 1
-        status, text = ops_get(h.url, "/metrics")
+        status, text = http_get(h.url, "/metrics")
         assert status == 200
         assert "whatsignal_cleanup_duration_seconds " in text
         assert "whatsignal_cleanup_last_success_timestamp_seconds " in text
@@ -6826,7 +6777,7 @@ class TestRetention:
 
     def test_cli_cleanup_prints_removed_counts(self, tmp_path, capsys):
         raw = ops_offline_raw(tmp_path)
-        cfg = ops_write_config(tmp_path, raw)
+        cfg = write_config(tmp_path, raw)
         store = ops_store(raw["database"]["path"])
         old = time.time() - 40 * OPS_DAY
         try:
@@ -6838,13 +6789,13 @@ class TestRetention:
                 store.add_mapping(db, "default", "w2s", OPS_ALICE, "false_%s_X1" % OPS_ALICE, 1, BRIDGE, old)
         finally:
             store.close()
-        rc, out, err = ops_main(capsys, ["--config", cfg, "cleanup"], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "cleanup"], bridge_env())
         assert rc == 0, err
         report = json.loads(out)
         assert report["removed"]["queue"] == 4 and report["removed"]["messages"] == 1
         assert report["removed"]["media_files"] == 0
         assert ops_sql(raw["database"]["path"], "SELECT state FROM queue") == [("pending",)]
-        rc, out, err = ops_main(capsys, ["--config", cfg, "cleanup", "--vacuum"], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "cleanup", "--vacuum"], bridge_env())
         assert rc == 0 and json.loads(out)["removed"]["queue"] == 0
 
 
@@ -6856,7 +6807,7 @@ class TestBackupRestore:
 
     def test_backup_while_writing_gives_a_sound_copy(self, ops_bridge, tmp_path, capsys):
         h = ops_bridge
-        cfg = ops_write_config(tmp_path, h.raw)
+        cfg = write_config(tmp_path, h.raw)
         store = h.app.store
         # enough data that the online copy takes several backup steps
         for n in range(1500):
@@ -6872,10 +6823,10 @@ class TestBackupRestore:
         t = threading.Thread(target=writer)
         t.start()
         try:
-            assert ops_wait(lambda: written[0] >= 20, 5)
+            assert eventually(lambda: written[0] >= 20, 5)
             dest = str(tmp_path / "backup.db")
             started = time.monotonic()
-            rc, out, err = ops_main(capsys, ["--config", cfg, "backup", dest, "--with-config"], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "backup", dest, "--with-config"], bridge_env())
             took = time.monotonic() - started
             during = written[0]
         finally:
@@ -6900,57 +6851,57 @@ class TestBackupRestore:
         assert WEBHOOK_SECRET not in saved and WAHA_KEY not in saved and ENC_SECRET not in saved
         assert "15550000002" not in saved
         # the copy verifies and opens with the configured secret
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify", dest], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify", dest], bridge_env())
         assert rc == 0 and json.loads(out)["key"] == "opens"
 
     def test_verify_reports_and_detects_a_wrong_secret(self, ops_bridge, tmp_path, capsys):
         h = ops_bridge
-        cfg = ops_write_config(tmp_path, h.raw)
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env())
+        cfg = write_config(tmp_path, h.raw)
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env())
         assert rc == 0, err
         report = json.loads(out)
         assert report["verdict"] == "OK" and report["integrity"] == "ok"
         assert report["schema_version"] == ws.SCHEMA_VERSION and report["key"] == "opens"
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env("wrong-secret-" + "z" * 32))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env("wrong-secret-" + "z" * 32))
         assert rc == 1
         report = json.loads(out)
         assert report["verdict"] == "FAILED" and "does NOT open" in report["key"]
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify", str(tmp_path / "missing.db")], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify", str(tmp_path / "missing.db")], bridge_env())
         assert rc == 1 and json.loads(out)["verdict"] == "FAILED"
 
     def test_restore_refused_while_the_service_runs(self, ops_bridge, tmp_path, capsys):
         h = ops_bridge
-        cfg = ops_write_config(tmp_path, h.raw)
+        cfg = write_config(tmp_path, h.raw)
         dest = str(tmp_path / "b.db")
-        assert ops_main(capsys, ["--config", cfg, "backup", dest], ops_env())[0] == 0
+        assert run_main(capsys, ["--config", cfg, "backup", dest], bridge_env())[0] == 0
         db_path = h.raw["database"]["path"]
         before = os.stat(db_path).st_ino
-        rc, out, err = ops_main(capsys, ["--config", cfg, "restore", dest], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "restore", dest], bridge_env())
         assert rc == 2
         assert "refusing to restore" in err and "running" in err
         assert os.stat(db_path).st_ino == before
         assert not glob.glob(db_path + ".before-restore-*")
         # the running service is unharmed
         assert h.webhook(ops_msg(OPS_ALICE, "still here", "AFTERREFUSE"))[0] == 200
-        assert h.wait(lambda: any(s.endswith("still here") for s in h.sends()))
+        assert eventually(lambda: any(s.endswith("still here") for s in h.sends()))
 
     def test_restore_and_rotation_refused_while_a_standby_instance_serves(self, tmp_path, capsys):
         """A standby instance does not hold the delivery lease but still stores webhooks: it counts as running."""
         raw = ops_offline_raw(tmp_path)
-        cfg = ops_write_config(tmp_path, raw)
+        cfg = write_config(tmp_path, raw)
         store = ops_store(raw["database"]["path"])
         good = str(tmp_path / "good.db")
-        assert ops_main(capsys, ["--config", cfg, "backup", good], ops_env())[0] == 0
+        assert run_main(capsys, ["--config", cfg, "backup", good], bridge_env())[0] == 0
         standby = ws.LeaseKeeper(store, ws.Log("error", stream=io.StringIO()), ws.new_metrics(),
                                  holder="otherhost:4242:standby")
         store.acquire_lease("otherhost:1:active", time.time(), 0.01)          # the delivery lease: expired
         standby.store.acquire_lease("otherhost:1:active", time.time() + 60, 60)  # someone else will hold it
         standby.tick()                                                          # heartbeat, not the lease
         assert not standby.leader.is_set() and store.serving(time.time()) == ["otherhost:4242:standby"]
-        rc, out, err = ops_main(capsys, ["--config", cfg, "restore", good], ops_env())
+        rc, out, err = run_main(capsys, ["--config", cfg, "restore", good], bridge_env())
         assert rc == 2 and "refusing to restore" in err and "otherhost" in err
-        rc, out, err = ops_main(capsys, ["--config", cfg, "rotate-key"],
-                                ops_env("new-secret-" + "n" * 32, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
+                                bridge_env("new-secret-" + "n" * 32, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
         assert rc == 2 and "running" in err
         standby.stopping.set()
         standby.run()                                  # a clean stop removes the heartbeat
@@ -6959,38 +6910,38 @@ class TestBackupRestore:
 
     def test_restore_refuses_a_corrupt_backup(self, tmp_path, capsys):
         raw = ops_offline_raw(tmp_path)
-        cfg = ops_write_config(tmp_path, raw)
+        cfg = write_config(tmp_path, raw)
         ops_store(raw["database"]["path"]).close()
         garbage = tmp_path / "garbage.db"
         garbage.write_bytes(b"SQLite format 3\x00" + os.urandom(8000))
         good = str(tmp_path / "good.db")
-        assert ops_main(capsys, ["--config", cfg, "backup", good], ops_env())[0] == 0
+        assert run_main(capsys, ["--config", cfg, "backup", good], bridge_env())[0] == 0
         truncated = tmp_path / "truncated.db"
         with open(good, "rb") as f:
             truncated.write_bytes(f.read()[:5000])
         for bad in (str(garbage), str(truncated), str(tmp_path / "nope.db")):
-            rc, out, err = ops_main(capsys, ["--config", cfg, "restore", bad], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "restore", bad], bridge_env())
             assert rc == 2, bad
             assert "refusing to restore" in err
         # a backup made with another secret is refused as well
         assert not glob.glob(raw["database"]["path"] + ".before-restore-*")
-        rc, out, err = ops_main(capsys, ["--config", cfg, "restore", good], ops_env("other-secret-" + "o" * 32))
+        rc, out, err = run_main(capsys, ["--config", cfg, "restore", good], bridge_env("other-secret-" + "o" * 32))
         assert rc == 2 and "does NOT open" in err
 
     def test_restore_keeps_the_old_file_and_brings_back_the_backup(self, tmp_path, capsys):
         h = OpsHarness(tmp_path).start()
         try:
-            cfg = ops_write_config(tmp_path, h.raw)
+            cfg = write_config(tmp_path, h.raw)
             assert h.webhook(ops_msg(OPS_ALICE, "before backup", "BK1"))[0] == 200
-            assert h.wait(lambda: len(h.sends()) == 1)
+            assert eventually(lambda: len(h.sends()) == 1)
             dest = str(tmp_path / "b.db")
-            assert ops_main(capsys, ["--config", cfg, "backup", dest], ops_env())[0] == 0
+            assert run_main(capsys, ["--config", cfg, "backup", dest], bridge_env())[0] == 0
             assert h.webhook(ops_msg(OPS_BOB, "after backup", "BK2"))[0] == 200
-            assert h.wait(lambda: len(h.sends()) == 2)
+            assert eventually(lambda: len(h.sends()) == 2)
             h.app.stop()
             h.app = None
             db_path = h.raw["database"]["path"]
-            rc, out, err = ops_main(capsys, ["--config", cfg, "restore", dest], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "restore", dest], bridge_env())
             assert rc == 0, err
             report = json.loads(out)
             kept = glob.glob(db_path + ".before-restore-*")
@@ -7020,10 +6971,10 @@ class TestKeyRotation:
     def test_rotate_key_keeps_replies_routing(self, tmp_path, capsys):
         h = OpsHarness(tmp_path).start()
         try:
-            cfg = ops_write_config(tmp_path, h.raw)
+            cfg = write_config(tmp_path, h.raw)
             assert h.webhook(ops_msg(OPS_ALICE, "hi from alice", "ROTA1", push="Alice"))[0] == 200
             assert h.webhook(ops_msg(OPS_BOB, "hi from bob", "ROTB1", push="Bob"))[0] == 200
-            assert h.wait(lambda: len(h.signal.sent()) == 2)
+            assert eventually(lambda: len(h.signal.sent()) == 2)
             copies = {r["message"]: r["timestamp"] for r in h.signal.requests("send")}
             ts_alice, ts_bob = copies["Alice: hi from alice"], copies["Bob: hi from bob"]
             now = int(time.time() * 1000)
@@ -7033,13 +6984,13 @@ class TestKeyRotation:
             assert h.waha.sent("text")[0]["reply_to"] == "false_%s_ROTA1" % OPS_ALICE
 
             # a running service refuses rotation
-            rc, out, err = ops_main(capsys, ["--config", cfg, "rotate-key"],
-                                    ops_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+            rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
+                                    bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
             assert rc == 2 and "stop it" in err
             h.app.stop()
             h.app = None
-            rc, out, err = ops_main(capsys, ["--config", cfg, "rotate-key"],
-                                    ops_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+            rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
+                                    bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
             assert rc == 0, err
             report = json.loads(out)
             assert report["key_check"] == "updated"
@@ -7058,7 +7009,7 @@ class TestKeyRotation:
             assert after["reply_to"] == "false_%s_ROTB1" % OPS_BOB
             # a plain answer goes to the last forwarded chat; dedupe survived the rotation
             assert h.webhook(ops_msg(OPS_ALICE, "hi from alice", "ROTA1", push="Alice"))[1] == {"status": "duplicate"}
-            rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env(OPS_NEW_SECRET))
+            rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
             assert rc == 0 and json.loads(out)["key"] == "opens"
         finally:
             h.stop()
@@ -7078,7 +7029,7 @@ class TestKeyRotation:
 
     def test_interrupted_rotation_is_completed_by_the_next_run(self, tmp_path, capsys):
         raw = ops_offline_raw(tmp_path)
-        cfg = ops_write_config(tmp_path, raw)
+        cfg = write_config(tmp_path, raw)
         path = raw["database"]["path"]
         store = ops_store(path)
         self.ops_fill(store)
@@ -7099,9 +7050,9 @@ class TestKeyRotation:
             store.close()
         assert calls == [("queue", 2)]
         # half-rotated: verify says so, and neither secret opens it for serving
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env(OPS_NEW_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
         assert rc == 1 and "unfinished" in json.loads(out)["key"]
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env(ENC_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(ENC_SECRET))
         assert rc == 1 and "unfinished" in json.loads(out)["key"]
         with pytest.raises(ws.CryptoError):
             ops_store(path, OPS_NEW_SECRET)
@@ -7115,7 +7066,7 @@ class TestKeyRotation:
         finally:
             store.close()
         assert ("queue", 7) in totals or ("queue", 5) in totals
-        rc, out, err = ops_main(capsys, ["--config", cfg, "verify"], ops_env(OPS_NEW_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
         assert rc == 0 and json.loads(out)["key"] == "opens"
         store = ops_store(path, OPS_NEW_SECRET)
         try:
@@ -7142,12 +7093,12 @@ class TestKeyRotation:
 
     def test_rotate_key_with_a_wrong_old_secret_changes_nothing(self, tmp_path, capsys):
         raw = ops_offline_raw(tmp_path)
-        cfg = ops_write_config(tmp_path, raw)
+        cfg = write_config(tmp_path, raw)
         store = ops_store(raw["database"]["path"])
         self.ops_fill(store)
         store.close()
-        rc, out, err = ops_main(capsys, ["--config", cfg, "rotate-key"],
-                                ops_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD="not-the-secret-" + "q" * 32))
+        rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
+                                bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD="not-the-secret-" + "q" * 32))
         assert rc == 2 and "does not open" in err
         store = ops_store(raw["database"]["path"])      # the original secret still opens everything
         try:
@@ -7166,14 +7117,14 @@ class TestStats:
     def test_stats_counts_without_plaintext(self, tmp_path, capsys):
         h = OpsHarness(tmp_path).start()
         try:
-            cfg = ops_write_config(tmp_path, h.raw)
+            cfg = write_config(tmp_path, h.raw)
             for n, chat in enumerate((OPS_ALICE, OPS_BOB, OPS_ALICE)):
                 assert h.webhook(ops_msg(chat, "stats private words %d" % n, "ST%d" % n, push="Zelda"))[0] == 200
-            assert h.wait(lambda: len(h.sends()) == 3)
+            assert eventually(lambda: len(h.sends()) == 3)
             h.signal.mode = "down"
             assert h.webhook(ops_msg(OPS_BOB, "stats pending words", "ST9", push="Zelda"))[0] == 200
             ws.run_cleanup(h.app)
-            rc, out, err = ops_main(capsys, ["--config", cfg, "stats"], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "stats"], bridge_env())
         finally:
             h.stop()
         assert rc == 0, err
@@ -7246,13 +7197,13 @@ class TestLease:
             second = ws.App(make_config(h.raw), ws.Log("debug", stream=logs2))
             second.lease.seconds = 3.0      # ticks every second, so the takeover is quick to observe
             second.start()
-            assert json.loads(ops_get(h.url, "/health")[1])["role"] == "active"
-            assert json.loads(ops_get(second.url, "/health")[1])["role"] == "standby"
+            assert json.loads(http_get(h.url, "/health")[1])["role"] == "active"
+            assert json.loads(http_get(second.url, "/health")[1])["role"] == "standby"
             # the standby accepts webhooks (the database serialises them); the active one delivers
             st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", ops_msg(OPS_ALICE, "via standby", "TW1"),
                                    WEBHOOK_SECRET)
             assert st == 200
-            assert h.wait(lambda: len(h.sends()) == 1)
+            assert eventually(lambda: len(h.sends()) == 1)
             assert h.sends()[0].endswith("via standby")
             assert second.metrics.get("whatsignal_messages_processed_total", direction="w2s", kind="text",
                                       result="ok") == 0
@@ -7267,14 +7218,14 @@ class TestLease:
             st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", ops_msg(OPS_BOB, "during takeover", "TW2"),
                                    WEBHOOK_SECRET)
             assert st == 200
-            assert ops_wait(lambda: second.lease.leader.is_set(), 5)
+            assert eventually(lambda: second.lease.leader.is_set(), 5)
             assert time.monotonic() - started < 3.0
-            assert json.loads(ops_get(second.url, "/health")[1])["role"] == "active"
-            assert h.wait(lambda: len(h.sends()) == 2, 10)
+            assert json.loads(http_get(second.url, "/health")[1])["role"] == "active"
+            assert eventually(lambda: len(h.sends()) == 2, 10)
             assert h.sends()[1].endswith("during takeover")
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 5)
             # counted just after the send returns: wait for it rather than race the worker
-            assert ops_wait(lambda: second.metrics.get("whatsignal_messages_processed_total", direction="w2s",
+            assert eventually(lambda: second.metrics.get("whatsignal_messages_processed_total", direction="w2s",
                                                        kind="text", result="ok") == 1, 5)
             assert any("lease taken" in r["msg"] for r in logs2.records())
         finally:
@@ -7287,25 +7238,16 @@ class TestLease:
 # Issue 7: crashes of the real process (kill -9, SIGTERM)
 # ===========================================================================
 
-def ops_free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
 class OpsBridgeProcess:
     """`python whatsignal.py --config CFG serve` as a real child process."""
 
     def __init__(self, tmp_path, raw, secret=ENC_SECRET):
-        self.port = ops_free_port()
+        self.port = free_port()
         raw = json.loads(json.dumps(raw))
         raw["server"]["port"] = self.port
         raw["logLevel"] = "info"
         self.raw = raw
-        self.cfg = ops_write_config(tmp_path, raw, "process-config.json")
+        self.cfg = write_config(tmp_path, raw, "process-config.json")
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
                     "WHATSIGNAL_ENCRYPTION_SECRET": secret}
         self.log_path = str(tmp_path / "bridge-process.log")
@@ -7328,7 +7270,7 @@ class OpsBridgeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError("bridge exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
             try:
-                if ops_get(self.url, "/healthz")[0] == 200:
+                if http_get(self.url, "/healthz")[0] == 200:
                     return self
             except OSError:
                 pass
@@ -7456,7 +7398,7 @@ class TestCrashes:
             assert waha.webhook(bridge.url + "/webhook/whatsapp", ops_msg(OPS_ALICE, "warm up", "WARM"),
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
-            assert ops_wait(lambda: ops_sql(bridge.raw["database"]["path"],
+            assert eventually(lambda: ops_sql(bridge.raw["database"]["path"],
                                             "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)   # recorded, not just sent
             kills = rng.randint(3, 5)
             uptimes = [rng.uniform(0.4, 1.4) for _ in range(kills)]
@@ -7465,7 +7407,7 @@ class TestCrashes:
             for up in uptimes:
                 time.sleep(up)
                 with contextlib.suppress(OSError, ValueError):
-                    active_at_kill += json.loads(ops_get(bridge.url, "/health")[1])["role"] == "active"
+                    active_at_kill += json.loads(http_get(bridge.url, "/health")[1])["role"] == "active"
                 bridge.kill()
                 kill_times.append(time.monotonic())
                 bridge.start()
@@ -7498,7 +7440,7 @@ class TestCrashes:
                 for ts in never:
                     daemon.push(owner_env(ts, "s2w %d" % load.pushed[ts]))
                 if never:
-                    ops_wait(done, 10, 0.1)
+                    eventually(done, 10, 0.1)
             w2s, s2w = tallies()
             lost_w2s = sorted(set(range(n)) - set(w2s))
             missing_s2w = sorted(set(range(n)) - set(s2w))
@@ -7539,7 +7481,7 @@ class TestCrashes:
                 if s2w_re.search(b["text"]):
                     assert b["session"] == "default" and b["chatId"] in OPS_CHATS
             db = bridge.raw["database"]["path"]
-            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0, 10)
+            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0, 10)
         finally:
             if load is not None:
                 load.stop.set()
@@ -7564,7 +7506,7 @@ class TestCrashes:
             delivered = daemon.wait_for(lambda f: any(p["message"].endswith(": after") for p in f.sent()), 5)
             took = time.monotonic() - started
             assert delivered, "restarted bridge still standby after %.1f s (lease of the killed process)" % took
-            assert json.loads(ops_get(bridge.url, "/health")[1])["role"] == "active"
+            assert json.loads(http_get(bridge.url, "/health")[1])["role"] == "active"
             assert len(daemon.sent()) <= 3
         finally:
             bridge.stop()
@@ -7582,16 +7524,16 @@ class TestCrashes:
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
             assert daemon.wait_for(lambda f: f.stream_connections == 1, 10)
             # the owner answers the forwarded message: only once the bridge has recorded it (ms after the send)
-            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)
+            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)
             waha.mode = "down"             # the owner's messages are stored but cannot leave yet
             ts0 = int(time.time() * 1000)
             for j in range(50):
                 daemon.push(owner_env(ts0 + j, "s2w %d" % j))
-            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE direction='s2w'")[0][0] == 50, 10)
+            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE direction='s2w'")[0][0] == 50, 10)
             load = OpsLoad(bridge.url, daemon, n, pace=0.01, first=1000)
             load.threads = load.threads[:1]          # WhatsApp side only: the Signal side is queued above
             load.start()
-            assert ops_wait(lambda: load.acked >= 30, 10)
+            assert eventually(lambda: load.acked >= 30, 10)
             started = time.monotonic()
             rc = bridge.terminate(10)
             took = time.monotonic() - started
@@ -7608,8 +7550,8 @@ class TestCrashes:
             waha.mode = "ok"
             bridge.start()
             assert load.join(30)
-            assert ops_wait(lambda: len(ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)) == n, 20, 0.05)
-            assert ops_wait(lambda: len(ops_tally([b.get("text") for b in waha.sent("text")],
+            assert eventually(lambda: len(ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)) == n, 20, 0.05)
+            assert eventually(lambda: len(ops_tally([b.get("text") for b in waha.sent("text")],
                                                   re.compile(r"s2w (\d+)$"))) == 50, 20, 0.05)
             w2s = ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)
             s2w = ops_tally([b.get("text") for b in waha.sent("text")], re.compile(r"s2w (\d+)$"))
@@ -7688,7 +7630,7 @@ class TestOutages:
             for mode, reason in (("slow", "timeout"), ("http500", "HTTP 500")):
                 h.signal.mode = mode
                 ops_kick(h, clock)
-                assert ops_wait(lambda: retries(reason) >= 2, 5), mode
+                assert eventually(lambda: retries(reason) >= 2, 5), mode
                 time.sleep(0.1)
                 assert retries(reason) == 2, mode
             assert h.sends() == []
@@ -7697,7 +7639,7 @@ class TestOutages:
             assert all(r["next_at"] - clock.time() <= ws.BACKOFF_CAP for r in pending)
             h.signal.mode = "ok"
             ops_kick(h, clock)
-            assert h.wait(lambda: len(h.sends()) == 5, 10)
+            assert eventually(lambda: len(h.sends()) == 5, 10)
             sends = h.sends()
             assert sorted(sends) == sorted("N: outage " + t for _, t in plan)
             assert [s for s in sends if "A" in s.split()[-1]] == ["N: outage A1", "N: outage A2", "N: outage A3"]
@@ -7713,7 +7655,7 @@ class TestOutages:
         try:
             h.app.waha.http.timeout = 0.3
             assert h.webhook(ops_msg(OPS_ALICE, "hello", "WD0", push="Alice"))[0] == 200
-            assert h.wait(lambda: len(h.sends()) == 1)
+            assert eventually(lambda: len(h.sends()) == 1)
             h.waha.mode = "down"
             before = len(h.waha.calls)
             ts = int(time.time() * 1000)
@@ -7727,7 +7669,7 @@ class TestOutages:
             seen = len(h.waha.calls)
             ops_kick(h, clock)
             assert h.waha.wait_for(lambda f: len(f.calls) > seen, 5)
-            assert ops_wait(lambda: any(r["msg"] == "delivery failed, will retry" and "500" in r["reason"]
+            assert eventually(lambda: any(r["msg"] == "delivery failed, will retry" and "500" in r["reason"]
                                         for r in h.logs.records()), 5)
             assert h.waha.sent("text") == []
             h.waha.mode = "ok"
@@ -7764,15 +7706,15 @@ class TestOutages:
         assert any(r["level"] == "ERROR" and "503" in r["msg"] for r in h.logs.records())
         for k in range(3):                          # WAHA retries: now they are stored, once
             assert h.webhook(ops_msg(OPS_ALICE, "locked %d" % k, "LK%d" % k))[1] == {"status": "stored"}
-        assert h.wait(lambda: len(h.sends()) == 3)
+        assert eventually(lambda: len(h.sends()) == 3)
         assert [s.split(": ", 1)[1] for s in h.sends()] == ["locked 0", "locked 1", "locked 2"]
-        assert json.loads(ops_get(h.url, "/health")[1])["checks"]["database"]["status"] == "ok"
+        assert json.loads(http_get(h.url, "/health")[1])["checks"]["database"]["status"] == "ok"
 
     def test_disk_full_answers_503_and_recovers(self, ops_bridge):
         h = ops_bridge
         store = h.app.store
         assert h.webhook(ops_msg(OPS_ALICE, "fits", "DF0"))[0] == 200
-        assert h.wait(lambda: len(h.sends()) == 1)
+        assert eventually(lambda: len(h.sends()) == 1)
         with store.lock:
             pages = store.db.execute("PRAGMA page_count").fetchone()[0]
             store.db.execute("PRAGMA max_page_count=%d" % pages)     # the disk is full from here on
@@ -7787,7 +7729,7 @@ class TestOutages:
                 store.db.execute("PRAGMA max_page_count=1073741823")
         for k in range(2):
             assert h.webhook(ops_msg(OPS_BOB, big + str(k), "DF%d" % (k + 1)))[1] == {"status": "stored"}
-        assert h.wait(lambda: len(h.sends()) == 3)
+        assert eventually(lambda: len(h.sends()) == 3)
         assert [len(s) for s in h.sends()[1:]] == [len(h.sends()[1])] * 2
         assert h.sends()[1].endswith(big + "0") and h.sends()[2].endswith(big + "1")
 
@@ -8034,7 +7976,7 @@ class TestFuzz:
             h.signal.clear()
             h.waha.clear()
             assert h.webhook(ops_msg(OPS_ALICE, "after the fuzz", "AFTERFUZZ", push="Alice"))[1] == {"status": "stored"}
-            assert h.wait(lambda: "Alice: after the fuzz" in h.sends(), 10)
+            assert eventually(lambda: "Alice: after the fuzz" in h.sends(), 10)
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 10)
             h.signal.push(owner_env(int(time.time() * 1000), "owner after the fuzz"))
             assert h.waha.wait_for(lambda f: any(b["text"] == "owner after the fuzz" for b in f.sent("text")), 10)
@@ -8085,7 +8027,7 @@ def ops_raw(url, data, shut=False, timeout=5.0, pause=None):
 def ops_request(path, body=b"", method="POST", headers=None, sign=True):
     hdrs = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body))}
     if sign:
-        hdrs["X-Webhook-Hmac"] = ops_sign(body)
+        hdrs["X-Webhook-Hmac"] = sign(body)
         hdrs["X-Webhook-Hmac-Algorithm"] = "sha512"
     for k, v in (headers or {}).items():
         hdrs.pop(k, None)
@@ -8146,7 +8088,7 @@ class TestHttpAbuse:
         body = ops_body(ops_msg(OPS_ALICE, "short", "AB2"))
         status, raw, took = ops_raw(h.url, ops_request("/webhook/whatsapp", body[:20],
                                                        headers={"Content-Length": str(len(body)),
-                                                                "X-Webhook-Hmac": ops_sign(body)}), shut=True)
+                                                                "X-Webhook-Hmac": sign(body)}), shut=True)
         assert status == 400 and took < 5
         assert h.app.store.query("SELECT COUNT(*) FROM queue")[0][0] == 0
         # a body far over the limit is refused from its headers alone (1 GB announced, nothing sent)
@@ -8155,8 +8097,8 @@ class TestHttpAbuse:
         assert status == 413 and took < 2, (status, took)
         # the server is fine and answers properly afterwards
         assert h.webhook(ops_msg(OPS_ALICE, "after abuse", "AB3"))[0] == 200
-        assert h.wait(lambda: len(h.sends()) == 1)
-        metrics = ops_get(h.url, "/metrics")[1]
+        assert eventually(lambda: len(h.sends()) == 1)
+        metrics = http_get(h.url, "/metrics")[1]
         assert 'status="500"' not in metrics
         assert not [r for r in h.logs.records() if "internal error" in r["msg"]]
         print("\n[ops] HTTP abuse: %d malformed-request cases + lying length + 1 GB body, statuses %s"
@@ -8196,15 +8138,15 @@ class TestHttpAbuse:
                 latencies.append(time.monotonic() - started)
                 assert status == 200
             assert max(latencies) < 1.0, latencies
-            assert h.wait(lambda: len(h.sends()) >= 5)
-            assert ops_get(h.url, "/healthz")[0] == 200
+            assert eventually(lambda: len(h.sends()) >= 5)
+            assert http_get(h.url, "/healthz")[0] == 200
         finally:
             slow_stop.set()
             for s in idle:
                 s.close()
         slow.join(5)
         # clients that hang up mid-request are not server errors: no ERROR log, no stderr traceback
-        assert ops_wait(lambda: h.app.server.busy_count() == 0 or True, 1)
+        assert eventually(lambda: h.app.server.busy_count() == 0 or True, 1)
         time.sleep(0.3)
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert not errors, errors[:3]
@@ -8222,7 +8164,7 @@ class TestHttpAbuse:
                 else:
                     body = ops_body(ops_msg((OPS_ALICE, OPS_BOB)[k % 2], "keep-alive %d" % k, "KA%d" % k))
                     conn.request("POST", "/webhook/whatsapp", body=body,
-                                 headers={"Content-Type": "application/json", "X-Webhook-Hmac": ops_sign(body),
+                                 headers={"Content-Type": "application/json", "X-Webhook-Hmac": sign(body),
                                           "X-Webhook-Hmac-Algorithm": "sha512"})
                 resp = conn.getresponse()
                 resp.read()
@@ -8232,7 +8174,7 @@ class TestHttpAbuse:
         finally:
             conn.close()
         assert statuses == {200: 100} and len(socks) == 1
-        assert h.wait(lambda: len(h.sends()) == 75, 10)
+        assert eventually(lambda: len(h.sends()) == 75, 10)
 
     def test_stop_does_not_wait_for_idle_keep_alive_connections(self, ops_bridge):
         """SIGTERM: stop accepting, finish in-flight work, close idle keep-alives - not wait them out."""
@@ -8261,10 +8203,10 @@ class TestSecrets:
         h = OpsHarness(tmp_path).start()
         shown = {}
         try:
-            cfg = ops_write_config(tmp_path, h.raw)
+            cfg = write_config(tmp_path, h.raw)
             # a full round trip
             assert h.webhook(ops_msg(OPS_ALICE, texts[0], "SEC1", push="Alice"))[0] == 200
-            assert h.wait(lambda: len(h.sends()) == 1)
+            assert eventually(lambda: len(h.sends()) == 1)
             copy_ts = h.signal.requests("send")[0]["timestamp"]
             now = int(time.time() * 1000)
             h.signal.push(ops_quote(h, copy_ts, texts[1], now))
@@ -8275,7 +8217,7 @@ class TestSecrets:
                            "account": BRIDGE})
             h.waha.mode = "error"
             h.signal.push(owner_env(now + 2, texts[2]))
-            assert ops_wait(lambda: any(r["msg"] == "delivery failed, will retry" for r in h.logs.records()), 5)
+            assert eventually(lambda: any(r["msg"] == "delivery failed, will retry" for r in h.logs.records()), 5)
             h.waha.mode = "ok"
             # abuse: every error answer is kept
             bodies = []
@@ -8284,7 +8226,7 @@ class TestSecrets:
                                   "payload": {"id": "+4915111111189 " + texts[0], "from": 4915111111189,
                                               "body": {"text": texts[0]}, "fromMe": "no"}})
             for data in (ops_request("/webhook/whatsapp", good, sign=False),
-                         ops_request("/webhook/whatsapp", good, headers={"X-Webhook-Hmac": ops_sign(good, "x" * 40)}),
+                         ops_request("/webhook/whatsapp", good, headers={"X-Webhook-Hmac": sign(good, "x" * 40)}),
                          ops_request("/webhook/whatsapp", b"{\"secret\": \"" + texts[0].encode()),
                          ops_request("/webhook/whatsapp", bad_shape),
                          ops_request("/webhook/whatsapp", good, headers={"Content-Type": "text/plain"}),
@@ -8301,22 +8243,22 @@ class TestSecrets:
             bodies.append(raw.decode("utf-8", "replace"))
             shown["error responses"] = "\n".join(bodies)
             assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
-            shown["/health"] = ops_get(h.url, "/health")[1]
-            shown["/metrics"] = ops_get(h.url, "/metrics")[1]
-            rc, out, err = ops_main(capsys, ["--config", cfg, "check-config"], ops_env())
+            shown["/health"] = http_get(h.url, "/health")[1]
+            shown["/metrics"] = http_get(h.url, "/metrics")[1]
+            rc, out, err = run_main(capsys, ["--config", cfg, "check-config"], bridge_env())
             assert rc == 0
             shown["check-config"] = out + err
             broken = dict(h.raw, whatsapp=dict(h.raw["whatsapp"], webhookSecret=texts[0]),
                           signal=dict(h.raw["signal"], destination="+49151111111890000"))
-            rc, out, err = ops_main(capsys, ["--config", ops_write_config(tmp_path, broken, "broken.json"),
-                                             "check-config"], ops_env(secret="short"))
+            rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, broken, "broken.json"),
+                                             "check-config"], bridge_env(secret="short"))
             assert rc == 2 and "webhookSecret" in err
             # (the fix-it hints use +15550000001/2 as examples, which happen to be the test numbers)
             shown["check-config (broken)"] = re.sub(r"write it like \+1555000000[12]", "", out + err)
-            rc, out, err = ops_main(capsys, ["--config", cfg, "stats"], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "stats"], bridge_env())
             assert rc == 0
             shown["stats"] = out + err
-            rc, out, err = ops_main(capsys, ["--config", cfg, "outbox"], ops_env())
+            rc, out, err = run_main(capsys, ["--config", cfg, "outbox"], bridge_env())
             assert rc == 0
             shown["outbox"] = out + err
         finally:
@@ -8639,30 +8581,6 @@ FK_TEXT_RECEIVE = fk_fixture("signal-envelope-text-current-derived.json", {
     "account": FK_ME})
 
 
-def fk_request(url, method, path, body=None, headers=None, timeout=5.0, conn=None):
-    """Returns (status, response, raw bytes, parsed JSON or None)."""
-    u = urllib.parse.urlsplit(url)
-    c = conn or http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
-    hdrs = {}
-    data = None
-    if isinstance(body, (bytes, bytearray)):
-        data = bytes(body)
-    elif body is not None:
-        data = json.dumps(body).encode("utf-8")
-        hdrs["Content-Type"] = "application/json"
-    hdrs.update(headers or {})
-    c.request(method, path, body=data, headers=hdrs)
-    r = c.getresponse()
-    raw = r.read()
-    if conn is None:
-        c.close()
-    try:
-        js = json.loads(raw.decode("utf-8")) if raw else None
-    except ValueError:
-        js = None
-    return r.status, r, raw, js
-
-
 FK_KEY = {"X-Api-Key": "waha-key"}
 
 
@@ -8700,15 +8618,15 @@ def fk_rest_ws():
 
 def test_fakes_waha_auth_ping_health(fk_waha):
     assert re.match(r"^http://127\.0\.0\.1:\d+$", fk_waha.url)
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/ping")
+    st, _, _, js = http_request(fk_waha.url, "GET", "/ping")
     assert (st, js) == (200, {"message": "pong"})
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/health")
+    st, _, _, js = http_request(fk_waha.url, "GET", "/health")
     assert (st, js) == (401, {"message": "Unauthorized", "statusCode": 401})
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/health", headers={"X-Api-Key": "wrong"})
+    st, _, _, js = http_request(fk_waha.url, "GET", "/health", headers={"X-Api-Key": "wrong"})
     assert st == 401
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/health", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/health", headers=FK_KEY)
     assert (st, js) == (200, {})
-    st, _, _, _ = fk_request(fk_waha.url, "GET", "/health?x-api-key=waha-key")
+    st, _, _, _ = http_request(fk_waha.url, "GET", "/health?x-api-key=waha-key")
     assert st == 200
     call = fk_waha.calls[-1]
     assert set(["method", "path", "query", "headers", "json"]) <= set(call)
@@ -8717,20 +8635,20 @@ def test_fakes_waha_auth_ping_health(fk_waha):
 
 def test_fakes_waha_send_text_seen_typing(fk_waha):
     body = {"chatId": "15550000002@c.us", "text": "hi", "session": "default"}
-    st, r, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
-    assert st == 201 and r.getheader("Content-Type").startswith("application/json")
+    st, r, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    assert st == 201 and r.get("Content-Type").startswith("application/json")
     assert re.match(r"^true_15550000002@c\.us_[0-9A-F]{20}$", js["id"]) and js["_data"] == {}
     assert fk_waha.calls[-1]["headers"]["x-api-key"] == "waha-key"   # case-insensitive headers
     assert fk_waha.calls[-1]["headers"]["X-API-KEY"] == "waha-key"
     group = {"chatId": "120363025555555555@g.us", "text": "g", "session": "default", "reply_to": None}
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", group, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", group, FK_KEY)
     assert st == 201 and re.match(r"^true_120363025555555555@g\.us_[0-9A-F]{20}_15550000001@c\.us$", js["id"])
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendSeen",
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendSeen",
                            {"chatId": "15550000002@c.us", "session": "default",
                             "messageIds": ["false_15550000002@c.us_AAA"]}, FK_KEY)
     assert (st, js) == (201, {})
     for p in ("/api/startTyping", "/api/stopTyping"):
-        st, _, _, js = fk_request(fk_waha.url, "POST", p, {"chatId": "15550000002@c.us", "session": "default"}, FK_KEY)
+        st, _, _, js = http_request(fk_waha.url, "POST", p, {"chatId": "15550000002@c.us", "session": "default"}, FK_KEY)
         assert (st, js) == (201, {"result": True})
     assert fk_waha.sent() == [body, group]
     assert fk_waha.sent("text") == [body, group] == fk_waha.sent("sendText")
@@ -8738,33 +8656,33 @@ def test_fakes_waha_send_text_seen_typing(fk_waha):
 
 
 def test_fakes_waha_send_validation_and_media(fk_waha):
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"text": "x", "session": "default"}, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"text": "x", "session": "default"}, FK_KEY)
     assert st == 400 and js["statusCode"] == 400 and js["error"] == "Bad Request" and isinstance(js["message"], list)
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x"}, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x"}, FK_KEY)
     assert st == 400 and any("session" in m for m in js["message"])
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", b"{not json", {**FK_KEY, "Content-Type": "application/json"})
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", b"{not json", {**FK_KEY, "Content-Type": "application/json"})
     assert st == 400 and js["statusCode"] == 400
     img = {"chatId": "15550000002@c.us", "session": "default", "caption": "c",
            "file": {"mimetype": "image/jpeg", "filename": "a.jpg"}}
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
     assert st == 400
     img["file"]["data"] = "data:image/jpeg;base64," + base64.b64encode(FK_JPEG).decode()
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
     assert st == 400 and any("data URI" in m for m in js["message"])
     img["file"]["data"] = base64.b64encode(FK_JPEG).decode()
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
     assert st == 201 and js["id"].startswith("true_15550000002@c.us_")
     assert fk_waha.calls[-1]["file_bytes"] == FK_JPEG
     voice = {"chatId": "15550000002@c.us", "session": "default",
              "file": {"mimetype": "audio/ogg; codecs=opus", "url": "http://x/v.ogg"}}
-    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
     assert st == 400  # convert is required
     voice["convert"] = False
-    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
     assert st == 201
     doc = {"chatId": "15550000002@c.us", "session": "default",
            "file": {"mimetype": "application/pdf", "filename": "a.pdf", "data": base64.b64encode(b"%PDF-1").decode()}}
-    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendFile", doc, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendFile", doc, FK_KEY)
     assert st == 201
     assert [b["chatId"] for b in fk_waha.sent()] == ["15550000002@c.us"] * 3
     assert fk_waha.sent("image") == [img] and fk_waha.sent("voice") == [voice] and fk_waha.sent("file") == [doc]
@@ -8772,77 +8690,77 @@ def test_fakes_waha_send_validation_and_media(fk_waha):
 
 def test_fakes_waha_reaction_edit_delete(fk_waha):
     r = {"messageId": "false_15550000002@c.us_3EB0AAAA", "reaction": "\U0001F44D", "session": "default"}
-    st, _, _, js = fk_request(fk_waha.url, "PUT", "/api/reaction", r, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "PUT", "/api/reaction", r, FK_KEY)
     assert st == 200 and js["id"].startswith("true_15550000002@c.us_") and js["_data"] == {}
-    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/reaction", r, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/reaction", r, FK_KEY)
     assert st == 404
     g = {"messageId": "false_120363025555555555@g.us_3EB0BBBB", "reaction": "", "session": "default"}
-    st, _, _, _ = fk_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
     assert st == 400  # group message id without _participant
     g["messageId"] += "_15550000004@c.us"
-    st, _, _, _ = fk_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
     assert st == 200
     path = "/api/default/chats/15550000002%40c.us/messages/true_15550000002%40c.us_3EB0CCCC"
-    st, _, _, js = fk_request(fk_waha.url, "PUT", path, {"text": "edited"}, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "PUT", path, {"text": "edited"}, FK_KEY)
     assert st == 200 and "id" in js
     call = fk_waha.calls[-1]
     assert call["path"] == path and call["chatId"] == "15550000002@c.us"
     assert call["messageId"] == "true_15550000002@c.us_3EB0CCCC" and call["json"] == {"text": "edited"}
-    st, _, _, _ = fk_request(fk_waha.url, "PUT", path, {"nope": 1}, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "PUT", path, {"nope": 1}, FK_KEY)
     assert st == 400
-    st, _, _, _ = fk_request(fk_waha.url, "DELETE", path, headers=FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "DELETE", path, headers=FK_KEY)
     assert st == 200 and fk_waha.calls[-1]["method"] == "DELETE" and fk_waha.calls[-1]["chatId"] == "15550000002@c.us"
 
 
 def test_fakes_waha_contacts_lids_sessions(fk_waha):
     fk_waha.contacts["15550000002@c.us"] = "Alice"
     fk_waha.lids["123456@lid"] = "15550000002@c.us"
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000002%40c.us&session=default", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000002%40c.us&session=default", headers=FK_KEY)
     assert st == 200 and js["id"] == "15550000002@c.us" and js["name"] == "Alice" and js["number"] == "15550000002"
     assert {"pushname", "isMe", "isGroup"} <= set(js)
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000009&session=default", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000009&session=default", headers=FK_KEY)
     assert st == 200 and js["id"] == "15550000009@c.us" and js["name"] is None
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/default/lids/123456%40lid", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/default/lids/123456%40lid", headers=FK_KEY)
     assert (st, js) == (200, {"lid": "123456@lid", "pn": "15550000002@c.us"})
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/default/lids/999%40lid", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/default/lids/999%40lid", headers=FK_KEY)
     assert js == {"lid": "999@lid", "pn": None}
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/sessions/default", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/sessions/default", headers=FK_KEY)
     assert st == 200 and js["name"] == "default" and js["status"] == "WORKING" and js["config"] is None
     assert js["engine"] == {"engine": "GOWS"} and js["me"]["id"] == "15550000001@c.us"
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/sessions/nope", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/sessions/nope", headers=FK_KEY)
     assert st == 404 and js["statusCode"] == 404
     fk_waha.session_status = "STARTING"
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText",
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText",
                            {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
     assert st == 422 and js["expected"] == ["WORKING"] and js["status"] == "STARTING" and js["session"] == "default"
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "other"}, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "other"}, FK_KEY)
     assert st == 404
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sessions/default/restart", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sessions/default/restart", headers=FK_KEY)
     assert (st, js["name"], js["status"]) == (201, "default", "STARTING")
     assert fk_waha.session_status == "WORKING"
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sessions/default/start", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sessions/default/start", headers=FK_KEY)
     assert st == 201
     assert len(fk_waha.calls_for("/api/sessions/default/", "POST")) == 2
-    st, _, _, _ = fk_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
+    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
     assert st == 201
 
 
 def test_fakes_waha_files(fk_waha):
     url = fk_waha.add_file("ABC.jpeg", FK_JPEG, "image/jpeg")
     assert url == fk_waha.url + "/api/files/default/ABC.jpeg"
-    st, r, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg", headers=FK_KEY)
-    assert st == 200 and raw == FK_JPEG and r.getheader("Content-Type") == "image/jpeg"
-    assert r.getheader("Content-Length") == str(len(FK_JPEG))
-    st, _, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg?x-api-key=waha-key")
+    st, r, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg", headers=FK_KEY)
+    assert st == 200 and raw == FK_JPEG and r.get("Content-Type") == "image/jpeg"
+    assert r.get("Content-Length") == str(len(FK_JPEG))
+    st, _, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg?x-api-key=waha-key")
     assert st == 200 and raw == FK_JPEG
-    st, _, _, _ = fk_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg")
+    st, _, _, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg")
     assert st == 401
-    st, _, _, js = fk_request(fk_waha.url, "GET", "/api/files/default/missing.jpeg", headers=FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "GET", "/api/files/default/missing.jpeg", headers=FK_KEY)
     assert st == 404 and js == {"error": {"code": 404, "key": "FILE_NOT_FOUND", "message": "File not found",
                                           "details": "File not found or no longer available"}}
     fk_waha.files["/api/files/default/R.jpeg"] = {"redirect_to": "http://169.254.169.254/latest"}
-    st, r, _, _ = fk_request(fk_waha.url, "GET", "/api/files/default/R.jpeg", headers=FK_KEY)
-    assert st == 302 and r.getheader("Location") == "http://169.254.169.254/latest"
+    st, r, _, _ = http_request(fk_waha.url, "GET", "/api/files/default/R.jpeg", headers=FK_KEY)
+    assert st == 302 and r.get("Location") == "http://169.254.169.254/latest"
     fk_waha.files["/api/files/default/BIG.jpeg"] = {"body": b"0123456789", "content_type": "image/jpeg",
                                                  "lie_length": 10_000_000}
     c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
@@ -8853,22 +8771,22 @@ def test_fakes_waha_files(fk_waha):
         r.read()
     c.close()
     fk_waha.files["/api/files/default/N.oga"] = {"body": b"x" * 100, "content_type": "audio/ogg", "no_length": True}
-    st, r, raw, _ = fk_request(fk_waha.url, "GET", "/api/files/default/N.oga", headers=FK_KEY)
-    assert st == 200 and r.getheader("Content-Length") is None and raw == b"x" * 100
+    st, r, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/N.oga", headers=FK_KEY)
+    assert st == 200 and r.get("Content-Length") is None and raw == b"x" * 100
 
 
 def test_fakes_waha_fault_modes(fk_waha):
     body = {"chatId": "1@c.us", "text": "x", "session": "default"}
     fk_waha.mode = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+        http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
     assert fk_waha.calls[-1]["status"] == "dropped"
     fk_waha.mode = "error"
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
     assert st == 500 and js["statusCode"] == 500 and js["request"]["path"] == "/api/sendText"
     assert js["request"]["method"] == "POST" and "timestamp" in js and "exception" in js
     fk_waha.mode = "session_not_working"
-    st, _, _, js = fk_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
     assert st == 422 and js["error"].startswith("Session status is not as expected")
     fk_waha.mode = "ok"
     assert fk_waha.sent() == []
@@ -8881,7 +8799,7 @@ def test_fakes_waha_slow_is_interrupted_by_stop():
 
     def client():
         try:
-            outcome.append(fk_request(f.url, "GET", "/health", headers=FK_KEY, timeout=10)[0])
+            outcome.append(http_request(f.url, "GET", "/health", headers=FK_KEY, timeout=10)[0])
         except Exception as e:  # noqa: BLE001 - any failure is the expected outcome
             outcome.append(e)
 
@@ -8949,8 +8867,8 @@ def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
 def test_fakes_waha_keepalive_and_bounded_wait(fk_waha):
     c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
     for _ in range(3):
-        st, r, _, _ = fk_request(fk_waha.url, "GET", "/health", headers=FK_KEY, conn=c)
-        assert st == 200 and r.getheader("Connection") != "close"
+        st, r, _, _ = http_request(fk_waha.url, "GET", "/health", headers=FK_KEY, conn=c)
+        assert st == 200 and r.get("Connection") != "close"
     c.close()
     assert len(fk_waha.calls) == 3
     t0 = time.monotonic()
@@ -8960,11 +8878,11 @@ def test_fakes_waha_keepalive_and_bounded_wait(fk_waha):
     assert fk_waha.wait_for(lambda f: len(f.calls) == 3, timeout=1) is True
     # the predicate runs without the fake's lock: it may itself call the fake over HTTP
     t0 = time.monotonic()
-    assert fk_waha.wait_for(lambda f: fk_request(f.url, "GET", "/health", headers=FK_KEY, timeout=2)[0] == 200, 3)
+    assert fk_waha.wait_for(lambda f: http_request(f.url, "GET", "/health", headers=FK_KEY, timeout=2)[0] == 200, 3)
     assert time.monotonic() - t0 < 1.0
     # a background change wakes the waiter
     done = []
-    timer = threading.Timer(0.1, lambda: done.append(fk_request(fk_waha.url, "GET", "/ping")[0]))
+    timer = threading.Timer(0.1, lambda: done.append(http_request(fk_waha.url, "GET", "/ping")[0]))
     timer.start()
     assert fk_waha.wait_for(lambda f: f.calls[-1]["path"] == "/ping", 3)
     timer.join(3)
@@ -8979,8 +8897,8 @@ def fk_rpc(fake, method, params=None, rid=1, headers=None):
     body = {"jsonrpc": "2.0", "method": method, "id": rid}
     if params is not None:
         body["params"] = params
-    st, r, raw, js = fk_request(fake.url, "POST", "/api/v1/rpc", body, headers)
-    assert st == 200 and r.getheader("Content-Type") == "application/json"
+    st, r, raw, js = http_request(fake.url, "POST", "/api/v1/rpc", body, headers)
+    assert st == 200 and r.get("Content-Type") == "application/json"
     assert js["jsonrpc"] == "2.0" and js["id"] == rid
     return js
 
@@ -9025,26 +8943,26 @@ def test_fakes_daemon_contract_errors(fk_daemon):
     assert e["code"] == -32603
     e = fk_rpc(fk_daemon, "nope")["error"]
     assert (e["code"], e["message"]) == (-32601, "Method not implemented")
-    st, _, raw, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", b'{"jsonrpc":"2.0","method":"version","id":1}',
+    st, _, raw, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", b'{"jsonrpc":"2.0","method":"version","id":1}',
                             {"Content-Type": "text/plain"})
     assert (st, raw) == (415, b"")
-    st, _, raw, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version"})
+    st, _, raw, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version"})
     assert (st, raw) == (201, b"")
     batch = [{"jsonrpc": "2.0", "method": "version", "id": 1}, {"jsonrpc": "2.0", "method": "version"},
              {"jsonrpc": "2.0", "method": "nope", "id": 3}]
-    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", batch)
+    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", batch)
     assert st == 200 and [x["id"] for x in js] == [1, 3] and js[0]["result"] == {"version": "0.14.6"}
     assert js[1]["error"]["code"] == -32601
-    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", b"{oops", {"Content-Type": "application/json"})
+    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", b"{oops", {"Content-Type": "application/json"})
     assert st == 200 and js["error"]["code"] == -32700
-    st, _, _, _ = fk_request(fk_daemon.url, "GET", "/api/v1/rpc")
+    st, _, _, _ = http_request(fk_daemon.url, "GET", "/api/v1/rpc")
     assert st == 405
-    st, _, _, _ = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1},
+    st, _, _, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1},
                           {"Host": "evil.example:8080"})
     assert st == 421
-    st, r, raw, _ = fk_request(fk_daemon.url, "GET", "/api/v1/check")
-    assert (st, raw, r.getheader("Content-Length")) == (200, b"", "0")
-    st, _, _, _ = fk_request(fk_daemon.url, "GET", "/api/v1/other")
+    st, r, raw, _ = http_request(fk_daemon.url, "GET", "/api/v1/check")
+    assert (st, raw, r.get("Content-Length")) == (200, b"", "0")
+    st, _, _, _ = http_request(fk_daemon.url, "GET", "/api/v1/other")
     assert st == 404
 
 
@@ -9180,11 +9098,11 @@ def test_fakes_daemon_close_streams_and_on_start_mode(fk_daemon):
 
 def test_fakes_daemon_faults(fk_daemon):
     fk_daemon.mode = "http500"
-    st, _, _, js = fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
     assert st == 500 and js["error"]["code"] == -32603
     fk_daemon.mode = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        fk_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+        http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
     fk_daemon.mode = "ok"
     assert fk_rpc(fk_daemon, "version")["result"]["version"] == "0.14.6"
     port = fk_daemon.port
@@ -9198,25 +9116,25 @@ def test_fakes_daemon_faults(fk_daemon):
 # ============================================================================================
 
 def test_fakes_rest_about_health(fk_rest):
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/about")
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/about")
     assert st == 200 and js == {"versions": ["v1", "v2"], "build": 2, "mode": "normal", "version": "0.100",
                                 "capabilities": {"v2/send": ["quotes", "mentions"]}}
-    st, r, raw, _ = fk_request(fk_rest.url, "GET", "/v1/health")
+    st, r, raw, _ = http_request(fk_rest.url, "GET", "/v1/health")
     assert (st, raw) == (204, b"")
-    st, _, raw, _ = fk_request(fk_rest.url, "GET", "/v1/nope")
+    st, _, raw, _ = http_request(fk_rest.url, "GET", "/v1/nope")
     assert (st, raw) == (404, b"404 page not found")
 
 
 def test_fakes_rest_send(fk_rest):
     body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "hi"}
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
     assert st == 201 and isinstance(js["timestamp"], str) and js["timestamp"].isdigit()
-    st, _, _, js2 = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js2 = http_request(fk_rest.url, "POST", "/v2/send", body)
     assert int(js2["timestamp"]) > int(js["timestamp"])
     att = {"number": FK_ME, "recipients": [FK_ALICE], "message": "",
            "base64_attachments": [base64.b64encode(FK_PNG).decode(),
                                   "data:image/jpeg;filename=a b.jpg;base64," + base64.b64encode(FK_JPEG).decode()]}
-    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v2/send", att)
+    st, _, _, _ = http_request(fk_rest.url, "POST", "/v2/send", att)
     assert st == 201
     assert fk_rest.calls[-1]["attachments"] == [{"mime": "image/png", "filename": None, "data": FK_PNG},
                                              {"mime": "image/jpeg", "filename": "a b.jpg", "data": FK_JPEG}]
@@ -9227,90 +9145,90 @@ def test_fakes_rest_send(fk_rest):
                      ({"number": FK_ME, "recipients": [FK_ALICE], "message": "x", "quote_timestamp": "1",
                        "quote_author": FK_ALICE}, "invalid request"),
                      ({"number": FK_ME, "recipients": [FK_ALICE, "group.abc"], "message": "x"}, "Groups")]:
-        st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", bad)
+        st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", bad)
         assert st == 400 and msg in js["error"], (bad, js)
     gid = fk_rest.add_group("G", [FK_ALICE])
-    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [gid], "message": "g",
+    st, _, _, _ = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [gid], "message": "g",
                                                          "quote_timestamp": 5, "quote_author": FK_ALICE})
     assert st == 201
     assert len(fk_rest.sent()) == 4
     fk_rest.send_shape = "array"
     fk_rest.recipient_failures[FK_BOB] = "UNREGISTERED_FAILURE"
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
     assert st == 201 and isinstance(js, list) and js[0]["timestamp"].isdigit()
     assert js[0]["errors"]["recipients"][0]["number"] == FK_BOB
     assert js[0]["errors"]["recipients"][0]["reason"] == "UNREGISTERED_FAILURE"
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipient": FK_ALICE, "message": "x"})
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipient": FK_ALICE, "message": "x"})
     assert st == 201 and "errors" not in js[0]
     fk_rest.send_shape = "object"
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
     assert st == 400  # 0.100 normal mode: a partial failure is a 400
 
 
 def test_fakes_rest_actions(fk_rest):
     num = "/%2B15550000001"
     react = {"recipient": FK_ALICE, "reaction": "\U0001F44D", "target_author": FK_ALICE, "timestamp": 1767225600123}
-    st, _, raw, _ = fk_request(fk_rest.url, "POST", "/v1/reactions" + num, react)
+    st, _, raw, _ = http_request(fk_rest.url, "POST", "/v1/reactions" + num, react)
     assert (st, raw) == (204, b"")
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, reaction=""))
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, reaction=""))
     assert st == 400 and "reaction" in js["error"]
-    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, timestamp="1767225600123"))
+    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, timestamp="1767225600123"))
     assert st == 400
-    st, _, _, _ = fk_request(fk_rest.url, "DELETE", "/v1/reactions/" + FK_ME, {k: v for k, v in react.items() if k != "reaction"})
+    st, _, _, _ = http_request(fk_rest.url, "DELETE", "/v1/reactions/" + FK_ME, {k: v for k, v in react.items() if k != "reaction"})
     assert st == 204
-    st, _, _, js = fk_request(fk_rest.url, "DELETE", "/v1/remote-delete/" + FK_ME, {"recipient": FK_ALICE, "timestamp": 5})
+    st, _, _, js = http_request(fk_rest.url, "DELETE", "/v1/remote-delete/" + FK_ME, {"recipient": FK_ALICE, "timestamp": 5})
     assert st == 201 and js["timestamp"].isdigit()
     for m in ("PUT", "DELETE"):
-        st, _, _, _ = fk_request(fk_rest.url, m, "/v1/typing-indicator/" + FK_ME, {"recipient": FK_ALICE})
+        st, _, _, _ = http_request(fk_rest.url, m, "/v1/typing-indicator/" + FK_ME, {"recipient": FK_ALICE})
         assert st == 204
-    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "read",
+    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "read",
                                                                    "timestamp": 5})
     assert st == 204
-    st, _, _, _ = fk_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "seen",
+    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "seen",
                                                                    "timestamp": 5})
     assert st == 400
-    st, _, _, _ = fk_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {"trust_all_known_keys": True})
+    st, _, _, _ = http_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {"trust_all_known_keys": True})
     assert st == 204 and fk_rest.trusted == [FK_ALICE]
-    st, _, _, _ = fk_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {})
+    st, _, _, _ = http_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {})
     assert st == 400
-    st, _, _, js = fk_request(fk_rest.url, "PUT", "/v1/typing-indicator/+15559999999", {"recipient": FK_ALICE})
+    st, _, _, js = http_request(fk_rest.url, "PUT", "/v1/typing-indicator/+15559999999", {"recipient": FK_ALICE})
     assert st == 400 and "error" in js
 
 
 def test_fakes_rest_attachments_and_groups(fk_rest):
     fk_rest.attachments["Vq3kZ8bX2mYpL0rT7sWd.png"] = FK_PNG
-    st, r, raw, _ = fk_request(fk_rest.url, "GET", "/v1/attachments/Vq3kZ8bX2mYpL0rT7sWd.png")
-    assert st == 200 and raw == FK_PNG and r.getheader("Content-Type") == "image/png"
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/attachments/nope.jpg")
+    st, r, raw, _ = http_request(fk_rest.url, "GET", "/v1/attachments/Vq3kZ8bX2mYpL0rT7sWd.png")
+    assert st == 200 and raw == FK_PNG and r.get("Content-Type") == "image/png"
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/attachments/nope.jpg")
     assert (st, js) == (404, {"error": "No attachment with that name found"})
     internal = "b+hd++b2BpZA4n88MhTdsuNefYE/CPbd+FdDgFrEg4c="
     rest_id = "group.YitoZCsrYjJCcFpBNG44OE1oVGRzdU5lZllFL0NQYmQrRmREZ0ZyRWc0Yz0="
     assert FakeSignalRest.rest_group_id(internal) == rest_id
     assert FakeSignalRest.internal_group_id(rest_id) == internal
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v1/groups/" + FK_ME, {"name": "Bridge", "members": [FK_ALICE]})
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v1/groups/" + FK_ME, {"name": "Bridge", "members": [FK_ALICE]})
     assert st == 201 and js["id"].startswith("group.")
     new_internal = FakeSignalRest.internal_group_id(js["id"])
-    st, _, _, lst = fk_request(fk_rest.url, "GET", "/v1/groups/" + FK_ME)
+    st, _, _, lst = http_request(fk_rest.url, "GET", "/v1/groups/" + FK_ME)
     assert st == 200 and lst[0]["id"] == js["id"] and lst[0]["internal_id"] == new_internal
     assert lst[0]["members"] == [FK_ALICE] and lst[0]["name"] == "Bridge"
-    st, _, _, one = fk_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(js["id"], safe="")))
+    st, _, _, one = http_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(js["id"], safe="")))
     assert st == 200 and one["internal_id"] == new_internal
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(rest_id, safe="")))
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(rest_id, safe="")))
     assert (st, js) == (404, {"error": "No group with that id found"})
 
 
 def test_fakes_rest_receive_polling(fk_rest):
     fk_rest.push(FK_TEXT_RECEIVE)
     fk_rest.push(dict(FK_TEXT_RECEIVE))
-    st, r, raw, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=1" % FK_ME)
-    assert st == 200 and r.getheader("Content-Type") == "text/plain; charset=utf-8" and js == [FK_TEXT_RECEIVE] * 2
+    st, r, raw, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=1" % FK_ME)
+    assert st == 200 and r.get("Content-Type") == "text/plain; charset=utf-8" and js == [FK_TEXT_RECEIVE] * 2
     t0 = time.monotonic()
-    st, _, raw, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    st, _, raw, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
     assert (st, raw) == (200, b"[]") and time.monotonic() - t0 < 1
     threading.Timer(0.2, fk_rest.push, args=(FK_TEXT_RECEIVE,)).start()   # long poll wakes on push
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=3" % FK_ME)
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=3" % FK_ME)
     assert js == [FK_TEXT_RECEIVE] and time.monotonic() - t0 < 2.5
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % FK_ME)
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % FK_ME)
     assert st == 400 and "ignore_attachments" in js["error"]
 
 
@@ -9318,23 +9236,23 @@ def test_fakes_rest_scripted_errors_and_faults(fk_rest):
     fk_rest.errors.append((429, {"error": "Failed to send message due to rate limiting. Use the attached challenge "
                                        "tokens", "challenge_tokens": ["tok"], "account": FK_ME}))
     fk_rest.errors.append((400, "Failed to send message due to untrusted identities"))
-    assert fk_request(fk_rest.url, "GET", "/v1/about")[0] == 200   # GET does not consume 2-tuples
+    assert http_request(fk_rest.url, "GET", "/v1/about")[0] == 200   # GET does not consume 2-tuples
     body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "x"}
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
     assert st == 429 and js["challenge_tokens"] == ["tok"]
-    st, _, _, js = fk_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
     assert (st, js) == (400, {"error": "Failed to send message due to untrusted identities"})
     fk_rest.errors.append((500, {"error": "boom"}, "/v1/receive"))
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
     assert (st, js) == (500, {"error": "boom"})
     assert fk_rest.sent() == []
     fk_rest.fault = "http500"
-    assert fk_request(fk_rest.url, "POST", "/v2/send", body)[0] == 500
+    assert http_request(fk_rest.url, "POST", "/v2/send", body)[0] == 500
     fk_rest.fault = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        fk_request(fk_rest.url, "POST", "/v2/send", body)
+        http_request(fk_rest.url, "POST", "/v2/send", body)
     fk_rest.fault = "ok"
-    assert fk_request(fk_rest.url, "POST", "/v2/send", body)[0] == 201
+    assert http_request(fk_rest.url, "POST", "/v2/send", body)[0] == 201
 
 
 class FK_WsClient:
@@ -9391,10 +9309,10 @@ class FK_WsClient:
 
 def test_fakes_rest_websocket(fk_rest_ws):
     fk_rest = fk_rest_ws
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/about")
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/about")
     assert js["mode"] == "json-rpc"
     assert fk_rest.push(FK_TEXT_RECEIVE) is False and fk_rest.dropped == 1   # no socket: dropped, not buffered
-    st, _, _, js = fk_request(fk_rest.url, "GET", "/v1/receive/" + FK_ME)
+    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/" + FK_ME)
     assert st == 400 and "websocket" in js["error"]
     ws = FK_WsClient(fk_rest.port, "/v1/receive/%2B15550000001")
     expect = base64.b64encode(hashlib.sha1((ws.key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
@@ -9453,7 +9371,7 @@ def test_fakes_rest_websocket(fk_rest_ws):
 
 
 def test_fakes_rest_websocket_bad_handshake(fk_rest_ws):
-    st, _, _, js = fk_request(fk_rest_ws.url, "GET", "/v1/receive/" + FK_ME,
+    st, _, _, js = http_request(fk_rest_ws.url, "GET", "/v1/receive/" + FK_ME,
                            headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                                     "Sec-WebSocket-Key": "short"})
     assert st == 400 and "Sec-WebSocket-Key" in js["error"]
@@ -9483,35 +9401,30 @@ SETUP_DIR = os.path.dirname(os.path.abspath(ws.__file__))
 
 class TestReadinessAndProcessMetrics:
     def test_readyz_200_when_leader_and_all_upstreams_answer(self, rpc_bridge):
-        status, _, rep = core_get_json(rpc_bridge, "/readyz")
+        status, _, _, rep = http_request(rpc_bridge.url, "GET", "/readyz")
         assert status == 200 and rep["ready"] is True and rep["role"] == "active"
         assert "waiting_for" not in rep
 
     def test_readyz_503_names_the_upstream_that_is_down(self, core_harness):
         h = core_harness().start()
         h.signal.stop()
-        status, _, rep = core_get_json(h, "/readyz")
+        status, _, _, rep = http_request(h.url, "GET", "/readyz")
         assert status == 503 and rep["ready"] is False and rep["waiting_for"] == ["signal"]
-        assert core_get_json(h, "/healthz")[0] == 200
+        assert http_request(h.url, "GET", "/healthz")[0] == 200
 
     def test_readyz_503_on_the_standby_instance(self, core_harness):
         h = core_harness().start()
         standby = ws.App(make_config(h.raw), ws.Log("error", stream=LogCapture())).start()
         try:
-            host, port = standby.server.server_address[:2]
-            c = http.client.HTTPConnection(host, port, timeout=10)
-            c.request("GET", "/readyz")
-            r = c.getresponse()
-            rep = json.loads(r.read())
-            c.close()
-            assert r.status == 503 and rep["role"] == "standby"
+            status, _, _, rep = http_request(standby.url, "GET", "/readyz")
+            assert status == 503 and rep["role"] == "standby"
             assert rep["waiting_for"] == ["lease (another instance is active)"]
         finally:
             standby.stop()
-        assert core_get_json(h, "/readyz")[0] == 200
+        assert http_request(h.url, "GET", "/readyz")[0] == 200
 
     def test_process_and_filesystem_metrics(self, rpc_bridge):
-        text = core_request(rpc_bridge, "GET", "/metrics")[2].decode()
+        text = http_request(rpc_bridge.url, "GET", "/metrics")[2].decode()
         rss = core_metric_value(text, "process_resident_memory_bytes")
         assert rss is not None and 1 << 20 < rss < 1 << 34
         assert core_metric_value(text, "process_cpu_seconds_total") > 0
@@ -9538,9 +9451,9 @@ class TestReadinessAndProcessMetrics:
 
     def test_port_environment_override(self, tmp_path):
         raw = core_base_raw(tmp_path)
-        assert ws.validate_config(copy.deepcopy(raw), core_env(PORT="9099")).get("server.port") == 9099
+        assert ws.validate_config(copy.deepcopy(raw), bridge_env(PORT="9099")).get("server.port") == 9099
         with pytest.raises(ws.ConfigError) as e:
-            ws.validate_config(copy.deepcopy(raw), core_env(PORT="80a"))
+            ws.validate_config(copy.deepcopy(raw), bridge_env(PORT="80a"))
         assert [p for p in e.value.problems if p.startswith("PORT:")] == \
             ["PORT: '80a' is not a port number; set it to 1-65535 or unset it"]
 
