@@ -7440,7 +7440,7 @@ class TestCrashes:
                 for ts in never:
                     daemon.push(owner_env(ts, "s2w %d" % load.pushed[ts]))
                 if never:
-                    eventually(done, 10, 0.1)
+                    eventually(done, 10)
             w2s, s2w = tallies()
             lost_w2s = sorted(set(range(n)) - set(w2s))
             missing_s2w = sorted(set(range(n)) - set(s2w))
@@ -7550,9 +7550,9 @@ class TestCrashes:
             waha.mode = "ok"
             bridge.start()
             assert load.join(30)
-            assert eventually(lambda: len(ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)) == n, 20, 0.05)
+            assert eventually(lambda: len(ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)) == n, 20)
             assert eventually(lambda: len(ops_tally([b.get("text") for b in waha.sent("text")],
-                                                  re.compile(r"s2w (\d+)$"))) == 50, 20, 0.05)
+                                                  re.compile(r"s2w (\d+)$"))) == 50, 20)
             w2s = ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)
             s2w = ops_tally([b.get("text") for b in waha.sent("text")], re.compile(r"s2w (\d+)$"))
             assert sorted(w2s) == list(range(1000, 1000 + n)) and set(w2s.values()) == {1}
