@@ -8024,9 +8024,9 @@ def ops_raw(url, data, shut=False, timeout=5.0, pause=None):
     return (int(m.group(1)) if m else None), out, took
 
 
-def ops_request(path, body=b"", method="POST", headers=None, sign=True):
+def ops_request(path, body=b"", method="POST", headers=None, signed=True):
     hdrs = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body))}
-    if sign:
+    if signed:
         hdrs["X-Webhook-Hmac"] = sign(body)
         hdrs["X-Webhook-Hmac-Algorithm"] = "sha512"
     for k, v in (headers or {}).items():
@@ -8065,7 +8065,7 @@ class TestHttpAbuse:
                                                                         "Transfer-Encoding": "chunked"})
              + b"2\r\n{}\r\n0\r\n\r\n", (411,)),
             ("wrong content type", ops_request("/webhook/whatsapp", ok_body, headers={"Content-Type": "text/plain"}), (415,)),
-            ("unsigned", ops_request("/webhook/whatsapp", ok_body, sign=False), (401,)),
+            ("unsigned", ops_request("/webhook/whatsapp", ok_body, signed=False), (401,)),
             ("wrong algorithm", ops_request("/webhook/whatsapp", ok_body, headers={"X-Webhook-Hmac-Algorithm": "md5"}),
              (401,)),
             ("signed malformed JSON", ops_request("/webhook/whatsapp", b"{\"event\": "), (400,)),
@@ -8225,7 +8225,7 @@ class TestSecrets:
             bad_shape = ops_body({"event": "message", "session": "default",
                                   "payload": {"id": "+4915111111189 " + texts[0], "from": 4915111111189,
                                               "body": {"text": texts[0]}, "fromMe": "no"}})
-            for data in (ops_request("/webhook/whatsapp", good, sign=False),
+            for data in (ops_request("/webhook/whatsapp", good, signed=False),
                          ops_request("/webhook/whatsapp", good, headers={"X-Webhook-Hmac": sign(good, "x" * 40)}),
                          ops_request("/webhook/whatsapp", b"{\"secret\": \"" + texts[0].encode()),
                          ops_request("/webhook/whatsapp", bad_shape),
@@ -8238,7 +8238,7 @@ class TestSecrets:
                 assert status != 500
                 bodies.append(raw.decode("utf-8", "replace"))
             for _ in range(22):                 # until the client is throttled
-                status, raw, _ = ops_raw(h.url, ops_request("/webhook/whatsapp", good, sign=False))
+                status, raw, _ = ops_raw(h.url, ops_request("/webhook/whatsapp", good, signed=False))
             assert status == 429
             bodies.append(raw.decode("utf-8", "replace"))
             shown["error responses"] = "\n".join(bodies)
