@@ -6479,6 +6479,7 @@ class TestSignalCliWire:
     def test_many_calls_on_one_kept_alive_connection_do_not_wait_for_delayed_acks(self, rpc_bridge):
         h = rpc_bridge
         client = ws.SignalRpcClient(h.signal.url, BRIDGE)      # the product's own client and transport
+        assert eventually(lambda: h.signal.stream_connections == 1)
         opened = h.signal.connections_opened
         started = time.monotonic()
         for i in range(200):
@@ -6492,7 +6493,7 @@ class TestSignalCliWire:
     def test_without_quickack_each_call_takes_a_new_connection(self, rpc_bridge):
         h = rpc_bridge
         client = ws.SignalRpcClient(h.signal.url, BRIDGE, ws.HttpTransport(quickack=False))
-        assert h.wait(lambda: h.signal.stream_connections == 1)
+        assert eventually(lambda: h.signal.stream_connections == 1)
         opened = h.signal.connections_opened
         started = time.monotonic()
         for i in range(100):
@@ -6506,7 +6507,7 @@ class TestSignalCliWire:
         h = rpc_bridge
         for i in range(150):
             w2s_post(h, w2s_message(h, SC_CHAT, "JDK%04d" % i, "burst %d" % i))
-        assert h.wait(lambda: len([t for t in h.sends() if "burst " in (t or "")]) == 150, 30.0)
+        assert eventually(lambda: len([t for t in h.sends() if "burst " in (t or "")]) == 150, 30.0)
         texts = [t for t in h.sends() if "burst " in (t or "")]
         assert [int(t.rsplit(" ", 1)[1]) for t in texts] == list(range(150))
         assert h.signal.connections_opened <= 6     # kept alive: the receiver's stream, the worker, health
