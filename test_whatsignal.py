@@ -8615,6 +8615,71 @@ class TestMessageIds:
             bridge.stop()
 
 
+class TestChannelScopedDedupe:
+    """WhatsApp gives a group message the same id for every member: each channel must still get its copy."""
+
+    def sec_shared_group_traffic(self, h, bare, sessions=("default", "work")):
+        for session in sessions:
+            ev, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session=session, bare=bare)
+            assert h.webhook(ev) == (200, {"status": "stored"}), session
+
+    def test_a_group_message_shared_by_two_channels_reaches_both_owners(self, s2w_make):
+        h = s2w_make("rpc", raw_overrides=dict(S2W_CHANNELS))
+        bare = "3EB0SHARED00000001"
+        self.sec_shared_group_traffic(h, bare)
+        copies = lambda: sorted(o["to"] for o in s2w_out(h) if (o["text"] or "").endswith("shared news"))
+        assert h.wait(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
+        target = "false_%s_%s_%s" % (S2W_FAMILY, bare, S2W_DORA)
+        mapped = lambda: h.app.store.one("SELECT COUNT(*) FROM messages WHERE direction='w2s'")[0] == 2
+        assert h.wait(mapped)
+        for session in ("default", "work"):       # the same reaction, edit and delete, seen by both accounts
+            base = {"from": S2W_FAMILY, "fromMe": False, "participant": S2W_DORA, "timestamp": 1767225700}
+            for name, payload in (
+                    ("message.reaction", dict(base, id="false_%s_R1_%s" % (S2W_FAMILY, S2W_DORA),
+                                              reaction={"text": "\U0001F44D", "messageId": target})),
+                    ("message.edited", dict(base, id="false_%s_E1_%s" % (S2W_FAMILY, S2W_DORA), body="edited news",
+                                            editedMessageId=bare)),
+                    ("message.revoked", {"revokedMessageId": bare, "before": None,
+                                         "after": dict(base, id="false_%s_D1_%s" % (S2W_FAMILY, S2W_DORA))})):
+                assert h.webhook(h.waha.event(name, payload, session=session)) == (200, {"status": "stored"}), \
+                    (session, name)
+        reacted = lambda: sorted(r["recipient"][0] for r in h.signal.sent("sendReaction"))
+        deleted = lambda: sorted(r["recipient"][0] for r in h.signal.sent("remoteDelete"))
+        edited = lambda: sorted(o["to"] for o in s2w_out(h) if o["edit"])
+        both = sorted([OWNER, S2W_OWNER2])
+        assert h.wait(lambda: reacted() == both and edited() == both and deleted() == both), \
+            (reacted(), edited(), deleted())
+        # and each one only once: WAHA resending any of them is a duplicate within its own channel
+        ev, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="work", bare=bare)
+        assert h.webhook(ev) == (200, {"status": "duplicate"})
+
+    def test_a_database_from_before_keeps_its_dedupe_memory(self, s2w_make):
+        """Before, one dedupe index spanned all channels; the upgrade keeps every stored key."""
+        h = s2w_make("rpc", raw_overrides=dict(S2W_CHANNELS))
+        bare = "3EB0BEFOREUPGRADE1"
+        ev, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="default", bare=bare)
+        assert h.webhook(ev) == (200, {"status": "stored"})
+        assert h.wait(lambda: len([o for o in s2w_out(h) if (o["text"] or "").endswith("shared news")]) == 1)
+        h.app.stop()
+        h.app = None
+        db = sqlite3.connect(h.raw["database"]["path"])           # back to the index of schema 3
+        try:
+            old_index = [l for l in ws.SCHEMA[0].splitlines() if "queue_dedupe" in l][0].strip()
+            before = [v for v, script in enumerate(ws.SCHEMA) if "queue_dedupe_channel" in script][0]
+            db.executescript("BEGIN; DROP INDEX queue_dedupe_channel; %s PRAGMA user_version=%d; COMMIT;"
+                             % (old_index, before))
+            assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name='queue_dedupe'").fetchone()[0] == 1
+        finally:
+            db.close()
+        h.start()
+        assert h.app.store.one("PRAGMA user_version")[0] == ws.SCHEMA_VERSION
+        assert h.webhook(ev) == (200, {"status": "duplicate"})         # no second delivery after the upgrade
+        ev2, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="work", bare=bare)
+        assert h.webhook(ev2) == (200, {"status": "stored"})           # and the other channel now gets its copy
+        copies = lambda: sorted(o["to"] for o in s2w_out(h) if (o["text"] or "").endswith("shared news"))
+        assert h.wait(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
+
+
 ###############################################################################
 # The fakes speak the upstream contracts ######################################
 ###############################################################################

@@ -98,7 +98,7 @@ SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
@@ -1346,6 +1346,13 @@ SCHEMA = [
     # version 3: who wrote the WhatsApp original (lookup token), so only its author can edit the copy
     """
     ALTER TABLE messages ADD COLUMN wa_sender TEXT;
+    """,
+    # version 4: dedupe keys are unique per channel: WhatsApp gives a group message the same id for every
+    # member, so two channels in one group receive it twice, once each.  The stored keys do not change
+    # (they were unique over all channels, so they are unique per channel): nothing seen is seen anew.
+    """
+    DROP INDEX IF EXISTS queue_dedupe;
+    CREATE UNIQUE INDEX IF NOT EXISTS queue_dedupe_channel ON queue(channel, direction, dedupe);
     """,
 ]
 ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recomputed on rotation
