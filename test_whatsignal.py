@@ -8504,7 +8504,7 @@ class TestServerLimits:
             assert flood.opened > 200 and flood.closed_by_server > 0, (flood.opened, flood.closed_by_server)
             assert set(flood.answers) <= {401, 503, 429, 408, None}, flood.answers
             assert daemon.wait_for(lambda f: len(f.sent()) == 1 + len(answered), 15)
-            metrics = ops_get(bridge.url, "/metrics")[1]
+            metrics = http_get(bridge.url, "/metrics")[1]
             assert 'status="500"' not in metrics
             assert not [r for r in bridge.log_records() if r.get("level") == "ERROR"]
         finally:
@@ -8523,12 +8523,12 @@ class TestServerLimits:
                 s = socket.create_connection((u.hostname, u.port), timeout=5)
                 s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\n")       # a request that never ends
                 held.append(s)
-            assert ops_wait(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 503, 5)
+            assert eventually(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 503, 5)
             status, raw, took = ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status == 503 and b"too many connections" in raw and took < 2.0
             held.pop().close()
-            assert ops_wait(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
-            assert ops_wait(lambda: 'reason="connections"' in ops_get(bridge.url, "/metrics")[1]
+            assert eventually(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
+            assert eventually(lambda: 'reason="connections"' in http_get(bridge.url, "/metrics")[1]
                             if len(held) < 4 else False, 5)
         finally:
             for s in held:
@@ -8606,10 +8606,10 @@ class TestMessageIds:
             assert not odd, odd[:5]
             assert answers[200] > 100 and answers[400] > 20, answers
             db = bridge.raw["database"]["path"]
-            assert ops_wait(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0, 30)
+            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0, 30)
             assert ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='dead'")[0][0] == 0
-            assert ops_get(bridge.url, "/healthz")[0] == 200
-            assert 'status="500"' not in ops_get(bridge.url, "/metrics")[1]
+            assert http_get(bridge.url, "/healthz")[0] == 200
+            assert 'status="500"' not in http_get(bridge.url, "/metrics")[1]
             assert not [r for r in bridge.log_records() if r.get("level") == "ERROR"]
         finally:
             bridge.stop()
@@ -8628,10 +8628,10 @@ class TestChannelScopedDedupe:
         bare = "3EB0SHARED00000001"
         self.sec_shared_group_traffic(h, bare)
         copies = lambda: sorted(o["to"] for o in s2w_out(h) if (o["text"] or "").endswith("shared news"))
-        assert h.wait(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
+        assert eventually(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
         target = "false_%s_%s_%s" % (S2W_FAMILY, bare, S2W_DORA)
         mapped = lambda: h.app.store.one("SELECT COUNT(*) FROM messages WHERE direction='w2s'")[0] == 2
-        assert h.wait(mapped)
+        assert eventually(mapped)
         for session in ("default", "work"):       # the same reaction, edit and delete, seen by both accounts
             base = {"from": S2W_FAMILY, "fromMe": False, "participant": S2W_DORA, "timestamp": 1767225700}
             for name, payload in (
@@ -8647,7 +8647,7 @@ class TestChannelScopedDedupe:
         deleted = lambda: sorted(r["recipient"][0] for r in h.signal.sent("remoteDelete"))
         edited = lambda: sorted(o["to"] for o in s2w_out(h) if o["edit"])
         both = sorted([OWNER, S2W_OWNER2])
-        assert h.wait(lambda: reacted() == both and edited() == both and deleted() == both), \
+        assert eventually(lambda: reacted() == both and edited() == both and deleted() == both), \
             (reacted(), edited(), deleted())
         # and each one only once: WAHA resending any of them is a duplicate within its own channel
         ev, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="work", bare=bare)
@@ -8659,7 +8659,7 @@ class TestChannelScopedDedupe:
         bare = "3EB0BEFOREUPGRADE1"
         ev, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="default", bare=bare)
         assert h.webhook(ev) == (200, {"status": "stored"})
-        assert h.wait(lambda: len([o for o in s2w_out(h) if (o["text"] or "").endswith("shared news")]) == 1)
+        assert eventually(lambda: len([o for o in s2w_out(h) if (o["text"] or "").endswith("shared news")]) == 1)
         h.app.stop()
         h.app = None
         db = sqlite3.connect(h.raw["database"]["path"])           # back to the index of schema 3
@@ -8677,7 +8677,7 @@ class TestChannelScopedDedupe:
         ev2, _ = s2w_wa_event(h, S2W_FAMILY, "shared news", participant=S2W_DORA, session="work", bare=bare)
         assert h.webhook(ev2) == (200, {"status": "stored"})           # and the other channel now gets its copy
         copies = lambda: sorted(o["to"] for o in s2w_out(h) if (o["text"] or "").endswith("shared news"))
-        assert h.wait(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
+        assert eventually(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
 
 
 ###############################################################################
