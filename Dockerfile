@@ -2,7 +2,9 @@
 # Runs unprivileged and works under:
 #   docker run --read-only --tmpfs /tmp --security-opt no-new-privileges:true ...
 # Writable paths: /app/data (database), /app/cache (media), /tmp.
-FROM python:3.12-slim
+# The base is pinned by digest (python:3.12-slim); to move to a newer one:
+#   docker pull python:3.12-slim && docker inspect --format '{{index .RepoDigests 0}}' python:3.12-slim
+FROM python:3.12-slim@sha256:78387bc3881b8273120a12ebe6c1ab22b018ccc2c9adf565ae1ac9b536e184ea
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -10,12 +12,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WHATSIGNAL_HOST=0.0.0.0 \
     DB_PATH=/app/data/whatsignal.db \
     MEDIA_DIR=/app/cache
-
-# wget is only for the compose healthcheck (wget --spider .../health).
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends wget \
-    && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 whatsignal \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \

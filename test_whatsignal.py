@@ -21,6 +21,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -3907,7 +3908,8 @@ class TestMisc:
     def test_compose_healthcheck_uses_health(self):
         with open(os.path.join(CORE_DIR, "docker-compose.yml"), encoding="utf-8") as f:
             text = f.read()
-        assert "wget" in text and "--spider" in text and "http://localhost:8082/health" in text
+        # Python's own urllib (no package installed for it); /health is 503 when the database is unusable
+        assert "urllib.request.urlopen('http://127.0.0.1:8082/health'" in text and "wget" not in text
         assert "read_only: true" in text and "no-new-privileges:true" in text
 
 ###############################################################################
@@ -9880,3 +9882,125 @@ class TestDoctor:
         fails = setup_fails(out)
         assert len(fails) == 1 and fails[0].startswith("FAIL  config: whatsapp.webhookSecret: only 5 characters")
         assert "fix: use at least 32" in fails[0]
+
+
+# -- packaging and monitoring files ------------------------------------------------------------
+
+def setup_read(*parts):
+    with open(os.path.join(SETUP_DIR, *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+def setup_alert_rules():
+    """The rules of monitoring/alerts.yml as dicts, read with a small parser for this file's plain YAML subset."""
+    rules, rule, section = [], None, None
+    for line in setup_read("monitoring", "alerts.yml").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = re.match(r"^      - alert: (\S+)$", line)
+        if m:
+            rule = {"alert": m.group(1), "labels": {}, "annotations": {}}
+            rules.append(rule)
+            section = None
+            continue
+        m = re.match(r"^        (expr|for|labels|annotations):\s*(.*)$", line)
+        if m and rule is not None:
+            if m.group(1) in ("labels", "annotations"):
+                section = m.group(1)
+            else:
+                rule[m.group(1)] = m.group(2)
+            continue
+        m = re.match(r'^          (\w+): "?(.*?)"?$', line)
+        if m and rule is not None and section:
+            rule[section][m.group(1)] = m.group(2)
+            continue
+        assert re.match(r"^(groups:|  - name: [a-z-]+|    rules:)$", line), "unexpected line: %r" % line
+    return rules
+
+
+def setup_dashboard_exprs():
+    dash = json.loads(setup_read("monitoring", "dashboard.json"))
+    return dash, [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+SETUP_METRIC = re.compile(r"\b((?:whatsignal|process)_[a-z_]+)\b")
+
+
+class TestPackagingAndMonitoring:
+    def test_alerts_cover_the_operations_guide(self):
+        rules = setup_alert_rules()
+        names = {r["alert"] for r in rules}
+        assert {"WhatSignalDown", "WhatSignalEncryptionErrors", "WhatSignalDiskAlmostFull", "WhatSignalMemoryHigh",
+                "WhatSignalCleanupFailed", "WhatSignalHighLatency", "WhatSignalWebhookAuthFailures"} <= names
+        assert len(names) == len(rules)
+        for r in rules:
+            assert r.get("expr"), r
+            assert r["labels"].get("severity") in ("critical", "warning"), r
+            assert r["annotations"].get("summary") and r["annotations"].get("description"), r
+        by = {r["alert"]: r for r in rules}
+        assert "0.90" in by["WhatSignalDiskAlmostFull"]["expr"] and "0.80" in by["WhatSignalMemoryHigh"]["expr"]
+        assert by["WhatSignalDown"]["labels"]["severity"] == "critical"
+        assert by["WhatSignalWebhookAuthFailures"]["labels"]["severity"] == "warning"
+
+    def test_every_metric_the_rules_and_dashboard_use_is_exported(self, rpc_bridge):
+        core_round_trip(rpc_bridge)
+        assert core_post_signed(rpc_bridge, b"{not json")[0] == 400
+        ws.run_cleanup(rpc_bridge.app)
+        text = core_request(rpc_bridge, "GET", "/metrics")[2].decode()
+        exported = set(re.findall(r"^# TYPE (\S+) (\w+)$", text, re.M))
+        kinds = dict(exported)
+        dash, exprs = setup_dashboard_exprs()
+        used = set()
+        for expr in [r["expr"] for r in setup_alert_rules()] + exprs:
+            for name in SETUP_METRIC.findall(expr):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                used.add(base if kinds.get(base) == "histogram" else name)
+        assert used - set(kinds) == set(), "used but not exported: %s" % sorted(used - set(kinds))
+        for name in used:     # and each has a sample now, after traffic and a cleanup
+            assert re.search(r"^%s(_bucket)?(\{[^}]*\})? " % re.escape(name), text, re.M), name
+        titles = [p["title"] for p in dash["panels"]]
+        for want in ("Queue depth", "Delivery latency", "Dead letters", "Authentication failures", "Cleanup"):
+            assert any(t.startswith(want) for t in titles), want
+
+    def test_promtool_accepts_the_rules_and_the_dashboard_queries(self, tmp_path):
+        promtool = shutil.which("promtool")
+        if not promtool:
+            pytest.skip("promtool is not installed (apt-get install prometheus); the other tests check the names")
+        p = subprocess.run([promtool, "check", "rules", os.path.join(SETUP_DIR, "monitoring", "alerts.yml")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
+        _, exprs = setup_dashboard_exprs()
+        rules = "groups:\n  - name: dashboard\n    rules:\n" + "".join(
+            "      - record: dashboard:q%d\n        expr: %s\n" % (i, json.dumps(e)) for i, e in enumerate(exprs))
+        (tmp_path / "dashboard-rules.yml").write_text(rules)
+        p = subprocess.run([promtool, "check", "rules", str(tmp_path / "dashboard-rules.yml")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    def test_dockerfile_is_pinned_and_installs_nothing(self):
+        text = setup_read("Dockerfile")
+        froms = re.findall(r"^FROM (\S+)", text, re.M)
+        assert len(froms) == 1 and re.fullmatch(r"python:3\.\d+-slim@sha256:[0-9a-f]{64}", froms[0]), froms
+        assert not re.search(r"apt-get|apk |pip install|wget|curl", text)
+        assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\", \"-c\", \"import urllib.request", text, re.M)
+        assert re.search(r"^USER 10001:10001$", text, re.M)
+
+    def test_compose_runs_the_whole_stack(self):
+        text = setup_read("docker-compose.yml")
+        services = dict(re.findall(r"^  ([a-z-]+):\n((?:    .*\n|\n)+)", text.split("\nnetworks:\n")[0], re.M))
+        assert set(services) == {"waha", "signal-cli", "whatsignal"}
+        for name, body in services.items():
+            assert "restart: unless-stopped" in body, name
+            image = re.search(r"^    image: (\S+)$", body, re.M).group(1)
+            assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
+        sig, bridge, waha = services["signal-cli"], services["whatsignal"], services["waha"]
+        assert '"--receive-mode", "on-connection"' in sig and '"--http", "0.0.0.0:8080"' in sig
+        assert "read_only: true" in bridge and "no-new-privileges:true" in bridge and "cap_drop: [ALL]" in bridge
+        assert "env_file: .env" in bridge and "networks: [internal]" in bridge
+        assert re.search(r'test: \["CMD", "python", "-c", "import urllib.request', bridge)
+        assert "healthcheck:" in waha and "${WAHA_API_KEY" in waha
+        assert re.search(r"^  internal:\n    internal: true", text, re.M)
+        raw = json.loads(json.dumps({"server": {"host": "0.0.0.0", "port": 8082}}))   # what init --compose writes
+        assert "http://whatsignal:%d/webhook/whatsapp" % raw["server"]["port"] == ws.INIT_DEFAULTS["public_url"][1]
+        assert ws.INIT_DEFAULTS["waha_url"][1] == "http://waha:3000"
+        assert ws.INIT_DEFAULTS["signal_rpc_url"][1] == "http://signal-cli:8080"
