@@ -9596,7 +9596,7 @@ class SetupStack:
         self.tmp_path, self.capsys = tmp_path, capsys
         self.waha = FakeWaha(api_key=WAHA_KEY).start()
         self.signal = FakeSignalDaemon(number=BRIDGE).start()
-        self.port = core_free_port()
+        self.port = free_port()
         self.cfg = str(tmp_path / "config.json")
         self.env_path = str(tmp_path / ".env")
         self.app = None
@@ -9608,7 +9608,7 @@ class SetupStack:
                 "--cache-dir", str(self.tmp_path / "cache")] + list(extra)
 
     def main(self, *argv):
-        return core_main(self.capsys, ["--config", self.cfg] + list(argv), {})
+        return run_main(self.capsys, ["--config", self.cfg] + list(argv), {})
 
     def start_bridge(self):
         config = ws.load_config(self.cfg, ws.with_env_file(self.cfg, {}))
@@ -9630,7 +9630,7 @@ def setup_stack(tmp_path, capsys):
     """A stack ready for `webhook install`: init --yes done, the bridge serving."""
     s = SetupStack(tmp_path, capsys)
     try:
-        rc, out, err = core_main(capsys, s.init_argv(), {})
+        rc, out, err = run_main(capsys, s.init_argv(), {})
         assert rc == 0, err
         s.start_bridge()
         yield s
@@ -9650,7 +9650,7 @@ class TestInit:
     def test_init_yes_writes_private_files_that_check_config_accepts(self, tmp_path, capsys):
         s = SetupStack(tmp_path, capsys)
         try:
-            rc, out, err = core_main(capsys, s.init_argv(), {})
+            rc, out, err = run_main(capsys, s.init_argv(), {})
             assert rc == 0, err
             for path in (s.cfg, s.env_path):
                 assert os.stat(path).st_mode & 0o777 == 0o600, path
@@ -9678,12 +9678,12 @@ class TestInit:
     def test_init_never_overwrites_without_force(self, tmp_path, capsys):
         s = SetupStack(tmp_path, capsys)
         try:
-            assert core_main(capsys, s.init_argv(), {})[0] == 0
+            assert run_main(capsys, s.init_argv(), {})[0] == 0
             before = (open(s.cfg).read(), open(s.env_path).read())
-            rc, out, err = core_main(capsys, s.init_argv(), {})
+            rc, out, err = run_main(capsys, s.init_argv(), {})
             assert rc == 2 and "already exist" in err and "--force" in err
             assert (open(s.cfg).read(), open(s.env_path).read()) == before
-            rc, out, err = core_main(capsys, s.init_argv("--force"), {})
+            rc, out, err = run_main(capsys, s.init_argv("--force"), {})
             assert rc == 0, err
             assert s.env()["WEBHOOK_SECRET"] not in before[1]     # new secrets
             assert os.stat(s.env_path).st_mode & 0o777 == 0o600
@@ -9701,7 +9701,7 @@ class TestInit:
         try:
             argv = s.init_argv()
             argv[argv.index(flag) + 1] = value
-            rc, out, err = core_main(capsys, argv, {})
+            rc, out, err = run_main(capsys, argv, {})
             assert rc == 2
             assert [l for l in err.splitlines() if l.startswith("config error: ")] == \
                 [l for l in err.splitlines() if l.strip()]
@@ -9731,7 +9731,7 @@ class TestInit:
             sig.stop()
 
     def test_init_compose_defaults(self, tmp_path, capsys):
-        rc, out, err = core_main(capsys, ["--config", str(tmp_path / "config.json"), "init", "--yes", "--compose",
+        rc, out, err = run_main(capsys, ["--config", str(tmp_path / "config.json"), "init", "--yes", "--compose",
                                           "--number", BRIDGE, "--owner", OWNER], {})
         assert rc == 0, err
         raw = json.loads((tmp_path / "config.json").read_text())
