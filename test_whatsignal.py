@@ -9944,9 +9944,9 @@ class TestPackagingAndMonitoring:
 
     def test_every_metric_the_rules_and_dashboard_use_is_exported(self, rpc_bridge):
         core_round_trip(rpc_bridge)
-        assert core_post_signed(rpc_bridge, b"{not json")[0] == 400
+        assert post_signed(rpc_bridge, b"{not json")[0] == 400
         ws.run_cleanup(rpc_bridge.app)
-        text = core_request(rpc_bridge, "GET", "/metrics")[2].decode()
+        text = http_request(rpc_bridge.url, "GET", "/metrics")[2].decode()
         exported = set(re.findall(r"^# TYPE (\S+) (\w+)$", text, re.M))
         kinds = dict(exported)
         dash, exprs = setup_dashboard_exprs()
