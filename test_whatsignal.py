@@ -995,6 +995,42 @@ _FAKE_SAMPLE_UUIDS = {
 _FAKE_DATA_URI_RE = re.compile(
     r"\Adata:(?P<type>.+?/.+?)?(?P<parameters>;.+?=.+?)?(?P<base64>;base64)?,(?P<data>.+)\Z", re.I)
 
+_FAKE_DATA_URI_PARAM_RE = re.compile(r"\A;(?P<key>.+)=(?P<value>.+)", re.I)   # greedy, like PARAMETER_PATTERN
+
+_FAKE_JACKSON_MAX_STRING = 20000000   # Jackson's default maxStringLength (StreamReadConstraints)
+
+
+def _fake_java_url_decode(value):
+    """java.net.URLDecoder.decode(value, UTF_8): '+' is a space; a bad '%' escape raises ValueError."""
+    out, i = bytearray(), 0
+    raw = value.encode("utf-8")
+    while i < len(raw):
+        c = raw[i:i + 1]
+        if c == b"+":
+            out += b" "
+            i += 1
+        elif c == b"%":
+            hx = raw[i + 1:i + 3]
+            if len(hx) < 2 or not re.match(rb"\A[0-9A-Fa-f]{2}\Z", hx):
+                raise ValueError("URLDecoder: Illegal hex characters in escape (%) pattern")
+            out.append(int(hx, 16))
+            i += 3
+        else:
+            out += c
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _fake_longest_string(obj):
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return max([_fake_longest_string(k) for k in obj] + [_fake_longest_string(v) for v in obj.values()] + [0])
+    if isinstance(obj, list):
+        return max([_fake_longest_string(v) for v in obj] + [0])
+    return 0
+
+
 _FAKE_SEND_TYPE_METHODS = ("send", "sendReaction", "remoteDelete", "sendTyping", "sendReceipt", "updateGroup")
 
 
@@ -1202,6 +1238,17 @@ class FakeSignalDaemon(_FakeBase):
             return self._send_json(h, call, 200, self._rpc_err(-32700, "Parse error", None, None),
                                    ctype="application/json")
         req = call["json"]
+        if _fake_longest_string(req) > _FAKE_JACKSON_MAX_STRING:
+            # Jackson's reader throws on a string over 20,000,000 chars; HttpServerHandler's catch-all answers
+            # 200 with an id-less internal error (JsonRpcReader.java, HttpServerHandler.java, libs.versions.toml)
+            with self._cond:
+                self.rpc.append({"method": req.get("method") if isinstance(req, dict) else None, "params": None,
+                                 "id": None, "attachments": [], "result": None, "time": time.time(),
+                                 "error": {"code": -32603, "message": "An internal server error has occurred."}})
+                self._bump()
+            return self._send_json(h, call, 200, {"jsonrpc": "2.0", "error": {
+                "code": -32603, "message": "An internal server error has occurred."}, "id": None},
+                ctype="application/json")
         if isinstance(req, list):
             if not req:
                 return self._send_json(h, call, 200, self._rpc_err(-32600, "Invalid request", None, None),
@@ -1373,12 +1420,18 @@ class FakeSignalDaemon(_FakeBase):
         if not isinstance(arg, str):
             raise _FakeRpcError(-32602, "Invalid params: attachment must be a string")
         m = _FAKE_DATA_URI_RE.match(arg)
+        params = {}
+        if m and m.group("parameters"):
+            # one greedy key=value over all parameters, then URLDecoder.decode; a bad escape throws
+            # IllegalArgumentException and Utils.createStreamDetails reads the whole string as a file path
+            # (DataURI.java, Utils.java)
+            pm = _FAKE_DATA_URI_PARAM_RE.match(m.group("parameters"))
+            try:
+                if pm:
+                    params[pm.group("key")] = _fake_java_url_decode(pm.group("value"))
+            except ValueError:
+                m = None
         if m:
-            params = {}
-            for part in (m.group("parameters") or "").split(";"):
-                if "=" in part:
-                    k, v = part.split("=", 1)
-                    params[k.lower()] = urllib.parse.unquote_plus(v)
             raw = m.group("data")
             try:
                 if m.group("base64"):
@@ -4388,7 +4441,7 @@ class TestTranslation:
     @pytest.mark.parametrize("name, mime, want", [
         ("../../etc/passwd", "application/pdf", "passwd"), ("..\\..\\boot.ini", "text/plain", "boot.ini"),
         (".hidden", "image/png", "hidden"), (None, "image/jpeg", "file.jpg"), ("", "audio/ogg", "file.ogg"),
-        ("a;b,c:d.pdf", "application/pdf", "a_b_c_d.pdf"), ("x\x00y.pdf", "application/pdf", "x_y.pdf")])
+        ("a;b,c:d.pdf", "application/pdf", "a;b,c:d.pdf"), ("x\x00y.pdf", "application/pdf", "x_y.pdf")])
     def test_safe_filename(self, name, mime, want):
         assert ws.safe_filename(name, mime) == want
 
@@ -6513,6 +6566,37 @@ class TestSignalCliWire:
         texts = [t for t in h.sends() if "burst " in (t or "")]
         assert [int(t.rsplit(" ", 1)[1]) for t in texts] == list(range(150))
         assert h.signal.connections_opened <= 6     # kept alive: the receiver's stream, the worker, health
+
+class TestSignalCliDataUriNames:
+    """signal-cli URL-decodes data-URI parameters and cuts them at ';', '=' and ',' (DataURI.java)."""
+
+    @pytest.mark.parametrize("name", ["Rabatt 20%+x=y;z.pdf", "a,b;base64,c.pdf", "100% sicher.pdf",
+                                      "Müller & Söhne (Entwurf) #2.pdf", "%41%zz+.pdf"])
+    def test_every_file_name_arrives_exactly_as_sent(self, rpc_bridge, name):
+        h = rpc_bridge
+        url = h.waha.add_file("3EB0NAME.pdf", W2S_PDF, "application/pdf")
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0NAME", "the offer", hasMedia=True, media={
+            "url": url, "mimetype": "application/pdf", "filename": name, "error": None}))
+        assert eventually(lambda: h.signal.requests("send"))
+        rec = h.signal.requests("send")[0]
+        assert rec["error"] is None, rec["error"]
+        assert [(a["filename"], a["data"]) for a in rec["attachments"]] == [(name, W2S_PDF)]
+        assert rec["message"].endswith("the offer")
+
+    def test_the_fake_decodes_like_signal_cli(self, rpc_bridge):
+        """Names written unencoded break on signal-cli: a bad escape makes the URI a file path, '=' moves the
+        key, '+' becomes a space."""
+        client = ws.SignalRpcClient(rpc_bridge.signal.url, BRIDGE)
+        data = base64.b64encode(W2S_PDF).decode()
+        with pytest.raises(ws.UpstreamError):
+            client.call("send", {"recipient": [OWNER], "attachments": [
+                "data:application/pdf;filename=100% sicher.pdf;base64," + data]})
+        names = []
+        for raw in ("Rabatt 20%+x=y;z.pdf", "a+b.pdf"):
+            client.call("send", {"recipient": [OWNER], "attachments": [
+                "data:application/pdf;filename=%s;base64,%s" % (raw, data)]})
+            names.append(rpc_bridge.signal.requests("send")[-1]["attachments"][0]["filename"])
+        assert names == [None, "a b.pdf"]
 
 ###############################################################################
 # Operations, faults and abuse ################################################

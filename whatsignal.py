@@ -822,9 +822,12 @@ EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "i
 
 
 def safe_filename(name, mime):
-    """Return a display file name with no path parts, control characters or dots in front."""
+    """Return a display file name with no path parts, control characters or dots in front.
+
+    Other characters stay: each transport encodes the name as its upstream needs.
+    """
     name = os.path.basename(str(name or "").replace("\\", "/"))
-    name = re.sub(r"[\x00-\x1f\x7f/;:,\"']", "_", name).lstrip(".")[:100]
+    name = re.sub(r"[\x00-\x1f\x7f/]", "_", name).lstrip(".")[:100]
     return name or ("file" + EXTENSIONS.get((mime or "").split(";")[0].strip().lower(), ".bin"))
 
 
@@ -1737,7 +1740,18 @@ def attachment_markers(n):
     return ["\x00%s-%d" % (nonce, i) for i in range(n)]
 
 
-def json_stream(obj, files, markers):
+def data_uri_name(name):
+    """A file name as a data-URI parameter value that signal-cli decodes back to exactly *name*.
+
+    signal-cli URL-decodes parameter values (``+`` becomes a space, a ``%`` not
+    followed by two hex digits makes it read the whole URI as a file path) and
+    cuts parameters at ``;``, ``=`` and ``,`` (DataURI.java): percent-encode all
+    but the unreserved characters.
+    """
+    return urllib.parse.quote(name, safe="")
+
+
+def json_stream(obj, files, markers, encode_name=data_uri_name):
     """Serialize *obj* where the strings *markers* stand for base64 data URIs of ``files[N]``.
 
     ``files`` holds (mime, filename, path); returns a StreamBody.
@@ -1747,7 +1761,8 @@ def json_stream(obj, files, markers):
     for i, (mime, name, path) in enumerate(files):
         marker = json.dumps(markers[i])[1:-1]
         at = text.index(marker, pos)
-        head = "data:%s;filename=%s;base64," % (mime, safe_filename(name, mime))
+        mime = mime.split(";")[0].strip() or "application/octet-stream"
+        head = "data:%s;filename=%s;base64," % (mime, encode_name(safe_filename(name, mime)))
         parts.append((text[pos:at] + head).encode("utf-8"))
         parts.append(("b64", path))
         pos = at + len(marker)
@@ -2316,7 +2331,8 @@ class SignalRestClient(SignalClient):
         stream = None
         if attachments:
             body["base64_attachments"] = markers = attachment_markers(len(attachments))
-            stream = json_stream(body, list(attachments), markers)
+            # signal-cli-rest-api splits the data URI at ";" and takes the name as it stands (attachment.go)
+            stream = json_stream(body, list(attachments), markers, lambda name: name.replace(";", "_"))
         result = self.call("POST", "/v2/send", body, stream)
         if isinstance(result, list):           # master since 6a225e6: one object per underlying send
             errs = [e for r in result if isinstance(r, dict) for e in ((r.get("errors") or {}).get("recipients") or [])]
