@@ -1825,7 +1825,8 @@ class FakeSignalRest(_FakeBase):
     groups {internal_id: {...}}, recipient_failures {recipient: reason}, pending (normal-mode queue),
     dropped / dropped_messages (json-rpc pushes with no socket), delivered, ping_seconds,
     read_limit (client frame limit, 512 like gorilla), ws_received (client text frames),
-    pongs, pings_sent, ws_close_codes, trusted, receive_max_wait (cap on the long-poll wait).
+    pongs, pings_sent, ws_close_codes, trusted, receive_max_wait (cap on the long-poll wait),
+    identities {number: status} (GET /v1/identities/{number}).
     """
 
     _server_header = "signal-cli-rest-api-fake"
@@ -1854,6 +1855,7 @@ class FakeSignalRest(_FakeBase):
         self.ws_close_codes = []
         self.trusted = []
         self.receive_max_wait = 5.0
+        self.identities = {}
         self._ws = []
         self._last_ts = 0
 
@@ -2008,6 +2010,14 @@ class FakeSignalRest(_FakeBase):
                 return self._receipt(h, call)
             if route == "identities" and len(segs) == 5 and segs[3] == "trust" and m == "PUT":
                 return self._trust(h, call, segs[4])
+            if route == "identities" and len(segs) == 3 and m == "GET":
+                # src/api/api.go ListIdentities -> []client.IdentityEntry (src/client/client.go)
+                with self._lock:
+                    known = sorted(self.identities.items())
+                return self._send_json(h, call, 200, [
+                    {"number": n, "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, "signal:" + n)), "status": status,
+                     "fingerprint": "05 ab " * 16, "safety_number": "12345 " * 12, "added": "2026-01-01 00:00:00 UTC"}
+                    for n, status in known])
             if route == "groups" and len(segs) == 3 and m in ("GET", "POST"):
                 return self._groups(h, call)
             if route == "groups" and len(segs) == 4 and m == "GET":
@@ -10088,3 +10098,59 @@ class TestPackagingAndMonitoring:
         assert "http://whatsignal:%d/webhook/whatsapp" % raw["server"]["port"] == ws.INIT_DEFAULTS["public_url"][1]
         assert ws.INIT_DEFAULTS["waha_url"][1] == "http://waha:3000"
         assert ws.INIT_DEFAULTS["signal_rpc_url"][1] == "http://signal-cli:8080"
+
+
+class TestDoctorRest:
+    def test_doctor_with_signal_cli_rest_api(self, tmp_path, capsys):
+        waha = FakeWaha(api_key=WAHA_KEY).start()
+        rest = FakeSignalRest(number=BRIDGE).start()
+        app = None
+        try:
+            port = free_port()
+            cfg = str(tmp_path / "config.json")
+            rc, out, err = run_main(capsys, ["--config", cfg, "init", "--yes", "--waha-url", waha.url,
+                                             "--waha-api-key", WAHA_KEY, "--signal-rest-url", rest.url,
+                                             "--number", BRIDGE, "--owner", OWNER, "--port", str(port),
+                                             "--db", str(tmp_path / "ws.db"), "--cache-dir", str(tmp_path / "c")], {})
+            assert rc == 0, err
+            assert "signal-cli-rest-api 0.100 at %s: %s is registered" % (rest.url, ws.mask_phone(BRIDGE)) in out
+            app = ws.App(ws.load_config(cfg, ws.with_env_file(cfg, {})), ws.Log("error", stream=LogCapture())).start()
+            assert run_main(capsys, ["--config", cfg, "webhook", "install"], {})[0] == 0
+            rest.identities[OWNER] = "TRUSTED_VERIFIED"
+            rc, out, err = run_main(capsys, ["--config", cfg, "doctor"], {})
+            assert rc == 0, out + err
+            assert "signal-cli-rest-api 0.100 (mode normal)" in out and "trusted (TRUSTED_VERIFIED)" in out
+            rest.identities[OWNER] = "UNTRUSTED"
+            rc, out, err = run_main(capsys, ["--config", cfg, "doctor"], {})
+            fails = setup_fails(out)
+            assert rc == 1 and len(fails) == 1 and "UNTRUSTED" in fails[0]
+            assert "/v1/identities/%s/trust/%s" % (BRIDGE, OWNER) in fails[0]
+        finally:
+            if app:
+                app.stop()
+            waha.stop()
+            rest.stop()
+
+
+def test_fakes_waha_session_update_like_waha():
+    waha = FakeWaha(api_key=WAHA_KEY).start()
+    try:
+        key = {"X-Api-Key": WAHA_KEY}
+        hook = {"url": "http://b:8082/webhook/whatsapp", "events": ["message"]}
+        st, _, _, js = http_request(waha.url, "PUT", "/api/sessions/default", {"config": {"webhooks": [hook]}}, key)
+        assert st == 200 and js["name"] == "default" and js["status"] == "WORKING"
+        assert js["config"]["webhooks"] == [dict(hook, hmac=None, retries=None, customHeaders=None)]
+        assert waha.restarts == 1
+        st, _, _, js = http_request(waha.url, "GET", "/api/sessions/default", headers=key)
+        assert st == 200 and js["config"]["webhooks"][0]["url"] == hook["url"]
+        st, _, _, js = http_request(waha.url, "PUT", "/api/sessions/default", {"config": {"webhooks": [{"url": 1}]}},
+                                    key)
+        assert st == 400 and js["error"] == "Bad Request"
+        assert http_request(waha.url, "PUT", "/api/sessions/other", {"config": {}}, key)[0] == 404
+        assert http_request(waha.url, "PUT", "/api/sessions/default", {"config": {}})[0] == 401
+        waha.session_status = "STOPPED"
+        st, _, _, js = http_request(waha.url, "PUT", "/api/sessions/default", {"config": {"metadata": {"a": "b"}}}, key)
+        assert st == 200 and js["status"] == "STOPPED" and js["config"] == {"metadata": {"a": "b"}}
+        assert waha.restarts == 1        # a stopped session is not started by an update
+    finally:
+        waha.stop()

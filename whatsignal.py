@@ -5217,6 +5217,9 @@ class Doctor:
         number = self.config.get("signal.number")
         if isinstance(self.signal, SignalRestClient):
             status, ids = self._rest("/v1/identities/%s" % urllib.parse.quote(number, safe=""))
+            if status != 200 or not isinstance(ids, list):
+                raise CheckFailed("signal-cli-rest-api answered %d to GET /v1/identities" % status,
+                                  "check that signal.apiUrl is signal-cli-rest-api and the number is registered there")
             entries = [i for i in ids or [] if isinstance(i, dict) and i.get("number") == owner]
             levels = [i.get("status") for i in entries]
             fix = ("check the safety number with the owner, then: curl -X PUT -H 'Content-Type: application/json' "
