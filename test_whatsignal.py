@@ -10063,6 +10063,10 @@ class TestPackagingAndMonitoring:
         p = subprocess.run([promtool, "check", "rules", os.path.join(SETUP_DIR, "monitoring", "alerts.yml")],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
+        # the alerts fire on made-up series: disk 95 % full, memory 85 %, auth failures, p95 57 s, target down
+        p = subprocess.run([promtool, "test", "rules", os.path.join(SETUP_DIR, "monitoring", "alerts.test.yml")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
         _, exprs = setup_dashboard_exprs()
         rules = "groups:\n  - name: dashboard\n    rules:\n" + "".join(
             "      - record: dashboard:q%d\n        expr: %s\n" % (i, json.dumps(e)) for i, e in enumerate(exprs))
