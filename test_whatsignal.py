@@ -9947,6 +9947,11 @@ class TestDoctor:
                          "self-test webhook", "signal-cli", "signal number", "owner identity +1555*****02",
                          "send test +1555*****02"]
         assert "WAHA 2026.7.1 (GOWS, CORE)" in out and "signal-cli 0.14.6" in out
+        assert "no event from WAHA stored yet" in out
+        ev = s.waha.event("session.status", {"status": "WORKING"})
+        assert s.waha.webhook(s.app.url + "/webhook/whatsapp", ev, s.env()["WEBHOOK_SECRET"])[0] == 200
+        rc, out, err = s.main("doctor")
+        assert rc == 0 and re.search(r"last event from WAHA stored \d+ s ago", out), out
         assert out.strip().endswith("all checks passed")
         sent = s.signal.sent("send")
         assert len(sent) == 1 and sent[0]["recipient"] == [OWNER] and "WhatSignal doctor" in sent[0]["message"]

@@ -39,6 +39,9 @@ XXX / Known gaps:
       and media is fetched only from WAHA).
     - signal-cli's SSE stream has no acknowledgement: an envelope on the wire at
       the instant of a kill -9 is lost (contract limit; see README, Reliability).
+    - `doctor` proves the bridge accepts a signed webhook on its own address and
+      that WAHA's session config points at server.publicUrl, not that WAHA can
+      actually reach that URL (WAHA has no "test webhook" call).
     - Ingest reaches about 30 % of a bare ThreadingHTTPServer's request rate
       (bench): the per-webhook work (HMAC, JSON, sealing, one commit) shares one
       interpreter lock; latency stays far inside the targets.
@@ -5022,6 +5025,7 @@ class Doctor:
         self.config, self.config_path, self.environ, self.out = config, config_path, environ, out
         self.send_test = send_test
         self.failed = 0
+        self.last_event = {}     # WAHA session -> when the bridge last stored an event from it
         self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"))
         if config.get("signal.rpcUrl"):
             self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"))
@@ -5090,6 +5094,8 @@ class Doctor:
         try:
             store.unlock(self.config.encryption_secret, enabled=self.config.encryption)
             pending = store.queue_depth("w2s") + store.queue_depth("s2w")
+            self.last_event = {row[0]: row[1] for row in store.db.execute(
+                "SELECT channel, MAX(created_at) FROM queue WHERE direction = 'w2s' GROUP BY channel")}
         except CryptoError as e:
             cause, _, fix = str(e).partition("; ")
             raise CheckFailed(cause, fix or "use the secret the database was created with")
@@ -5127,7 +5133,10 @@ class Doctor:
         problems = webhook_problems(info.get("config"), desired_webhook(self.config, url))
         if problems:
             raise CheckFailed("; ".join(p for p, _ in problems), problems[0][1])
-        return "posts to %s with the %d events, the HMAC key and retries" % (url, len(WAHA_EVENTS))
+        at = self.last_event.get(session)
+        seen = ("last event from WAHA stored %s ago" % _ago(time.time() - at) if at else
+                "no event from WAHA stored yet (one comes when the session restarts or a message arrives)")
+        return "posts to %s with the %d events, the HMAC key and retries; %s" % (url, len(WAHA_EVENTS), seen)
 
     # -- the bridge itself ---------------------------------------------------
     def check_self_webhook(self):
@@ -5246,6 +5255,14 @@ class Doctor:
             raise CheckFailed("the test message to %s was not sent (%s)" % (mask_phone(owner), scrub(e, 120)),
                               "fix the failed checks above; then see the signal-cli log")
         return "a test message went to %s; look at your Signal" % mask_phone(owner)
+
+
+def _ago(seconds):
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return "%d %s" % (seconds // size, unit)
+    return "%d s" % seconds
 
 
 def shlex_quote(s):
