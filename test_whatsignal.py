@@ -3109,13 +3109,17 @@ def core_expected_keys(secret, salt, n=2 ** 15):
     return sub(b"enc"), sub(b"mac"), sub(b"lookup")
 
 
-def core_expected_seal(enc, mac, nonce, plaintext):
-    """01 || nonce || (plaintext XOR BLAKE2b(key=enc, nonce || counter64)) || HMAC-SHA256(mac, head || ct)."""
+def core_expected_seal(enc, mac, nonce, plaintext, aad):
+    """02 || nonce || (plaintext XOR BLAKE2b(key=enc, nonce || counter64)) || HMAC-SHA256(mac, head || len32(aad) ||
+    aad || ct)."""
     stream = b"".join(hashlib.blake2b(nonce + i.to_bytes(8, "big"), key=enc).digest()
                       for i in range((len(plaintext) + 63) // 64))
     ct = bytes(a ^ b for a, b in zip(plaintext, stream))
-    head = b"\x01" + nonce
-    return head + ct + hmac.new(mac, head + ct, hashlib.sha256).digest()
+    head = b"\x02" + nonce
+    return head + ct + hmac.new(mac, head + len(aad).to_bytes(4, "big") + aad + ct, hashlib.sha256).digest()
+
+
+CORE_AAD = ws.seal_context("queue", "body", "default", "w2s", "0123")
 
 
 CORE_KAT_SECRET = "known-answer-secret-" + "k" * 20
@@ -3138,14 +3142,21 @@ class TestEncryption:
         enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT)
         assert len({enc, mac, lookup}) == 3, "separate keys for encryption, authentication, lookup"
         for text in ("hi", "", "Grüße 👋 " * 20):   # 0, 1 and several keystream blocks
-            sealed = core_kat_cipher.encrypt(text)
-            assert sealed.hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, text.encode()).hex()
-            assert core_kat_cipher.decrypt(sealed) == text
+            sealed = core_kat_cipher.encrypt(text, CORE_AAD)
+            assert sealed.hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, text.encode(), CORE_AAD).hex()
+            assert core_kat_cipher.decrypt(sealed, CORE_AAD) == text
         expected_token = hmac.new(lookup, b"chat\x00" + CORE_PEER_JID.encode(), hashlib.sha256).hexdigest()[:32]
         assert core_kat_cipher.token("chat", CORE_PEER_JID) == expected_token
         # Pinned literals: a database written by this version must stay readable by the next.
-        assert core_kat_cipher.encrypt("hi").hex() == (
+        assert CORE_AAD == b"\x00\x05queue\x00\x04body\x00\x07default\x00\x03w2s\x00\x040123"
+        assert core_kat_cipher.encrypt("hi", CORE_AAD).hex() == (
+            "02a0a1a2a3a4a5a6a7a8a9aaabacadaeaf69d2baf6f7fac179949b3607cc368e27fd276da29058aa38267cfe9ea94ab2a1f29a")
+        # version 1 (before values were bound to their place) is still read, by the upgrade and rotate-key only
+        v1 = bytes.fromhex(
             "01a0a1a2a3a4a5a6a7a8a9aaabacadaeaf69d2fa4dceab8e647c2e0cf6c1b96e4c6e5aef1f470ab72c653e4eea85728deecac5")
+        assert core_kat_cipher.decrypt_legacy(v1, b"") == b"hi"
+        with pytest.raises(ws.CryptoError):
+            core_kat_cipher.decrypt(v1, b"")
         assert core_kat_cipher.token("chat", CORE_PEER_JID) == "1de90d17b393e46b2e754ce0d21fa19e"
 
     def test_tokens_separate_domains_and_values(self, core_cipher):
@@ -3162,38 +3173,49 @@ class TestEncryption:
     @pytest.mark.parametrize("value", ["", "x", "Grüße 👋 مرحبا 你好", "a" * 63, "b" * 64, "c" * 65, "\ud800lone",
                                        "z" * 5000])
     def test_round_trip(self, core_cipher, value):
-        sealed = core_cipher.encrypt(value)
-        assert sealed[0] == 1 and len(sealed) == 1 + 16 + len(value.encode("utf-8", "surrogatepass")) + 32
-        assert core_cipher.decrypt(sealed) == value
+        sealed = core_cipher.encrypt(value, CORE_AAD)
+        assert sealed[0] == 2 and len(sealed) == 1 + 16 + len(value.encode("utf-8", "surrogatepass")) + 32
+        assert core_cipher.decrypt(sealed, CORE_AAD) == value
         if len(value) >= 8:
             assert value.encode("utf-8", "surrogatepass") not in sealed
 
     def test_round_trip_bytes_and_none(self, core_cipher):
         data = bytes(range(256))
-        assert core_cipher.decrypt_bytes(core_cipher.encrypt(data)) == data
-        assert core_cipher.encrypt(None) is None and core_cipher.decrypt(None) is None
+        assert core_cipher.decrypt_bytes(core_cipher.encrypt(data, CORE_AAD), CORE_AAD) == data
+        assert core_cipher.encrypt(None, CORE_AAD) is None and core_cipher.decrypt(None, CORE_AAD) is None
 
     def test_fresh_nonce_per_value(self, core_cipher):
-        a, b = core_cipher.encrypt(CORE_TEXT), core_cipher.encrypt(CORE_TEXT)
+        a, b = core_cipher.encrypt(CORE_TEXT, CORE_AAD), core_cipher.encrypt(CORE_TEXT, CORE_AAD)
         assert a != b and a[1:17] != b[1:17]
-        assert core_cipher.decrypt(a) == core_cipher.decrypt(b) == CORE_TEXT
+        assert core_cipher.decrypt(a, CORE_AAD) == core_cipher.decrypt(b, CORE_AAD) == CORE_TEXT
 
     def test_tamper_on_every_byte_is_detected(self, core_cipher):
-        sealed = core_cipher.encrypt("attack at dawn, bring 4915123456789")
+        sealed = core_cipher.encrypt("attack at dawn, bring 4915123456789", CORE_AAD)
         for i in range(len(sealed)):
             for bit in (0x01, 0x80):
                 forged = bytearray(sealed)
                 forged[i] ^= bit
                 with pytest.raises(ws.CryptoError):
-                    core_cipher.decrypt(bytes(forged))
-        for forged in (sealed[:-1], sealed[:20], sealed + b"\x00", b"", b"\x01", b"\x00plain"):
+                    core_cipher.decrypt(bytes(forged), CORE_AAD)
+        for forged in (sealed[:-1], sealed[:20], sealed + b"\x00", b"", b"\x01", b"\x02", b"\x00plain"):
             with pytest.raises(ws.CryptoError):
-                core_cipher.decrypt(forged)
+                core_cipher.decrypt(forged, CORE_AAD)
+
+    def test_a_value_opens_only_in_its_place(self, core_cipher):
+        sealed = core_cipher.encrypt("4915123456789@c.us", ws.seal_context("messages", "wa_chat_enc", 7))
+        assert core_cipher.decrypt(sealed, ws.seal_context("messages", "wa_chat_enc", 7)) == "4915123456789@c.us"
+        for elsewhere in (ws.seal_context("messages", "wa_chat_enc", 8), ws.seal_context("messages", "wa_msg_enc", 7),
+                          ws.seal_context("chats", "wa_chat_enc", 7), ws.seal_context("messages", "wa_chat_enc", "7", ""),
+                          b""):
+            with pytest.raises(ws.CryptoError):
+                core_cipher.decrypt(sealed, elsewhere)
+        # the key parts are length-prefixed, so ("a", "bc") and ("ab", "c") are different places
+        assert ws.seal_context("t", "c", "a", "bc") != ws.seal_context("t", "c", "ab", "c")
 
     def test_other_key_is_rejected(self, core_cipher):
         other = ws.Cipher(ENC_SECRET + "!", os.urandom(16))
         with pytest.raises(ws.CryptoError):
-            other.decrypt(core_cipher.encrypt("hello"))
+            other.decrypt(core_cipher.encrypt("hello", CORE_AAD), CORE_AAD)
 
     def test_wrong_secret_at_unlock(self, tmp_path):
         path = str(tmp_path / "w.db")
@@ -7089,7 +7111,8 @@ class TestBackupRestore:
         try:
             cfg = write_config(tmp_path, h.raw)
             assert h.webhook(ops_msg(OPS_ALICE, "before backup", "BK1"))[0] == 200
-            assert eventually(lambda: len(h.sends()) == 1)
+            # recorded just after the send returns: wait for the mapping, not only the send
+            assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM messages")[0] == 1)
             dest = str(tmp_path / "b.db")
             assert run_main(capsys, ["--config", cfg, "backup", dest], bridge_env())[0] == 0
             assert h.webhook(ops_msg(OPS_BOB, "after backup", "BK2"))[0] == 200
@@ -7227,11 +7250,10 @@ class TestKeyRotation:
         store = ops_store(path, OPS_NEW_SECRET)
         try:
             new = store.cipher
-            for table, cols in ws.ENCRYPTED_COLUMNS.items():
+            for table, (_, cols) in ws.SEALED.items():
                 for row in store.query("SELECT * FROM %s" % table):
                     for c in cols:
-                        if row[c] is not None:
-                            new.decrypt_bytes(row[c])      # raises CryptoError if any value was missed
+                        store.open_row(row, table, c)      # raises CryptoError if any value was missed
             bodies = sorted(store.record_of(r)["body"] for r in store.query("SELECT * FROM queue"))
             assert bodies == ["secret %d" % n for n in range(7)]
             for r in store.query("SELECT * FROM queue"):
@@ -8774,6 +8796,284 @@ class TestChannelScopedDedupe:
         assert h.webhook(ev2) == (200, {"status": "stored"})           # and the other channel now gets its copy
         copies = lambda: sorted(o["to"] for o in s2w_out(h) if (o["text"] or "").endswith("shared news"))
         assert eventually(lambda: copies() == sorted([OWNER, S2W_OWNER2])), s2w_out(h)
+
+
+# ===========================================================================
+# Sealed values bound to their place; rotate-key covers every column
+# ===========================================================================
+
+SEC_GROUP = "120363099999999999@g.us"
+SEC_CAROL_NAME = "Carol Quartermaine"
+
+
+def sec_sql(db_path, sql, args=()):
+    """Run one statement on the raw database file and commit it (what someone with the file can do)."""
+    db = sqlite3.connect(db_path, timeout=10)
+    try:
+        with db:
+            return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def sec_group_message(h, mid, participant, text):
+    return w2s_message(h, SEC_GROUP, mid, text, participant=participant)
+
+
+def sec_group_edit(h, target_mid, participant, text, eid):
+    target = "false_%s_%s_%s" % (SEC_GROUP, target_mid, participant)
+    return h.waha.event("message.edited", {
+        "id": "false_%s_%s_%s" % (SEC_GROUP, eid, participant), "timestamp": int(time.time()), "from": SEC_GROUP,
+        "fromMe": False, "source": "app", "body": text, "to": None, "participant": participant, "hasMedia": False,
+        "media": None, "replyTo": None, "editedMessageId": target})
+
+
+def sec_rotate(capsys, h, tmp_path):
+    """Stop the bridge (if running), rotate-key through the command line; start() then uses the new secret."""
+    if h.app:
+        h.app.stop()
+        h.app = None
+    cfg = write_config(tmp_path, h.raw, "rotate.json")
+    rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
+                            bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+    assert rc == 0, err
+    h.environ = {"WHATSIGNAL_ENCRYPTION_SECRET": OPS_NEW_SECRET}
+    return json.loads(out)
+
+
+def sec_schema_columns(db_path):
+    """{table: [column, ...]} of a database, read from SQLite itself."""
+    tables = [r[0] for r in sec_sql(db_path, "SELECT name FROM sqlite_master WHERE type='table'"
+                                             " AND name NOT LIKE 'sqlite_%'")]
+    return {t: [r[1] for r in sec_sql(db_path, 'PRAGMA table_info("%s")' % t)] for t in tables}
+
+
+class TestSealedPlaces:
+    """A sealed value opens only in the table, column and row it was written for."""
+
+    def test_swapped_chat_ids_between_rows_are_rejected(self, tmp_path):
+        h = OpsHarness(tmp_path).start()
+        try:
+            assert h.webhook(ops_msg(OPS_ALICE, "alice asks", "SWA1", push="Alice"))[0] == 200
+            assert h.webhook(ops_msg(OPS_BOB, "bob asks", "SWB1", push="Bob"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 2)
+            copies = {r["message"]: r["timestamp"] for r in h.signal.requests("send")}
+            h.app.stop()
+            h.app = None
+            db = h.raw["database"]["path"]
+            rows = sec_sql(db, "SELECT id, wa_chat_enc FROM messages ORDER BY id")
+            assert len(rows) == 2
+            (a, a_enc), (b, b_enc) = rows
+            sec_sql(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (b_enc, a))
+            sec_sql(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (a_enc, b))
+            h.start()
+            # the owner answers Alice: the swapped chat id must not send it to Bob
+            h.signal.push(ops_quote(h, copies["Alice: alice asks"], "for alice only", int(time.time() * 1000)))
+            assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE direction='s2w' AND state='dead'")[0] == 1)
+            assert h.waha.sent("text") == []
+            assert eventually(lambda: any("Not delivered to WhatsApp" in (t or "") for t in h.sends()))
+        finally:
+            h.stop()
+
+    def test_a_contact_name_is_not_accepted_as_a_chat_id(self, tmp_path):
+        h = OpsHarness(tmp_path).start()
+        try:
+            h.waha.contacts[OPS_ALICE] = "4915999999999@c.us"   # a name an attacker could pick
+            assert h.webhook(ops_msg(OPS_ALICE, "alice asks", "CNA1"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 1)
+            ts = h.signal.requests("send")[0]["timestamp"]
+            h.app.stop()
+            h.app = None
+            db = h.raw["database"]["path"]
+            (name_enc,), = sec_sql(db, "SELECT name_enc FROM contacts")
+            sec_sql(db, "UPDATE messages SET wa_chat_enc=?", (name_enc,))
+            h.start()
+            h.signal.push(ops_quote(h, ts, "for alice only", int(time.time() * 1000)))
+            assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE direction='s2w' AND state='dead'")[0] == 1)
+            assert h.waha.sent("text") == []
+        finally:
+            h.stop()
+
+    def test_a_queued_body_moved_to_another_row_is_not_delivered(self, tmp_path):
+        h = OpsHarness(tmp_path)
+        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # nothing is delivered while the bodies are moved
+        h.start()
+        try:
+            assert h.webhook(ops_msg(OPS_ALICE, "first", "QB1"))[0] == 200
+            assert h.webhook(ops_msg(OPS_BOB, "second", "QB2"))[0] == 200
+            h.app.stop()
+            h.app = None
+            db = h.raw["database"]["path"]
+            (first,), = sec_sql(db, "SELECT body FROM queue WHERE id=1")
+            sec_sql(db, "UPDATE queue SET body=? WHERE id=2", (first,))
+            store = ops_store(db)
+            try:
+                assert store.record_of(store.one("SELECT * FROM queue WHERE id=1"))["body"] == "first"
+                with pytest.raises(ws.CryptoError):
+                    store.record_of(store.one("SELECT * FROM queue WHERE id=2"))
+            finally:
+                store.close()
+        finally:
+            h.stop()
+
+    def test_upgrade_binds_values_written_before_schema_5(self, tmp_path):
+        """A schema 3 database (values sealed without associated data) is re-sealed on first start, resumably."""
+        db = str(tmp_path / "old.db")
+        salt = os.urandom(16)
+        old = ws.Cipher(ENC_SECRET, salt)
+
+        def v1(value):   # Cipher version 1: HMAC over version, nonce and ciphertext only
+            nonce = os.urandom(16)
+            head = b"\x01" + nonce
+            ct = old._xor(value.encode(), nonce)
+            return head + ct + hmac.new(old.mac_key, head + ct, hashlib.sha256).digest()
+        conn = sqlite3.connect(db, isolation_level=None)
+        for v in range(3):
+            conn.executescript("BEGIN;" + ws.SCHEMA[v] + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
+        conn.execute("INSERT INTO meta VALUES ('salt', ?), ('key_check', ?)", (salt.hex(), old.key_check()))
+        for n in range(5):
+            rec = json.dumps({"body": "queued %d" % n, "_dedupe": "m:Q%d" % n, "_chat": OPS_ALICE})
+            conn.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
+                         " VALUES ('default', 'w2s', ?, ?, 'message', ?, 0, 0, 0)",
+                         (old.token("dedupe", "m:Q%d" % n), old.token("chat", OPS_ALICE), v1(rec)))
+        conn.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
+                     " sig_author_enc, created_at) VALUES ('default', 'w2s', ?, ?, ?, ?, 77, ?, 0)",
+                     (old.token("chat", OPS_ALICE), v1(OPS_ALICE), old.token("msg", "M1"),
+                      v1("false_%s_M1" % OPS_ALICE), v1(BRIDGE)))
+        conn.execute("INSERT INTO state VALUES ('default', 's2w-progress:5', '1|true_%s_X' , 0)" % OPS_BOB)
+        conn.close()
+        store = ws.Store(db)     # the schema upgrade itself needs no key: the re-sealing waits for unlock
+        store.close()
+        assert sec_sql(db, "PRAGMA user_version")[0][0] == ws.SCHEMA_VERSION
+        assert sec_sql(db, "SELECT value FROM meta WHERE key='reseal'") == [("pending",)]
+        # as left by an upgrade interrupted half-way: the first two queue rows are re-sealed already
+        for rid, dedupe, body in sec_sql(db, "SELECT id, dedupe, body FROM queue WHERE id <= 2"):
+            bound = old.encrypt(old.decrypt_legacy(body, b""), ws.seal_context("queue", "body", "default", "w2s", dedupe))
+            sec_sql(db, "UPDATE queue SET body=? WHERE id=?", (bound, rid))
+        store = ops_store(db)    # goes on where it stopped
+        try:
+            assert store.meta("reseal") is None
+            assert [store.record_of(r)["body"] for r in store.query("SELECT * FROM queue ORDER BY id")] == \
+                ["queued %d" % n for n in range(5)]
+            assert store.by_sig("default", 77)["chat"] == OPS_ALICE
+            assert store.state("default", "s2w-progress:5", sealed=True) == "1|true_%s_X" % OPS_BOB
+            assert sec_sql(db, "SELECT value FROM state") == [(None,)]
+            for table, (_, cols) in ws.SEALED.items():
+                for row in store.query("SELECT * FROM %s" % table):
+                    for c in cols:
+                        assert row[c] is None or row[c][0] == ws.Cipher.VERSION
+        finally:
+            store.close()
+        assert OPS_BOB[:13].encode() not in open(db, "rb").read()
+
+
+class TestRotationCoverage:
+    """rotate-key recomputes every token and re-seals every sealed column the schema has."""
+
+    def test_every_column_of_the_schema_is_classified(self, tmp_path):
+        store = ops_store(tmp_path / "schema.db")
+        store.close()
+        schema = sec_schema_columns(str(tmp_path / "schema.db"))
+        for table, columns in schema.items():
+            sealed = set(ws.SEALED.get(table, ((), ()))[1])
+            tokens = set(ws.TOKENS.get(table, {}))
+            plain = set(ws.PLAIN.get(table, ()))
+            assert not (sealed & tokens or sealed & plain or tokens & plain), table
+            assert sealed | tokens | plain == set(columns), \
+                "%s: classify every column as sealed, token or plain (unclassified: %s)" % (
+                    table, sorted(set(columns) - sealed - tokens - plain))
+            assert all(c.endswith("_enc") or c == "body" for c in sealed)
+            assert not any(c.endswith("_enc") for c in tokens | plain)
+            for key in ws.SEALED.get(table, ((), ()))[0]:
+                assert key in columns
+            for column, (domain, source) in ws.TOKENS.get(table, {}).items():
+                if source is None:
+                    assert table in ws.ROTATION_DROPS, "%s.%s has no sealed source: rotate-key must drop it" % (
+                        table, column)
+                else:
+                    assert source.partition(".")[0] in sealed
+        assert set(ws.SEALED) | set(ws.TOKENS) | set(ws.PLAIN) == set(schema)
+
+    def test_after_rotation_no_column_holds_a_token_of_the_old_key(self, tmp_path, capsys):
+        h = OpsHarness(tmp_path, raw_overrides={"bridge": {"layout": "groups"}})
+        h.start()
+        try:
+            h.waha.contacts[OPS_CAROL] = SEC_CAROL_NAME
+            h.waha.lids["123456789012345@lid"] = OPS_CAROL
+            assert h.webhook(sec_group_message(h, "GM1", OPS_CAROL, "group hello"))[0] == 200
+            assert h.webhook(sec_group_message(h, "GM2", "123456789012345@lid", "hello from a lid"))[0] == 200
+            assert h.webhook(ops_msg(OPS_ALICE, "direct hello", "DM1"))[0] == 200
+            assert h.webhook(w2s_reaction(h, OPS_ALICE, "DM1", "👍", "R1"))[0] == 200
+            assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='pending'")[0] == 0)
+            db = h.raw["database"]["path"]
+            h.app.stop()
+            h.app = None
+            schema = sec_schema_columns(db)
+            hexes = re.compile(rb"[0-9a-f]{32}")
+
+            def tokens_in(table):   # every 32-hex-digit string in any text column (tokens are such strings)
+                found = set()
+                for col in schema[table]:
+                    for (v,) in sec_sql(db, 'SELECT "%s" FROM "%s"' % (col, table)):
+                        if isinstance(v, str):
+                            found.update(hexes.findall(v.encode()))
+                return found
+            before = {t: tokens_in(t) for t in schema if t != "meta"}
+            assert before["messages"] and before["chats"] and before["signal_groups"] and before["queue"]
+            assert sec_sql(db, "SELECT COUNT(*) FROM messages WHERE wa_sender IS NOT NULL")[0][0] >= 1
+            sec_rotate(capsys, h, tmp_path)
+            old = set().union(*before.values())
+            for table in before:
+                assert not tokens_in(table) & old, "%s still holds a token of the old key" % table
+            # and every sealed value opens with the new key in its place
+            store = ops_store(db, OPS_NEW_SECRET)
+            try:
+                for table, (_, cols) in ws.SEALED.items():
+                    for row in store.query("SELECT * FROM %s" % table):
+                        for c in cols:
+                            store.open_row(row, table, c)
+            finally:
+                store.close()
+        finally:
+            h.stop()
+
+    def test_edit_of_a_group_message_bridged_before_rotation_still_reaches_signal(self, tmp_path, capsys):
+        h = OpsHarness(tmp_path).start()
+        try:
+            assert h.webhook(sec_group_message(h, "ED1", OPS_CAROL, "before rotation"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 1)
+            sec_rotate(capsys, h, tmp_path)
+            h.start()
+            assert h.webhook(sec_group_edit(h, "ED1", OPS_CAROL, "edited after rotation", "ED2"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 2)
+            assert h.signal.sent()[1].get("editTimestamp") == h.signal.requests("send")[0]["timestamp"]
+            assert h.signal.sent()[1]["message"].endswith("edited after rotation")
+            assert h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 0
+            # someone else still cannot edit it
+            assert h.webhook(sec_group_edit(h, "ED1", OPS_BOB, "forged", "ED3"))[0] == 200
+            assert eventually(lambda: h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 1)
+        finally:
+            h.stop()
+
+    def test_prefetched_media_survives_rotation_and_leaves_no_plaintext_behind(self, tmp_path, capsys):
+        h = OpsHarness(tmp_path)
+        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # Signal is down: the photo waits, prefetched
+        h.start()
+        try:
+            url = h.waha.add_file("photo.jpg", W2S_JPEG, "image/jpeg")
+            assert h.webhook(w2s_image_event(h, "PH1", url, chat=OPS_ALICE))[0] == 200
+            cache = h.raw["media"]["cacheDir"]
+            assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
+            h.waha.files.clear()                      # WAHA's copy expired meanwhile
+            sec_rotate(capsys, h, tmp_path)
+            h.raw["signal"]["rpcUrl"] = h.signal.url
+            h.start()
+            assert eventually(lambda: len(h.signal.sent()) == 1, 20)
+            sent = h.signal.sent()[0]
+            assert "expired" not in sent["message"] and len(sent.get("attachments") or []) == 1
+            assert eventually(lambda: os.listdir(cache) == [])   # sent: no decrypted photo stays behind
+        finally:
+            h.stop()
 
 
 ###############################################################################

@@ -101,7 +101,7 @@ SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
@@ -846,16 +846,22 @@ class Cipher:
     HMAC-SHA256(master, label) derives separate keys for encryption,
     authentication and lookup tokens.
 
-    Value format (version 1): ``01 || nonce(16) || ciphertext || tag(32)``.
+    Value format (version 2): ``02 || nonce(16) || ciphertext || tag(32)``.
     The keystream is keyed BLAKE2b(key=enc, nonce || counter) in counter mode,
     64 bytes a block; the tag is HMAC-SHA256(mac, version || nonce ||
-    ciphertext), checked in constant time before anything is decrypted.
-    Version 0 (``00 || plaintext``) is written only when encryption is
-    explicitly disabled.  Lookup tokens are HMAC-SHA256(lookup, domain || 0 ||
-    value), hex, so rows are found by value without storing the value.
+    len(aad) (4 bytes) || aad || ciphertext), checked in constant time before
+    anything is decrypted.  *aad* (associated data, see ``seal_context``)
+    names where the value belongs: table, column and the row's stable key, so a
+    value copied to another row or column fails authentication.  Version 1
+    (the same without aad) is opened only by ``decrypt_legacy``, when a
+    database from before version 2 is re-sealed or rotated.  Version 0
+    (``00 || plaintext``) is written only when encryption is explicitly
+    disabled.  Lookup tokens are HMAC-SHA256(lookup, domain || 0 || value),
+    hex, so rows are found by value without storing the value.
     """
 
-    VERSION = 1
+    VERSION = 2
+    LEGACY = 1
     NONCE = 16
     TAG = 32
 
@@ -882,8 +888,13 @@ class Cipher:
         ks = self._keystream(nonce, len(data))
         return (int.from_bytes(data, "big") ^ int.from_bytes(ks, "big")).to_bytes(len(data), "big")
 
-    def encrypt(self, value):
-        """Return the sealed bytes of *value* (str or bytes); None stays None."""
+    def _tag(self, head, aad, ct):
+        if head[0] == self.LEGACY:
+            return hmac.new(self.mac_key, head + ct, hashlib.sha256).digest()
+        return hmac.new(self.mac_key, head + struct.pack(">I", len(aad)) + aad + ct, hashlib.sha256).digest()
+
+    def encrypt(self, value, aad):
+        """Return the sealed bytes of *value* (str or bytes) bound to *aad* (bytes); None stays None."""
         if value is None:
             return None
         data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
@@ -892,25 +903,35 @@ class Cipher:
         nonce = self.rand(self.NONCE)
         head = bytes([self.VERSION]) + nonce
         ct = self._xor(data, nonce)
-        return head + ct + hmac.new(self.mac_key, head + ct, hashlib.sha256).digest()
+        return head + ct + self._tag(head, bytes(aad), ct)
 
-    def decrypt_bytes(self, blob):
+    def decrypt_bytes(self, blob, aad, legacy=False):
+        """The bytes sealed in *blob* for *aad*; CryptoError if altered or sealed for another place.
+
+        *legacy* also accepts version 1 values (no aad): only for re-sealing and rotation.
+        """
         if blob is None:
             return None
         blob = bytes(blob)
         if blob[:1] == b"\x00" and not self.enabled:
             return blob[1:]
-        if len(blob) < 1 + self.NONCE + self.TAG or blob[0] != self.VERSION:
+        versions = (self.VERSION, self.LEGACY) if legacy else (self.VERSION,)
+        if len(blob) < 1 + self.NONCE + self.TAG or blob[0] not in versions:
             raise CryptoError("stored value has an unknown format or was written with encryption %s"
                               % ("disabled" if blob[:1] == b"\x00" else "enabled"))
         head, ct, tag = blob[:1 + self.NONCE], blob[1 + self.NONCE:-self.TAG], blob[-self.TAG:]
-        if not hmac.compare_digest(hmac.new(self.mac_key, head + ct, hashlib.sha256).digest(), tag):
-            raise CryptoError("stored value failed authentication (tampered, or another key)")
+        if not hmac.compare_digest(self._tag(head, bytes(aad), ct), tag):
+            raise CryptoError("stored value failed authentication (tampered, moved from another row or column, "
+                              "or another key)")
         return self._xor(ct, head[1:])
 
-    def decrypt(self, blob):
-        """Return the str sealed in *blob*; raise CryptoError if it was altered."""
-        data = self.decrypt_bytes(blob)
+    def decrypt_legacy(self, blob, aad):
+        """Like decrypt_bytes, also accepting version 1 (unbound) values: for migration and rotation only."""
+        return self.decrypt_bytes(blob, aad, legacy=True)
+
+    def decrypt(self, blob, aad):
+        """Return the str sealed in *blob* for *aad*; raise CryptoError if it was altered or moved."""
+        data = self.decrypt_bytes(blob, aad)
         return None if data is None else data.decode("utf-8", "surrogatepass")
 
     def token(self, domain, value):
@@ -924,6 +945,16 @@ class Cipher:
         """Return the key check value stored in the database to recognise this key."""
         tag = hmac.new(self.mac_key, b"whatsignal key check", hashlib.sha256).hexdigest()[:24]
         return ("enc1:" if self.enabled else "plain:") + tag
+
+
+def seal_context(table, column, *key):
+    """The associated data of a sealed value: its table, its column and its row's stable key.
+
+    Each part is length-prefixed (2 bytes), so no two different places share associated data.
+    """
+    parts = [str(p).encode("utf-8", "surrogatepass") for p in (table, column) + key]
+    return b"".join(struct.pack(">H", len(p)) + p for p in parts)
+
 
 ###############################################################################
 # Translation #################################################################
@@ -1360,12 +1391,50 @@ SCHEMA = [
     DROP INDEX IF EXISTS queue_dedupe;
     CREATE UNIQUE INDEX IF NOT EXISTS queue_dedupe_channel ON queue(channel, direction, dedupe);
     """,
+    # version 5: sealed values bound to their place (Cipher version 2, re-sealed by Store.unlock), the author
+    # sealed beside its token so rotate-key can recompute it, sealed state values, and a fenced lease
+    """
+    ALTER TABLE messages ADD COLUMN wa_sender_enc BLOB;      -- sealed author of the WhatsApp original
+    ALTER TABLE state ADD COLUMN value_enc BLOB;             -- sealed value of state that names someone
+    ALTER TABLE lease ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;   -- +1 whenever another holder takes it
+    ALTER TABLE lease ADD COLUMN beat INTEGER NOT NULL DEFAULT 0;         -- +1 at every renewal
+    INSERT OR REPLACE INTO meta(key, value) VALUES ('reseal', 'pending');
+    """,
 ]
-ENCRYPTED_COLUMNS = {  # table -> sealed columns; tokens beside them are recomputed on rotation
-    "queue": ("body",), "messages": ("wa_chat_enc", "wa_msg_enc", "sig_author_enc", "sig_conv_enc"),
-    "chats": ("wa_chat_enc", "name_enc"), "lids": ("pn_enc",), "contacts": ("name_enc",),
-    "signal_groups": ("wa_chat_enc", "group_enc", "name_enc"),
+# Where every column of the schema stands.  A test checks these against the schema itself, so a column
+# added later cannot be forgotten by rotate-key or the re-sealing migration.
+SEALED = {   # table -> (row key bound into each value's associated data, sealed columns)
+    "queue": (("channel", "direction", "dedupe"), ("body",)),
+    "messages": (("id",), ("wa_chat_enc", "wa_msg_enc", "sig_author_enc", "sig_conv_enc", "wa_sender_enc")),
+    "chats": (("channel", "wa_chat"), ("wa_chat_enc", "name_enc")),
+    "contacts": (("channel", "jid"), ("name_enc",)),
+    "lids": (("channel", "lid"), ("pn_enc",)),
+    "state": (("channel", "key"), ("value_enc",)),
+    "signal_groups": (("channel", "wa_chat"), ("wa_chat_enc", "group_enc", "name_enc")),
 }
+TOKENS = {   # table -> token column -> (domain, sealed source: column or "column.field"); rotate-key recomputes them
+    "queue": {"dedupe": ("dedupe", "body._dedupe"), "chat": ("chat", "body._chat")},
+    "messages": {"wa_chat": ("chat", "wa_chat_enc"), "wa_msg": ("msg", "wa_msg_enc"),
+                 "wa_sender": ("jid", "wa_sender_enc")},
+    "chats": {"wa_chat": ("chat", "wa_chat_enc")},
+    "signal_groups": {"wa_chat": ("chat", "wa_chat_enc"), "group_tok": ("group", "group_enc")},
+    # no sealed source: rotate-key empties these caches (refilled from WAHA) and drops the state rows
+    # holding tokens (owner_uuid, reaction:<token>)
+    "contacts": {"jid": ("jid", None)}, "lids": {"lid": ("lid", None)},
+    "state": {"key": ("msg", None), "value": ("uuid", None)},
+}
+ROTATION_DROPS = {"contacts": "1", "lids": "1", "state": "key='owner_uuid' OR key LIKE 'reaction:%'"}
+PLAIN = {    # table -> columns that name nobody and hold no message content
+    "meta": ("key", "value"),
+    "queue": ("id", "channel", "direction", "kind", "state", "attempts", "next_at", "created_at", "updated_at", "error"),
+    "messages": ("id", "channel", "direction", "sig_ts", "ack", "created_at"),
+    "chats": ("channel", "short", "last_at", "name_at"),
+    "contacts": ("channel", "updated_at"), "lids": ("channel", "updated_at"),
+    "state": ("channel", "updated_at"),
+    "lease": ("name", "holder", "expires_at", "generation", "beat"),
+    "signal_groups": ("channel", "tag", "state", "created_at", "renamed_at"),
+}
+SEALED_STATE = ("s2w-progress:", "reaction:")   # state keys whose value is sealed (value_enc)
 Row = sqlite3.Row
 
 
@@ -1384,10 +1453,8 @@ class Store:
         self.lock = threading.RLock()
         self.cipher = None
         if path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)
-            with contextlib.suppress(FileExistsError):   # private from the start; SQLite gives -wal/-shm the same mode
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            make_private_dir(os.path.dirname(os.path.abspath(path)))
+            create_private_file(path)   # 0600: SQLite gives the -wal and -shm files the database's mode
         self.db = sqlite3.connect(path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
                                   check_same_thread=False)
         self.db.row_factory = Row
@@ -1412,7 +1479,10 @@ class Store:
                 raise ConfigError(["database.path: schema version %d is newer than this WhatSignal (%d); "
                                    "run a newer release or restore a backup" % (version, len(SCHEMA))])
             for v in range(version, len(SCHEMA)):
-                self.db.executescript("BEGIN;" + SCHEMA[v] + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
+                # a column already there (user_version set back by hand) is not added twice
+                script = re.sub(r"ALTER TABLE (\w+) ADD COLUMN (\w+)[^;]*;", lambda m: "" if m.group(2) in [
+                    r[1] for r in self.db.execute("PRAGMA table_info(%s)" % m.group(1))] else m.group(0), SCHEMA[v])
+                self.db.executescript("BEGIN;" + script + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
 
     @contextlib.contextmanager
     def tx(self):
@@ -1474,13 +1544,51 @@ class Store:
             raise CryptoError("WHATSIGNAL_ENCRYPTION_SECRET does not open this database (key check value differs); "
                               "use the secret it was created with, or rotate-key from the old one")
         self.cipher = cipher
+        if self.meta("reseal"):
+            self.reseal()
         return cipher
 
-    def seal(self, value):
-        return self.cipher.encrypt(value)
+    def reseal(self, batch=500):
+        """Bind every value sealed before schema version 5 to its place (table, column, row key); resumable.
 
-    def open(self, blob):
-        return self.cipher.decrypt(blob)
+        Runs once, at the first unlock after the upgrade, before anything reads the database; until it
+        has finished (``reseal`` in meta) the next unlock goes on where it stopped.  Afterwards a value
+        without associated data (Cipher version 1) is refused like a forged one.
+        """
+        for table, (keycols, cols) in SEALED.items():
+            last = -1
+            while True:
+                rows = self.query("SELECT rowid AS rid, * FROM %s WHERE rowid > ? ORDER BY rowid LIMIT ?" % table,
+                                  (last, batch))
+                if not rows:
+                    break
+                with self.tx() as db:
+                    for r in rows:
+                        last = r["rid"]
+                        key = [r[k] for k in keycols]
+                        sets = {c: self.cipher.encrypt(self.cipher.decrypt_legacy(r[c], b""),
+                                                       seal_context(table, c, *key))
+                                for c in cols if r[c] is not None and bytes(r[c][:1]) == bytes([Cipher.LEGACY])}
+                        if table == "state" and r["value"] is not None and r["key"].startswith(SEALED_STATE):
+                            sets.update(value=None, value_enc=self.cipher.encrypt(r["value"], seal_context(
+                                "state", "value_enc", *key)))
+                        if sets:
+                            db.execute("UPDATE %s SET %s WHERE rowid=?" % (table, ", ".join("%s=?" % c for c in sets)),
+                                       list(sets.values()) + [r["rid"]])
+        with self.tx() as db:
+            db.execute("DELETE FROM meta WHERE key='reseal'")
+
+    def seal(self, value, table, column, *key):
+        """*value* sealed for its place: *table*, *column* and the row's stable key (SEALED)."""
+        return self.cipher.encrypt(value, seal_context(table, column, *key))
+
+    def open(self, blob, table, column, *key):
+        """The value sealed in *blob*; CryptoError if it was altered or belongs to another place."""
+        return self.cipher.decrypt(blob, seal_context(table, column, *key))
+
+    def open_row(self, row, table, column):
+        """Open *column* of a fetched *row* of *table*, with the row key SEALED names."""
+        return self.open(row[column], table, column, *[row[k] for k in SEALED[table][0]])
 
     def tok(self, domain, value):
         return self.cipher.token(domain, value)
@@ -1489,12 +1597,14 @@ class Store:
     def enqueue(self, channel, direction, dedupe, chat, kind, record, now):
         """Commit *record* for delivery; return False if *dedupe* was seen before."""
         record = dict(record, _dedupe=dedupe, _chat=chat)   # kept sealed so rotate-key can recompute tokens
-        body = self.seal(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        dedupe_tok = self.tok("dedupe", dedupe)
+        body = self.seal(json.dumps(record, ensure_ascii=False, separators=(",", ":")), "queue", "body",
+                         channel, direction, dedupe_tok)
         with self.tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
-                (channel, direction, self.tok("dedupe", dedupe), self.tok("chat", chat), kind, body, now, now, now))
+                (channel, direction, dedupe_tok, self.tok("chat", chat), kind, body, now, now, now))
             return cur.rowcount == 1
 
     def pending(self, direction, limit=256, after=0):
@@ -1503,7 +1613,7 @@ class Store:
                           (direction, after, limit))
 
     def record_of(self, row):
-        return json.loads(self.open(row["body"]))
+        return json.loads(self.open_row(row, "queue", "body"))
 
     def finish(self, item_id, state, now, error=None, attempts=None, next_at=None, after=None):
         """Set an item's state ('done', 'dead' or 'pending' with a retry time) in one transaction.
@@ -1527,19 +1637,23 @@ class Store:
 
     # -- mappings -------------------------------------------------------------
     def add_mapping(self, db, channel, direction, chat, wa_id, sig_ts, sig_author, now, conv=None, sender=None):
-        db.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
-                   " sig_author_enc, sig_conv_enc, wa_sender, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                   (channel, direction, self.tok("chat", chat), self.seal(chat),
-                    self.tok("msg", bare_msg_id(wa_id)) if wa_id else None, self.seal(wa_id),
-                    sig_ts, self.seal(sig_author), self.seal(conv), self.tok("jid", sender) if sender else None, now))
+        rid = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM messages").fetchone()[0]   # its sealed values name it
+        seal = lambda value, column: self.seal(value, "messages", column, rid)
+        db.execute("INSERT INTO messages(id, channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
+                   " sig_author_enc, sig_conv_enc, wa_sender, wa_sender_enc, created_at)"
+                   " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (rid, channel, direction, self.tok("chat", chat), seal(chat, "wa_chat_enc"),
+                    self.tok("msg", bare_msg_id(wa_id)) if wa_id else None, seal(wa_id, "wa_msg_enc"),
+                    sig_ts, seal(sig_author, "sig_author_enc"), seal(conv, "sig_conv_enc"),
+                    self.tok("jid", sender) if sender else None, seal(sender, "wa_sender_enc"), now))
 
     def _mapping(self, row):
         if row is None:
             return None
-        return {"direction": row["direction"], "chat": self.open(row["wa_chat_enc"]),
-                "wa_id": self.open(row["wa_msg_enc"]), "sig_ts": row["sig_ts"],
-                "sig_author": self.open(row["sig_author_enc"]), "ack": row["ack"], "rowid": row["id"],
-                "conv": self.open(row["sig_conv_enc"]), "sender_tok": row["wa_sender"]}
+        o = lambda column: self.open_row(row, "messages", column)
+        return {"direction": row["direction"], "chat": o("wa_chat_enc"), "wa_id": o("wa_msg_enc"), "sig_ts": row["sig_ts"],
+                "sig_author": o("sig_author_enc"), "ack": row["ack"], "rowid": row["id"],
+                "conv": o("sig_conv_enc"), "sender_tok": row["wa_sender"]}
 
     def by_wa(self, channel, bare_id, chat=None, strict=False):
         """The mapping of the WhatsApp message with *bare_id*: in *chat* if given (only there, if *strict*)."""
@@ -1577,64 +1691,75 @@ class Store:
                 db.execute("UPDATE chats SET last_at=? WHERE channel=? AND wa_chat=?", (now, channel, t))
                 if name:
                     db.execute("UPDATE chats SET name_enc=?, name_at=? WHERE channel=? AND wa_chat=?",
-                               (self.seal(name), now, channel, t))
+                               (self.seal(name, "chats", "name_enc", channel, t), now, channel, t))
                 return row[0]
             short = (db.execute("SELECT MAX(short) FROM chats WHERE channel=?", (channel,)).fetchone()[0] or 0) + 1
             db.execute("INSERT INTO chats(channel, wa_chat, wa_chat_enc, name_enc, short, last_at, name_at)"
-                       " VALUES (?,?,?,?,?,?,?)", (channel, t, self.seal(chat), self.seal(name), short, now,
+                       " VALUES (?,?,?,?,?,?,?)", (channel, t, self.seal(chat, "chats", "wa_chat_enc", channel, t),
+                                                   self.seal(name, "chats", "name_enc", channel, t), short, now,
                                                    now if name else 0))
             return short
 
     def chat_name(self, channel, chat):
         """Return (name, looked-up-at) of *chat*, or (None, 0)."""
-        row = self.one("SELECT name_enc, name_at FROM chats WHERE channel=? AND wa_chat=?",
-                       (channel, self.tok("chat", chat)))
-        return (self.open(row[0]), row[1]) if row else (None, 0)
+        t = self.tok("chat", chat)
+        row = self.one("SELECT name_enc, name_at FROM chats WHERE channel=? AND wa_chat=?", (channel, t))
+        return (self.open(row[0], "chats", "name_enc", channel, t), row[1]) if row else (None, 0)
 
     def recent_chats(self, channel, limit=10):
         rows = self.query("SELECT * FROM chats WHERE channel=? ORDER BY last_at DESC LIMIT ?", (channel, limit))
-        return [{"short": r["short"], "chat": self.open(r["wa_chat_enc"]), "name": self.open(r["name_enc"])}
+        return [{"short": r["short"], "chat": self.open_row(r, "chats", "wa_chat_enc"),
+                 "name": self.open_row(r, "chats", "name_enc")}
                 for r in rows]
 
     def all_chats(self, channel):
-        return [{"short": r["short"], "chat": self.open(r["wa_chat_enc"]), "name": self.open(r["name_enc"])}
+        return [{"short": r["short"], "chat": self.open_row(r, "chats", "wa_chat_enc"),
+                 "name": self.open_row(r, "chats", "name_enc")}
                 for r in self.query("SELECT * FROM chats WHERE channel=?", (channel,))]
 
     def contact(self, channel, jid):
         """Return (name, updated_at) of a WhatsApp user, or (None, 0)."""
-        row = self.one("SELECT name_enc, updated_at FROM contacts WHERE channel=? AND jid=?",
-                       (channel, self.tok("jid", jid)))
-        return (self.open(row[0]), row[1]) if row else (None, 0)
+        t = self.tok("jid", jid)
+        row = self.one("SELECT name_enc, updated_at FROM contacts WHERE channel=? AND jid=?", (channel, t))
+        return (self.open(row[0], "contacts", "name_enc", channel, t), row[1]) if row else (None, 0)
 
     def set_contact(self, channel, jid, name, now):
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO contacts(channel, jid, name_enc, updated_at) VALUES (?,?,?,?)",
-                       (channel, self.tok("jid", jid), self.seal(name), now))
+                       (channel, self.tok("jid", jid), self.seal(name, "contacts", "name_enc", channel, self.tok("jid", jid)),
+                        now))
 
     def lid(self, channel, lid):
-        row = self.one("SELECT pn_enc FROM lids WHERE channel=? AND lid=?", (channel, self.tok("lid", lid)))
-        return (True, self.open(row[0])) if row else (False, None)
+        t = self.tok("lid", lid)
+        row = self.one("SELECT pn_enc FROM lids WHERE channel=? AND lid=?", (channel, t))
+        return (True, self.open(row[0], "lids", "pn_enc", channel, t)) if row else (False, None)
 
     def set_lid(self, channel, lid, pn, now):
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO lids(channel, lid, pn_enc, updated_at) VALUES (?,?,?,?)",
-                       (channel, self.tok("lid", lid), self.seal(pn), now))
+                       (channel, self.tok("lid", lid), self.seal(pn, "lids", "pn_enc", channel, self.tok("lid", lid)), now))
 
-    def state(self, channel, key, default=None):
-        row = self.one("SELECT value FROM state WHERE channel=? AND key=?", (channel, key))
-        return row[0] if row else default
+    def state(self, channel, key, default=None, sealed=False):
+        """A state value; *sealed* for one stored with ``set_state(..., sealed=True)``."""
+        row = self.one("SELECT value, value_enc FROM state WHERE channel=? AND key=?", (channel, key))
+        if not row:
+            return default
+        return self.open(row[1], "state", "value_enc", channel, key) if sealed else row[0]
 
-    def set_state(self, channel, key, value, now):
+    def set_state(self, channel, key, value, now, sealed=False):
+        """Keep *value* under *key*; *sealed* for anything that names someone or holds content."""
+        plain, enc = (None, self.seal(value, "state", "value_enc", channel, key)) if sealed else (value, None)
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO state(channel, key, value, updated_at) VALUES (?,?,?,?)",
-                       (channel, key, value, now))
+            db.execute("INSERT OR REPLACE INTO state(channel, key, value, value_enc, updated_at) VALUES (?,?,?,?,?)",
+                       (channel, key, plain, enc, now))
 
     # -- groups layout -----------------------------------------------------------
     def _group(self, row):
         if row is None:
             return None
-        return {"chat": self.open(row["wa_chat_enc"]), "group": self.open(row["group_enc"]),
-                "name": self.open(row["name_enc"]), "tag": row["tag"], "state": row["state"],
+        o = lambda column: self.open_row(row, "signal_groups", column)
+        return {"chat": o("wa_chat_enc"), "group": o("group_enc"), "name": o("name_enc"), "tag": row["tag"],
+                "state": row["state"],
                 "renamed_at": row["renamed_at"]}
 
     def group_of_chat(self, channel, chat):
@@ -1647,14 +1772,17 @@ class Store:
 
     def save_group(self, channel, chat, now, state, tag, group_id=None, name=None, renamed=False):
         """Insert or update the Signal group of *chat*."""
+        t = self.tok("chat", chat)
+        seal = lambda value, column: self.seal(value, "signal_groups", column, channel, t)
         with self.tx() as db:
             db.execute("INSERT INTO signal_groups(channel, wa_chat, wa_chat_enc, group_tok, group_enc, name_enc, tag,"
                        " state, created_at, renamed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
                        " ON CONFLICT(channel, wa_chat) DO UPDATE SET group_tok=excluded.group_tok,"
                        " group_enc=excluded.group_enc, name_enc=excluded.name_enc, tag=excluded.tag,"
                        " state=excluded.state, renamed_at=CASE WHEN ? THEN excluded.renamed_at ELSE renamed_at END",
-                       (channel, self.tok("chat", chat), self.seal(chat), self.tok("group", group_id) if group_id else None,
-                        self.seal(group_id), self.seal(name), tag, state, now, now if renamed else 0, renamed))
+                       (channel, t, seal(chat, "wa_chat_enc"), self.tok("group", group_id) if group_id else None,
+                        seal(group_id, "group_enc"), seal(name, "name_enc"), tag, state, now, now if renamed else 0,
+                        renamed))
 
     def release_held(self, channel, chat, now):
         """Make a reopened chat's items due now; return how many wait for it.
@@ -2038,7 +2166,7 @@ class WahaClient:
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise PermanentError("size %d over limit" % int(declared))
             size = 0
-            with open(dest, "wb") as f:
+            with os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 while True:
                     chunk = resp.read(65536)
                     if not chunk:
@@ -2781,10 +2909,13 @@ class Bridge:
             self.metrics.inc("whatsignal_rejected_total", reason="media_url")
             self.log.warn("media URL refused: not on WAHA's origin", host=urllib.parse.urlsplit(media["url"]).hostname)
             raise MediaProblem("%s, refused: it was not offered by WAHA" % kind) from None
-        os.makedirs(self.cache_dir, exist_ok=True)
+        make_private_dir(self.cache_dir)
         path = self.media_path(row, mime)      # our name for it: nothing from the payload
         key = row["dedupe"]
         with self._media_lock(key):
+            legacy = os.path.join(self.cache_dir, "m-%s%s" % (row["dedupe"], EXTENSIONS.get(mime, ".bin")))
+            if not os.path.exists(path) and os.path.exists(legacy):
+                os.replace(legacy, path)        # prefetched before schema 5, under its dedupe token
             if key in self._media_failed:       # the prefetcher already met a lasting problem
                 raise MediaProblem(self._media_failed[key])
             if prefetch and self.store.one("SELECT state FROM queue WHERE id=?", (row["id"],))[0] != "pending":
@@ -2800,8 +2931,19 @@ class Bridge:
         return SignalAttachment(mime, safe_filename(media.get("filename"), mime), path)
 
     def media_path(self, row, mime):
-        """The cache file of a queued item: named by its dedupe token, unique for ever (row ids can be reused)."""
-        return os.path.join(self.cache_dir, "m-%s%s" % (row["dedupe"], EXTENSIONS.get(mime, ".bin")))
+        """The cache file of a queued item, named after its row id and arrival time.
+
+        Unique for ever (a row id alone can be reused after the newest row is deleted), and unchanged by
+        rotate-key, which changes every token.  Nothing of the payload goes into it.
+        """
+        return os.path.join(self.cache_dir, media_name(row) + EXTENSIONS.get(mime, ".bin"))
+
+    def drop_media(self, row):
+        """Delete the cache file of an item that has left the queue (sent, dead or expired)."""
+        with self._media_lock(row["dedupe"]):
+            for ext in set(EXTENSIONS.values()) | {".bin"}:
+                for name in (media_name(row) + ext, media_name(row) + ext + ".part"):
+                    self._remove(os.path.join(self.cache_dir, name))
 
     @contextlib.contextmanager
     def _media_lock(self, key):
@@ -2857,9 +2999,9 @@ class Bridge:
         m = self.store.by_wa(channel.session, rec["target_bare"], chat, strict=True)
         key = "reaction:" + self.store.tok("msg", rec["target_bare"])
         if m and m["sig_ts"]:
-            emoji = rec["emoji"] or self.store.state(channel.session, key) or "👍"
+            emoji = rec["emoji"] or self.store.state(channel.session, key, sealed=True) or "👍"
             self.signal.react(self.to(channel, m["conv"]), emoji, m["sig_author"], m["sig_ts"], remove=not rec["emoji"])
-            self.store.set_state(channel.session, key, rec["emoji"], self.clock())
+            self.store.set_state(channel.session, key, rec["emoji"], self.clock(), sealed=True)
         elif rec["emoji"]:
             who = self.display_name(channel, self.resolve_jid(channel, rec["sender"]))
             self.notify(channel, "%s reacted %s to a message" % (who, rec["emoji"]))
@@ -3053,7 +3195,7 @@ class Bridge:
         """
         s = channel.session
         key = "s2w-progress:%d" % rec["ts"]
-        done, _, wa_id = (self.store.state(s, key) or "0|").partition("|")
+        done, _, wa_id = (self.store.state(s, key, sealed=True) or "0|").partition("|")   # sealed: ids name the chat
         done, wa_id = int(done), wa_id or None
         parts = [("file", i, att) for i, att in enumerate(attachments)]
         if not attachments or (text and media_kind(attachments[0].get("contentType")) == "voice"):
@@ -3070,7 +3212,7 @@ class Bridge:
                 mid = self.waha.send_text(s, chat, text, reply_to)
             wa_id = wa_id or mid
             if len(parts) > 1:
-                self.store.set_state(s, key, "%d|%s" % (n + 1, wa_id or ""), self.clock())
+                self.store.set_state(s, key, "%d|%s" % (n + 1, wa_id or ""), self.clock(), sealed=True)
         self.metrics.inc("whatsignal_messages_processed_total", direction="s2w",
                          kind="media" if attachments else "text", result="ok")
         record = self._map(channel, "s2w", chat, wa_id, rec["ts"], channel.destination, conv=conv)
@@ -3406,6 +3548,7 @@ class Deliverer(Worker):
         for attempt in range(60):
             try:
                 self.store.finish(row["id"], "done", self.clock(), after=after)
+                self._ended(row)
                 return
             except StoreError as e:
                 if attempt == 0:
@@ -3430,8 +3573,14 @@ class Deliverer(Worker):
                       retry_in_s=round(delay, 1), reason=scrub(e))
         return False
 
+    def _ended(self, row):
+        """An item left the queue (sent, dead or expired): its decrypted media goes with it."""
+        if self.direction == "w2s":
+            self.bridge.drop_media(row)
+
     def _dead(self, row, reason):
         self.store.finish(row["id"], "dead", self.clock(), error=scrub(reason))
+        self._ended(row)
         self.metrics.inc("whatsignal_dead_letters_total", direction=self.direction)
         self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="dead")
         self.log.error("delivery failed permanently; see `whatsignal.py outbox`", direction=self.direction,
@@ -4041,6 +4190,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
 ###############################################################################
 
 MEDIA_NAME = re.compile(r"^m-[0-9a-f]{32}\.[a-z0-9]{1,5}$")
+
+
+def media_name(row):
+    """The cache file name (without extension) of queued item *row*: see Bridge.media_path."""
+    return "m-" + hashlib.sha256(("%d/%r" % (row["id"], row["created_at"])).encode()).hexdigest()[:32]
+
+
+def make_private_dir(path):
+    """Create *path* (and its parents) readable by this user only, whatever the umask."""
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+
+
+def create_private_file(path):
+    """Create *path* empty, readable and writable by this user only, whatever the umask (if it is new)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def readable_by_others(paths):
+    """The paths among *paths* that other users can read or enter (group or world permission bits)."""
+    out = []
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if os.stat(p).st_mode & 0o077:
+                out.append(p)
+    return out
 RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
     ("queue", "state IN ('done', 'dead') AND updated_at < ?"),
     ("messages", "created_at < ?"),
@@ -4136,11 +4314,12 @@ def backup(db_path, dest, config=None):
     if not os.path.exists(db_path):
         raise WhatSignalError("database %s does not exist; check database.path" % db_path)
     if dest.endswith(("/", os.sep)):
-        os.makedirs(dest, exist_ok=True)
+        make_private_dir(dest)
     dest = os.path.abspath(dest)
     if os.path.isdir(dest):
         dest = os.path.join(dest, "whatsignal-%s.db" % time.strftime("%Y%m%d-%H%M%S"))
     tmp = dest + ".partial"
+    create_private_file(tmp)   # a backup holds everything the database does: 0600, whatever the umask
     src = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db_path)), uri=True, timeout=30)
     dst = sqlite3.connect(tmp)
     try:
@@ -4157,6 +4336,7 @@ def backup(db_path, dest, config=None):
     os.replace(tmp, dest)
     report = {"backup": dest, "bytes": os.path.getsize(dest), "integrity": check, "rows": counts}
     if config is not None:
+        create_private_file(dest + ".config.json")
         with open(dest + ".config.json", "w", encoding="utf-8") as f:
             json.dump(config.masked(), f, indent=2)
         report["config"] = dest + ".config.json"
@@ -4204,6 +4384,7 @@ def restore(db_path, src, config, clock=time.time):
         finally:
             store.close()
     tmp = db_path + ".restoring"
+    create_private_file(tmp)
     s, d = sqlite3.connect(src), sqlite3.connect(tmp)
     try:
         s.backup(d)
@@ -4222,7 +4403,10 @@ def restore(db_path, src, config, clock=time.time):
 
 
 def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=None):
-    """Re-encrypt every sealed value and recompute every lookup token; resumable. Return totals."""
+    """Re-encrypt every sealed value and recompute every lookup token (SEALED, TOKENS); resumable. Return totals.
+
+    Values written before schema version 5 (no associated data) are read too, and come out bound.
+    """
     salt = store.salt()
     old = Cipher(old_secret, salt, enabled=store.meta("key_check", "").startswith("enc1:"))
     new = Cipher(new_secret, salt, enabled=enabled)
@@ -4230,23 +4414,22 @@ def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=
         raise CryptoError("WHATSIGNAL_ENCRYPTION_SECRET_OLD does not open this database; give the secret it was created with")
     store.set_meta("rotation", new.key_check())
     totals = {}
-    for table, cols in ENCRYPTED_COLUMNS.items():
-        if table in ("contacts", "lids"):
-            with store.tx() as db:   # caches: dropped, refilled from WAHA
-                totals[table] = db.execute("DELETE FROM %s" % table).rowcount
-            continue
-        totals[table] = _rotate_table(store, table, cols, old, new, batch, progress)
+    for table, where in ROTATION_DROPS.items():   # token caches without a sealed source: refilled from WAHA
+        with store.tx() as db:
+            totals[table] = db.execute("DELETE FROM %s WHERE %s" % (table, where)).rowcount
+    for table in SEALED:
+        if table not in ROTATION_DROPS or table == "state":
+            totals[table] = totals.get(table, 0) + _rotate_table(store, table, old, new, batch, progress)
     with store.tx() as db:
-        db.execute("DELETE FROM state WHERE key='owner_uuid' OR key LIKE 'reaction:%'")
         db.execute("UPDATE meta SET value=? WHERE key='key_check'", (new.key_check(),))
-        db.execute("DELETE FROM meta WHERE key='rotation'")
+        db.execute("DELETE FROM meta WHERE key IN ('rotation', 'reseal')")
     store.cipher = new
     return totals
 
 
-def _rotate_table(store, table, cols, old, new, batch, progress):
+def _rotate_table(store, table, old, new, batch, progress):
+    keycols, cols = SEALED[table]
     done, last = 0, -1
-    key = "rowid"
     while True:
         rows = store.query("SELECT rowid AS rid, * FROM %s WHERE rowid > ? ORDER BY rowid LIMIT ?" % table, (last, batch))
         if not rows:
@@ -4254,37 +4437,45 @@ def _rotate_table(store, table, cols, old, new, batch, progress):
         with store.tx() as db:
             for r in rows:
                 last = r["rid"]
-                first = next((r[c] for c in cols if r[c] is not None), None)
+                present = [c for c in cols if r[c] is not None]
+                if not present:
+                    continue
+                ctx = lambda row, c: seal_context(table, c, *[row[k] for k in keycols])
                 try:
-                    if first is not None:
-                        new.decrypt_bytes(first)
+                    new.decrypt_bytes(r[present[0]], ctx(r, present[0]))
                     continue   # already rotated in an earlier, interrupted run
                 except CryptoError:
                     pass
-                plain = {c: old.decrypt_bytes(r[c]) for c in cols}
-                sets = {c: (new.encrypt(v) if v is not None else None) for c, v in plain.items()}
-                sets.update(_tokens(table, plain, new))
-                db.execute("UPDATE %s SET %s WHERE %s=?" % (table, ", ".join("%s=?" % c for c in sets), key),
+                plain = {c: old.decrypt_legacy(r[c], ctx(r, c)) for c in present}
+                row = dict(r)
+                row.update(_tokens(table, plain, new, row))
+                sets = {c: row[c] for c in TOKENS.get(table, {}) if c in row and TOKENS[table][c][1]}
+                sets.update({c: new.encrypt(plain[c], ctx(row, c)) for c in present})
+                db.execute("UPDATE %s SET %s WHERE rowid=?" % (table, ", ".join("%s=?" % c for c in sets)),
                            list(sets.values()) + [r["rid"]])
                 done += 1
         if progress:
             progress(table, done)
 
 
-def _tokens(table, plain, cipher):
-    text = lambda k: plain[k].decode("utf-8", "surrogatepass") if plain.get(k) is not None else None
-    if table == "queue":
-        rec = json.loads(text("body"))
-        return {"dedupe": cipher.token("dedupe", rec.get("_dedupe")), "chat": cipher.token("chat", rec.get("_chat"))}
-    if table == "messages":
-        wa = text("wa_msg_enc")
-        return {"wa_chat": cipher.token("chat", text("wa_chat_enc")),
-                "wa_msg": cipher.token("msg", bare_msg_id(wa)) if wa else None}
-    if table == "chats":
-        return {"wa_chat": cipher.token("chat", text("wa_chat_enc"))}
-    if table == "signal_groups":
-        return {"wa_chat": cipher.token("chat", text("wa_chat_enc")), "group_tok": cipher.token("group", text("group_enc"))}
-    return {}
+def _tokens(table, plain, cipher, row):
+    """The tokens of one row under *cipher*, from its opened sealed values (TOKENS)."""
+    out, records = {}, {}
+    for column, (domain, source) in TOKENS.get(table, {}).items():
+        if source is None:
+            continue
+        sealed, _, field = source.partition(".")
+        if plain.get(sealed) is None:
+            if column == "wa_sender":
+                out[column] = None   # author not kept before schema 5: the edit check falls back as for older rows
+            continue
+        value = plain[sealed].decode("utf-8", "surrogatepass")
+        if field:
+            value = (records.get(sealed) or records.setdefault(sealed, json.loads(value))).get(field)
+        if domain == "msg":
+            value = bare_msg_id(value)
+        out[column] = cipher.token(domain, value) if value is not None else None
+    return out
 
 
 def stats(store, config, now):
