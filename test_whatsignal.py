@@ -5163,7 +5163,10 @@ class TestDurability:
         h.signal.errors.append((-1, "The user +15550000002 is not registered.", "send"))
         w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0DEAD", "lost?"))
         assert eventually(lambda: [r["state"] for r in w2s_queue(h)] == ["dead"])
-        assert w2s_texts(h) == []
+        assert eventually(lambda: len(w2s_texts(h)) == 1)     # the owner is told, not the message itself
+        [told] = w2s_texts(h)
+        assert told.startswith("A WhatsApp message from +15550001111 could not be delivered here: the recipient "
+                               "is not registered") and "lost?" not in told
         status, metrics = http_get(h.url, "/metrics")
         assert status == 200
         assert 'whatsignal_dead_letters_total{direction="w2s"} 1.0' in metrics.splitlines()
@@ -5181,7 +5184,7 @@ class TestDurability:
         assert ws.main(["--config", str(cfg), "outbox", "retry", "all"], env) == 0
         assert json.loads(capsys.readouterr().out) == {"requeued": 1}
         w2s_settle(h)
-        assert w2s_texts(h) == ["+15550001111: lost?"]
+        assert w2s_texts(h) == [told, "+15550001111: lost?"]
         assert ws.main(["--config", str(cfg), "outbox"], env) == 0
         assert json.loads(capsys.readouterr().out) == {"dead": []}
 
@@ -6629,6 +6632,132 @@ class TestSignalCliDataUriNames:
                 "data:application/pdf;filename=%s;base64,%s" % (raw, data)]})
             names.append(rpc_bridge.signal.requests("send")[-1]["attachments"][0]["filename"])
         assert names == [None, "a b.pdf"]
+
+SC_BIG = W2S_PDF + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 characters, over Jackson's limit
+
+
+@pytest.fixture
+def sc_make(tmp_path):
+    """Factory of running Harnesses over the signal-cli fake; every one is stopped at the end."""
+    made = []
+
+    def make(clock=None, **raw_overrides):
+        path = tmp_path / ("bridge%d" % len(made))
+        path.mkdir()
+        h = Harness(path, "rpc", clock=clock, raw_overrides=raw_overrides)
+        made.append(h)
+        return h.start()
+    yield make
+    for h in made:
+        h.stop()
+    assert [e for h in made for e in h.waha.server_errors + h.signal.server_errors] == []
+
+
+def sc_media_message(h, wa, url, body, filename="Vertrag 2026.pdf", chat=SC_CHAT):
+    return w2s_message(h, chat, wa, body, hasMedia=True,
+                       media={"url": url, "mimetype": "application/pdf", "filename": filename, "error": None})
+
+
+def sc_texts(h):
+    return [p.get("message") or "" for p in h.signal.sent()]
+
+
+class TestSignalCliJsonLimit:
+    """Jackson's 20,000,000-character string limit, -32603 by its message, media retries, dead letters."""
+
+    def test_the_fake_refuses_a_string_over_the_limit_like_signal_cli(self, sc_make, tmp_path):
+        h = sc_make()
+        path = tmp_path / "big.pdf"
+        path.write_bytes(SC_BIG)
+        client = ws.SignalRpcClient(h.signal.url, BRIDGE)
+        with pytest.raises(ws.MediaRefused):
+            client.send(OWNER, "x", [ws.SignalAttachment("application/pdf", "big.pdf", str(path))])
+        last = h.signal.calls_for("/api/v1/rpc")[-1]
+        assert last["status"] == 200 and last["response"] == {"jsonrpc": "2.0", "error": {
+            "code": -32603, "message": "An internal server error has occurred."}, "id": None}
+
+    def test_media_over_the_limit_goes_as_a_notice_at_once_and_the_chat_moves_on(self, sc_make):
+        h = sc_make(media={"maxSizeMB": 30})
+        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
+        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0AFTER", "and one more"))
+        assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
+        first, second = sc_texts(h)
+        assert "[document, 16 MB, too large for signal-cli's JSON-RPC" in first and first.endswith("the contract")
+        assert second.endswith("and one more")
+        assert all(not r["attachments"] for r in h.signal.requests("send"))
+        warns = [r for r in h.logs.records() if "signal.attachmentDir" in r.get("msg", "")]
+        assert len(warns) == 1 and warns[0]["level"] == "WARN"
+        assert eventually(lambda: h.app.store.queue_depth("w2s") == 0)
+
+    def test_with_attachment_dir_the_file_goes_by_path_and_is_removed(self, sc_make, tmp_path):
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(shared)})
+        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
+        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract", filename="Vertrag 20%+x=y;z.pdf"))
+        assert eventually(lambda: h.signal.sent(), 20)
+        rec = h.signal.requests("send")[0]
+        assert rec["error"] is None and rec["message"].endswith("the contract")
+        [att] = rec["attachments"]
+        assert att["data"] == SC_BIG and att["filename"] == "Vertrag 20%+x=y;z.pdf"
+        assert os.path.dirname(os.path.dirname(att["path"])) == str(shared)
+        assert eventually(lambda: list(shared.iterdir()) == [])      # nothing private lingers
+        small = h.waha.add_file("3EB0SMALL.pdf", W2S_PDF, "application/pdf")
+        w2s_post(h, sc_media_message(h, "3EB0SMALL", small, "small one"))
+        assert eventually(lambda: len(h.signal.sent()) == 2)
+        assert h.signal.requests("send")[1]["attachments"][0].get("path") is None   # small media: a data URI
+
+    def test_an_unreadable_request_is_not_retried_and_the_text_still_arrives(self, sc_make):
+        h = sc_make()
+        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        h.signal.errors.append((-32603, "An internal server error has occurred.", "send"))
+        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "see attached"))
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0NEXT", "next"))
+        assert eventually(lambda: len(sc_texts(h)) == 2, 10), sc_texts(h)
+        first, second = sc_texts(h)
+        assert "[document, %d bytes, could not be sent to Signal]" % len(W2S_PDF) in first
+        assert first.endswith("see attached")
+        assert second.endswith("next")
+        assert [r["error"] is not None for r in h.signal.requests("send")] == [True, False, False]
+
+    def test_media_failing_at_signal_cli_is_capped_then_sent_as_text(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        for _ in range(ws.Bridge.media_tries):
+            h.signal.errors.append((-32603, "Failed to send message: Connection reset (IOException)", "send"))
+        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "retry me"))
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0NEXT", "behind it"))
+        assert w2s_drain(h, d, clock)
+        reqs = h.signal.requests("send")
+        assert [bool(r["params"].get("attachments")) for r in reqs] == [True] * ws.Bridge.media_tries + [False, False]
+        assert "could not be sent to Signal" in reqs[-2]["message"] and reqs[-2]["message"].endswith("retry me")
+        assert reqs[-1]["message"].endswith("behind it")
+
+    def test_an_outage_does_not_count_against_the_media(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        h.signal.mode = "down"
+        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "after the outage"))
+        for _ in range(ws.Bridge.media_tries + 2):
+            d.run_once()
+            clock.advance(301.0)
+        h.signal.mode = "ok"
+        assert w2s_drain(h, d, clock)
+        [rec] = h.signal.requests("send")
+        assert rec["attachments"][0]["data"] == W2S_PDF
+
+    def test_the_owner_hears_of_a_dead_letter_from_whatsapp(self, sc_make):
+        h = sc_make()
+        h.signal.errors.append((-1, "Invalid group id: x", "send"))
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0DEAD", "lost words", push="Carol"))
+        assert eventually(lambda: sc_texts(h), 10)
+        [notice] = sc_texts(h)
+        assert notice.startswith("A WhatsApp message from ") and "could not be delivered here" in notice
+        assert "outbox" in notice and "lost words" not in notice
+        assert h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0] == 1
 
 ###############################################################################
 # Operations, faults and abuse ################################################

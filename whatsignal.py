@@ -97,6 +97,7 @@ AUTH_FAIL_LIMIT = 20                  # failed signatures per client before 429
 AUTH_FAIL_WINDOW = 60.0               # ... within this many seconds
 HEALTH_CACHE_SECONDS = 5.0            # upstream health checks are cached this long
 CONTACT_TTL = 24 * 3600               # contact names are refreshed after a day
+JSON_STRING_LIMIT = 20000000          # signal-cli's Jackson reader: longest JSON string (chars) it accepts
 SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long is dead (keep-alive 15 s)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
@@ -161,6 +162,10 @@ class HeldError(TransientError):
 
 class PermanentError(UpstreamError):
     """Retrying cannot help: park the item as dead and tell the owner."""
+
+
+class MediaRefused(PermanentError):
+    """signal-cli cannot take this attachment (too large for its JSON reader, or unreadable)."""
 
 
 ###############################################################################
@@ -402,6 +407,7 @@ DEFAULTS = {
     "signal.destination": (str, None, "the owner's Signal number, E.164"),
     "signal.trustNewIdentity": (bool, False, "trust the owner's new safety number automatically"),
     "signal.pollIntervalSeconds": (float, 1.0, "REST normal/native mode: receive poll interval"),
+    "signal.attachmentDir": (str, None, "directory signal-cli reads at the same path: media over ~15 MB goes as a file"),
     "bridge.layout": (str, "inbox", "inbox (one conversation) or groups (one Signal group per chat)"),
     "bridge.expireAfterHours": (float, EXPIRE_AFTER_HOURS, "give up on a message still failing after this"),
     "bridge.groupCreatePerMinute": (float, 6.0, "groups layout: new Signal groups per minute after a burst of 5"),
@@ -2220,10 +2226,11 @@ class SignalRpcClient(SignalClient):
 
     kind = "signal-cli daemon"
 
-    def __init__(self, base_url, number, transport=None):
+    def __init__(self, base_url, number, transport=None, attachment_dir=None):
         super().__init__(base_url, number, transport)
         self.ids = iter(range(1, 1 << 62))
         self.id_lock = threading.Lock()
+        self.attachment_dir = attachment_dir
 
     def call(self, method, params, body=None):
         with self.id_lock:
@@ -2240,7 +2247,9 @@ class SignalRpcClient(SignalClient):
             raise TransientError("signal-cli sent an unreadable answer")
         err = msg.get("error")
         if isinstance(err, dict):
-            raise _rpc_error(err)
+            e = _rpc_error(err)
+            e.answered = True        # signal-cli read the request and refused it, as opposed to being unreachable
+            raise e
         return msg.get("result")
 
     @staticmethod
@@ -2256,13 +2265,64 @@ class SignalRpcClient(SignalClient):
                 params["quoteMessage"] = quote[2]
         if edit_ts:
             params["editTimestamp"] = int(edit_ts)
-        if attachments:
-            params["attachments"] = markers = attachment_markers(len(attachments))
-            body = lambda req: json_stream(req, list(attachments), markers)
-            result = self.call("send", params, body)
-        else:
-            result = self.call("send", params)
+        if not attachments:
+            return _send_timestamp(self.call("send", params), to)
+        inline, shared, entries = [], [], []
+        try:
+            for a in attachments:
+                if self.attachment_dir and self.uri_length(a) > JSON_STRING_LIMIT:
+                    shared.append(self._share(a))      # signal-cli also takes a file path it can read
+                    entries.append(shared[-1])
+                else:
+                    inline.append(a)
+                    entries.append(None)
+            markers = iter(attachment_markers(len(inline)))
+            params["attachments"] = [e or next(markers) for e in entries]
+            markers = [m for m in params["attachments"] if m not in shared]
+            try:
+                result = self.call("send", params, lambda req: json_stream(req, inline, markers))
+            except PermanentError as e:
+                if getattr(e, "media", False):
+                    raise MediaRefused(str(e)) from None
+                raise
+        finally:
+            for path in shared:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(path))
         return _send_timestamp(result, to)
+
+    @staticmethod
+    def uri_length(att):
+        """Characters of *att* as the data URI ``send`` writes (one JSON string for signal-cli)."""
+        head = "data:%s;filename=%s;base64," % (att.mime, data_uri_name(safe_filename(att.filename, att.mime)))
+        return len(head) + 4 * ((os.path.getsize(att.path) + 2) // 3)
+
+    def attachment_problem(self, att):
+        """Why *att* cannot go to signal-cli (a notice for the owner), or None."""
+        if self.attachment_dir or self.uri_length(att) <= JSON_STRING_LIMIT:
+            return None
+        return "too large for signal-cli's JSON-RPC (about 15 MB at most)"
+
+    def _share(self, att):
+        """Copy *att* into signal.attachmentDir for signal-cli to read; return the path it is given."""
+        try:
+            d = os.path.join(self.attachment_dir, "whatsignal-" + secrets.token_hex(8))
+            os.mkdir(d, 0o755)
+            os.chmod(d, 0o755)             # signal-cli runs as its own user
+            path = os.path.join(d, safe_filename(att.filename, att.mime))
+            with open(att.path, "rb") as src, open(path, "wb") as dst:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+            os.chmod(path, 0o644)
+            return path
+        except OSError as e:
+            raise TransientError("cannot write into signal.attachmentDir (%s); check that it exists and is writable"
+                                 % (e.strerror or e.__class__.__name__)) from None
 
     def react(self, to, emoji, target_author, target_ts, remove=False):
         params = self._to(to)
@@ -2385,6 +2445,16 @@ def _rpc_error(err):
         return IdentityError("signal-cli refuses: untrusted identity (%s)" % message)
     if code == -5 or "rate" in message.lower():
         return TransientError("signal-cli is rate limited (%s)" % message, 60.0)
+    if code == -32603 and message.startswith("An internal server error has occurred"):
+        # HttpServerHandler's catch-all: its JSON reader failed on this very request, e.g. a string over
+        # Jackson's 20,000,000-character limit (an attachment over ~15 MB): sending it again cannot help
+        e = PermanentError("signal-cli could not read the request (too large for its JSON reader?)")
+        e.media = True
+        return e
+    if code == -32603 and re.search(r"AttachmentInvalidException|FileNotFoundException|No such file", message):
+        e = PermanentError("signal-cli cannot read the attachment (%s)" % message)
+        e.media = True
+        return e
     if code in (-3, -32603):
         return TransientError("signal-cli failed (%s %s)" % (code, message))
     if "not registered" in message.lower() or "unregistered" in message.lower():
@@ -2445,6 +2515,10 @@ class SignalRestClient(SignalClient):
         if to.startswith("group:"):
             return "group." + base64.b64encode(to[6:].encode()).decode()
         return to
+
+    def attachment_problem(self, att):
+        """Never a problem: /v2/send writes attachments to files before signal-cli sees them (attachment.go)."""
+        return None
 
     def about(self):
         about = self.call("GET", "/v1/about")
@@ -2693,6 +2767,13 @@ class MediaProblem(PermanentError):
         self.notice = notice
 
 
+def media_label(mime):
+    """What the owner reads for media of type *mime*: image, video, audio, sticker or document."""
+    if mime == "image/webp":
+        return "sticker"
+    return {"image": "image", "video": "video", "voice": "audio", "file": "document"}[media_kind(mime)]
+
+
 def media_kind(mime):
     """Return image, video, voice or file for a MIME type."""
     mime = (mime or "").lower()
@@ -2732,6 +2813,8 @@ class Bridge:
         self.names = {}   # (channel, jid) -> (name, looked up at): spares a query per message
         self._locks, self._locks_lock = {}, threading.Lock()   # one download per queued item at a time
         self._media_failed = {}   # queued item -> notice, for media that cannot come
+        self._media_send_failures = {}   # queued item -> times signal-cli refused its media
+        self.warned_json_limit = False
         self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
         rate = config.get("bridge.groupCreatePerMinute") / 60.0
@@ -2877,19 +2960,57 @@ class Bridge:
                 attachments.append(self.fetch_media(rec["media"], row))
             except MediaProblem as e:
                 notice = e.notice
-        if conv:
-            text = render_for_signal(rec, name, None, inline, notice, prefix=group)
-        else:
-            text = render_for_signal(rec, name, group_name, inline, notice)
-        ts = self.signal.send(self.to(channel, conv), text, attachments, quote)
-        if attachments:                # kept for retries until sent; private content does not linger
+        fetched = list(attachments)
+        if attachments:
+            why = self.signal.attachment_problem(attachments[0])
+            if why:          # it can never succeed: tell the owner now rather than block the chat
+                notice, attachments = self._media_notice(attachments[0], why), []
+                if not self.warned_json_limit:
+                    self.warned_json_limit = True
+                    self.log.warn("media over signal-cli's JSON-RPC limit (about 15 MB) went as a notice. Fix: set "
+                                  "signal.attachmentDir to a directory signal-cli can read at the same path")
+
+        def render(notice):
+            if conv:
+                return render_for_signal(rec, name, None, inline, notice, prefix=group)
+            return render_for_signal(rec, name, group_name, inline, notice)
+        try:
+            ts = self.signal.send(self.to(channel, conv), render(notice), attachments, quote)
+        except (MediaRefused, TransientError) as e:
+            if not attachments or not self._media_send_hopeless(row, e):
+                raise
+            self.log.warn("signal-cli does not take this media; its text goes with a notice instead", item=row["id"],
+                          reason=scrub(e))
+            notice, attachments = self._media_notice(attachments[0], "could not be sent to Signal"), []
+            ts = self.signal.send(self.to(channel, conv), render(notice), [], quote)
+        self._media_send_failures.pop(row["dedupe"], None)
+        if fetched:                    # kept for retries until sent; private content does not linger
             with self._media_lock(row["dedupe"]):
-                for a in attachments:
+                for a in fetched:
                     self._remove(a.path)
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="media" if attachments else "text",
                          result="ok")
         return self._map(channel, "w2s", chat, rec["id"], ts, self.number, name=group_name or name, conv=conv,
                          sender=sender)
+
+    def _media_notice(self, att, why):
+        size = human_size(os.path.getsize(att.path)) if os.path.exists(att.path) else None
+        return ", ".join(x for x in (media_label(att.mime), size, why) if x)
+
+    def _media_send_hopeless(self, row, e):
+        """True when sending this item's media should stop: refused, or failing at signal-cli too often.
+
+        Only errors signal-cli itself answered count: an outage or a rate limit says nothing about the media.
+        """
+        if isinstance(e, MediaRefused):
+            return True
+        if type(e) is not TransientError or not getattr(e, "answered", False):
+            return False
+        n = self._media_send_failures.get(row["dedupe"], 0) + 1
+        if len(self._media_send_failures) > 1000:
+            self._media_send_failures.clear()
+        self._media_send_failures[row["dedupe"]] = n
+        return n >= self.media_tries
 
     def fetch_media(self, media, row, prefetch=False):
         """Download WhatsApp media into the cache under a generated name; return a SignalAttachment.
@@ -2897,9 +3018,7 @@ class Bridge:
         Raises MediaProblem (the notice to send instead) or TransientError (retry).
         """
         mime = (media.get("mimetype") or "application/octet-stream").split(";")[0].strip().lower()
-        kind = {"image": "image", "video": "video", "voice": "audio", "file": "document"}[media_kind(mime)]
-        if mime == "image/webp":
-            kind = "sticker"
+        kind = media_label(mime)
         limit = "%d MB" % (self.max_media // (1024 * 1024))
         if media.get("error") or not media.get("url"):
             raise MediaProblem("%s, not downloaded by WhatsApp's server" % kind)
@@ -3585,18 +3704,28 @@ class Deliverer(Worker):
         self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="dead")
         self.log.error("delivery failed permanently; see `whatsignal.py outbox`", direction=self.direction,
                        item=row["id"], reason=scrub(reason))
-        if self.direction == "s2w":
-            self._tell_owner(row, reason)
+        self._tell_owner(row, reason)
         return True
 
     def _tell_owner(self, row, reason):
         channel = self.bridge.config.channel(row["channel"])
+        if channel is None:
+            return
         try:
+            if self.direction == "s2w":
+                rec = self.store.record_of(row)
+                self.bridge.notify(channel, "Not delivered to WhatsApp: %s" % shorten(reason, 160),
+                                   quote=(rec["ts"], channel.destination, None))
+                return
             rec = self.store.record_of(row)
-            self.bridge.notify(channel, "Not delivered to WhatsApp: %s" % shorten(reason, 160),
-                               quote=(rec["ts"], channel.destination, None))
-        except (UpstreamError, CryptoError, ValueError) as e:
-            self.log.error("could not tell the owner about an undelivered message", reason=scrub(e))
+            chat = rec.get("chat") or rec.get("_chat") or ""
+            name = self.store.contact(channel.session, chat)[0] or self.store.chat_name(channel.session, chat)[0]
+            what = {"message": "A WhatsApp message"}.get(row["kind"], "A WhatsApp " + row["kind"].replace(".", " "))
+            self.bridge.notify(channel, "%s from %s could not be delivered here: %s. `whatsignal.py outbox` lists it."
+                               % (what, name or jid_to_phone(chat) or "a chat", shorten(reason, 160)))
+        except (UpstreamError, CryptoError, StoreError, ValueError) as e:
+            self.log.error("could not tell the owner about an undelivered message", direction=self.direction,
+                           reason=scrub(e))
 
 
 def _where(exc):
@@ -4532,7 +4661,8 @@ class App:
         self.waha = WahaClient(config.get("whatsapp.apiUrl"), config.get("whatsapp.apiKey"),
                                media_base=config.get("whatsapp.mediaBaseUrl"))
         if config.get("signal.rpcUrl"):
-            self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"))
+            self.signal = SignalRpcClient(config.get("signal.rpcUrl"), config.get("signal.number"),
+                                          attachment_dir=config.get("signal.attachmentDir"))
         else:
             self.signal = SignalRestClient(config.get("signal.apiUrl"), config.get("signal.number"))
         self.bridge = Bridge(config, self.store, self.waha, self.signal, log, self.metrics, clock, rand)
@@ -4860,6 +4990,10 @@ class _SignalSimHandler(_SimHandler):
         req = self.body_json()
         if not isinstance(req, dict):
             return self.send(200, {"jsonrpc": "2.0", "error": {"code": -32700, "message": "parse error"}, "id": None})
+        if any(len(v) > JSON_STRING_LIMIT for v in _strings(req)):
+            # Jackson's string limit fails the reader; the handler's catch-all answers (HttpServerHandler.java)
+            return self.send(200, {"jsonrpc": "2.0", "error": {"code": -32603, "message":
+                                                                "An internal server error has occurred."}, "id": None})
         params = req.get("params") or {}
         with sim.cond:
             sim.clock_ms = max(sim.clock_ms + 1, int(time.time() * 1000))
@@ -4875,6 +5009,19 @@ class _SignalSimHandler(_SimHandler):
                                                 if isinstance(params.get("recipient"), list) else params.get("recipient"),
                                                 "username": None}, "type": "SUCCESS"}]}
         self.send(200, {"jsonrpc": "2.0", "id": req.get("id"), "result": result})
+
+
+def _strings(obj):
+    """Every string in a JSON document."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
 
 
 class SignalSim(Simulator):
