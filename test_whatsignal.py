@@ -505,7 +505,9 @@ class FakeWaha(_FakeBase):
     session_status ("WORKING" ...; anything else makes messaging endpoints answer 422),
     status_after_restart, me, engine, version, contacts {chatId: name | dict}, lids {lid: pn|None},
     files {"/api/files/...": bytes | {"body", "content_type", "lie_length", "no_length", "redirect_to"}},
-    require_group_participant (reaction messageIds of @g.us chats need the _participant suffix).
+    require_group_participant (reaction messageIds of @g.us chats need the _participant suffix),
+    engine ("GOWS" | "NOWEB" | "WEBJS": the shape of send responses and group info),
+    old_core (a WAHA Core before 2026.6.1: media sends refused with 422 / 501).
     """
 
     _server_header = "Express"
@@ -528,6 +530,8 @@ class FakeWaha(_FakeBase):
         self.require_group_participant = True
         self.session_config = None     # the session's config (config.webhooks ...), set by PUT /api/sessions/{s}
         self.restarts = 0              # restarts caused by a config change of a running session
+        self.old_core = False
+        self.next_ids = []      # bare ids the next sends get, in order (then random ones)
 
     # -- helpers for tests ----------------------------------------------------------------------
     def sent(self, kind=None):
@@ -727,8 +731,11 @@ class FakeWaha(_FakeBase):
         return chat_id if "@" in chat_id else re.sub(r"\D", "", chat_id) + "@c.us"
 
     def _new_id(self, chat_id):
-        wa = "true_%s_%s" % (chat_id, os.urandom(10).hex().upper())
-        if chat_id.endswith("@g.us") and self.me and self.me.get("id"):
+        with self._lock:
+            bare = self.next_ids.pop(0) if self.next_ids else os.urandom(10).hex().upper()
+        wa = "true_%s_%s" % (chat_id, bare)
+        # NOWEB's buildMessageId has three parts only (src/core/engines/noweb/session.noweb.core.ts)
+        if chat_id.endswith("@g.us") and self.me and self.me.get("id") and self.engine != "NOWEB":
             wa += "_" + self.me["id"]  # GOWS adds the participant (me) for group messages
         return wa
 
@@ -787,13 +794,65 @@ class FakeWaha(_FakeBase):
             return self._bad_request(h, call, errs)
         if not self._session_gate(h, call, b["session"]):
             return
+        if self.old_core and kind in ("image", "file", "voice"):
+            # src/core/exceptions.ts AvailableInPlusVersion (422), thrown by every engine's sendImage/File/Voice in Core
+            return self._send_json(h, call, 422, {
+                "message": "The feature is available only in Plus version for '%s' engine. Check this out: "
+                           "https://waha.devlike.pro/" % self.engine,
+                "error": "Unprocessable Entity", "statusCode": 422})
+        if self.old_core and kind == "video":
+            # src/core/abc/session.abc.ts sendVideo -> src/core/exceptions.ts NotImplementedByEngineError (501)
+            return self._send_json(h, call, 501, {
+                "message": "The method is not implemented by '%s' engine. Check the docs and try another engine: "
+                           "https://waha.devlike.pro/" % self.engine,
+                "error": "Not Implemented", "statusCode": 501})
         chat = self._norm_chat(b["chatId"])
         if kind != "text" and isinstance(b["file"].get("data"), str):
             call["file_bytes"] = base64.b64decode(b["file"]["data"])
         wa = self._new_id(chat)
         call["kind"] = kind
         call["wa_id"] = wa
-        return self._send_json(h, call, 201, {"id": wa, "_data": {}})
+        return self._send_json(h, call, 201, self.message_response(chat, wa, b.get("text") or b.get("caption")))
+
+    def message_response(self, chat, wa, text=None):
+        """What a send (or reaction, edit, delete) answers, in the shape of self.engine (waha.md 5.2)."""
+        _fm, _chat, bare, part = self.parse_message_id(wa)
+        now = int(time.time())
+        if self.engine == "WEBJS":
+            # src/core/engines/webjs/session.webjs.core.ts sendText: whatsapp-web.js's Message, id an object
+            mid = {"fromMe": True, "remote": chat, "id": bare, "_serialized": wa}
+            if part:
+                mid["participant"] = part
+            return {"_data": {"id": mid, "body": text, "type": "chat", "t": now, "from": self.me["id"], "to": chat,
+                              "self": "out", "ack": 0}, "id": mid, "ack": 0, "hasMedia": False, "body": text,
+                    "type": "chat", "timestamp": now, "from": self.me["id"], "to": chat, "deviceType": "web",
+                    "isForwarded": False, "hasQuotedMsg": False}
+        if self.engine == "NOWEB":
+            # src/core/engines/noweb/session.noweb.core.ts sendText: Baileys' sendMessage() result, the raw message
+            return {"key": {"remoteJid": chat.replace("@c.us", "@s.whatsapp.net"), "fromMe": True, "id": bare},
+                    "message": {"extendedTextMessage": {"text": text}}, "messageTimestamp": str(now), "status": "PENDING"}
+        # src/core/engines/gows/session.gows.core.ts messageResponse(): {id: serialized, _data}
+        return {"id": wa, "_data": {"Info": {"ID": bare, "IsFromMe": True}}}
+
+    def group_info(self, gid, name):
+        """GET /api/{session}/groups/{id} in the shape of self.engine (upstream-behaviours.md, WAHA section)."""
+        if self.engine == "GOWS":
+            # src/core/engines/gows/session.gows.core.ts getGroup(): whatsmeow's GroupInfo as is
+            return {"JID": gid, "OwnerJID": "", "Name": name, "NameSetAt": "2026-01-02T10:00:00Z",
+                    "NameSetBy": "", "Topic": "", "TopicID": "", "IsLocked": False, "IsAnnounce": False,
+                    "IsEphemeral": False, "Participants": [], "ParticipantVersionID": "", "IsParent": False}
+        if self.engine == "NOWEB":
+            # src/core/engines/noweb/session.noweb.core.ts getGroup(): Baileys' GroupMetadata
+            return {"id": gid, "subject": name, "subjectOwner": None, "subjectTime": 1767348000, "size": 0,
+                    "creation": 1767348000, "owner": None, "desc": None, "restrict": False, "announce": False,
+                    "participants": []}
+        # src/core/engines/webjs/session.webjs.core.ts getGroup(): whatsapp-web.js's GroupChat
+        user = gid.split("@")[0]
+        return {"id": {"server": "g.us", "user": user, "_serialized": gid}, "name": name, "isGroup": True,
+                "isReadOnly": False, "unreadCount": 0, "timestamp": 1767348000, "archived": False, "pinned": False,
+                "isMuted": False, "muteExpiration": 0,
+                "groupMetadata": {"id": {"server": "g.us", "user": user, "_serialized": gid}, "subject": name,
+                                  "creation": 1767348000, "desc": None, "participants": []}}
 
     def _chat_action(self, h, call, status, response):
         b = call["json"]
@@ -838,7 +897,7 @@ class FakeWaha(_FakeBase):
             return
         chat = self.parse_message_id(b["messageId"])[1]
         call["chatId"] = chat
-        return self._send_json(h, call, 200, {"id": self._new_id(chat), "_data": {}})
+        return self._send_json(h, call, 200, self.message_response(chat, self._new_id(chat)))
 
     def _edit_delete(self, h, call, segs):
         session, chat, mid = segs[1], segs[3], segs[5]
@@ -850,7 +909,8 @@ class FakeWaha(_FakeBase):
                 return self._bad_request(h, call, "text must be a string")
         if not self._session_gate(h, call, session):
             return
-        return self._send_json(h, call, 200, {"id": self._new_id(self._norm_chat(chat)), "_data": {}})
+        chat = self._norm_chat(chat)
+        return self._send_json(h, call, 200, self.message_response(chat, self._new_id(chat)))
 
     def _contact(self, cid):
         cid = self._norm_chat(cid)
@@ -4023,7 +4083,7 @@ W2S_FIXTURE_DIR = FIXTURES
 # -- fakes extended for this file --------------------------------------------------------------
 
 class W2sWaha(FakeWaha):
-    """FakeWaha plus ``GET /api/{session}/groups/{id}`` (waha.md 5.4: ``{id, subject, ...}``) from
+    """FakeWaha plus ``GET /api/{session}/groups/{id}`` (group_info: the engine's own shape) from
     ``groups`` {groupId: subject}, and files entries with ``{"status": N}`` answered with that status."""
 
     def __init__(self, **kw):
@@ -4048,7 +4108,7 @@ class W2sWaha(FakeWaha):
             name = self.groups.get(gid)
         if name is None:
             return self._send_json(h, call, 404, {"statusCode": 404, "message": "Group not found", "error": "Not Found"})
-        return self._send_json(h, call, 200, {"id": gid, "subject": name, "participants": []})
+        return self._send_json(h, call, 200, self.group_info(gid, name))
 
     def _serve_file(self, h, call):
         with self._lock:
@@ -5326,6 +5386,200 @@ class TestSignalBackends:
             sent_ts = h.signal.calls_for("/v2/send")[0]["timestamps"][0]
             assert h.app.store.by_wa("default", "3EB0TS")["sig_ts"] == sent_ts, h.signal.send_shape
 
+
+# ===============================================================================================
+# Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
+# ===============================================================================================
+
+ENG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "waha")
+ENGINES = ("GOWS", "NOWEB", "WEBJS")
+ENG_ALICE, ENG_BOB, ENG_BOB_LID = "447700900123@c.us", "447700900456@c.us", "81234567890123@lid"
+ENG_GROUP = "120363040000000001@g.us"
+ENG_IDS = {"text": "3EB0C5D1A1CE000000000001", "group": "3EB0C5D1B0B0000000000002",
+           "media": "3EB0C5D1A1CE000000000004", "owner": "3EB0C5D1000000000000000A"}
+
+
+def eng_event(engine, name, replace=None):
+    """An engine's recorded webhook, dated now (and with *replace* {old: new} applied to its text)."""
+    with open(os.path.join(ENG_DIR, engine.lower(), name + ".json"), encoding="utf-8") as f:
+        text = f.read()
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    event = json.loads(text)
+    now = time.time()
+    event["timestamp"] = int(now * 1000)
+    for obj in (event["payload"], event["payload"].get("after")):
+        if isinstance(obj, dict) and isinstance(obj.get("timestamp"), (int, float)):
+            obj["timestamp"] = int(now) + (obj["timestamp"] % 1)      # WEBJS reactions: fractional seconds
+    return event
+
+
+def eng_harness(w2s_make, engine, **raw):
+    """A bridge on WAHA's *engine*, with the contacts, group and media of the recorded payloads."""
+    overrides = {"whatsapp": {"mediaBaseUrl": "http://localhost:3000"}}
+    overrides.update(raw)
+    h = w2s_make(raw_overrides=overrides)
+    h.waha.engine = engine
+    h.waha.contacts.update({ENG_ALICE: "Alice Example", ENG_BOB: "Bob Example"})
+    h.waha.lids[ENG_BOB_LID] = ENG_BOB
+    h.waha.groups[ENG_GROUP] = "Book Club"
+    media = ENG_IDS["media"] if engine != "WEBJS" else "false_%s_%s" % (ENG_ALICE, ENG_IDS["media"])
+    h.waha.add_file("/api/files/default/%s.jpeg" % media, W2S_JPEG, "image/jpeg")   # MediaLocalStorage key
+    return h
+
+
+def eng_copy(h, wa):
+    """Signal timestamp of the owner's copy of WhatsApp message *wa*."""
+    m = h.app.store.by_wa("default", wa)
+    assert m and m["sig_ts"], wa
+    return m["sig_ts"]
+
+
+def eng_try(check):
+    try:
+        return check()
+    except (TypeError, IndexError, KeyError, AttributeError, AssertionError):
+        return False
+
+
+def eng_reactions(h):
+    return [(p["emoji"], p["targetTimestamp"], p["targetAuthor"]) for m, p in w2s_other_signal_calls(h)
+            if m == "sendReaction"]
+
+
+class TestEngines:
+    """Every event the bridge handles, replayed as WEBJS, NOWEB and GOWS build it; the owner sees the same."""
+
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_every_event_as_the_engine_sends_it(self, w2s_make, engine):
+        h = eng_harness(w2s_make, engine)
+        owner_ts = s2w_new_ts()
+        h.waha.next_ids.append(ENG_IDS["owner"])
+        steps = [   # (what happens, check of what the owner sees)
+            ("message-text", lambda: w2s_texts(h)[-1] == "Alice Example: Hello from Alice"),
+            ("message-reply", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["quote"])
+             == ("Alice Example: Yes, that one", (eng_copy(h, ENG_IDS["text"]), BRIDGE))),
+            ("message-media", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["atts"][0][2])
+             == ("Alice Example: Our cat", W2S_JPEG)),
+            # the owner answers Alice; the send response's id (in the engine's shape) is remembered
+            (lambda: w2s_owner_reply(h, owner_ts, "Glad you like it", quote_ts=eng_copy(h, ENG_IDS["text"])),
+             lambda: h.app.store.by_sig("default", owner_ts)["wa_id"].split("_")[2] == ENG_IDS["owner"]),
+            # Alice's reaction to the owner's message: a Signal reaction, not a text notice
+            ("reaction", lambda: eng_reactions(h) == [("👍", owner_ts, OWNER)]),
+            ("message-group", lambda: w2s_texts(h)[-1] == "Bob Example in Book Club: Hi book club"),
+            ("message-lid", lambda: w2s_texts(h)[-1] == "Bob Example in Book Club: Sent from my hidden number"),
+            ("reaction-group", lambda: eng_reactions(h)[-1] == ("❤️", eng_copy(h, ENG_IDS["group"]), BRIDGE)),
+            ("edited", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["edit"])
+             == ("Alice Example: Hello from Alice (edited)", eng_copy(h, ENG_IDS["text"]))),
+            ("edited-group", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["edit"])
+             == ("Bob Example in Book Club: Hi book club (edited)", eng_copy(h, ENG_IDS["group"]))),
+            ("revoked", lambda: [p["targetTimestamp"] for m, p in w2s_other_signal_calls(h) if m == "remoteDelete"]
+             == [eng_copy(h, ENG_IDS["text"])]),
+        ]
+        for step, check in steps:
+            if callable(step):
+                step()
+            else:
+                w2s_post(h, eng_event(engine, step))
+            w2s_settle(h)
+            assert h.wait(lambda: eng_try(check), 5), (engine, step, w2s_deliveries(h)[-1:], eng_reactions(h))
+        assert not any("reacted" in t for t in w2s_texts(h))
+        assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE]
+
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_only_the_author_may_edit_a_group_message(self, w2s_make, engine):
+        """WEBJS names the sender only in _data.author: without it, group and group would always match."""
+        h = eng_harness(w2s_make, engine)
+        w2s_post(h, eng_event(engine, "message-group"))
+        w2s_settle(h)
+        forged = eng_event(engine, "edited-group", {"447700900456": "447700900123", "Hi book club (edited)": "Pay here"})
+        w2s_post(h, forged)
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Bob Example in Book Club: Hi book club"]
+        assert core_metric_value(h.app.metrics.render(), "whatsignal_rejected_total", reason="edit_not_by_author") == 1
+
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_groups_layout_titles_the_signal_group_with_the_whatsapp_name(self, w2s_make, engine):
+        h = eng_harness(w2s_make, engine, bridge={"layout": "groups"})
+        w2s_post(h, eng_event(engine, "message-group"))
+        w2s_settle(h)
+        assert [g["name"] for g in s2w_created_groups(h)] == ["Book Club (WhatsApp)"]
+        assert w2s_texts(h) == ["Bob Example: Hi book club"]
+
+    @pytest.mark.parametrize("engine", ENGINES)
+    def test_send_response_id_read_from_each_shape(self, engine):
+        fake = FakeWaha()
+        fake.engine = engine
+        for chat in (ENG_ALICE, ENG_GROUP):
+            wa = fake._new_id(chat)
+            assert ws.WahaClient.message_id(json.loads(json.dumps(fake.message_response(chat, wa, "hi")))) == wa
+
+
+# ===============================================================================================
+# Session status read from WAHA (lost session.status webhooks, a session stuck STARTING)
+# ===============================================================================================
+
+def poll_watcher(h):
+    """The bridge's session watcher, once its first read (at start) is done; tests call tick() themselves."""
+    watcher = next(w for w in h.app.workers if isinstance(w, ws.SessionWatcher))
+    assert h.wait(lambda: watcher.ticks >= 1)
+    w2s_settle(h)
+    return watcher
+
+
+class TestSessionPolling:
+    def test_a_change_missed_while_the_bridge_was_down_is_told_at_start(self, w2s_make):
+        h = w2s_make(start=False)
+        h.waha.session_status = "SCAN_QR_CODE"          # no webhook: it happened while the bridge was down
+        h.start()
+        poll_watcher(h)
+        assert w2s_texts(h) == [W2S_QR]
+
+    def test_changes_missed_while_running_are_told_once(self, w2s_make):
+        h = w2s_make()
+        watcher = poll_watcher(h)
+        assert w2s_texts(h) == []                       # WORKING at start: nothing to say
+        h.waha.session_status = "FAILED"
+        watcher.tick()
+        watcher.tick()
+        w2s_settle(h)
+        h.waha.session_status = "WORKING"
+        watcher.tick()
+        w2s_settle(h)
+        assert w2s_texts(h) == [
+            "WhatsApp session default is FAILED: restart it in WAHA; if that fails, log out and scan the QR code "
+            "again. Messages to WhatsApp wait until it is back.", W2S_BACK]
+        assert h.waha.calls_for("/api/sessions/default/restart") == []
+
+    @pytest.mark.parametrize("auto", [True, False])
+    def test_a_session_stuck_starting_is_told_and_restarted(self, w2s_make, auto):
+        clock = FakeClock(start=time.time())
+        h = w2s_make(start=False, clock=clock.time, raw_overrides={"whatsapp": {"sessionAutoRestart": auto}})
+        h.waha.session_status = h.waha.status_after_restart = "STARTING"
+        h.start()
+        watcher = poll_watcher(h)
+        for _ in range(5):                              # five minutes of STARTING: still normal
+            clock.advance(60)
+            watcher.tick()
+        w2s_settle(h)
+        assert w2s_texts(h) == []
+        clock.advance(61)
+        watcher.tick()
+        w2s_settle(h)
+        stuck = ("WhatsApp session default is STARTING: it has been starting for over 5 minutes; restart it in WAHA "
+                 "(POST /api/sessions/default/restart). Messages to WhatsApp wait until it is back.")
+        restarted = "WhatSignal asked WAHA to restart session default (attempt 1)."
+        assert w2s_texts(h) == ([stuck, restarted] if auto else [stuck])
+        clock.advance(60)                               # the restarted session gets its five minutes again
+        watcher.tick()
+        w2s_settle(h)
+        assert len(h.waha.calls_for("/api/sessions/default/restart", "POST")) == (1 if auto else 0)
+        h.waha.session_status = "WORKING"
+        clock.advance(60)
+        watcher.tick()
+        w2s_settle(h)
+        assert w2s_texts(h)[-1] == W2S_BACK
+
 ###############################################################################
 # Signal to WhatsApp, and the groups layout ###################################
 ###############################################################################
@@ -5389,7 +5643,7 @@ class S2wWaha(FakeWaha):
             name = self.group_names.get(segs[3])
             if name is None:
                 return self._send_json(h, call, 404, {"statusCode": 404, "message": "Group not found"})
-            return self._send_json(h, call, 200, {"id": segs[3], "subject": name})
+            return self._send_json(h, call, 200, self.group_info(segs[3], name))
         return super()._handle(h)
 
 
@@ -6539,6 +6793,60 @@ class TestGroupsLayout:
         assert eventually(lambda: len(s2w_out(h)) > n)
         assert s2w_texts_to(h)[-1].startswith("Reopened 'Family (WhatsApp)'"), s2w_texts_to(h)
         assert len(s2w_created_groups(h)) == 2
+
+
+# ---------------------------------------------------------------------------
+class TestWahaCore:
+    """WAHA Core before 2026.6.1 refuses media sends (422, and 501 for video): the words still arrive."""
+
+    @staticmethod
+    def photo(h, name, mime="image/jpeg", data=S2W_JPEG):
+        h.signal.attachments[name] = data
+        return [{"contentType": mime, "filename": None, "id": name, "size": len(data)}]
+
+    def test_photo_goes_as_its_caption_owner_told_once_remembered_across_restarts(self, s2w_make):
+        h = s2w_make("rpc")
+        h.waha.old_core = True
+        s2w_forward(h, S2W_ALICE, "show me the view")
+        s2w_push(h, "Nice view", attachments=self.photo(h, "p1.jpg"))
+        s2w_push(h, None, attachments=self.photo(h, "p2.jpg"))
+        s2w_settle(h)
+        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["Nice view", "[photo]"]
+        assert [c["status"] for c in h.waha.calls_for("/api/sendImage")] == [422]     # no failed call first, later
+        told = [t for t in s2w_texts_to(h) if "WAHA Plus" in t]
+        assert told == ["WhatsApp got your photo as text only: sending media needs WAHA Plus (or WAHA 2026.6.1 or "
+                        "newer, whose Core includes it). Media go as their caption (or [photo]) until WhatSignal "
+                        "tries again in a day; /status shows it."]
+        assert s2w_queue(h, state="dead") == []
+        s2w_push(h, "/status")
+        assert h.wait(lambda: any("Media to WhatsApp" in t for t in s2w_texts_to(h)))
+        assert "Media to WhatsApp: sent as text, WAHA cannot send file, image, video, voice (needs WAHA Plus or " \
+               "another engine)" in s2w_texts_to(h)[-1].splitlines()
+        s2w_stop_app(h)
+        s2w_start_app(h)
+        s2w_push(h, "And the beach", attachments=self.photo(h, "p3.jpg"))
+        s2w_settle(h)
+        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)][-1] == "And the beach"
+        assert len(h.waha.calls_for("/api/sendImage")) == 1
+        assert len([t for t in s2w_texts_to(h) if "as text only" in t]) == 1
+
+    def test_video_the_engine_cannot_send_is_tried_again_after_a_day(self, s2w_make, tmp_path):
+        clock = FakeClock(start=time.time())
+        h = s2w_make("rpc", clock=clock.time)
+        h.waha.old_core = True
+        s2w_forward(h, S2W_ALICE, "how was the party")
+        s2w_push(h, "Party!", attachments=self.photo(h, "v1.mp4", "video/mp4", S2W_JPEG))
+        s2w_settle(h)
+        assert [c["status"] for c in h.waha.calls_for("/api/sendVideo")] == [501]
+        assert s2w_waha_texts(h, S2W_ALICE)[-1]["text"] == "Party!"
+        assert [t for t in s2w_texts_to(h) if "cannot send videos" in t] != []
+        h.waha.old_core = False                 # WAHA was upgraded; a day later media is tried again
+        clock.advance(24 * 3600 + 1)
+        s2w_push(h, "Party 2", attachments=self.photo(h, "v2.mp4", "video/mp4", S2W_JPEG))
+        s2w_settle(h)
+        assert [c["status"] for c in h.waha.calls_for("/api/sendVideo")] == [501, 201]
+        assert h.waha.sent("video")[0]["caption"] == "Party 2"
+
 
 ###############################################################################
 # signal-cli as its own source defines it #####################################

@@ -98,10 +98,14 @@ AUTH_FAIL_WINDOW = 60.0               # ... within this many seconds
 HEALTH_CACHE_SECONDS = 5.0            # upstream health checks are cached this long
 CONTACT_TTL = 24 * 3600               # contact names are refreshed after a day
 JSON_STRING_LIMIT = 20000000          # signal-cli's Jackson reader: longest JSON string (chars) it accepts
+MEDIA_REFUSED_TTL = 24 * 3600         # media WAHA refused to send goes as text this long, then is tried again
+MEDIA_PLACEHOLDER = {"image": "[photo]", "video": "[video]", "voice": "[voice message]", "file": "[file]"}
 SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long is dead (keep-alive 15 s)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
+SESSION_POLL_SECONDS = 60.0           # each WAHA session's status is read this often (webhooks can be lost)
+STARTING_STUCK_SECONDS = 300.0        # a session STARTING longer than this is stuck
 SCHEMA_VERSION = 5
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
@@ -166,6 +170,15 @@ class PermanentError(UpstreamError):
 
 class MediaRefused(PermanentError):
     """signal-cli cannot take this attachment (too large for its JSON reader, or unreadable)."""
+
+
+class WahaMediaRefused(PermanentError):
+    """WAHA cannot send this kind of media: Core's 422 "available only in Plus version" or an
+    engine's "not implemented by the engine" (WAHA src/core/exceptions.ts)."""
+
+    def __init__(self, message, plus):
+        super().__init__(message)
+        self.plus = plus
 
 
 ###############################################################################
@@ -400,7 +413,8 @@ DEFAULTS = {
     "whatsapp.webhookSecret": (str, None, "WAHA webhook HMAC key (>= 32 chars); WEBHOOK_SECRET"),
     "whatsapp.mediaBaseUrl": (str, None, "origin WAHA writes in media URLs (its WAHA_BASE_URL) if not apiUrl's"),
     "whatsapp.mirrorDeletes": (bool, True, "a WhatsApp deletion deletes the Signal copy (else a notice)"),
-    "whatsapp.sessionAutoRestart": (bool, False, "restart a FAILED/STOPPED WAHA session with backoff"),
+    "whatsapp.sessionAutoRestart": (bool, False,
+                                    "restart a FAILED/STOPPED WAHA session, or one STARTING over 5 minutes, with backoff"),
     "signal.rpcUrl": (str, None, "signal-cli daemon --http URL (JSON-RPC + SSE)"),
     "signal.apiUrl": (str, None, "signal-cli-rest-api URL (instead of rpcUrl)"),
     "signal.number": (str, REQUIRED, "the bridge's own Signal account, E.164"),
@@ -995,6 +1009,35 @@ def _chat_of(payload, msg_id=None):
     return chat or normalize_jid(payload.get("from")) if isinstance(payload.get("from"), (str, type(None))) else chat
 
 
+def _jid_of(v):
+    """A chat id given as a string or as whatsapp-web.js's ``{_serialized}`` object, normalized."""
+    if isinstance(v, dict):
+        v = v.get("_serialized")
+    return normalize_jid(v) if isinstance(v, str) else None
+
+
+def _sender_of(payload, msg_id, chat):
+    """The author of a message in *chat*, read the way each engine gives it (waha.md 4.1).
+
+    NOWEB and GOWS set ``participant``; WEBJS has the sender only in ``_data.author``; the raw
+    engine objects (GOWS ``Info.Sender``, NOWEB ``key.participant``) and a group id's fourth part
+    are fallbacks.  A 1:1 chat's author is the chat.
+    """
+    found = normalize_jid(_opt(payload, "participant", (str,), "payload")) or \
+        normalize_jid(_opt(payload, "author", (str,), "payload"))
+    if found or not chat.endswith("@g.us"):
+        return found or chat
+    data = payload.get("_data") if isinstance(payload.get("_data"), dict) else {}
+    info = data.get("Info") if isinstance(data.get("Info"), dict) else {}
+    key = data.get("key") if isinstance(data.get("key"), dict) else {}
+    parts = msg_id_parts(msg_id)
+    for v in (data.get("author"), info.get("Sender"), key.get("participant"), parts[3] if parts else None):
+        j = _jid_of(v)
+        if j and j != chat:
+            return j
+    return chat
+
+
 def _push_name(payload):
     data = payload.get("_data")
     if isinstance(data, dict):
@@ -1083,9 +1126,7 @@ def _parse_message(payload, event):
         return None
     body = _opt(payload, "body", (str,), "payload")
     rec = {"id": msg_id, "bare": _bare_id_of(msg_id, "payload.id"), "chat": chat,
-           "sender": normalize_jid(_opt(payload, "participant", (str,), "payload")) or
-           normalize_jid(_opt(payload, "author", (str,), "payload")) or chat,
-           "push": _push_name(payload), "body": body or "",
+           "sender": _sender_of(payload, msg_id, chat), "push": _push_name(payload), "body": body or "",
            "media": _media_of(payload) if payload.get("hasMedia") or payload.get("media") else None,
            "location": _location_of(payload), "reply": _reply_of(payload)}
     vcards = payload.get("vCards")
@@ -1108,7 +1149,11 @@ def _parse_message_reaction(payload, event):
     if _opt(payload, "fromMe", (bool,), "payload"):
         return None
     ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
-    chat = normalize_jid(parts[1])
+    # NOWEB and GOWS build reaction.messageId from the reaction's own key, whose chat is the chat as the
+    # reactor sees it (the owner's own id in a 1:1 chat); their `from` is the chat.  WEBJS builds it from
+    # the owner's side, and its `from` is the reactor.
+    own = normalize_jid(payload.get("from")) if isinstance(payload.get("from"), str) else None
+    chat = normalize_jid(parts[1]) if event.get("engine") == "WEBJS" or not own else own
     if not chat:
         raise PayloadError("reaction target has no chat id")
     rec = {"chat": chat, "target": target, "target_bare": parts[2], "emoji": text[:32],
@@ -1130,9 +1175,8 @@ def _parse_message_edited(payload, event):
     body = _opt(payload, "body", (str,), "payload") or ""
     eid = payload.get("id") if isinstance(payload.get("id"), str) else ""
     ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
-    sender = normalize_jid(_opt(payload, "participant", (str,), "payload")) or \
-        normalize_jid(_opt(payload, "author", (str,), "payload")) or chat
-    rec = {"chat": chat, "target_bare": _bare_id_of(target, "editedMessageId"), "body": body, "sender": sender}
+    rec = {"chat": chat, "target_bare": _bare_id_of(target, "editedMessageId"), "body": body,
+           "sender": _sender_of(payload, eid, chat)}
     digest = hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]
     return "message.edited", "e:%s:%s:%r:%s" % (rec["target_bare"], eid[:200], ts, digest), chat, rec
 
@@ -1143,6 +1187,8 @@ def _parse_message_revoked(payload, event):
     before = payload.get("before") if isinstance(payload.get("before"), dict) else {}
     if not target:
         target = bare_msg_id(before.get("id")) if isinstance(before.get("id"), str) else None
+    if not target and event.get("engine") == "WEBJS":   # WEBJS: `after` is the revoked message itself
+        target = bare_msg_id(after.get("id")) if isinstance(after.get("id"), str) else None
     chat = _chat_of(after) if after else None
     chat = chat or (_chat_of(before) if before else None)
     if not target or not chat:
@@ -2048,6 +2094,8 @@ class WahaClient:
         if resp.status in ok:
             return _json_body(resp)
         reason = _waha_reason(resp)
+        if resp.status in (422, 501) and ("only in Plus version" in reason or "not implemented by" in reason):
+            raise WahaMediaRefused("WAHA refused it (%d): %s" % (resp.status, reason), "Plus version" in reason)
         if resp.status >= 500 or resp.status in (401, 403, 408, 429):
             raise TransientError("WAHA answered %d: %s" % (resp.status, reason), _retry_after(resp))
         if resp.status == 422 and "not as expected" in reason:
@@ -2066,9 +2114,12 @@ class WahaClient:
             return mid
         if isinstance(mid, dict) and isinstance(mid.get("_serialized"), str):
             return mid["_serialized"]
-        key = result.get("key")
-        if isinstance(key, dict) and key.get("remoteJid") and key.get("id"):
-            return "%s_%s_%s" % (str(bool(key.get("fromMe"))).lower(), normalize_jid(key["remoteJid"]), key["id"])
+        key = result.get("key")          # NOWEB: the raw Baileys message
+        if isinstance(key, dict) and isinstance(key.get("remoteJid"), str) and isinstance(key.get("id"), str):
+            chat = normalize_jid(key["remoteJid"])
+            part = normalize_jid(key.get("participant")) if isinstance(key.get("participant"), str) else None
+            if chat:
+                return "%s_%s_%s%s" % (str(bool(key.get("fromMe"))).lower(), chat, key["id"], "_" + part if part else "")
         return None
 
     def send_text(self, session, chat, text, reply_to=None):
@@ -2120,8 +2171,8 @@ class WahaClient:
 
     def group_name(self, session, jid):
         g = self.call("GET", "/api/%s/groups/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(jid, safe="")))
-        if isinstance(g, dict):
-            for k in ("subject", "name"):
+        if isinstance(g, dict):      # NOWEB: subject; WEBJS: name / groupMetadata.subject; GOWS (whatsmeow): Name
+            for k in ("subject", "name", "Name"):
                 if isinstance(g.get(k), str) and g[k].strip():
                     return g[k].strip()[:100]
             meta = g.get("groupMetadata")
@@ -2756,6 +2807,7 @@ SESSION_ADVICE = {
     "SCAN_QR_CODE": "WhatsApp logged this device out; scan the QR code in WAHA again",
     "PASSKEY_REQUIRED": "WAHA needs a passkey confirmation",
     "PASSKEY_CONFIRMATION_REQUIRED": "WAHA needs a passkey confirmation",
+    "STARTING": "it has been starting for over 5 minutes; restart it in WAHA (POST /api/sessions/{s}/restart)",
 }
 
 
@@ -3179,20 +3231,55 @@ class Bridge:
         status, s = rec["status"], channel.session
         alerted = self.store.state(s, "session_alerted")   # the down state the owner was told about
         now = self.clock()
+        stuck = bool(rec.get("stuck")) and status == "STARTING"
         if status == "WORKING" and alerted:
             self.notify(channel, "WhatsApp session %s is working again." % s)
             self.store.set_state(s, "restart_attempts", "0", now)
             self.store.set_state(s, "session_alerted", "", now)
-        elif status in SESSION_DOWN and status != alerted:
+        elif (status in SESSION_DOWN or stuck) and status != alerted:
             advice = SESSION_ADVICE.get(status, "check WAHA").replace("{s}", s)
             self.notify(channel, "WhatsApp session %s is %s: %s. Messages to WhatsApp wait until it is back."
                         % (s, status, advice))
             self.store.set_state(s, "session_alerted", status, now)
-        if status in ("FAILED", "STOPPED") and self.config.get("whatsapp.sessionAutoRestart"):
+        if (status in ("FAILED", "STOPPED") or stuck) and self.config.get("whatsapp.sessionAutoRestart"):
             self._auto_restart(channel, now)
+        if status != "STARTING":
+            self.store.set_state(s, "starting_since", "", now)
+        elif not self.store.state(s, "starting_since"):
+            self.store.set_state(s, "starting_since", str(now), now)
         self.store.set_state(s, "session_status", status, now)
         self.log.info("whatsapp session status", session=s, status=status)
         return None
+
+    def poll_session(self, channel):
+        """Read the session's status from WAHA; queue what the bridge missed, or a session stuck STARTING.
+
+        session.status webhooks are lost when WAHA or the bridge restarts at the wrong moment.
+        """
+        s, now = channel.session, self.clock()
+        try:
+            status = self.waha.session_status(s)
+        except UpstreamError as e:
+            self.log.debug("session status poll failed", session=s, reason=scrub(e, 80))
+            return None
+        if status not in SESSION_DOWN + ("WORKING", "STARTING"):
+            return status
+        known, since = self.store.state(s, "session_status"), self.store.state(s, "starting_since")
+        record = {"status": status, "polled": True, "received_at": now}
+        if status == "STARTING" and since and now - float(since) > STARTING_STUCK_SECONDS:
+            record["stuck"] = True
+            key = "s:stuck:%d" % (now // SESSION_POLL_SECONDS)
+        elif status in SESSION_DOWN and status != known or status == "WORKING" and self.store.state(s, "session_alerted"):
+            key = "s:poll:%s:%d" % (status, now)
+        else:                   # nothing to tell anyone: only remember it
+            if status != known:
+                self.store.set_state(s, "session_status", status, now)
+            if status == "STARTING" and not since or status != "STARTING" and since:
+                self.store.set_state(s, "starting_since", str(now) if status == "STARTING" else "", now)
+            return status
+        if self.store.enqueue(s, "w2s", key, "~session", "session.status", dict(record, event="session.status"), now):
+            self.wake["w2s"].set()
+        return status
 
     def _auto_restart(self, channel, now):
         s = channel.session
@@ -3203,6 +3290,7 @@ class Bridge:
         self.store.set_state(s, "restart_next_at", str(now + next_backoff(attempts, 30, 2, 3600, self.rand)), now)
         try:
             self.waha.restart_session(s)
+            self.store.set_state(s, "starting_since", str(now), now)   # a restarted session gets its 5 minutes again
             self.notify(channel, "WhatSignal asked WAHA to restart session %s (attempt %d)." % (s, attempts + 1))
         except UpstreamError as e:
             self.notify(channel, "WhatSignal could not restart session %s: %s" % (s, shorten(str(e), 120)))
@@ -3323,10 +3411,7 @@ class Bridge:
             if n < done:
                 continue
             if what == "file":
-                data = self.signal.get_attachment(att, self.max_media)
-                mime = att.get("contentType") or "application/octet-stream"
-                mid = self.waha.send_file(s, chat, media_kind(mime), mime, safe_filename(att.get("filename"), mime),
-                                          data, caption=text if i == 0 and text else None, reply_to=reply_to)
+                mid = self._send_media(channel, chat, att, text if i == 0 and text else None, reply_to)
             else:
                 mid = self.waha.send_text(s, chat, text, reply_to)
             wa_id = wa_id or mid
@@ -3340,6 +3425,45 @@ class Bridge:
             record(db)
             db.execute("DELETE FROM state WHERE channel=? AND key=?", (s, key))
         return record_and_forget_progress
+
+    def _send_media(self, channel, chat, att, caption, reply_to):
+        """Send one attachment; where WAHA cannot send that kind (WAHA Core, an engine without it), send
+        the caption or a placeholder as text instead, tell the owner once, and remember it for a day."""
+        s = channel.session
+        mime = att.get("contentType") or "application/octet-stream"
+        kind = media_kind(mime)
+        if kind not in self.media_refused(s):
+            data = self.signal.get_attachment(att, self.max_media)
+            try:
+                return self.waha.send_file(s, chat, kind, mime, safe_filename(att.get("filename"), mime), data,
+                                           caption=caption, reply_to=reply_to)
+            except WahaMediaRefused as e:
+                self._remember_refusal(channel, kind, e)
+        return self.waha.send_text(s, chat, caption or MEDIA_PLACEHOLDER[kind], reply_to)
+
+    def media_refused(self, session):
+        """The media kinds WAHA refused to send in the last day (read from the database)."""
+        now, out = self.clock(), set()
+        for item in (self.store.state(session, "media_refused") or "").split(","):
+            kind, _, at = item.partition(":")
+            with contextlib.suppress(ValueError):
+                if kind and 0 <= now - float(at) < MEDIA_REFUSED_TTL:
+                    out.add(kind)
+        return out
+
+    def _remember_refusal(self, channel, kind, e):
+        s, now = channel.session, self.clock()
+        kinds = tuple(MEDIA_PLACEHOLDER) if e.plus else (kind,)      # Core refuses every media send
+        known = {k for k in self.media_refused(s) if k not in kinds}
+        self.store.set_state(s, "media_refused", ",".join("%s:%f" % (k, now) for k in sorted(known | set(kinds))), now)
+        self.log.warn("WAHA cannot send media; captions go as text", kind=kind, reason=scrub(e, 160))
+        if not self.store.state(s, "media_refused_told"):
+            what = MEDIA_PLACEHOLDER[kind].strip("[]")
+            why = ("sending media needs WAHA Plus (or WAHA 2026.6.1 or newer, whose Core includes it)" if e.plus
+                   else "WAHA's engine cannot send %ss" % what)
+            self.notify(channel, "WhatsApp got your %s as text only: %s. Media go as their caption (or %s) until "
+                        "WhatSignal tries again in a day; /status shows it." % (what, why, MEDIA_PLACEHOLDER[kind]))
+            self.store.set_state(s, "media_refused_told", "1", now)
 
     def _sig_reaction(self, channel, rec, row):
         f = rec["fields"]
@@ -3496,6 +3620,10 @@ class Bridge:
         lines = ["WhatSignal %s" % __version__,
                  "WhatsApp session %s: %s" % (s, self.store.state(s, "session_status") or "unknown"),
                  "Waiting for Signal: %d, for WhatsApp: %d" % (self.store.queue_depth("w2s"), self.store.queue_depth("s2w"))]
+        refused = self.media_refused(s)
+        if refused:
+            lines.append("Media to WhatsApp: sent as text, WAHA cannot send %s (needs WAHA Plus or another engine)"
+                         % ", ".join(sorted(refused)))
         dead = self.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0]
         if dead:
             lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
@@ -3775,6 +3903,31 @@ class MediaPrefetcher(Worker):
                     self.bridge.fetch_media(media, row, prefetch=True)
             except (UpstreamError, CryptoError, OSError, ValueError) as e:
                 self.log.debug("media prefetch failed; delivery will try again", reason=scrub(e, 80))
+
+
+class SessionWatcher(Worker):
+    """Polls every WAHA session's status at start and every minute (Bridge.poll_session)."""
+
+    name = "session-watch"
+
+    def __init__(self, bridge, leader, interval=SESSION_POLL_SECONDS):
+        super().__init__()
+        self.bridge, self.log, self.leader, self.interval = bridge, bridge.log, leader, interval
+        self.ticks = 0          # reads done (so a test knows the one at start is over)
+
+    def run(self):
+        due = 0.0
+        while not self.stopping.is_set():
+            if self.leader.is_set() and time.monotonic() >= due:
+                self.tick()
+                due = time.monotonic() + self.interval
+            self.stopping.wait(min(5.0, max(0.05, due - time.monotonic())))
+
+    def tick(self):
+        for channel in self.bridge.config.channels:
+            with contextlib.suppress(StoreError):
+                self.bridge.poll_session(channel)
+        self.ticks += 1
 
 
 class SignalReceiver(Worker):
@@ -4669,7 +4822,7 @@ class App:
         self.lease = LeaseKeeper(self.store, log, self.metrics, clock, holder)
         self.workers = [MediaPrefetcher(self.bridge, self.lease.leader),
                         Deliverer(self.bridge, "w2s", self.lease.leader), Deliverer(self.bridge, "s2w", self.lease.leader),
-                        SignalReceiver(self.bridge, self.lease.leader)]
+                        SignalReceiver(self.bridge, self.lease.leader), SessionWatcher(self.bridge, self.lease.leader)]
         self.server = None
         self.timer = None
         self.stopped = False
