@@ -832,7 +832,7 @@ class FakeWaha(_FakeBase):
             return {"key": {"remoteJid": chat.replace("@c.us", "@s.whatsapp.net"), "fromMe": True, "id": bare},
                     "message": {"extendedTextMessage": {"text": text}}, "messageTimestamp": str(now), "status": "PENDING"}
         # src/core/engines/gows/session.gows.core.ts messageResponse(): {id: serialized, _data}
-        return {"id": wa, "_data": {"Info": {"ID": bare, "IsFromMe": True}}}
+        return {"id": wa, "_data": {}}
 
     def group_info(self, gid, name):
         """GET /api/{session}/groups/{id} in the shape of self.engine (upstream-behaviours.md, WAHA section)."""
