@@ -5435,13 +5435,6 @@ def eng_copy(h, wa):
     return m["sig_ts"]
 
 
-def eng_try(check):
-    try:
-        return check()
-    except (TypeError, IndexError, KeyError, AttributeError, AssertionError):
-        return False
-
-
 def eng_reactions(h):
     return [(p["emoji"], p["targetTimestamp"], p["targetAuthor"]) for m, p in w2s_other_signal_calls(h)
             if m == "sendReaction"]
@@ -5482,7 +5475,7 @@ class TestEngines:
             else:
                 w2s_post(h, eng_event(engine, step))
             w2s_settle(h)
-            assert h.wait(lambda: eng_try(check), 5), (engine, step, w2s_deliveries(h)[-1:], eng_reactions(h))
+            assert eventually(check, 5), (engine, step, w2s_deliveries(h)[-1:], eng_reactions(h))
         assert not any("reacted" in t for t in w2s_texts(h))
         assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE]
 
@@ -5522,7 +5515,7 @@ class TestEngines:
 def poll_watcher(h):
     """The bridge's session watcher, once its first read (at start) is done; tests call tick() themselves."""
     watcher = next(w for w in h.app.workers if isinstance(w, ws.SessionWatcher))
-    assert h.wait(lambda: watcher.ticks >= 1)
+    assert eventually(lambda: watcher.ticks >= 1)
     w2s_settle(h)
     return watcher
 
@@ -6819,7 +6812,7 @@ class TestWahaCore:
                         "tries again in a day; /status shows it."]
         assert s2w_queue(h, state="dead") == []
         s2w_push(h, "/status")
-        assert h.wait(lambda: any("Media to WhatsApp" in t for t in s2w_texts_to(h)))
+        assert eventually(lambda: any("Media to WhatsApp" in t for t in s2w_texts_to(h)))
         assert "Media to WhatsApp: sent as text, WAHA cannot send file, image, video, voice (needs WAHA Plus or " \
                "another engine)" in s2w_texts_to(h)[-1].splitlines()
         s2w_stop_app(h)
