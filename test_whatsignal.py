@@ -10566,6 +10566,7 @@ class TestInit:
         assert len(env["WAHA_API_KEY"]) >= 32 and env["WHATSIGNAL_UID"] == str(os.getuid())
         assert os.stat(str(tmp_path / "data")).st_mode & 0o777 == 0o700
         assert "docker compose up -d" in out and "docker compose exec whatsignal" in out
+        assert "doctor checks them once the stack runs" in out
 
 
 class TestWebhookInstall:
@@ -10647,6 +10648,8 @@ SETUP_BROKEN = [
      "database", "does not open this database", "use the secret it was created with"),
     ("env-readable-by-others", lambda s: os.chmod(s.env_path, 0o644),
      "files", "readable by other users", "chmod 600"),
+    ("no-public-url", lambda s: setup_edit_config(s, ("server", "host"), "0.0.0.0"),
+     "webhook default", "server.publicUrl is not set", "set server.publicUrl to it, e.g. http://whatsignal:"),
     ("bridge-not-running", lambda s: setup_stop_bridge(s),
      "self-test webhook", "nothing answers at http://127.0.0.1:", "start the bridge"),
 ]
@@ -10656,6 +10659,13 @@ def setup_rewrite_env(s, **changes):
     env = s.env()
     env.update(changes)
     ws._write_private(s.env_path, "".join("%s=%s\n" % kv for kv in env.items()))
+
+
+def setup_edit_config(s, path, value):
+    with open(s.cfg, encoding="utf-8") as f:
+        raw = json.load(f)
+    raw[path[0]][path[1]] = value
+    ws._write_private(s.cfg, json.dumps(raw))
 
 
 def setup_stop_bridge(s):

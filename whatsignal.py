@@ -5288,7 +5288,6 @@ def post_webhook(url, event, secret, conn=None):
 WEBHOOK_PATH = "/webhook/whatsapp"
 # WAHA's retry policy for the bridge's webhook (waha.md 2.2; the spec's example defaults).
 WEBHOOK_RETRIES = {"policy": "exponential", "delaySeconds": 2, "attempts": 15}
-ENV_FILE_KEYS = ("WEBHOOK_SECRET", "WAHA_API_KEY", "WHATSIGNAL_ENABLE_ENCRYPTION", "WHATSIGNAL_ENCRYPTION_SECRET")
 
 
 class SetupError(WhatSignalError):
@@ -5619,6 +5618,11 @@ class Doctor:
         return "session %s is WORKING as %s" % (session, mask_phone(jid_to_phone(me.get("id")) or me.get("id") or "?"))
 
     def check_webhook(self, session):
+        if not self.config.get("server.publicUrl") and self.config.get("server.host") in ("0.0.0.0", "::", ""):
+            raise CheckFailed("server.host is %s and server.publicUrl is not set, so the URL WAHA must post to is "
+                              "unknown" % self.config.get("server.host"),
+                              "set server.publicUrl to it, e.g. http://whatsignal:%d%s in the compose stack"
+                              % (self.config.get("server.port"), WEBHOOK_PATH))
         url = webhook_url(self.config)
         info = waha_session(self.waha, session)
         problems = webhook_problems(info.get("config"), desired_webhook(self.config, url))
@@ -6053,8 +6057,11 @@ def cmd_init(args, environ):
     env_path = env_file_for(path)
     print("wrote %s and %s (mode 0600); back up .env: its WHATSIGNAL_ENCRYPTION_SECRET opens the database"
           % (path, env_path))
-    print(_probe_waha(answers["waha_url"], env["WAHA_API_KEY"], answers["session"]))
-    print(_probe_signal(answers.get("signal_rpc_url"), answers.get("signal_rest_url"), answers["number"]))
+    if args.compose:     # the service names resolve only inside the stack, which is not up yet
+        print("WAHA and signal-cli: doctor checks them once the stack runs")
+    else:
+        print(_probe_waha(answers["waha_url"], env["WAHA_API_KEY"], answers["session"]))
+        print(_probe_signal(answers.get("signal_rpc_url"), answers.get("signal_rest_url"), answers["number"]))
     run = "docker compose exec whatsignal python /app/whatsignal.py" if args.compose else \
         "python3 whatsignal.py --config %s" % shlex_quote(path)
     print("next steps:")
