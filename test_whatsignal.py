@@ -1156,6 +1156,8 @@ class FakeSignalDaemon(_FakeBase):
         self.dropped = 0
         self.trusted = []
         self.connections_opened = 0
+        self.accounts = None          # started without -a: the accounts it serves (then "account" is a param)
+        self.bind_host = "127.0.0.1"  # what `--http HOST:PORT` named; "0.0.0.0" turns the Host check off
         self._streams = []
         self._last_ts = 0
         self._methods = {
@@ -1280,14 +1282,28 @@ class FakeSignalDaemon(_FakeBase):
         if m != "GET":
             return self._send_raw(h, call, 405)
         acct = call["query"].get("account")
-        if acct and acct not in (self.number, self.uuid):
-            return self._send_raw(h, call, 400)
-        return self._sse(h, call)
+        if acct and acct not in ((self.accounts or []) + [self.number, self.uuid]):
+            return self._send_raw(h, call, 400)      # unknown account: 400, no body (HttpServerHandler.java)
+        return self._sse(h, call, acct or None)
 
     def _host_ok(self, call):
-        host = call["headers"].get("host", "")
-        port = self.bound_port or self._port
-        return host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "[::1]:%d" % port)
+        # isHostAllowed (HttpServerHandler.java, 0.14.4/0.14.5): the bind host, localhost, 127.0.0.1 or ::1,
+        # with the bind port when the header names a port; any-address binds skip the check
+        if self.bind_host in ("0.0.0.0", "::"):
+            return True
+        header = call["headers"].get("host") or ""
+        host, port = header, None
+        if header.startswith("["):
+            end = header.find("]")
+            if end < 0:
+                return False
+            host, rest = header[1:end], header[end + 1:]
+            port = rest[1:] if rest.startswith(":") else None
+        elif ":" in header and header.rsplit(":", 1)[1].isdigit():
+            host, port = header.rsplit(":", 1)
+        if not header or host.lower() not in (self.bind_host.lower(), "localhost", "127.0.0.1", "::1"):
+            return False
+        return port is None or (port.isdigit() and int(port) == (self.bound_port or self._port))
 
     @staticmethod
     def _rpc_err(code, message, data, rid):
@@ -1337,6 +1353,15 @@ class FakeSignalDaemon(_FakeBase):
         try:
             if not isinstance(params, dict):
                 raise _FakeRpcError(-32602, "Invalid params: params must be an object")
+            if self.accounts is not None:
+                # multi-account mode: getManagerFromParams takes "account" out of the params; without it only a
+                # daemon with a single account knows which one, except for multi-account commands such as
+                # version (SignalJsonRpcCommandHandler.java)
+                acct = params.pop("account", None)
+                if acct is not None and acct not in self.accounts:
+                    raise _FakeRpcError(-32602, "Specified account does not exist")
+                if acct is None and len(self.accounts) != 1 and method != "version":
+                    raise _FakeRpcError(-32602, "Method requires valid account parameter")
             scripted = self._pop_scripted(self.errors, self._lock,
                                           lambda e: len(e) < 3 or e[2] is None or e[2] == method)
             if scripted is not None:
@@ -1723,7 +1748,7 @@ class FakeSignalDaemon(_FakeBase):
         return out
 
     # -- SSE ------------------------------------------------------------------------------------
-    def _sse(self, h, call):
+    def _sse(self, h, call, account=None):
         st = _FakeSseStream(h)
         with self._cond:
             call["status"] = 200
@@ -1771,6 +1796,8 @@ class FakeSignalDaemon(_FakeBase):
                     _fake_shutdown_sock(h.connection)
                     break
                 for obj in items:
+                    if account and isinstance(obj, dict) and obj.get("account") not in (None, account):
+                        continue          # ?account= streams only that account; without it, all of them
                     write(b"event:receive\ndata:" + _fake_dumps(obj) + b"\n\n")
                     with self._cond:
                         self.delivered.append(obj)
@@ -2122,6 +2149,8 @@ class FakeSignalRest(_FakeBase):
         if not recipients:
             return self._err(h, call, 400, "Couldn't process request - please provide at least one recipient")
         if b["number"] != self.number:
+            if self.mode.startswith("json-rpc"):     # getJsonRpc2Client: the daemon has no such account (client.go)
+                return self._err(h, call, 400, "Number not registered with JSON-RPC")
             return self._err(h, call, 400, "User %s is not registered." % b["number"])
         groups = [r for r in recipients if r.startswith("group.")]
         numbers = [r for r in recipients if r.startswith("+") or _FAKE_UUID_RE.match(r)]
@@ -7059,6 +7088,119 @@ class TestSignalCliJsonLimit:
         assert notice.startswith("A WhatsApp message from ") and "could not be delivered here" in notice
         assert "outbox" in notice and "lost words" not in notice
         assert h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0] == 1
+
+def sc_health(h):
+    h.app.health_cache.clear()
+    return http_request(h.url, "GET", "/health")[3]
+
+
+class TestSignalCliSetupErrors:
+    """signal-cli refusing the bridge itself is a configuration error: keep the messages, say so once."""
+
+    def test_the_host_check_421_keeps_messages_logs_one_error_and_degrades_health(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        assert eventually(lambda: h.signal.stream_connections == 1)
+        h.signal.bound_port = h.signal.port + 1      # signal-cli bound to another port, reached through a mapping
+        for i in range(3):
+            w2s_post(h, w2s_message(h, SC_CHAT, "3EB0HOST%d" % i, "held %d" % i))
+        for _ in range(4):
+            d.run_once()
+            clock.advance(3600.0 * 30)              # longer than expireAfterHours: still nothing is given up
+        assert [r["state"] for r in w2s_queue(h)] == ["pending"] * 3
+        assert all(c["status"] == 421 for c in h.signal.calls_for("/api/v1/rpc"))
+        assert h.signal.sent() == []
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert len(errors) == 1 and "421" in errors[0]["msg"] and "--http 0.0.0.0" in errors[0]["msg"]
+        rep = sc_health(h)
+        assert rep["status"] == "degraded" and "421" in rep["checks"]["signal"]["error"]
+        probes = h.signal.calls_for("/api/v1/rpc")[-1]
+        assert probes["json"]["method"] == "version"                 # the probe hits the RPC endpoint
+        h.signal.bound_port = None                                   # fixed
+        clock.advance(60.0)
+        assert w2s_drain(h, d, clock)
+        assert [t.rsplit(" ", 1)[1] for t in sc_texts(h)] == ["0", "1", "2"]
+        assert sc_health(h)["status"] == "healthy"
+        assert any("accepts the bridge's requests again" in r["msg"] for r in h.logs.records())
+
+    def test_the_event_stream_is_host_checked_too(self, sc_make):
+        h = sc_make()
+        assert eventually(lambda: h.signal.stream_connections == 1)
+        h.signal.bound_port = h.signal.port + 1
+        h.signal.close_streams()
+        assert eventually(lambda: any(c["status"] == 421 for c in h.signal.calls_for("/api/v1/events")))
+        assert eventually(lambda: sc_health(h)["status"] == "degraded")
+        assert h.signal.calls_for("/api/v1/check")[-1]["status"] == 200      # /api/v1/check alone would say fine
+        h.signal.bound_port = None
+        assert eventually(lambda: h.signal.stream_connections == 1, 15)
+        s2w_push(h, "/status")
+        assert eventually(lambda: sc_texts(h))
+        assert sc_texts(h)[0].startswith("WhatSignal ")
+
+    def test_a_daemon_serving_several_accounts(self, sc_make):
+        h = sc_make()
+        h.signal.accounts = ["+15550000009", BRIDGE]
+        h.signal.close_streams()
+        assert eventually(lambda: h.signal.stream_connections == 1)
+        stream = h.signal.calls_for("/api/v1/events")[-1]
+        assert stream["query"] == {"account": BRIDGE}
+        other = s2w_env(text="for the other account")
+        other["account"] = "+15550000009"
+        h.signal.push(other)                              # the stream mixes accounts unless asked not to
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0MULTI", "to the owner"))
+        assert eventually(lambda: sc_texts(h))
+        assert all(r["error"] is None for r in h.signal.requests())
+        assert all(c["json"]["params"].get("account") is None for c in h.signal.calls_for("/api/v1/rpc"))  # taken out
+        sent = [c for c in h.signal.calls_for("/api/v1/rpc") if c["json"]["method"] == "send"]
+        assert sent and all(b'"account":"%s"' % BRIDGE.encode() in c["body"] for c in sent)
+        assert h.app.store.queue_depth("s2w") == 0 and h.waha.sent() == []
+
+    def test_an_envelope_of_another_account_is_ignored(self, sc_make):
+        h = sc_make()
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0FIRST", "so the owner has a chat"))
+        assert eventually(lambda: sc_texts(h))
+        other = s2w_env(text="not ours")
+        other["account"] = "+15550000009"
+        h.signal.push(other)
+        ours = s2w_env(text="ours")
+        h.signal.push(ours)
+        assert eventually(lambda: h.waha.sent())
+        assert [b.get("text") for b in h.waha.sent()] == ["ours"]
+
+    def test_without_the_account_parameter_a_multi_account_daemon_refuses(self, sc_make):
+        h = sc_make()
+        h.signal.accounts = ["+15550000009", BRIDGE]
+        c = ws.HttpTransport().request("POST", h.signal.url + "/api/v1/rpc", {"Content-Type": "application/json"},
+                                       json.dumps({"jsonrpc": "2.0", "method": "send", "id": 1, "params": {
+                                           "recipient": [OWNER], "message": "x"}}).encode())
+        assert json.loads(c.body)["error"] == {"code": -32602, "message": "Method requires valid account parameter",
+                                               "data": None}
+
+    def test_a_daemon_without_our_account_is_a_setup_error(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        h.signal.accounts = ["+15550000009"]
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0NOACC", "kept"))
+        d.run_once()
+        assert [r["state"] for r in w2s_queue(h)] == ["pending"]
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert len(errors) == 1 and "signal.number" in errors[0]["msg"] and "Specified account" in errors[0]["msg"]
+        assert "signal.number" in sc_health(h)["checks"]["signal"]["error"]
+
+    def test_rest_json_rpc_number_not_registered_is_our_own_account(self, tmp_path):
+        h = Harness(tmp_path, "rest", rest_mode="json-rpc").start()
+        try:
+            h.signal.number = "+15550000009"          # the API's signal-cli knows another account, not ours
+            w2s_post(h, w2s_message(h, SC_CHAT, "3EB0REST", "kept too"))
+            assert eventually(lambda: any(c["status"] == 400 for c in h.signal.calls_for("/v2/send")))
+            assert eventually(lambda: [r for r in h.logs.records() if r["level"] == "ERROR"])
+            errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+            assert len(errors) == 1 and "own number signal.number" in errors[0]["msg"]
+            assert "recipient" not in errors[0]["msg"]
+            assert [r["state"] for r in w2s_queue(h)] == ["pending"]
+            assert "own number" in sc_health(h)["checks"]["signal"]["error"]
+        finally:
+            h.stop()
 
 ###############################################################################
 # Operations, faults and abuse ################################################

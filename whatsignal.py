@@ -164,6 +164,13 @@ class HeldError(TransientError):
     """Kept on purpose until the owner acts (a chat whose Signal group the owner left)."""
 
 
+class SignalSetupError(HeldError):
+    """signal-cli refuses the bridge itself (its Host check, an unknown account): a configuration error.
+
+    Items stay queued, without expiring, until it is fixed.
+    """
+
+
 class PermanentError(UpstreamError):
     """Retrying cannot help: park the item as dead and tell the owner."""
 
@@ -2270,6 +2277,29 @@ class SignalClient:
         self.base = base_url.rstrip("/")
         self.number = number
         self.http = transport or HttpTransport()
+        self.problem = None    # a setup error signal-cli answers with, until it answers normally again
+        self.log = None
+
+    def setup_error(self, reason):
+        """Note a configuration error (logged once, shown in /health and /status); return it to raise."""
+        if self.problem != reason:
+            self.problem = reason
+            if self.log:
+                self.log.error(reason)
+        return SignalSetupError(reason, 30.0)
+
+    def answered(self):
+        """signal-cli took a request normally: whatever setup error it had is fixed."""
+        if self.problem is not None:
+            self.problem = None
+            if self.log:
+                self.log.info("signal-cli accepts the bridge's requests again")
+
+    def health(self):
+        """Raise an UpstreamError when the backend cannot serve the bridge."""
+        self.check()
+        if self.problem:
+            raise TransientError(self.problem)
 
 
 class SignalRpcClient(SignalClient):
@@ -2286,9 +2316,12 @@ class SignalRpcClient(SignalClient):
     def call(self, method, params, body=None):
         with self.id_lock:
             rid = next(self.ids)
-        req = {"jsonrpc": "2.0", "method": method, "params": params, "id": rid}
+        # a daemon started without -a serves several accounts and needs ours on every call; with -a it is ignored
+        req = {"jsonrpc": "2.0", "method": method, "params": dict(params, account=self.number), "id": rid}
         data = body(req) if body else json.dumps(req, separators=(",", ":")).encode()
         resp = self.http.request("POST", self.base + "/api/v1/rpc", {"Content-Type": "application/json"}, data)
+        if resp.status == 421:
+            raise self.setup_error(self.host_refused())
         if resp.status >= 500 or resp.status in (408, 429):
             raise TransientError("signal-cli answered HTTP %d" % resp.status)
         if resp.status != 200:
@@ -2298,10 +2331,22 @@ class SignalRpcClient(SignalClient):
             raise TransientError("signal-cli sent an unreadable answer")
         err = msg.get("error")
         if isinstance(err, dict):
+            if err.get("code") == -32602 and "account" in str(err.get("message")):
+                raise self.setup_error(
+                    "signal-cli does not serve the bridge's account signal.number %s (%s). Fix: register or link it in "
+                    "that signal-cli, or correct signal.number" % (mask_phone(self.number), shorten(str(err.get("message")), 80)))
             e = _rpc_error(err)
             e.answered = True        # signal-cli read the request and refused it, as opposed to being unreachable
+            self.answered()
             raise e
+        self.answered()
         return msg.get("result")
+
+    def host_refused(self):
+        host = urllib.parse.urlsplit(self.base).netloc
+        return ("signal-cli refuses the Host %s (HTTP 421: since 0.14.4 it accepts only the address it is bound to, "
+                "with its port). Fix: start its daemon with --http 0.0.0.0:PORT, or make signal.rpcUrl name the host "
+                "and port it is bound to; messages stay queued meanwhile" % host)
 
     @staticmethod
     def _to(to):
@@ -2426,15 +2471,27 @@ class SignalRpcClient(SignalClient):
         if resp.status != 200:
             raise TransientError("signal-cli /api/v1/check answered %d" % resp.status)
 
+    def health(self):
+        self.check()
+        self.call("version", {})      # /api/v1/check has no Host check: only the RPC endpoint tells
+        if self.problem:
+            raise TransientError(self.problem)
+
     def events(self, stop, on_open=None):
         """Yield receive objects from the SSE stream until it ends; raise TransientError when it breaks.
 
         A stream silent for longer than SSE_SILENCE (keep-alives every 15 s) is dead.
         """
-        resp = self.http.open("GET", self.base + "/api/v1/events", {"Accept": "text/event-stream"},
-                              timeout=SSE_SILENCE)
+        resp = self.http.open("GET", self.base + "/api/v1/events?account=" + urllib.parse.quote(self.number, safe=""),
+                              {"Accept": "text/event-stream"}, timeout=SSE_SILENCE)
         if resp.status != 200:
             resp.conn.close()
+            if resp.status == 421:
+                raise self.setup_error(self.host_refused())
+            if resp.status == 400:
+                raise self.setup_error("signal-cli does not serve the bridge's account signal.number %s (its events "
+                                       "answered 400). Fix: register or link it in that signal-cli, or correct "
+                                       "signal.number" % mask_phone(self.number))
             raise TransientError("signal-cli events answered %d" % resp.status)
         if on_open:
             on_open(resp)
@@ -2544,10 +2601,18 @@ class SignalRestClient(SignalClient):
         hdrs = {"Content-Type": "application/json"} if data is not None else {}
         resp = self.http.request(method, self.base + path, hdrs, data)
         if resp.status in (200, 201, 204):
+            self.answered()
             return _json_body(resp)
         msg = _json_body(resp)
         reason = shorten(str(msg.get("error") if isinstance(msg, dict) else resp.body[:200]), 200)
         low = reason.lower()
+        if "not registered with json-rpc" in low:
+            # json-rpc mode: its signal-cli daemon has no such account - ours, not the recipient (client.go)
+            raise self.setup_error(
+                "signal-cli-rest-api does not know the bridge's own number signal.number %s (\"%s\"). Fix: register or "
+                "link it in signal-cli-rest-api and restart it, or correct signal.number; messages stay queued"
+                % (mask_phone(self.number), shorten(reason, 60)))
+        self.answered()
         if resp.status >= 500 or resp.status in (408, 429) or "rate limit" in low:
             raise TransientError("signal-cli-rest-api answered %d: %s" % (resp.status, reason), _retry_after(resp))
         if "untrusted" in low or "identity" in low:
@@ -2911,6 +2976,8 @@ class Bridge:
             self.metrics.inc("whatsignal_rejected_total", reason="envelope")
             self.log.warn("malformed signal envelope rejected", reason=str(e)[:120])
             return "rejected"
+        if env.account is not None and env.account != self.number:
+            return "ignored"       # a daemon without -a streams every account it serves
         if env.kind == "sync" or (env.number == self.number and env.number is not None):
             return "ignored"       # our own linked devices: never echoed back
         ch = self.owner_channel(env.number, env.uuid)
@@ -3627,6 +3694,8 @@ class Bridge:
         dead = self.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0]
         if dead:
             lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
+        if self.signal.problem:
+            lines.append("Signal: " + self.signal.problem)
         self.notify(channel, "\n".join(lines))
 
 ###############################################################################
@@ -4818,6 +4887,7 @@ class App:
                                           attachment_dir=config.get("signal.attachmentDir"))
         else:
             self.signal = SignalRestClient(config.get("signal.apiUrl"), config.get("signal.number"))
+        self.signal.log = log
         self.bridge = Bridge(config, self.store, self.waha, self.signal, log, self.metrics, clock, rand)
         self.lease = LeaseKeeper(self.store, log, self.metrics, clock, holder)
         self.workers = [MediaPrefetcher(self.bridge, self.lease.leader),
@@ -4908,7 +4978,7 @@ class App:
     def health(self):
         checks = {"database": self._check("database", lambda: self.store.one("SELECT COUNT(*) FROM meta")),
                   "whatsapp": self._check("whatsapp", self.waha.ping),
-                  "signal": self._check("signal", self.signal.check)}
+                  "signal": self._check("signal", self.signal.health)}
         if checks["database"]["status"] != "ok":
             status = "unhealthy"
         elif any(c["status"] != "ok" for c in checks.values()):
