@@ -6350,7 +6350,8 @@ class TestOwnerActions:
         notice = lambda: [o for o in s2w_out(h) if o["to"] == OWNER and o["quote_ts"] == ts]
         assert eventually(lambda: notice())
         # only ever asked signal-cli for it by id (never opened as a file), and nothing went to WhatsApp
-        assert [r["params"] for r in h.signal.requests("getAttachment")] == [{"id": "../../etc/passwd"}]
+        assert [r["params"] for r in h.signal.requests("getAttachment")] == [
+            {"id": "../../etc/passwd", "account": BRIDGE}]
         assert h.waha.sent() == []
 
 
@@ -6591,7 +6592,7 @@ class TestGroupsLayout:
         clock.advance(2 * 3600)
         s2w_forward(h, S2W_ALICE, "day two")
         s2w_forward(h, S2W_ALICE, "day two again")
-        assert s2w_renames(h) == [{"groupId": gid, "name": "Alice Renamed"}]
+        assert s2w_renames(h) == [{"groupId": gid, "name": "Alice Renamed", "account": BRIDGE}]
         assert h.signal.groups[gid]["name"] == "Alice Renamed"
         assert len(s2w_created_groups(h)) == 1
         assert {o["group"] for o in s2w_out(h)} == {gid}
