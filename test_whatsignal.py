@@ -1156,6 +1156,8 @@ class FakeSignalDaemon(_FakeBase):
         self.dropped = 0
         self.trusted = []
         self.connections_opened = 0
+        self.untrusted_senders = set()   # senders whose new identity key is not trusted (receive fails)
+        self.held = []                   # their messages, delivered again after `trust`
         self.accounts = None          # started without -a: the accounts it serves (then "account" is a param)
         self.bind_host = "127.0.0.1"  # what `--http HOST:PORT` named; "0.0.0.0" turns the Host check off
         self._streams = []
@@ -1180,7 +1182,21 @@ class FakeSignalDaemon(_FakeBase):
 
     def push(self, obj):
         """Deliver a receive object {"envelope":..., "account":...} to every open SSE stream; with no
-        stream it is held (receive_mode on-connection) or dropped (on-start). Returns True if queued."""
+        stream it is held (receive_mode on-connection) or dropped (on-start). Returns True if queued.
+        From a sender in `untrusted_senders` only the exception object goes out; the message is held
+        until `trust` (then delivered again)."""
+        env = obj.get("envelope") if isinstance(obj, dict) else None
+        sender = isinstance(env, dict) and (env.get("sourceNumber") or env.get("sourceUuid"))
+        if sender and sender in self.untrusted_senders:
+            # decryption fails: JsonReceiveMessageHandler writes the envelope without content plus the
+            # exception, and ReceiveHelper keeps the message to retry after trust (retryFailedReceivedMessages)
+            with self._cond:
+                self.held.append(obj)
+            bare = {k: v for k, v in env.items() if k in ("source", "sourceNumber", "sourceUuid", "sourceName",
+                                                           "sourceDevice", "timestamp", "serverReceivedTimestamp",
+                                                           "serverDeliveredTimestamp")}
+            obj = {"envelope": bare, "account": obj.get("account", self.number),
+                   "exception": {"message": "Untrusted identity: " + sender, "type": "UntrustedIdentityException"}}
         with self._cond:
             if self._streams:
                 for st in self._streams:
@@ -1704,6 +1720,13 @@ class FakeSignalDaemon(_FakeBase):
                                     "with -v SAFETY_NUMBER")
         with self._lock:
             self.trusted.extend(recips)
+            again = [o for o in self.held if {o["envelope"].get("sourceNumber"), o["envelope"].get("sourceUuid")}
+                     & set(recips)]
+            self.held = [o for o in self.held if o not in again]
+            for r in recips:
+                self.untrusted_senders.discard(r)
+        for o in again:          # trusting sets needsToRetryFailedMessages: the held messages come again
+            self.push(o)
         return {}
 
     def _m_list_identities(self, p, rec):
@@ -5318,9 +5341,10 @@ class TestDurability:
         w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0TR", "hello new phone"))
         d.run_once()
         assert h.signal.trusted == [OWNER]
-        assert w2s_texts(h) == []
+        told = w2s_texts(h)           # the owner is told once that the new key is trusted
+        assert len(told) == 1 and "safety number changed and is now trusted" in told[0]
         assert w2s_drain(h, d, clock)
-        assert w2s_texts(h) == ["+15550001111: hello new phone"]
+        assert w2s_texts(h) == told + ["+15550001111: hello new phone"]
 
 
 # ===============================================================================================
@@ -7202,6 +7226,43 @@ class TestSignalCliSetupErrors:
             assert "own number" in sc_health(h)["checks"]["signal"]["error"]
         finally:
             h.stop()
+
+class TestSignalCliUntrustedOwner:
+    """The owner's new safety number on receive: signal-cli emits only an UntrustedIdentityException."""
+
+    def test_the_bridge_says_so_once_and_the_held_message_arrives_after_trust(self, sc_make):
+        h = sc_make()
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0KEY", "hi"))
+        assert eventually(lambda: sc_texts(h))
+        h.signal.untrusted_senders.add(OWNER)
+        s2w_push(h, "sent from my new phone")
+        s2w_push(h, "and again")
+        assert eventually(lambda: len([r for r in h.logs.records() if "UntrustedIdentityException" in json.dumps(r)
+                                       or "untrusted identity" in r["msg"]]) >= 1)
+        assert eventually(lambda: len(h.signal.delivered) == 2)
+        assert all(o.get("exception", {}).get("type") == "UntrustedIdentityException" for o in h.signal.delivered)
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert len(errors) == 1 and "trust -a OWNER" in errors[0]["msg"] and "signal.trustNewIdentity" in errors[0]["msg"]
+        assert 'whatsignal_untrusted_identity_total 2.0' in http_get(h.url, "/metrics")[1]
+        assert h.waha.sent() == [] and h.signal.trusted == []
+        # the operator trusts the key with signal-cli itself
+        ws.SignalRpcClient(h.signal.url, BRIDGE).trust(OWNER)
+        assert eventually(lambda: len(h.waha.sent()) == 2)
+        assert [b["text"] for b in h.waha.sent()] == ["sent from my new phone", "and again"]
+        told = [t for t in sc_texts(h) if "safety number" in t]
+        assert len(told) == 1 and "now trusted" in told[0]
+
+    def test_trust_new_identity_trusts_and_tells_the_owner(self, sc_make):
+        h = sc_make(signal={"trustNewIdentity": True})
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0KEY2", "hi"))
+        assert eventually(lambda: sc_texts(h))
+        h.signal.untrusted_senders.add(OWNER)
+        s2w_push(h, "new phone, same me")
+        assert eventually(lambda: [b["text"] for b in h.waha.sent()] == ["new phone, same me"])
+        assert h.signal.trusted == [OWNER]
+        told = [t for t in sc_texts(h) if "safety number" in t]
+        assert len(told) == 1
+        assert any("trusted the owner's new safety number" in r["msg"] for r in h.logs.records())
 
 ###############################################################################
 # Operations, faults and abuse ################################################

@@ -1315,6 +1315,9 @@ def parse_signal_envelope(obj):
     ts = _ts(env.get("timestamp"), "envelope.timestamp")
     account = obj.get("account") if isinstance(obj.get("account"), str) else None
     mk = lambda kind, **f: SignalIn(kind, number, uuid, ts, account, f)
+    exc = obj.get("exception")
+    if isinstance(exc, dict) and exc.get("type") == "UntrustedIdentityException":
+        return mk("untrusted")       # signal-cli holds the message until the sender's key is trusted
     if "syncMessage" in env:
         return mk("sync")
     if isinstance(env.get("editMessage"), dict):
@@ -2931,6 +2934,7 @@ class Bridge:
         self._locks, self._locks_lock = {}, threading.Lock()   # one download per queued item at a time
         self._media_failed = {}   # queued item -> notice, for media that cannot come
         self._media_send_failures = {}   # queued item -> times signal-cli refused its media
+        self.untrusted = set()   # channels whose owner's new identity key signal-cli does not trust yet
         self.warned_json_limit = False
         self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
@@ -2986,6 +2990,12 @@ class Bridge:
             self.log.warn("unauthorized sender ignored", sender=mask_phone(env.number) if env.number else "hidden number",
                           kind=env.kind)
             return "unauthorized"
+        if env.kind == "untrusted":
+            self.owner_key_changed(ch, "receive")
+            return "held"
+        if ch.session in self.untrusted:      # signal-cli delivers the owner's messages again: the key is trusted
+            self.untrusted.discard(ch.session)
+            self.tell_key_trusted(ch)
         if env.kind == "other" or (env.kind == "group-update" and self.layout != "groups"):
             return "ignored"
         record = {"kind": env.kind, "ts": env.ts, "fields": env.fields, "received_at": self.clock()}
@@ -2994,6 +3004,33 @@ class Bridge:
         if new:
             self.wake["s2w"].set()
         return "stored" if new else "duplicate"
+
+    def owner_key_changed(self, channel, where):
+        """signal-cli refuses the owner's new identity key (on send or on receive): one ERROR, trust if allowed."""
+        self.metrics.inc("whatsignal_untrusted_identity_total")
+        if channel.session not in self.untrusted:
+            self.untrusted.add(channel.session)
+            self.log.error("untrusted identity: the owner's Signal safety number changed; signal-cli holds the owner's "
+                           "messages and the bridge keeps its own queued. Fix: verify it and run `signal-cli -a NUMBER "
+                           "trust -a OWNER`, or set signal.trustNewIdentity", where=where)
+        if not self.config.get("signal.trustNewIdentity"):
+            return False
+        try:
+            self.signal.trust(channel.destination)
+        except UpstreamError as e:
+            self.log.warn("could not trust the owner's new safety number yet", reason=scrub(e))
+            return False
+        self.log.warn("trusted the owner's new safety number (signal.trustNewIdentity)")
+        self.untrusted.discard(channel.session)
+        self.tell_key_trusted(channel)
+        return True
+
+    def tell_key_trusted(self, channel):
+        try:
+            self.notify(channel, "Your Signal safety number changed and is now trusted by this bridge; messages flow "
+                                 "again. If you did not change phones or reinstall Signal, check the bridge.")
+        except UpstreamError as e:
+            self.log.warn("could not tell the owner that the new safety number is trusted", reason=scrub(e))
 
     # -- delivery -------------------------------------------------------------
     def process(self, direction, row):
@@ -3829,6 +3866,9 @@ class Deliverer(Worker):
         try:
             after = self.bridge.process(self.direction, row)
             self._record_done(row, after)
+            if self.direction == "w2s" and row["channel"] in self.bridge.untrusted:
+                self.bridge.untrusted.discard(row["channel"])      # the owner's new key was trusted by hand
+                self.bridge.tell_key_trusted(self.bridge.config.channel(row["channel"]))
             self.metrics.observe("whatsignal_delivery_latency_seconds", max(0.0, self.clock() - row["created_at"]),
                                  direction=self.direction)
             took = (self.clock() - row["created_at"]) * 1000
@@ -3836,15 +3876,9 @@ class Deliverer(Worker):
                 "delivered, processing time %.0f ms" % took, direction=self.direction, kind=row["kind"], item=row["id"])
             return True
         except IdentityError as e:
-            self.metrics.inc("whatsignal_untrusted_identity_total")
-            self.log.error("untrusted identity: the owner's Signal safety number changed; messages stay queued. "
-                           "Fix: verify it and run `signal-cli -a NUMBER trust -a OWNER`, or set signal.trustNewIdentity",
-                           item=row["id"])
-            if self.bridge.config.get("signal.trustNewIdentity"):
-                channel = self.bridge.config.channel(row["channel"])
-                with contextlib.suppress(UpstreamError):
-                    self.bridge.signal.trust(channel.destination)
-                    self.log.warn("trusted the owner's new safety number (signal.trustNewIdentity)")
+            channel = self.bridge.config.channel(row["channel"])
+            if channel is not None:
+                self.bridge.owner_key_changed(channel, "send")
             return self._retry(row, e)
         except TransientError as e:
             return self._retry(row, e)
