@@ -1187,7 +1187,7 @@ class FakeSignalDaemon(_FakeBase):
         until `trust` (then delivered again)."""
         env = obj.get("envelope") if isinstance(obj, dict) else None
         sender = isinstance(env, dict) and (env.get("sourceNumber") or env.get("sourceUuid"))
-        if sender and sender in self.untrusted_senders:
+        if isinstance(sender, str) and sender in self.untrusted_senders:
             # decryption fails: JsonReceiveMessageHandler writes the envelope without content plus the
             # exception, and ReceiveHelper keeps the message to retry after trust (retryFailedReceivedMessages)
             with self._cond:
