@@ -3214,9 +3214,9 @@ class TestPureHelpers:
 
 # -- Encryption -----------------------------------------------------------------------------------
 
-def core_expected_keys(secret, salt, n=2 ** 15):
+def core_expected_keys(secret, salt, n=2 ** 15, r=8, p=1):
     """Independent key schedule per Cipher's docstring: scrypt master key, HMAC-SHA256 subkeys."""
-    master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=8, p=1, maxmem=256 * 1024 * 1024, dklen=64)
+    master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=64)
     sub = lambda label: hmac.new(master, b"whatsignal/v1/" + label, hashlib.sha256).digest()
     return sub(b"enc"), sub(b"mac"), sub(b"lookup")
 
@@ -3241,7 +3241,8 @@ CORE_KAT_NONCE = bytes(range(0xA0, 0xB0))
 
 @pytest.fixture(scope="module")
 def core_kat_cipher():
-    return ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n])
+    # the parameters every database created before they were recorded uses (scrypt n=2^15, r=8, p=1)
+    return ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n], n=2 ** 15, r=8, p=1)
 
 
 @pytest.fixture(scope="module")
@@ -3281,6 +3282,16 @@ class TestEncryption:
 
     def test_work_factor(self):
         assert ws.SCRYPT_N >= 2 ** 14 and ws.SCRYPT_R >= 8
+        legacy_n, legacy_r, legacy_p = ws.SCRYPT_LEGACY
+        # an attacker's work per guess (n*r*p block mixes) is at least the legacy one; memory stays at 16 MiB
+        assert ws.SCRYPT_N * ws.SCRYPT_R * ws.SCRYPT_P >= legacy_n * legacy_r * legacy_p
+        assert 128 * ws.SCRYPT_R * ws.SCRYPT_N <= 16 * 1024 * 1024
+
+    def test_current_parameters_known_answer(self):
+        cipher = ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n])
+        enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+        assert cipher.encrypt("hi").hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, b"hi").hex()
+        assert (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P) != ws.SCRYPT_LEGACY
 
     @pytest.mark.parametrize("value", ["", "x", "Grüße 👋 مرحبا 你好", "a" * 63, "b" * 64, "c" * 65, "\ud800lone",
                                        "z" * 5000])
@@ -3367,7 +3378,8 @@ class TestEncryption:
             s.unlock(ENC_SECRET)
             salt = bytes.fromhex(s.meta("salt"))
             assert len(salt) == 16
-            _, mac, _ = core_expected_keys(ENC_SECRET, salt)
+            assert s.meta("kdf") == "scrypt n=%d r=%d p=%d" % (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+            _, mac, _ = core_expected_keys(ENC_SECRET, salt, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
             assert s.meta("key_check") == "enc1:" + hmac.new(mac, b"whatsignal key check",
                                                              hashlib.sha256).hexdigest()[:24]
             meta = dict(s.query("SELECT key, value FROM meta"))
@@ -3398,6 +3410,83 @@ class TestEncryption:
         core_round_trip(h)
         data = core_db_bytes(h.app.store.path)
         assert CORE_TEXT.encode() in data and CORE_PEER.encode() in data and CORE_REPLY.encode() in data
+
+
+class TestKeyDerivation:
+    """The scrypt parameters are recorded per database; databases from before the record keep opening."""
+
+    LEGACY = (2 ** 15, 8, 1)
+
+    def legacy_db(self, path, texts):
+        """A database as releases before the "kdf" record wrote it: salt, key check, sealed rows."""
+        s = ws.Store(str(path))
+        try:
+            salt = os.urandom(16)
+            enc, mac, _ = core_expected_keys(ENC_SECRET, salt, *self.LEGACY)
+            kcv = "enc1:" + hmac.new(mac, b"whatsignal key check", hashlib.sha256).hexdigest()[:24]
+            with s.tx() as db:
+                db.execute("INSERT INTO meta(key, value) VALUES ('salt', ?)", (salt.hex(),))
+                db.execute("INSERT INTO meta(key, value) VALUES ('key_check', ?)", (kcv,))
+                for i, text in enumerate(texts):
+                    record = {"body": text, "_dedupe": "legacy%d" % i, "_chat": "c"}
+                    body = core_expected_seal(enc, mac, os.urandom(16), json.dumps(record).encode())
+                    db.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at,"
+                               " updated_at) VALUES ('default', 'w2s', ?, 'c', 'message', ?, 1, 1, 1)",
+                               ("legacy%d" % i, body))
+        finally:
+            s.close()
+
+    def test_a_database_without_the_record_opens_with_the_legacy_parameters(self, tmp_path):
+        path = tmp_path / "legacy.db"
+        self.legacy_db(path, ["before the upgrade", "second"])
+        s = ws.Store(str(path))
+        try:
+            s.unlock(ENC_SECRET)
+            assert s.kdf() == self.LEGACY and s.meta("kdf") is None
+            assert [s.record_of(r)["body"] for r in s.pending("w2s")] == ["before the upgrade", "second"]
+        finally:
+            s.close()
+        s = ws.Store(str(path))
+        try:
+            with pytest.raises(ws.CryptoError, match="does not open this database"):
+                s.unlock("a-different-secret-" + "d" * 30)
+        finally:
+            s.close()
+
+    def test_rotate_key_moves_a_legacy_database_to_the_current_parameters(self, tmp_path):
+        path = tmp_path / "legacy.db"
+        self.legacy_db(path, ["kept across the rotation"])
+        s = ws.Store(str(path))
+        try:
+            s.unlock(ENC_SECRET)
+            ws.rotate_key(s, ENC_SECRET, ENC_SECRET)      # same secret: only the derivation changes
+            assert s.meta("kdf") == "scrypt n=%d r=%d p=%d" % (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+        finally:
+            s.close()
+        s = ws.Store(str(path))
+        try:
+            s.unlock(ENC_SECRET)
+            assert s.kdf() == (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+            assert [s.record_of(r)["body"] for r in s.pending("w2s")] == ["kept across the rotation"]
+            _, mac, _ = core_expected_keys(ENC_SECRET, s.salt(), ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+            assert s.meta("key_check") == "enc1:" + hmac.new(mac, b"whatsignal key check",
+                                                             hashlib.sha256).hexdigest()[:24]
+        finally:
+            s.close()
+
+    def test_an_unknown_derivation_is_refused_with_the_fix(self, tmp_path):
+        s = ws.Store(str(tmp_path / "k.db"))
+        try:
+            s.unlock(ENC_SECRET)
+            s.set_meta("kdf", "argon2id m=65536 t=3")
+        finally:
+            s.close()
+        s = ws.Store(str(tmp_path / "k.db"))
+        try:
+            with pytest.raises(ws.CryptoError, match="unknown to this WhatSignal; run a newer release"):
+                s.unlock(ENC_SECRET)
+        finally:
+            s.close()
 
 
 # -- Store ----------------------------------------------------------------------------------------
@@ -3508,6 +3597,111 @@ class TestStore:
             assert got == {(t, i) for t in range(8) for i in range(40)}
         finally:
             second.close()
+
+
+def core_committed_texts(path, cipher, after=0):
+    """(largest id, texts) of the queue rows committed in *path*, read over a connection of its own."""
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        rows = db.execute("SELECT id, body FROM queue WHERE id > ? ORDER BY id", (after,)).fetchall()
+    finally:
+        db.close()
+    return (rows[-1][0] if rows else after), [cipher.decrypt(body) for _, body in rows]
+
+
+class TestGroupCommit:
+    def test_each_enqueue_returns_after_its_row_is_committed(self, core_store):
+        problems, done = [], []
+
+        def worker(t):
+            seen, last = set(), 0
+            for i in range(30):
+                text = "t%d-i%d" % (t, i)
+                if not core_store.enqueue("default", "w2s", "gc:%s" % text, "c%d" % t, "message", {"x": text},
+                                          time.time()):
+                    problems.append("not new: " + text)
+                last, texts = core_committed_texts(core_store.path, core_store.cipher, last)
+                seen.update(json.loads(x)["x"] for x in texts)
+                if text not in seen:
+                    problems.append("answered before committed: " + text)
+            done.append(t)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(done) == list(range(8)) and problems == []
+        assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 240
+
+    def test_a_failing_batch_fails_every_waiter_of_it_and_passes_the_lead_on(self):
+        batches, written = [], []
+        first_in, release = threading.Event(), threading.Event()
+
+        def commit_many(items):
+            batches.append(list(items))
+            if len(batches) == 1:
+                first_in.set()
+                assert release.wait(10)
+            if "bad" in items:
+                raise ws.StoreError("database write failed: disk I/O error")
+            written.extend(items)
+            return [item.upper() for item in items]
+
+        gc = ws.GroupCommit(commit_many)
+        outcome = {}
+
+        def submit(item):
+            try:
+                outcome[item] = gc.submit(item)
+            except ws.StoreError as e:
+                outcome[item] = "error: %s" % e
+
+        leader = threading.Thread(target=submit, args=("a",))
+        leader.start()
+        assert first_in.wait(10)
+        followers = [threading.Thread(target=submit, args=(x,)) for x in ("b", "c", "bad", "d")]
+        for t in followers:
+            t.start()
+        assert ops_wait(lambda: len(gc.queue) == 4, 10)     # all four wait behind the running commit
+        release.set()
+        for t in [leader] + followers:
+            t.join(10)
+        assert outcome["a"] == "A"
+        assert batches[0] == ["a"] and sorted(batches[1]) == ["b", "bad", "c", "d"] and len(batches) == 2
+        for x in ("b", "c", "bad", "d"):    # one transaction: all of it failed, and every waiter was told
+            assert outcome[x] == "error: database write failed: disk I/O error"
+        assert written == ["a"]
+        assert gc.submit("e") == "E" and batches[-1] == ["e"]     # the lead was handed back after the failure
+
+    def test_a_failing_commit_fails_every_waiter_and_loses_nothing(self, core_store):
+        fault = sqlite3.connect(core_store.path)
+        fault.execute("CREATE TRIGGER fail_writes BEFORE INSERT ON queue BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        fault.commit()
+        results = {}
+
+        def worker(t):
+            try:
+                results[t] = core_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
+            except ws.StoreError as e:
+                results[t] = str(e)
+
+        try:
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert all("disk full" in str(results[t]) for t in range(8)), results
+            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 0
+            fault.execute("DROP TRIGGER fail_writes")
+            fault.commit()
+            # the sender retries (WAHA does, after a 503): each item is stored exactly once
+            assert [core_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
+                    for t in range(8)] == [True] * 8
+            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 8
+        finally:
+            fault.close()
 
 
 # -- HTTP server ----------------------------------------------------------------------------------
@@ -3732,6 +3926,84 @@ class TestHttpServer:
     def test_unknown_paths_are_404(self, rpc_bridge):
         assert http_request(rpc_bridge.url, "GET", "/nope")[0] == 404
         assert http_request(rpc_bridge.url, "POST", "/webhook/other", b"{}", {"Content-Type": "application/json"})[0] == 404
+
+
+class TestIngestCommit:
+    """Webhooks arriving together are committed together; each is answered only after its commit."""
+
+    def post_many(self, h, texts, threads=8):
+        """Post one signed message per text from *threads* connections; return {text: (status, body)}."""
+        out, lock = {}, threading.Lock()
+        chunks = [texts[i::threads] for i in range(threads)]
+
+        def run(chunk, check):
+            host, port = core_addr(h)
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            try:
+                for text in chunk:
+                    ev = core_message_event(h, text, msg_id="3EB0" + hashlib.sha1(text.encode()).hexdigest()[:12].upper())
+                    status, _, body = core_post_signed(h, ev, conn=conn)
+                    extra = check(text) if status == 200 and check else None
+                    with lock:
+                        out[text] = (status, json.loads(body), extra)
+            finally:
+                conn.close()
+        return out, chunks, run
+
+    def test_every_webhook_is_committed_when_it_is_answered(self, rpc_bridge):
+        h = rpc_bridge
+        texts = ["group commit %d" % i for i in range(160)]
+        out, chunks, run = self.post_many(h, texts)
+        local = threading.local()
+
+        def committed(text):
+            last, found = core_committed_texts(h.app.store.path, h.app.store.cipher, getattr(local, "last", 0))
+            local.last = last
+            local.seen = getattr(local, "seen", set()) | {t for t in texts if any(t in f for f in found)}
+            return text in local.seen
+
+        threads = [threading.Thread(target=run, args=(c, committed)) for c in chunks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(out) == sorted(texts)
+        assert all(v == (200, {"status": "stored"}, True) for v in out.values()), \
+            [k for k, v in out.items() if v != (200, {"status": "stored"}, True)][:5]
+        assert h.wait(lambda: len(h.sends()) == 160, 30)
+        assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
+
+    def test_a_failing_commit_answers_503_to_every_waiter_and_loses_nothing(self, rpc_bridge):
+        h = rpc_bridge
+        fault = sqlite3.connect(h.app.store.path)
+        fault.execute("CREATE TRIGGER fail_writes BEFORE INSERT ON queue BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        fault.commit()
+        try:
+            texts = ["refused %d" % i for i in range(40)]
+            out, chunks, run = self.post_many(h, texts)
+            threads = [threading.Thread(target=run, args=(c, None)) for c in chunks]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert sorted(out) == sorted(texts)
+            assert {v[0] for v in out.values()} == {503}
+            assert all(v[1] == {"error": "storage unavailable, retry later"} for v in out.values())
+            assert core_queue_rows(h) == 0
+            assert any("webhook not stored" in r["msg"] for r in h.logs.records())
+            fault.execute("DROP TRIGGER fail_writes")
+            fault.commit()
+            out, chunks, run = self.post_many(h, texts)       # WAHA retries
+            threads = [threading.Thread(target=run, args=(c, None)) for c in chunks]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert all(v[:2] == (200, {"status": "stored"}) for v in out.values())
+            assert h.wait(lambda: len(h.sends()) == 40, 30)
+            assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
+        finally:
+            fault.close()
 
 
 # -- Health and metrics ---------------------------------------------------------------------------
@@ -8385,6 +8657,55 @@ class TestCrashes:
 # ===========================================================================
 # Issue 7: upstream outages, database faults, clock jumps
 # ===========================================================================
+
+class TestCrashesUnderConcurrentWebhooks:
+
+    def test_kill_9_during_group_commits_loses_nothing_acknowledged(self, tmp_path, ops_fakes):
+        waha, daemon = ops_fakes
+        bridge = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        acked, lock, stop = set(), threading.Lock(), threading.Event()
+
+        def post(t):
+            poster = OpsPoster(bridge.url, timeout=5)
+            try:
+                for i in range(100000):
+                    if stop.is_set():
+                        return
+                    text = "burst %d-%d" % (t, i)
+                    try:
+                        status, body, _ = poster.post(ops_msg(OPS_CHATS[t % 4], text, "GC%02d%06d" % (t, i)))
+                    except (OSError, http.client.HTTPException):
+                        return                                  # the bridge died under this request
+                    if status == 200 and json.loads(body) == {"status": "stored"}:
+                        with lock:
+                            acked.add(text)
+            finally:
+                poster.close()
+
+        threads = [threading.Thread(target=post, args=(t,), daemon=True) for t in range(12)]
+        try:
+            bridge.start()
+            for t in threads:
+                t.start()
+            assert ops_wait(lambda: len(acked) >= 300, 30), "the bridge acknowledged too little under load"
+            bridge.kill()                                       # in the middle of the concurrent posts
+            stop.set()
+            for t in threads:
+                t.join(10)
+            assert not any(t.is_alive() for t in threads)
+            store = ops_store(bridge.raw["database"]["path"])
+            try:
+                stored = [m.group(0) for r in store.query("SELECT body FROM queue WHERE direction='w2s'")
+                          for m in [re.search(r"burst \d+-\d+", store.open(r[0]))] if m]
+            finally:
+                store.close()
+            missing = sorted(acked - set(stored))
+            assert missing == [], "acknowledged, then lost in the kill: %s" % missing[:10]
+            assert len(stored) == len(set(stored)), "a webhook was stored twice"
+        finally:
+            stop.set()
+            bridge.stop()
+
 
 class OpsTicker:
     """Moves a FakeClock along with real time (for phases that must look like real time passing)."""

@@ -101,7 +101,8 @@ JSON_STRING_LIMIT = 20000000          # signal-cli's Jackson reader: longest JSO
 MEDIA_REFUSED_TTL = 24 * 3600         # media WAHA refused to send goes as text this long, then is tried again
 MEDIA_PLACEHOLDER = {"image": "[photo]", "video": "[video]", "voice": "[voice message]", "file": "[file]"}
 SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long is dead (keep-alive 15 s)
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1   # key derivation work factor (32 MiB, ~0.1 s)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 4   # key derivation of new databases: 16 MiB, twice the old work
+SCRYPT_LEGACY = (2 ** 15, 8, 1)                # databases that record no "kdf" were created with this (32 MiB)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
 SESSION_POLL_SECONDS = 60.0           # each WAHA session's status is read this often (webhooks can be lost)
@@ -892,11 +893,11 @@ class Cipher:
     NONCE = 16
     TAG = 32
 
-    def __init__(self, secret, salt, enabled=True, rand=os.urandom, n=SCRYPT_N):
+    def __init__(self, secret, salt, enabled=True, rand=os.urandom, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
         self.enabled = enabled
         self.rand = rand
         if enabled:
-            master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P,
+            master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=r, p=p,
                                     maxmem=256 * 1024 * 1024, dklen=64)
         else:
             master = hashlib.sha256(b"whatsignal-plaintext" + salt).digest()
@@ -1498,6 +1499,83 @@ PLAIN = {    # table -> columns that name nobody and hold no message content
 }
 SEALED_STATE = ("s2w-progress:", "reaction:")   # state keys whose value is sealed (value_enc)
 Row = sqlite3.Row
+ENQUEUE_SQL = ("INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
+               " VALUES (?,?,?,?,?,?,?,?,?)")
+
+
+def kdf_record(n, r, p):
+    return "scrypt n=%d r=%d p=%d" % (n, r, p)
+
+
+def kdf_params(record, has_key):
+    """(n, r, p) from a database's "kdf" record; without one, SCRYPT_LEGACY if it has a key already."""
+    if record is None:
+        return SCRYPT_LEGACY if has_key else (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    m = re.fullmatch(r"scrypt n=([0-9]{1,9}) r=([0-9]{1,4}) p=([0-9]{1,4})", record)
+    if not m:
+        raise CryptoError("the database's key derivation (%s) is unknown to this WhatSignal; run a newer release"
+                          % shorten(record, 40))
+    return tuple(int(x) for x in m.groups())
+
+
+class _Waiter:
+    """One submitted item; ``done`` is a bare lock, held until the waiter may go on (one wake-up, no Condition)."""
+    __slots__ = ("item", "done", "lead", "result", "error")
+
+    def __init__(self, item):
+        self.item, self.done, self.lead, self.result, self.error = item, threading.Lock(), False, None, None
+        self.done.acquire()
+
+
+class GroupCommit:
+    """Commits what concurrent callers submit in as few transactions as possible.
+
+    The first caller to arrive while no commit runs becomes the leader: it takes
+    every item waiting (its own included), commits them in one transaction with
+    *commit_many* (a list of items -> a list of results), hands each waiter its
+    result, and passes the lead to the first caller that arrived meanwhile.  So
+    ``submit`` returns only after the transaction holding its item committed, or
+    raises what made that transaction fail (nothing of the batch is written), and
+    a lone caller commits at once without waking any other thread.
+    """
+
+    def __init__(self, commit_many):
+        self.commit_many = commit_many
+        self.lock = threading.Lock()
+        self.queue = []
+        self.busy = False
+
+    def submit(self, item):
+        me = _Waiter(item)
+        with self.lock:
+            self.queue.append(me)
+            lead = not self.busy
+            self.busy = True
+        if not lead:
+            me.done.acquire()
+            if not me.lead:
+                if me.error is not None:
+                    raise StoreError(str(me.error) or "database write failed") from me.error
+                return me.result
+        with self.lock:
+            batch, self.queue = self.queue, []
+        try:
+            results, error = self.commit_many([w.item for w in batch]), None
+        except BaseException as e:   # every waiter of the batch hears of the failure, the leader re-raises it
+            results, error = [None] * len(batch), e
+        with self.lock:
+            nxt = self.queue[0] if self.queue else None
+            self.busy = nxt is not None
+        for w, r in zip(batch, results):
+            if w is not me:
+                w.result, w.error = r, error
+                w.done.release()
+        if nxt is not None:
+            nxt.lead = True
+            nxt.done.release()
+        if error is not None:
+            raise error
+        return results[0] if batch[0] is me else results[batch.index(me)]
 
 
 class Store:
@@ -1526,6 +1604,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous.upper() == "FULL" else "NORMAL"))
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.group = GroupCommit(self._enqueue_rows)
         self.migrate()
 
     def close(self):
@@ -1590,15 +1669,26 @@ class Store:
             salt = self.meta("salt")
         return bytes.fromhex(salt)
 
+    def kdf(self):
+        """The scrypt parameters (n, r, p) this database's key is derived with.
+
+        Recorded in meta "kdf" when the key check value is first written (and by
+        rotate-key); a database without the record predates it: SCRYPT_LEGACY.
+        """
+        return kdf_params(self.meta("kdf"), self.meta("key_check") is not None)
+
     def unlock(self, secret, enabled=True, rand=os.urandom):
         """Derive the cipher from *secret* and check it against the stored key check value."""
-        cipher = Cipher(secret or "", self.salt(), enabled=enabled, rand=rand)
+        n, r, p = self.kdf()
+        cipher = Cipher(secret or "", self.salt(), enabled=enabled, rand=rand, n=n, r=r, p=p)
         kcv = self.meta("key_check")
         if self.meta("rotation"):
             raise CryptoError("a key rotation is unfinished; run `whatsignal.py rotate-key` again with "
                               "WHATSIGNAL_ENCRYPTION_SECRET_OLD and WHATSIGNAL_ENCRYPTION_SECRET set")
         if kcv is None:
-            self.set_meta("key_check", cipher.key_check())
+            with self.tx() as db:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('kdf', ?)", (kdf_record(n, r, p),))
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('key_check', ?)", (cipher.key_check(),))
         elif kcv != cipher.key_check():
             if kcv.startswith("plain:") != (not enabled):
                 raise CryptoError("the database was created with encryption %s; set WHATSIGNAL_ENABLE_ENCRYPTION "
@@ -1662,12 +1752,19 @@ class Store:
         dedupe_tok = self.tok("dedupe", dedupe)
         body = self.seal(json.dumps(record, ensure_ascii=False, separators=(",", ":")), "queue", "body",
                          channel, direction, dedupe_tok)
-        with self.tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (channel, direction, dedupe_tok, self.tok("chat", chat), kind, body, now, now, now))
-            return cur.rowcount == 1
+        row = (channel, direction, dedupe_tok, self.tok("chat", chat), kind, body, now, now, now)
+        return self.group.submit(row)     # sealed and tokenised before: only the commit is serialized
+
+    def _enqueue_rows(self, rows):
+        """Commit *rows* in one transaction; return, for each, whether it was new."""
+        with self.lock:
+            if len(rows) == 1:     # one statement in autocommit: its own transaction, one call into SQLite
+                try:
+                    return [self.db.execute(ENQUEUE_SQL, rows[0]).rowcount == 1]
+                except sqlite3.Error as e:
+                    raise StoreError("database write failed: %s" % e) from e
+            with self.tx() as db:
+                return [db.execute(ENQUEUE_SQL, row).rowcount == 1 for row in rows]
 
     def pending(self, direction, limit=256, after=0):
         """Pending items in the order they arrived, from id *after* on."""
@@ -4744,7 +4841,12 @@ def verify(db_path, config):
     if "salt" not in meta or "key_check" not in meta:
         report["key"] = "no key check value (not a WhatSignal database?)"
         return False, report
-    cipher = Cipher(config.encryption_secret or "", bytes.fromhex(meta["salt"]), enabled=config.encryption)
+    try:
+        n, r, p = kdf_params(meta.get("kdf"), True)
+    except CryptoError as e:
+        report["key"] = str(e)
+        return False, report
+    cipher = Cipher(config.encryption_secret or "", bytes.fromhex(meta["salt"]), enabled=config.encryption, n=n, r=r, p=p)
     report["key"] = "opens" if cipher.key_check() == meta["key_check"] else "does NOT open this database"
     if meta.get("rotation"):
         report["key"] += " (a key rotation is unfinished: run rotate-key again)"
@@ -4793,7 +4895,8 @@ def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=
     Values written before schema version 5 (no associated data) are read too, and come out bound.
     """
     salt = store.salt()
-    old = Cipher(old_secret, salt, enabled=store.meta("key_check", "").startswith("enc1:"))
+    n, r, p = store.kdf()     # the old key as the database records it; the new one with today's parameters
+    old = Cipher(old_secret, salt, enabled=store.meta("key_check", "").startswith("enc1:"), n=n, r=r, p=p)
     new = Cipher(new_secret, salt, enabled=enabled)
     if store.meta("key_check") not in (old.key_check(), new.key_check()):
         raise CryptoError("WHATSIGNAL_ENCRYPTION_SECRET_OLD does not open this database; give the secret it was created with")
@@ -4807,6 +4910,7 @@ def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=
             totals[table] = totals.get(table, 0) + _rotate_table(store, table, old, new, batch, progress)
     with store.tx() as db:
         db.execute("UPDATE meta SET value=? WHERE key='key_check'", (new.key_check(),))
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('kdf', ?)", (kdf_record(SCRYPT_N, SCRYPT_R, SCRYPT_P),))
         db.execute("DELETE FROM meta WHERE key IN ('rotation', 'reseal')")
     store.cipher = new
     return totals
@@ -6234,6 +6338,7 @@ def cmd_serve(args, config, environ):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):   # before serving: a SIGTERM right after start is a clean stop too
         signal.signal(sig, lambda *_: stop.set())
+    release_memory()     # compiling this file left ~10 MB freed but held: return it before the key derivation
     app = App(config, log).start()
     release_memory()
     while not stop.wait(1.0):
