@@ -3663,7 +3663,7 @@ class TestGroupCommit:
         followers = [threading.Thread(target=submit, args=(x,)) for x in ("b", "c", "bad", "d")]
         for t in followers:
             t.start()
-        assert ops_wait(lambda: len(gc.queue) == 4, 10)     # all four wait behind the running commit
+        assert eventually(lambda: len(gc.queue) == 4)     # all four wait behind the running commit
         release.set()
         for t in [leader] + followers:
             t.join(10)
@@ -3942,10 +3942,10 @@ class TestIngestCommit:
             try:
                 for text in chunk:
                     ev = core_message_event(h, text, msg_id="3EB0" + hashlib.sha1(text.encode()).hexdigest()[:12].upper())
-                    status, _, body = core_post_signed(h, ev, conn=conn)
+                    status, _, _, answer = post_signed(h, ev, conn=conn)
                     extra = check(text) if status == 200 and check else None
                     with lock:
-                        out[text] = (status, json.loads(body), extra)
+                        out[text] = (status, answer, extra)
             finally:
                 conn.close()
         return out, chunks, run
@@ -3970,7 +3970,7 @@ class TestIngestCommit:
         assert sorted(out) == sorted(texts)
         assert all(v == (200, {"status": "stored"}, True) for v in out.values()), \
             [k for k, v in out.items() if v != (200, {"status": "stored"}, True)][:5]
-        assert h.wait(lambda: len(h.sends()) == 160, 30)
+        assert eventually(lambda: len(h.sends()) == 160, 30)
         assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
 
     def test_a_failing_commit_answers_503_to_every_waiter_and_loses_nothing(self, rpc_bridge):
@@ -4000,7 +4000,7 @@ class TestIngestCommit:
             for t in threads:
                 t.join(60)
             assert all(v[:2] == (200, {"status": "stored"}) for v in out.values())
-            assert h.wait(lambda: len(h.sends()) == 40, 30)
+            assert eventually(lambda: len(h.sends()) == 40, 30)
             assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
         finally:
             fault.close()
@@ -8687,7 +8687,7 @@ class TestCrashesUnderConcurrentWebhooks:
             bridge.start()
             for t in threads:
                 t.start()
-            assert ops_wait(lambda: len(acked) >= 300, 30), "the bridge acknowledged too little under load"
+            assert eventually(lambda: len(acked) >= 300, 30), "the bridge acknowledged too little under load"
             bridge.kill()                                       # in the middle of the concurrent posts
             stop.set()
             for t in threads:
