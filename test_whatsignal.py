@@ -3290,7 +3290,7 @@ class TestEncryption:
     def test_current_parameters_known_answer(self):
         cipher = ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n])
         enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
-        assert cipher.encrypt("hi").hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, b"hi").hex()
+        assert cipher.encrypt("hi", CORE_AAD).hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, b"hi", CORE_AAD).hex()
         assert (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P) != ws.SCRYPT_LEGACY
 
     @pytest.mark.parametrize("value", ["", "x", "Grüße 👋 مرحبا 你好", "a" * 63, "b" * 64, "c" * 65, "\ud800lone",
@@ -3417,6 +3417,16 @@ class TestKeyDerivation:
 
     LEGACY = (2 ** 15, 8, 1)
 
+    @staticmethod
+    def seal_v1(enc, mac, plaintext):
+        """Format version 1 (what those releases wrote): 01 || nonce || ct || HMAC-SHA256(mac, head || ct)."""
+        nonce = os.urandom(16)
+        stream = b"".join(hashlib.blake2b(nonce + i.to_bytes(8, "big"), key=enc).digest()
+                          for i in range((len(plaintext) + 63) // 64))
+        head = b"\x01" + nonce
+        ct = bytes(a ^ b for a, b in zip(plaintext, stream))
+        return head + ct + hmac.new(mac, head + ct, hashlib.sha256).digest()
+
     def legacy_db(self, path, texts):
         """A database as releases before the "kdf" record wrote it: salt, key check, sealed rows."""
         s = ws.Store(str(path))
@@ -3429,7 +3439,7 @@ class TestKeyDerivation:
                 db.execute("INSERT INTO meta(key, value) VALUES ('key_check', ?)", (kcv,))
                 for i, text in enumerate(texts):
                     record = {"body": text, "_dedupe": "legacy%d" % i, "_chat": "c"}
-                    body = core_expected_seal(enc, mac, os.urandom(16), json.dumps(record).encode())
+                    body = self.seal_v1(enc, mac, json.dumps(record).encode())
                     db.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at,"
                                " updated_at) VALUES ('default', 'w2s', ?, 'c', 'message', ?, 1, 1, 1)",
                                ("legacy%d" % i, body))
@@ -3452,6 +3462,8 @@ class TestKeyDerivation:
                 s.unlock("a-different-secret-" + "d" * 30)
         finally:
             s.close()
+        ok, report = ws.verify(str(path), make_config(raw_config(tmp_path, "http://127.0.0.1:9", rpc_url="http://127.0.0.1:9")))
+        assert ok and report["key"] == "opens", report
 
     def test_rotate_key_moves_a_legacy_database_to_the_current_parameters(self, tmp_path):
         path = tmp_path / "legacy.db"
@@ -3599,14 +3611,15 @@ class TestStore:
             second.close()
 
 
-def core_committed_texts(path, cipher, after=0):
-    """(largest id, texts) of the queue rows committed in *path*, read over a connection of its own."""
-    db = sqlite3.connect(path, timeout=10)
+def core_committed_texts(store, after=0):
+    """(largest id, bodies) of the queue rows committed in *store*'s file, read over a connection of its own."""
+    db = sqlite3.connect(store.path, timeout=10)
+    db.row_factory = sqlite3.Row
     try:
-        rows = db.execute("SELECT id, body FROM queue WHERE id > ? ORDER BY id", (after,)).fetchall()
+        rows = db.execute("SELECT * FROM queue WHERE id > ? ORDER BY id", (after,)).fetchall()
     finally:
         db.close()
-    return (rows[-1][0] if rows else after), [cipher.decrypt(body) for _, body in rows]
+    return (rows[-1]["id"] if rows else after), [store.open_row(r, "queue", "body") for r in rows]
 
 
 class TestGroupCommit:
@@ -3620,7 +3633,7 @@ class TestGroupCommit:
                 if not core_store.enqueue("default", "w2s", "gc:%s" % text, "c%d" % t, "message", {"x": text},
                                           time.time()):
                     problems.append("not new: " + text)
-                last, texts = core_committed_texts(core_store.path, core_store.cipher, last)
+                last, texts = core_committed_texts(core_store, last)
                 seen.update(json.loads(x)["x"] for x in texts)
                 if text not in seen:
                     problems.append("answered before committed: " + text)
@@ -3957,7 +3970,7 @@ class TestIngestCommit:
         local = threading.local()
 
         def committed(text):
-            last, found = core_committed_texts(h.app.store.path, h.app.store.cipher, getattr(local, "last", 0))
+            last, found = core_committed_texts(h.app.store, getattr(local, "last", 0))
             local.last = last
             local.seen = getattr(local, "seen", set()) | {t for t in texts if any(t in f for f in found)}
             return text in local.seen
@@ -8695,8 +8708,8 @@ class TestCrashesUnderConcurrentWebhooks:
             assert not any(t.is_alive() for t in threads)
             store = ops_store(bridge.raw["database"]["path"])
             try:
-                stored = [m.group(0) for r in store.query("SELECT body FROM queue WHERE direction='w2s'")
-                          for m in [re.search(r"burst \d+-\d+", store.open(r[0]))] if m]
+                stored = [m.group(0) for r in store.query("SELECT * FROM queue WHERE direction='w2s'")
+                          for m in [re.search(r"burst \d+-\d+", store.open_row(r, "queue", "body"))] if m]
             finally:
                 store.close()
             missing = sorted(acked - set(stored))
