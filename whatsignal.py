@@ -6852,6 +6852,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
     say = lambda *a: print(*a, file=out, flush=True)
     secs = 1.5 if quick else 3.0
     burst = 1000 if quick else 5000
+    history = 4000 if quick else 20000
     growth_rows = min(growth_rows, 20000) if quick else growth_rows
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}}
     ctx = multiprocessing.get_context("spawn")
@@ -6871,7 +6872,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
         try:
             results["startup_s"] = round(bridge.start(), 3)
             time.sleep(1.0)
-            results["rss_idle_mb"] = _rss(bridge.proc.pid)[0]
+            results["rss_idle_mb"], results["rss_hwm_start_mb"] = _rss(bridge.proc.pid)
             sampler = _RssSampler(bridge.proc.pid)
             say("bench: ingest...")
             results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c)
@@ -6888,6 +6889,11 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
             results["s2w_burst"] = _e2e_s2w(waha, sig, 0, burst)
             _quiet(waha)
             results["rss_peak_mb"] = sampler.reset()
+            say("bench: history sync after a re-login (%d messages)..." % history)
+            results["history"] = _burst_w2s(bridge, sig, secret, history, 8)
+            _quiet(sig)
+            results["history"]["peak_rss_mb"] = sampler.reset()
+            results["history"]["vmhwm_mb"] = _rss(bridge.proc.pid)[1]
             say("bench: media...")
             results["media"] = _media(bridge, waha, sig, secret, 5 if quick else 20)
             results["media"]["peak_rss_mb"] = sampler.reset()
@@ -6976,8 +6982,13 @@ def _bench_report(r, say):
     sb = r["s2w_burst"]
     say("Signal->WhatsApp burst of %d: sustained %s msg/s, lost %d, duplicated %d"
         % (sb["messages"], sb["delivered_per_s"], sb["lost"], sb["duplicated"]))
-    say("start-up to /healthz: %.3f s; RSS idle %.1f MB, peak under load %.1f MB (high-water mark incl. key "
-        "derivation at start: %.1f MB)" % (r["startup_s"], r["rss_idle_mb"], r["rss_peak_mb"], r["rss_hwm_mb"]))
+    hi = r["history"]
+    say("history sync of %d (WhatsApp->Signal): ingest %.0f req/s, all delivered in %.2f s, lost %d, duplicated %d, "
+        "bridge peak RSS %.1f MB (VmHWM %.1f MB)" % (hi["messages"], hi["ingest_rps"], hi["all_delivered_s"], hi["lost"],
+                                                    hi["duplicated"], hi["peak_rss_mb"], hi["vmhwm_mb"]))
+    say("start-up to /healthz: %.3f s; RSS idle %.1f MB, peak under load %.1f MB; VmHWM (kernel high-water mark, "
+        "key derivation included) %.1f MB after start, %.1f MB at the end" % (
+            r["startup_s"], r["rss_idle_mb"], r["rss_peak_mb"], r["rss_hwm_start_mb"], r["rss_hwm_mb"]))
     m = r["media"]
     say("media: %d MB video in %.2f s, peak RSS increase %.1f MB" % (m["size_mb"], m["seconds"], m["peak_increase_mb"]))
     g = r["growth"]
