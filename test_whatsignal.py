@@ -194,6 +194,9 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
 _FAKE_OMIT = object()
 
 
+AT_REST_FAKES = []   # every fake made during the running test; see at_rest_check
+
+
 class _FakeBase:
     """Server plumbing shared by all fakes (start/stop/url/calls/wait_for)."""
 
@@ -212,6 +215,8 @@ class _FakeBase:
         self.calls = []
         self.server_errors = []  # tracebacks of exceptions inside the fake itself (should stay empty)
         self.slow_seconds = 2.0
+        self.given = []          # what this fake handed the bridge unasked (webhooks, envelopes): see at_rest_check
+        AT_REST_FAKES.append(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self):
@@ -593,6 +598,7 @@ class FakeWaha(_FakeBase):
         """POST one webhook like WAHA does. `event_dict` may be a dict (serialized compactly) or
         bytes/str (sent verbatim). `secret` None = no HMAC headers. `headers` overrides/adds headers;
         a None value removes a default header. Returns (status, parsed JSON body or text)."""
+        self.given.append(event_dict)
         if isinstance(event_dict, (bytes, bytearray)):
             body = bytes(event_dict)
         elif isinstance(event_dict, str):
@@ -1185,6 +1191,7 @@ class FakeSignalDaemon(_FakeBase):
         stream it is held (receive_mode on-connection) or dropped (on-start). Returns True if queued.
         From a sender in `untrusted_senders` only the exception object goes out; the message is held
         until `trust` (then delivered again)."""
+        self.given.append(obj)
         env = obj.get("envelope") if isinstance(obj, dict) else None
         sender = isinstance(env, dict) and (env.get("sourceNumber") or env.get("sourceUuid"))
         if isinstance(sender, str) and sender in self.untrusted_senders:
@@ -2004,6 +2011,7 @@ class FakeSignalRest(_FakeBase):
         """normal/native: queue for the next GET /v1/receive. json-rpc: send as a text frame to every
         connected WebSocket whose account matches; with no socket connected the message is DROPPED
         (counted in `dropped`). Returns True if queued/sent."""
+        self.given.append(obj)
         with self._cond:
             if not self.mode.startswith("json-rpc"):
                 self.pending.append(obj)
@@ -2782,6 +2790,73 @@ class Harness:
         self.signal.stop()
 
 
+AT_REST_TEXT_KEYS = ("body", "text", "message", "caption", "pushName", "notifyName", "PushName", "name", "filename")
+AT_REST_IDS = (re.compile(r"([0-9]{6,20})@(?:c\.us|s\.whatsapp\.net|lid|g\.us)"), re.compile(r"\+([0-9]{8,15})\b"))
+
+
+def at_rest_needles(fakes):
+    """Every phone number, chat id and text the fakes exchanged with the bridge (both ways)."""
+    needles = set()
+
+    def walk(v, key=None):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, k)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, key)
+        elif isinstance(v, (bytes, bytearray)):
+            with contextlib.suppress(ValueError):
+                walk(json.loads(bytes(v)), key)
+        elif isinstance(v, str):
+            for pattern in AT_REST_IDS:
+                needles.update(pattern.findall(v))
+            if key in AT_REST_TEXT_KEYS and len(v) >= 8:
+                needles.add(v)
+    for fake in fakes:
+        walk(list(fake.given))
+        for call in list(fake.calls):
+            walk(call.get("json"))
+            if isinstance(call.get("status") or 0, int) and (call.get("status") or 0) < 400 and not (isinstance(call.get("response"), dict)
+                                                        and "error" in call["response"]):
+                walk(call.get("response"))    # not the upstream's own error messages (kept as the reason)
+    return needles
+
+
+def at_rest_files(root):
+    """The SQLite databases (and WAL files) under *root*, except those written with encryption disabled."""
+    out = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                head = f.read(16)
+                if head == b"SQLite format 3\x00" or name.endswith("-wal"):
+                    out.append(path)
+    plain = set()
+    for path in out:
+        with open(path, "rb") as f:
+            if b"plain:" in f.read():   # the key check value of a database with encryption disabled
+                plain.add(path[:-4] if path.endswith("-wal") else path)
+    return [p for p in out if (p[:-4] if p.endswith("-wal") else p) not in plain]
+
+
+@pytest.fixture(autouse=True)
+def at_rest_check(tmp_path):
+    """After every test: no phone number, chat id or text the test used is stored unsealed in any database
+    file it wrote (main file and WAL, deleted rows in free pages included)."""
+    del AT_REST_FAKES[:]
+    yield
+    needles = at_rest_needles(AT_REST_FAKES)
+    del AT_REST_FAKES[:]
+    found = []
+    for path in at_rest_files(str(tmp_path)):
+        with open(path, "rb") as f:
+            data = f.read()
+        found += [(os.path.relpath(path, str(tmp_path)), n) for n in sorted(needles) if n.encode() in data]
+    assert not found, "stored unsealed: %s" % found[:10]
+
+
 @pytest.fixture
 def rpc_bridge(tmp_path):
     h = Harness(tmp_path, "rpc").start()
@@ -2893,6 +2968,8 @@ def core_round_trip(h, text=CORE_TEXT, reply=CORE_REPLY):
     assert h.webhook(core_message_event(h, text)) == (200, {"status": "stored"})
     assert eventually(lambda: len(h.sends()) >= 1), "the message never reached Signal"
     assert h.sends() == ["%s: %s" % (CORE_NAME, text)]
+    # the copy's mapping is recorded just after the send returns: the plain reply needs it
+    assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM messages")[0] >= 1)
     h.signal.push(owner_env(int(time.time() * 1000), reply))
     assert h.waha.wait_for(lambda f: f.sent("text"), 10), "the owner's reply never reached WAHA"
     sent = h.waha.sent("text")[-1]
@@ -8250,8 +8327,8 @@ class TestLease:
         logs = LogCapture()
         log = ws.Log("debug", stream=logs)
         try:
-            a = ws.LeaseKeeper(s1, log, ws.new_metrics(), clock.time, holder="A", seconds=3.0)
-            b = ws.LeaseKeeper(s2, log, ws.new_metrics(), clock.time, holder="B", seconds=3.0)
+            a = ws.LeaseKeeper(s1, log, ws.new_metrics(), clock.time, holder="A", seconds=3.0, monotonic=clock.time)
+            b = ws.LeaseKeeper(s2, log, ws.new_metrics(), clock.time, holder="B", seconds=3.0, monotonic=clock.time)
             a.tick()
             b.tick()
             assert a.leader.is_set() and not b.leader.is_set()
@@ -8643,7 +8720,7 @@ class TestCrashes:
             stored = ops_sql(db, "SELECT COUNT(*) FROM queue WHERE direction='w2s'")[0][0]
             assert stored >= acked_at_stop + 1
             assert ops_sql(db, "SELECT state, COUNT(*) FROM queue WHERE direction='s2w' GROUP BY state") == [("pending", 50)], ops_sql(db, "SELECT state, error, kind FROM queue WHERE direction='s2w' AND state!='pending'")
-            assert ops_sql(db, "SELECT COUNT(*) FROM lease")[0][0] == 0, "lease not released on SIGTERM"
+            assert ops_sql(db, "SELECT COUNT(*) FROM lease WHERE holder != ''")[0][0] == 0, "lease not released on SIGTERM"
             recs = bridge.log_records()
             assert any(r["msg"] == "WhatSignal stopped" for r in recs)
             waha.mode = "ok"
@@ -9905,9 +9982,13 @@ class TestSealedPlaces:
                          " VALUES ('default', 'w2s', ?, ?, 'message', ?, 0, 0, 0)",
                          (old.token("dedupe", "m:Q%d" % n), old.token("chat", OPS_ALICE), v1(rec)))
         conn.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
-                     " sig_author_enc, created_at) VALUES ('default', 'w2s', ?, ?, ?, ?, 77, ?, 0)",
-                     (old.token("chat", OPS_ALICE), v1(OPS_ALICE), old.token("msg", "M1"),
-                      v1("false_%s_M1" % OPS_ALICE), v1(BRIDGE)))
+                     " sig_author_enc, wa_sender, created_at) VALUES ('default', 'w2s', ?, ?, ?, ?, 77, ?, ?, 0)",
+                     (old.token("chat", SEC_GROUP), v1(SEC_GROUP), old.token("msg", "M1"),
+                      v1("false_%s_M1_%s" % (SEC_GROUP, OPS_CAROL)), v1(BRIDGE), old.token("jid", OPS_CAROL)))
+        original = json.dumps({"body": "group original", "sender": OPS_CAROL, "_dedupe": "m:M1", "_chat": SEC_GROUP})
+        conn.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, state, next_at, created_at,"
+                     " updated_at) VALUES ('default', 'w2s', ?, ?, 'message', ?, 'done', 0, 0, 0)",
+                     (old.token("dedupe", "m:M1"), old.token("chat", SEC_GROUP), v1(original)))
         conn.execute("INSERT INTO state VALUES ('default', 's2w-progress:5', '1|true_%s_X' , 0)" % OPS_BOB)
         conn.close()
         store = ws.Store(db)     # the schema upgrade itself needs no key: the re-sealing waits for unlock
@@ -9922,8 +10003,12 @@ class TestSealedPlaces:
         try:
             assert store.meta("reseal") is None
             assert [store.record_of(r)["body"] for r in store.query("SELECT * FROM queue ORDER BY id")] == \
-                ["queued %d" % n for n in range(5)]
-            assert store.by_sig("default", 77)["chat"] == OPS_ALICE
+                ["queued %d" % n for n in range(5)] + ["group original"]
+            assert store.by_sig("default", 77)["chat"] == SEC_GROUP
+            # the author, kept only as a token before, is sealed beside it (found in its queued original), so
+            # a later rotate-key can recompute the token
+            mapping = store.one("SELECT * FROM messages")
+            assert store.open_row(mapping, "messages", "wa_sender_enc") == OPS_CAROL
             assert store.state("default", "s2w-progress:5", sealed=True) == "1|true_%s_X" % OPS_BOB
             assert sec_sql(db, "SELECT value FROM state") == [(None,)]
             for table, (_, cols) in ws.SEALED.items():
@@ -9933,6 +10018,22 @@ class TestSealedPlaces:
         finally:
             store.close()
         assert OPS_BOB[:13].encode() not in open(db, "rb").read()
+
+
+    def test_the_upgrade_waits_until_the_older_release_has_stopped(self, tmp_path):
+        db = str(tmp_path / "w.db")
+        ops_store(db).close()
+        sec_sql(db, "INSERT OR REPLACE INTO meta VALUES ('reseal', 'pending')")   # as right after the upgrade
+        sec_sql(db, "INSERT INTO lease(name, holder, expires_at) VALUES ('serving:oldhost:7:x', 'oldhost:7:x', ?)",
+                (time.time() + 60,))
+        with pytest.raises(ws.CryptoError, match="older WhatSignal is still running.*stop it first"):
+            ops_store(db)
+        sec_sql(db, "DELETE FROM lease")
+        store = ops_store(db)
+        try:
+            assert store.meta("reseal") is None
+        finally:
+            store.close()
 
 
 class TestRotationCoverage:
@@ -10042,6 +10143,187 @@ class TestRotationCoverage:
             assert eventually(lambda: os.listdir(cache) == [])   # sent: no decrypted photo stays behind
         finally:
             h.stop()
+
+
+# ===========================================================================
+# Nothing identifying unsealed; private files; media gone when its item ends
+# ===========================================================================
+
+def sec_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+class TestAtRest:
+
+    def test_progress_of_a_message_sent_in_parts_is_sealed(self, tmp_path):
+        h = OpsHarness(tmp_path).start()
+        try:
+            assert h.webhook(ops_msg(OPS_ALICE, "send me both", "PP1"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 1)
+            h.signal.attachments["first.jpg"] = W2S_JPEG        # the second attachment cannot be fetched
+            h.signal.push(owner_env(int(time.time() * 1000), "two photos", attachments=[
+                {"contentType": "image/jpeg", "id": "first.jpg", "size": len(W2S_JPEG)},
+                {"contentType": "image/jpeg", "id": "missing.jpg", "size": len(W2S_JPEG)}]))
+            assert h.waha.wait_for(lambda f: len(f.sent()) == 1)
+            db = h.raw["database"]["path"]
+            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM state WHERE key LIKE 's2w-progress:%'")[0][0] == 1)
+            h.app.stop()
+            h.app = None
+            data = core_db_bytes(db)
+            assert OPS_ALICE.split("@")[0].encode() not in data
+            assert ops_sql(db, "SELECT value FROM state WHERE key LIKE 's2w-progress:%'") == [(None,)]
+        finally:
+            h.stop()
+
+    def test_files_are_private_whatever_the_umask(self, tmp_path, capsys):
+        old = os.umask(0o022)
+        try:
+            h = OpsHarness(tmp_path)
+            h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # the photo waits in the cache
+            h.raw["database"]["path"] = str(tmp_path / "data" / "whatsignal.db")
+            h.start()
+            try:
+                url = h.waha.add_file("p.jpg", W2S_JPEG, "image/jpeg")
+                assert h.webhook(w2s_image_event(h, "PRV1", url, chat=OPS_ALICE))[0] == 200
+                cache = h.raw["media"]["cacheDir"]
+                assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
+                db = h.raw["database"]["path"]
+                assert sec_mode(db) == 0o600 and sec_mode(db + "-wal") == 0o600 and sec_mode(db + "-shm") == 0o600
+                assert sec_mode(os.path.dirname(db)) == 0o700
+                assert sec_mode(cache) == 0o700
+                assert sec_mode(os.path.join(cache, os.listdir(cache)[0])) == 0o600
+                cfg = write_config(tmp_path, h.raw)
+                rc, out, err = run_main(capsys, ["--config", cfg, "backup", str(tmp_path / "backups") + "/",
+                                                 "--with-config"], bridge_env())
+                assert rc == 0, err
+                report = json.loads(out)
+                assert sec_mode(str(tmp_path / "backups")) == 0o700
+                assert sec_mode(report["backup"]) == 0o600 and sec_mode(report["config"]) == 0o600
+                rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env())
+                assert rc == 0 and "warning" not in json.loads(out)
+            finally:
+                h.stop()
+        finally:
+            os.umask(old)
+
+    def test_verify_and_status_warn_when_others_can_read(self, tmp_path, capsys):
+        h = OpsHarness(tmp_path).start()
+        try:
+            assert h.webhook(ops_msg(OPS_ALICE, "hello there", "WR1"))[0] == 200
+            assert eventually(lambda: len(h.signal.sent()) == 1)
+            db, cache = h.raw["database"]["path"], h.raw["media"]["cacheDir"]
+            os.makedirs(cache, exist_ok=True)
+            os.chmod(db, 0o644)
+            os.chmod(cache, 0o755)
+            h.signal.push(owner_env(int(time.time() * 1000), "/status"))
+            assert eventually(lambda: any("readable by other users" in (t or "") for t in h.sends()))
+            status = [t for t in h.sends() if "readable by other users" in (t or "")][0]
+            assert db in status and cache in status and "chmod 600" in status and "chmod 700" in status
+            cfg = write_config(tmp_path, h.raw)
+            rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env())
+            report = json.loads(out)
+            assert rc == 0 and db in report["warning"] and cache in report["warning"]
+        finally:
+            h.stop()
+
+    def test_media_of_an_item_that_dies_is_deleted_at_once(self, tmp_path):
+        clock = FakeClock(start=time.time())
+        h = OpsHarness(tmp_path, clock=clock.time).start()
+        try:
+            h.signal.mode = "down"                        # Signal stays down until the item expires
+            url = h.waha.add_file("p.jpg", W2S_JPEG, "image/jpeg")
+            assert h.webhook(w2s_image_event(h, "DIE1", url, chat=OPS_ALICE))[0] == 200
+            cache = h.raw["media"]["cacheDir"]
+            assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
+            db = h.raw["database"]["path"]
+            assert eventually(lambda: ops_sql(db, "SELECT attempts FROM queue")[0][0] >= 1)
+            ops_kick(h, clock, 25 * 3600)                 # past bridge.expireAfterHours: the item dies
+            assert eventually(lambda: ops_sql(db, "SELECT state FROM queue")[0][0] == "dead")
+            assert eventually(lambda: os.listdir(cache) == [])
+        finally:
+            h.stop()
+
+
+# ===========================================================================
+# A fenced lease: one instance delivers, whatever the clocks do
+# ===========================================================================
+
+class TestLeaseFencing:
+
+    def test_a_wall_clock_step_does_not_let_a_second_instance_deliver(self, tmp_path):
+        h = OpsHarness(tmp_path).start()
+        second = None
+        try:
+            step = [0.0]
+            second = ws.App(make_config(h.raw), ws.Log("debug", stream=LogCapture()),
+                            clock=lambda: time.time() + step[0])
+            second.lease.seconds = 3.0            # ticks every second: it would notice an expired lease at once
+            second.start()
+            assert h.app.lease.leader.is_set() and not second.lease.leader.is_set()
+            step[0] = 20.0                        # the second instance's wall clock jumps 20 s ahead
+            second.lease.tick()
+            second.lease.tick()
+            assert not second.lease.leader.is_set(), "a wall-clock step handed over a lease that is renewed"
+            assert h.app.lease.leader.is_set()
+            for n in range(6):   # (stored by the instance whose clock is right: the other's would date them ahead)
+                assert h.webhook(ops_msg(OPS_ALICE, "stepped %d" % n, "STEP%d" % n))[0] == 200
+            assert eventually(lambda: len(h.sends()) == 6)
+            assert sorted(s.split(": ", 1)[1] for s in h.sends()) == ["stepped %d" % n for n in range(6)]
+            assert second.metrics.get("whatsignal_messages_processed_total", direction="w2s", kind="text",
+                                      result="ok") == 0
+            second.lease.tick()
+            assert not second.lease.leader.is_set()
+        finally:
+            if second is not None:
+                second.stop()
+            h.stop()
+
+    def test_no_send_and_no_record_without_proof_of_the_lease(self, tmp_path):
+        h = OpsHarness(tmp_path).start()
+        try:
+            for w in h.app.workers:                # this test steps the w2s delivery itself
+                if isinstance(w, ws.Deliverer) and w.direction == "w2s":
+                    w.stop()
+            leader = h.app.lease.leader
+            d = ws.Deliverer(h.app.bridge, "w2s", leader)
+            db = h.raw["database"]["path"]
+            holder, generation = ops_sql(db, "SELECT holder, generation FROM lease WHERE name='delivery'")[0]
+            assert holder == h.app.lease.holder
+            assert h.webhook(ops_msg(OPS_ALICE, "fenced", "FEN1"))[0] == 200
+            # another instance took the lease while this one was paused (it has not noticed yet)
+            sec_sql(db, "UPDATE lease SET holder='otherhost:1:b', generation=generation+1, beat=beat+1"
+                        " WHERE name='delivery'")
+            assert leader.is_set()                 # its own monotonic deadline has not passed
+            d.run_once()
+            assert h.sends() == []                 # no send it cannot prove it may make
+            item = ops_sql(db, "SELECT id FROM queue WHERE direction='w2s'")[0][0]
+            with pytest.raises(ws.LeaseLost):       # nor any delivery recorded
+                h.app.store.finish(item, "done", time.time(), fence=leader.fence)
+            assert ops_sql(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("pending",)]
+            # the lease comes back (same generation): delivered exactly once
+            sec_sql(db, "UPDATE lease SET holder=?, generation=? WHERE name='delivery'", (holder, generation))
+            d.run_once()
+            assert [s.endswith("fenced") for s in h.sends()] == [True]
+            assert ops_sql(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("done",)]
+        finally:
+            h.stop()
+
+    def test_the_holder_stops_by_itself_when_it_cannot_renew(self, tmp_path):
+        mono = FakeClock(start=1000.0)
+        store = ops_store(tmp_path / "l.db")
+        try:
+            keeper = ws.LeaseKeeper(store, ws.Log("error", stream=io.StringIO()), ws.new_metrics(), holder="A",
+                                    seconds=15.0, monotonic=mono.time)
+            keeper.tick()
+            assert keeper.leader.is_set() and keeper.leader.proves()
+            mono.advance(9.0)                      # renewals missed (a paused process): still inside its period
+            assert keeper.leader.is_set()
+            mono.advance(1.5)                      # two thirds of the period gone: it stops by itself
+            assert not keeper.leader.is_set() and not keeper.leader.proves()
+            keeper.tick()                          # a renewal brings it back
+            assert keeper.leader.is_set()
+        finally:
+            store.close()
 
 
 ###############################################################################

@@ -145,6 +145,10 @@ class StoreError(WhatSignalError):
     """The database cannot take a write right now (locked, disk full)."""
 
 
+class LeaseLost(WhatSignalError):
+    """This instance no longer holds the delivery lease: it must not send, nor record a delivery."""
+
+
 class UpstreamError(WhatSignalError):
     """A call to WAHA or signal-cli failed."""
 
@@ -1461,6 +1465,7 @@ SCHEMA = [
     ALTER TABLE state ADD COLUMN value_enc BLOB;             -- sealed value of state that names someone
     ALTER TABLE lease ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;   -- +1 whenever another holder takes it
     ALTER TABLE lease ADD COLUMN beat INTEGER NOT NULL DEFAULT 0;         -- +1 at every renewal
+    ALTER TABLE lease ADD COLUMN period REAL NOT NULL DEFAULT 0;          -- the holder's lease period (s)
     INSERT OR REPLACE INTO meta(key, value) VALUES ('reseal', 'pending');
     """,
 ]
@@ -1494,7 +1499,7 @@ PLAIN = {    # table -> columns that name nobody and hold no message content
     "chats": ("channel", "short", "last_at", "name_at"),
     "contacts": ("channel", "updated_at"), "lids": ("channel", "updated_at"),
     "state": ("channel", "updated_at"),
-    "lease": ("name", "holder", "expires_at", "generation", "beat"),
+    "lease": ("name", "holder", "expires_at", "generation", "beat", "period"),
     "signal_groups": ("channel", "tag", "state", "created_at", "renamed_at"),
 }
 SEALED_STATE = ("s2w-progress:", "reaction:")   # state keys whose value is sealed (value_enc)
@@ -1697,6 +1702,11 @@ class Store:
                               "use the secret it was created with, or rotate-key from the old one")
         self.cipher = cipher
         if self.meta("reseal"):
+            running = self.serving(time.time()) or [h for h in [self.lease_holder(time.time())] if h]
+            if running:
+                raise CryptoError("an older WhatSignal is still running on this database (%s); stop it first: from "
+                                  "schema version %d on, stored values are bound to their place and it could not read "
+                                  "them" % (", ".join(sorted({h.split(":")[0] for h in running})), SCHEMA_VERSION))
             self.reseal()
         return cipher
 
@@ -1724,11 +1734,39 @@ class Store:
                         if table == "state" and r["value"] is not None and r["key"].startswith(SEALED_STATE):
                             sets.update(value=None, value_enc=self.cipher.encrypt(r["value"], seal_context(
                                 "state", "value_enc", *key)))
+                        if table == "messages" and r["wa_sender"] and r["wa_sender_enc"] is None:
+                            sender = self._legacy_sender(db, r)
+                            if sender:
+                                sets["wa_sender_enc"] = self.cipher.encrypt(sender, seal_context(
+                                    "messages", "wa_sender_enc", *key))
                         if sets:
                             db.execute("UPDATE %s SET %s WHERE rowid=?" % (table, ", ".join("%s=?" % c for c in sets)),
                                        list(sets.values()) + [r["rid"]])
         with self.tx() as db:
             db.execute("DELETE FROM meta WHERE key='reseal'")
+
+    def _legacy_sender(self, db, row):
+        """The author of a message mapped before schema version 5 (only its token was kept), from its queued
+        original while retention keeps it: the candidate whose token matches, or None."""
+        wa = self.cipher.decrypt_legacy(row["wa_msg_enc"], seal_context("messages", "wa_msg_enc", row["id"]))
+        if wa is None:
+            return None
+        dedupe = self.tok("dedupe", "m:" + bare_msg_id(wa.decode("utf-8", "surrogatepass")))
+        q = db.execute("SELECT * FROM queue WHERE channel=? AND direction='w2s' AND dedupe=?",
+                       (row["channel"], dedupe)).fetchone()
+        try:
+            rec = json.loads(self.cipher.decrypt_legacy(q["body"], seal_context("queue", "body", *[
+                q[k] for k in SEALED["queue"][0]]))) if q else {}
+            sender = rec.get("sender")
+            candidates = [sender]
+            lid = db.execute("SELECT * FROM lids WHERE channel=? AND lid=?",
+                             (row["channel"], self.tok("lid", sender))).fetchone() if sender else None
+            if lid and lid["pn_enc"] is not None:
+                candidates.append(self.cipher.decrypt_legacy(lid["pn_enc"], seal_context(
+                    "lids", "pn_enc", lid["channel"], lid["lid"])).decode("utf-8", "surrogatepass"))
+        except (CryptoError, ValueError, AttributeError):
+            return None
+        return next((c for c in candidates if c and self.tok("jid", c) == row["wa_sender"]), None)
 
     def seal(self, value, table, column, *key):
         """*value* sealed for its place: *table*, *column* and the row's stable key (SEALED)."""
@@ -1774,13 +1812,16 @@ class Store:
     def record_of(self, row):
         return json.loads(self.open_row(row, "queue", "body"))
 
-    def finish(self, item_id, state, now, error=None, attempts=None, next_at=None, after=None):
+    def finish(self, item_id, state, now, error=None, attempts=None, next_at=None, after=None, fence=None):
         """Set an item's state ('done', 'dead' or 'pending' with a retry time) in one transaction.
 
         *after* (a function of the open connection) runs in the same transaction,
-        so a delivered item and its mapping are recorded together.
+        so a delivered item and its mapping are recorded together.  *fence* (likewise) runs
+        first and raises LeaseLost when the delivery lease has passed to another instance.
         """
         with self.tx() as db:
+            if fence:
+                fence(db)
             if after:
                 after(db)
             db.execute("UPDATE queue SET state=?, error=?, attempts=COALESCE(?, attempts),"
@@ -1956,19 +1997,39 @@ class Store:
                               (now, channel, self.tok("chat", chat))).rowcount
 
     # -- lease ------------------------------------------------------------------
-    def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery", is_dead=None):
-        """Take or renew the delivery lease; True when *holder* has it."""
+    def acquire_lease(self, holder, now, seconds=LEASE_SECONDS, name="delivery", is_dead=None, lapsed=None):
+        """Take or renew a lease; return its generation (1, 2, ...) when *holder* has it, else None.
+
+        Another holder's lease is taken only when it was released, when its holder is known dead
+        (*is_dead*), or when *lapsed* (given the row: holder, expires_at, generation, beat, period) says its
+        holder stopped renewing it; without *lapsed*, when it expired by the wall clock.  Every renewal
+        counts ``beat`` up; every change of holder counts ``generation`` up.
+        """
         with self.tx() as db:
-            row = db.execute("SELECT holder, expires_at FROM lease WHERE name=?", (name,)).fetchone()
-            if row and row[0] != holder and row[1] > now and not (is_dead and is_dead(row[0])):
-                return False
-            db.execute("INSERT OR REPLACE INTO lease(name, holder, expires_at) VALUES (?,?,?)",
-                       (name, holder, now + seconds))
-            return True
+            row = db.execute("SELECT holder, expires_at, generation, beat, period FROM lease WHERE name=?",
+                             (name,)).fetchone()
+            if row and row[0] and row[0] != holder and not (is_dead and is_dead(row[0])) \
+                    and not (lapsed(tuple(row)) if lapsed else row[1] <= now):
+                return None
+            generation = (row[2] if row[0] == holder else row[2] + 1) if row else 1
+            db.execute("INSERT OR REPLACE INTO lease(name, holder, expires_at, generation, beat, period)"
+                       " VALUES (?,?,?,?,?,?)", (name, holder, now + seconds, generation, (row[3] + 1) if row else 1,
+                                                 seconds))
+            return generation
 
     def release_lease(self, holder, name="delivery"):
+        """Give up a lease held by *holder*: another instance may take it at once (its generation goes on)."""
         with self.tx() as db:
-            db.execute("DELETE FROM lease WHERE name=? AND holder=?", (name, holder))
+            if name == "delivery":
+                db.execute("UPDATE lease SET holder='', expires_at=0 WHERE name=? AND holder=?", (name, holder))
+            else:
+                db.execute("DELETE FROM lease WHERE name=? AND holder=?", (name, holder))
+
+    def lease_fence(self, db, holder, generation, name="delivery"):
+        """Raise LeaseLost unless *holder* still holds lease *name* in *generation* (inside transaction *db*)."""
+        row = db.execute("SELECT holder, generation FROM lease WHERE name=?", (name,)).fetchone()
+        if not row or row[0] != holder or row[1] != generation:
+            raise LeaseLost("the delivery lease passed to another instance")
 
     def lease_holder(self, now, name="delivery"):
         row = self.one("SELECT holder, expires_at FROM lease WHERE name=?", (name,))
@@ -3830,6 +3891,9 @@ class Bridge:
             lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
         if self.signal.problem:
             lines.append("Signal: " + self.signal.problem)
+        loose = private_files_warning(self.store.path, self.cache_dir)
+        if loose:
+            lines.append("Warning: " + loose)
         self.notify(channel, "\n".join(lines))
 
 ###############################################################################
@@ -3889,6 +3953,8 @@ class Deliverer(Worker):
         self.direction = direction
         self.name = "deliver-" + direction
         self.leader = leader
+        # a LeaderFlag proves the lease before each send and fences each record; a plain Event has no lease
+        self.proves, self.fence = getattr(leader, "proves", leader.is_set), getattr(leader, "fence", None)
         self.clock = clock or bridge.clock
         self.rand = rand or bridge.rand
         self.wake = bridge.wake[direction]
@@ -3952,6 +4018,9 @@ class Deliverer(Worker):
                 self.waiting.add(row["chat"])
                 delay = min(delay, wait)
                 continue
+            if not self.proves():               # no send without proof that the lease is still ours
+                self.seen = row["id"] - 1       # (read again once it is)
+                break
             if not self.deliver(row):
                 self.waiting.add(row["chat"])
                 delay = min(delay, max(0.0, self.retry_at - now))
@@ -3960,6 +4029,14 @@ class Deliverer(Worker):
 
     def deliver(self, row):
         """Try one item; return True when it left the queue (delivered or dead)."""
+        try:
+            return self._deliver(row)
+        except LeaseLost:
+            self.log.error("the delivery lease passed to another instance during a delivery; this item is left to it",
+                           direction=self.direction, item=row["id"])
+            return False
+
+    def _deliver(self, row):
         try:
             after = self.bridge.process(self.direction, row)
             self._record_done(row, after)
@@ -3983,7 +4060,7 @@ class Deliverer(Worker):
             if isinstance(e, CryptoError):
                 self.metrics.inc("whatsignal_encryption_errors_total")
             return self._dead(row, str(e))
-        except StoreError:
+        except (StoreError, LeaseLost):
             raise
         except Exception as e:
             self.log.error("internal error while delivering; item parked", direction=self.direction, item=row["id"],
@@ -3994,7 +4071,7 @@ class Deliverer(Worker):
         """Mark a delivered item done; the send happened, so keep trying rather than send it again."""
         for attempt in range(60):
             try:
-                self.store.finish(row["id"], "done", self.clock(), after=after)
+                self.store.finish(row["id"], "done", self.clock(), after=after, fence=self.fence)
                 self._ended(row)
                 return
             except StoreError as e:
@@ -4008,13 +4085,15 @@ class Deliverer(Worker):
         attempts = row["attempts"] + 1
         if isinstance(e, HeldError):
             self.retry_at = now + e.retry_after
-            self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at)
+            self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at,
+                              fence=self.fence)
             return False
         if now - row["created_at"] > self.expire and not isinstance(e, IdentityError):
             return self._dead(row, "gave up after %.0f hours: %s" % (self.expire / 3600, e))
         delay = max(e.retry_after or 0.0, next_backoff(attempts - 1, rand=self.rand))
         self.retry_at = now + delay
-        self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at)
+        self.store.finish(row["id"], "pending", now, error=scrub(e), attempts=attempts, next_at=self.retry_at,
+                          fence=self.fence)
         self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="retry")
         self.log.warn("delivery failed, will retry", direction=self.direction, item=row["id"], attempt=attempts,
                       retry_in_s=round(delay, 1), reason=scrub(e))
@@ -4026,7 +4105,7 @@ class Deliverer(Worker):
             self.bridge.drop_media(row)
 
     def _dead(self, row, reason):
-        self.store.finish(row["id"], "dead", self.clock(), error=scrub(reason))
+        self.store.finish(row["id"], "dead", self.clock(), error=scrub(reason), fence=self.fence)
         self._ended(row)
         self.metrics.inc("whatsignal_dead_letters_total", direction=self.direction)
         self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"], result="dead")
@@ -4235,41 +4314,97 @@ def lease_holder_dead(holder):
     return False
 
 
+class LeaderFlag(threading.Event):
+    """Set while this instance holds the delivery lease, and only until its own monotonic deadline.
+
+    ``is_set`` turns false by itself when the lease was not renewed in time (a paused process, a
+    database that stopped answering), whatever the wall clock says.  ``proves`` also checks the
+    lease row, and ``fence`` does so inside a transaction: no send starts, and no delivery is
+    recorded, without proof that the lease is still ours.
+    """
+
+    def __init__(self, keeper):
+        super().__init__()
+        self.keeper = keeper
+
+    def is_set(self):
+        return super().is_set() and self.keeper.monotonic() < self.keeper.valid_until
+
+    def fence(self, db):
+        self.keeper.store.lease_fence(db, self.keeper.holder, self.keeper.generation)
+
+    def proves(self):
+        """True when the lease row names this instance in the generation it took (one read)."""
+        if not self.is_set():
+            return False
+        with self.keeper.store.lock:
+            try:
+                self.fence(self.keeper.store.db)
+            except (LeaseLost, sqlite3.Error):
+                return False
+        return True
+
+
 class LeaseKeeper(Worker):
-    """Holds the delivery lease so only one instance on a volume runs workers and the receiver."""
+    """Holds the delivery lease so only one instance on a volume runs workers and the receiver.
+
+    Fenced: another instance's lease is taken only after this keeper watched it unchanged (not
+    renewed) for a whole lease period on its own monotonic clock, so a step of either wall clock
+    cannot hand it over early; the holder counts its own expiry on its monotonic clock too, and
+    every send and every recorded delivery is checked against the lease's generation.
+    """
 
     name = "lease"
 
-    def __init__(self, store, log, metrics, clock=time.time, holder=None, seconds=LEASE_SECONDS):
+    def __init__(self, store, log, metrics, clock=time.time, holder=None, seconds=LEASE_SECONDS,
+                 monotonic=time.monotonic):
         super().__init__()
         self.store, self.log, self.metrics, self.clock = store, log, metrics, clock
+        self.monotonic = monotonic
         self.holder = holder or "%s:%d:%s" % (_host_id(), os.getpid(), secrets.token_hex(4))
         self.lock = threading.Lock()   # tick and release never interleave
         _OWN_HOLDERS.add(self.holder)
         self.seconds = seconds
-        self.leader = threading.Event()
-        self.renewed = 0.0
+        self.generation = None     # of the lease while this instance holds it
+        self.valid_until = 0.0     # monotonic: this instance may start a send until then
+        self.watched = None        # (another holder's lease row, monotonic time it was first seen so)
+        self.leader = LeaderFlag(self)
 
     def tick(self):
         with self.lock:
             if not self.stopping.is_set():
                 self._tick()
 
+    def _lapsed(self, row):
+        """True once another holder's lease row has stayed the same for a lease period (monotonic): this
+        instance's period or the holder's, whichever is longer."""
+        now = self.monotonic()
+        if self.watched is None or self.watched[0] != row:
+            self.watched = (row, now)
+            return False
+        return now - self.watched[1] >= max(self.seconds, row[4] or 0)
+
     def _tick(self):
-        now = self.clock()
+        started, now = self.monotonic(), self.clock()
         try:   # a heartbeat of every serving instance: restore and rotate-key refuse while any is fresh
             self.store.acquire_lease(self.holder, now, self.seconds, name="serving:" + self.holder)
         except StoreError:
             pass
         try:
-            got = self.store.acquire_lease(self.holder, now, self.seconds, is_dead=lease_holder_dead)
-            self.renewed = now if got else self.renewed
+            generation = self.store.acquire_lease(self.holder, now, self.seconds, is_dead=lease_holder_dead,
+                                                  lapsed=self._lapsed)
+            if generation:
+                # two renewals may fail before this instance stops by itself, a third of a period
+                # before another one may take over
+                self.generation, self.valid_until = generation, started + self.seconds * 2 / 3
+                self.watched = None
+            got = bool(generation)
         except StoreError:
-            got = self.leader.is_set() and now - self.renewed < self.seconds * 0.8
-        if got and not self.leader.is_set():
+            got = self.leader.is_set()
+        if got and not super(LeaderFlag, self.leader).is_set():
             self.log.info("this instance now delivers messages (lease taken)")
             self.leader.set()
-        elif not got and self.leader.is_set():
+        elif not got and super(LeaderFlag, self.leader).is_set():
             self.log.warn("lease lost to another instance; delivery paused here")
             self.leader.clear()
         self.metrics.set("whatsignal_leader", 1 if got else 0)
@@ -4701,6 +4836,17 @@ def readable_by_others(paths):
             if os.stat(p).st_mode & 0o077:
                 out.append(p)
     return out
+
+
+def private_files_warning(db_path, cache_dir):
+    """One line naming the database files and media cache other users can read, with the fix; None if none."""
+    files = readable_by_others([db_path, db_path + "-wal", db_path + "-shm"])
+    dirs = readable_by_others([cache_dir]) if cache_dir else []
+    if not files and not dirs:
+        return None
+    fix = "; ".join(f for f in ("chmod 600 " + " ".join(files) if files else "",
+                                "chmod 700 " + " ".join(dirs) if dirs else "") if f)
+    return "readable by other users: %s (fix: %s)" % (", ".join(files + dirs), fix)
 RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
     ("queue", "state IN ('done', 'dead') AND updated_at < ?"),
     ("messages", "created_at < ?"),
@@ -4841,6 +4987,9 @@ def verify(db_path, config):
     if "salt" not in meta or "key_check" not in meta:
         report["key"] = "no key check value (not a WhatSignal database?)"
         return False, report
+    loose = private_files_warning(db_path, config.get("media.cacheDir"))
+    if loose:
+        report["warning"] = loose
     try:
         n, r, p = kdf_params(meta.get("kdf"), True)
     except CryptoError as e:
@@ -5050,6 +5199,9 @@ class App:
         for w in self.workers:
             w.start()
         self._schedule_cleanup(min(60.0, self.config.get("cleanupIntervalHours") * 3600))
+        loose = private_files_warning(self.store.path, self.config.get("media.cacheDir"))
+        if loose:
+            self.log.warn(loose)
         if not self.config.encryption:
             self.log.warn("encryption at rest is DISABLED (WHATSIGNAL_ENABLE_ENCRYPTION=false): messages and numbers "
                           "are stored in plaintext")
