@@ -4847,6 +4847,8 @@ def private_files_warning(db_path, cache_dir):
     fix = "; ".join(f for f in ("chmod 600 " + " ".join(files) if files else "",
                                 "chmod 700 " + " ".join(dirs) if dirs else "") if f)
     return "readable by other users: %s (fix: %s)" % (", ".join(files + dirs), fix)
+
+
 RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
     ("queue", "state IN ('done', 'dead') AND updated_at < ?"),
     ("messages", "created_at < ?"),
