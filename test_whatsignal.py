@@ -1162,6 +1162,8 @@ class FakeSignalDaemon(_FakeBase):
         self.dropped = 0
         self.trusted = []
         self.connections_opened = 0
+        self.captcha_token = None          # rate-limit results carry this challenge token when set
+        self.retry_after_seconds = 60      # ... and this retryAfterSeconds (None: absent)
         self.untrusted_senders = set()   # senders whose new identity key is not trusted (receive fails)
         self.held = []                   # their messages, delivered again after `trust`
         self.accounts = None          # started without -a: the accounts it serves (then "account" is a param)
@@ -1473,8 +1475,12 @@ class FakeSignalDaemon(_FakeBase):
             res["groupId"] = group_id
         res["type"] = kind
         if kind == "RATE_LIMIT_FAILURE":
-            res["token"] = "fake-challenge-token"
-            res["retryAfterSeconds"] = 60
+            # token only when Signal wants a captcha (proofRequiredFailure); retryAfterSeconds when it says
+            # (JsonSendMessageResult.java)
+            if self.captcha_token:
+                res["token"] = self.captcha_token
+            if self.retry_after_seconds is not None:
+                res["retryAfterSeconds"] = self.retry_after_seconds
         return res
 
     def _check_recipient(self, r):
@@ -7625,6 +7631,63 @@ class TestSignalCliUntrustedOwner:
         told = [t for t in sc_texts(h) if "safety number" in t]
         assert len(told) == 1
         assert any("trusted the owner's new safety number" in r["msg"] for r in h.logs.records())
+
+class TestSignalCliRateLimits:
+    """Send results carry retryAfterSeconds and, when Signal wants a captcha, a challenge token."""
+
+    def test_retry_after_seconds_is_honoured(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
+        h.signal.retry_after_seconds = 900
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0RATE", "patience"))
+        d.run_once()
+        h.signal.recipient_results.pop(OWNER)
+        clock.advance(600)
+        d.run_once()
+        assert len(h.signal.requests("send")) == 1          # 600 s < 900 s: not yet
+        clock.advance(301)
+        d.run_once()
+        assert sc_texts(h)[-1].endswith("patience")
+
+    def test_a_captcha_is_reported_once_with_the_exact_step_and_messages_wait(self, sc_make):
+        h = sc_make()
+        d, clock = w2s_manual(h)
+        h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
+        h.signal.captcha_token = "5fd0b3c2-challenge"
+        for i in range(2):
+            w2s_post(h, w2s_message(h, SC_CHAT, "3EB0CAP%d" % i, "wait %d" % i))
+        for _ in range(5):
+            d.run_once()
+            clock.advance(3600.0 * 12)                      # two and a half days: nothing given up
+        assert [r["state"] for r in w2s_queue(h)] == ["pending", "pending"]
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert len(errors) == 1
+        assert ("signal-cli -a %s submitRateLimitChallenge --challenge 5fd0b3c2-challenge --captcha" % BRIDGE
+                in errors[0]["msg"]) and "signalcaptchas.org" in errors[0]["msg"]
+        notices = [r for r in h.signal.requests("send") if "captcha" in (r["params"].get("message") or "")]
+        assert len(notices) == 1 and notices[0]["params"]["recipient"] == [OWNER]   # told once (best effort)
+        h.signal.recipient_results.pop(OWNER)            # the operator solved it
+        assert w2s_drain(h, d, clock)
+        assert [t.rsplit(" ", 1)[1] for t in sc_texts(h) if "wait " in t] == ["0", "1"]
+
+    def test_rest_challenge_tokens_are_a_captcha_too(self, tmp_path):
+        h = Harness(tmp_path, "rest", rest_mode="json-rpc").start()
+        try:
+            d, clock = w2s_manual(h)
+            h.signal.recipient_failures[OWNER] = "RATE_LIMIT_FAILURE"
+            w2s_post(h, w2s_message(h, SC_CHAT, "3EB0RCAP", "rest wait"))
+            for _ in range(3):
+                d.run_once()
+                clock.advance(3600.0 * 20)
+            assert [r["state"] for r in w2s_queue(h)] == ["pending"]
+            errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+            assert len(errors) == 1 and "rate-limit-challenge" in errors[0]["msg"]
+            h.signal.recipient_failures.pop(OWNER)
+            assert w2s_drain(h, d, clock)
+            assert h.sends()[-1].endswith("rest wait")
+        finally:
+            h.stop()
 
 ###############################################################################
 # Operations, faults and abuse ################################################

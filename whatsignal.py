@@ -176,6 +176,15 @@ class SignalSetupError(HeldError):
     """
 
 
+class CaptchaRequired(HeldError):
+    """Signal wants a captcha before the bridge's account sends more: hold, and say how to solve it."""
+
+    def __init__(self, message, token, retry_after, step):
+        super().__init__(message, max(retry_after or 0.0, 300.0))
+        self.token = token
+        self.step = step
+
+
 class PermanentError(UpstreamError):
     """Retrying cannot help: park the item as dead and tell the owner."""
 
@@ -2496,7 +2505,7 @@ class SignalRpcClient(SignalClient):
                 raise self.setup_error(
                     "signal-cli does not serve the bridge's account signal.number %s (%s). Fix: register or link it in "
                     "that signal-cli, or correct signal.number" % (mask_phone(self.number), shorten(str(err.get("message")), 80)))
-            e = _rpc_error(err)
+            e = _rpc_error(err, self.number)
             e.answered = True        # signal-cli read the request and refused it, as opposed to being unreachable
             self.answered()
             raise e
@@ -2523,7 +2532,7 @@ class SignalRpcClient(SignalClient):
         if edit_ts:
             params["editTimestamp"] = int(edit_ts)
         if not attachments:
-            return _send_timestamp(self.call("send", params), to)
+            return _send_timestamp(self.call("send", params), to, self.number)
         inline, shared, entries = [], [], []
         try:
             for a in attachments:
@@ -2548,7 +2557,7 @@ class SignalRpcClient(SignalClient):
                     os.remove(path)
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.dirname(path))
-        return _send_timestamp(result, to)
+        return _send_timestamp(result, to, self.number)
 
     @staticmethod
     def uri_length(att):
@@ -2698,13 +2707,30 @@ def parse_sse(stream, stop, before_read=None):
                 data.append(value)
 
 
-def _rpc_error(err):
+def _rate_limited(results, message, number):
+    """The error for rate-limited send results: wait retryAfterSeconds; a challenge token means a captcha."""
+    waits = [r["retryAfterSeconds"] for r in results if isinstance(r.get("retryAfterSeconds"), int)
+             and not isinstance(r.get("retryAfterSeconds"), bool) and r["retryAfterSeconds"] >= 0]
+    wait = float(min(max(waits), 86400)) if waits else 60.0
+    tokens = [r["token"] for r in results if isinstance(r.get("token"), str) and r["token"].strip()]
+    if tokens:
+        token = tokens[0].strip()[:200]
+        step = ("solve a captcha at https://signalcaptchas.org/challenge/generate.html, copy the signalcaptcha:// link "
+                "it opens, then run `signal-cli -a %s submitRateLimitChallenge --challenge %s --captcha "
+                "'signalcaptcha://...'`" % (number, token))
+        return CaptchaRequired("Signal wants a captcha before the bridge's number sends more (%s)" % message, token,
+                               wait, step)
+    return TransientError("signal-cli is rate limited (%s); waiting %.0f s" % (message, wait), wait)
+
+
+def _rpc_error(err, number="NUMBER"):
     code, message = err.get("code"), shorten(str(err.get("message") or ""), 200)
     data = err.get("data") if isinstance(err.get("data"), dict) else {}
     response = data.get("response") if isinstance(data.get("response"), dict) else {}
-    kinds = {r.get("type") for r in response.get("results") or [] if isinstance(r, dict)}
+    results = [r for r in response.get("results") or [] if isinstance(r, dict)]
+    kinds = {r.get("type") for r in results}
     if code == -5 or kinds == {"RATE_LIMIT_FAILURE"}:
-        return TransientError("signal-cli is rate limited (%s)" % message, 60.0)
+        return _rate_limited(results, message, number)
     if "NETWORK_FAILURE" in kinds or (code == -1 and "failed to send message" in message.lower()
                                       and not kinds & {"UNREGISTERED_FAILURE", "IDENTITY_FAILURE"}):
         return TransientError("signal-cli could not reach Signal (%s)" % message, 30.0)
@@ -2731,7 +2757,7 @@ def _rpc_error(err):
     return PermanentError("signal-cli refused (%s %s)" % (code, message))
 
 
-def _send_timestamp(result, to):
+def _send_timestamp(result, to, number="NUMBER"):
     if isinstance(result, dict):
         for r in result.get("results") or []:
             if isinstance(r, dict) and r.get("type") not in (None, "SUCCESS"):
@@ -2740,6 +2766,8 @@ def _send_timestamp(result, to):
                     raise IdentityError("untrusted identity of the recipient")
                 if t == "UNREGISTERED_FAILURE":
                     raise PermanentError("the recipient is not registered on Signal")
+                if t == "RATE_LIMIT_FAILURE" and not to.startswith("group:"):
+                    raise _rate_limited([r], "rate limited", number)
                 if not to.startswith("group:"):
                     raise TransientError("signal-cli send failed: %s" % t)
         ts = result.get("timestamp")
@@ -2774,6 +2802,13 @@ class SignalRestClient(SignalClient):
                 "link it in signal-cli-rest-api and restart it, or correct signal.number; messages stay queued"
                 % (mask_phone(self.number), shorten(reason, 60)))
         self.answered()
+        tokens = msg.get("challenge_tokens") if isinstance(msg, dict) else None
+        if resp.status == 429 and isinstance(tokens, list) and tokens and isinstance(tokens[0], str):
+            step = ("solve a captcha at https://signalcaptchas.org/challenge/generate.html, then POST "
+                    "{\"challenge_token\": \"%s\", \"captcha\": \"signalcaptcha://...\"} to %s/v1/accounts/%s/"
+                    "rate-limit-challenge" % (tokens[0][:200], self.base, self.number))
+            raise CaptchaRequired("Signal wants a captcha before the bridge's number sends more (%s)" % reason,
+                                  tokens[0][:200], _retry_after(resp), step)
         if resp.status >= 500 or resp.status in (408, 429) or "rate limit" in low:
             raise TransientError("signal-cli-rest-api answered %d: %s" % (resp.status, reason), _retry_after(resp))
         if "untrusted" in low or "identity" in low:
@@ -3093,6 +3128,7 @@ class Bridge:
         self._media_failed = {}   # queued item -> notice, for media that cannot come
         self._media_send_failures = {}   # queued item -> times signal-cli refused its media
         self.untrusted = set()   # channels whose owner's new identity key signal-cli does not trust yet
+        self.captchas = set()    # rate-limit challenge tokens already reported
         self.warned_json_limit = False
         self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
@@ -3182,6 +3218,21 @@ class Bridge:
         self.untrusted.discard(channel.session)
         self.tell_key_trusted(channel)
         return True
+
+    def captcha_required(self, channel, e):
+        """Once per challenge: an ERROR with the exact step, and a notice to the owner's control conversation."""
+        if e.token in self.captchas:
+            return
+        if len(self.captchas) > 100:
+            self.captchas.clear()
+        self.captchas.add(e.token)
+        self.log.error("Signal rate-limits the bridge's number and wants a captcha; messages stay queued until it is "
+                       "solved. Fix: " + e.step)
+        try:
+            self.notify(channel, "Signal asks the bridge's number to solve a captcha before it sends more; your "
+                                 "messages wait until then. The bridge's log has the one command to run.")
+        except UpstreamError as err:
+            self.log.warn("could not tell the owner about the captcha", reason=scrub(err))
 
     def tell_key_trusted(self, channel):
         try:
@@ -4055,6 +4106,10 @@ class Deliverer(Worker):
                 self.bridge.owner_key_changed(channel, "send")
             return self._retry(row, e)
         except TransientError as e:
+            if isinstance(e, CaptchaRequired):
+                channel = self.bridge.config.channel(row["channel"])
+                if channel is not None:
+                    self.bridge.captcha_required(channel, e)
             return self._retry(row, e)
         except (PermanentError, CryptoError) as e:
             if isinstance(e, CryptoError):
