@@ -7689,6 +7689,22 @@ class TestSignalCliRateLimits:
         finally:
             h.stop()
 
+class TestSignalCliOwnerAttachments:
+
+    def test_an_attachment_over_the_limit_is_refused_before_get_attachment(self, sc_make):
+        h = sc_make()
+        w2s_post(h, w2s_message(h, SC_CHAT, "3EB0ATT", "send me the film"))
+        assert eventually(lambda: sc_texts(h))
+        h.signal.attachments["film.mp4"] = b"\x00\x00\x00\x18ftypmp42" + b"0" * 64
+        ts = s2w_push(h, "here", attachments=[{"contentType": "video/mp4", "id": "film.mp4", "filename": "film.mp4",
+                                               "size": 60 * 1024 * 1024, "width": None, "height": None,
+                                               "caption": None, "uploadTimestamp": None}])
+        assert eventually(lambda: [t for t in sc_texts(h) if t.startswith("Not delivered to WhatsApp")])
+        [told] = [t for t in sc_texts(h) if t.startswith("Not delivered to WhatsApp")]
+        assert "60 MB over media.maxSizeMB (5 MB)" in told
+        assert h.signal.requests("getAttachment") == [] and h.waha.sent() == []
+        assert [r["params"].get("quoteTimestamp") for r in h.signal.requests("send")][-1] == ts
+
 ###############################################################################
 # Operations, faults and abuse ################################################
 ###############################################################################

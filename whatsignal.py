@@ -2625,6 +2625,10 @@ class SignalRpcClient(SignalClient):
         return out
 
     def get_attachment(self, att, max_bytes):
+        if isinstance(att.get("size"), int) and att["size"] > max_bytes:
+            # the answer would be the whole file as one base64 string: refuse before asking for it
+            raise PermanentError("attachment of %s over media.maxSizeMB (%s)" % (human_size(att["size"]),
+                                                                                human_size(max_bytes)))
         r = self.call("getAttachment", {"id": att["id"]})
         data = r.get("data") if isinstance(r, dict) else None
         if not isinstance(data, str):
