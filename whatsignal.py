@@ -104,6 +104,7 @@ SSE_SILENCE = 45.0                    # a signal-cli SSE stream silent this long
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 4   # key derivation of new databases: 16 MiB, twice the old work
 SCRYPT_LEGACY = (2 ** 15, 8, 1)                # databases that record no "kdf" were created with this (32 MiB)
 QUOTE_PREVIEW = 60                    # characters of an unknown quoted message shown inline
+STALE_MARGIN = 3600.0                 # webhooks older than retentionDays minus this are refused as replays
 LEASE_SECONDS = 15.0                  # delivery lease held by the active instance
 SESSION_POLL_SECONDS = 60.0           # each WAHA session's status is read this often (webhooks can be lost)
 STARTING_STUCK_SECONDS = 300.0        # a session STARTING longer than this is stuck
@@ -1242,6 +1243,21 @@ def _parse_session_status(payload, event):
     ts = event.get("timestamp") if isinstance(event.get("timestamp"), (int, float)) else None
     dedupe = "s:" + (eid or "%s:%s" % (status, ts if ts is not None else secrets.token_hex(8)))
     return "session.status", dedupe[:300], "~session", {"status": status[:40]}
+
+
+def event_time(event):
+    """When WhatsApp says a webhook's event happened (Unix seconds), or None when it does not say.
+
+    The payload's ``timestamp`` (seconds; WEBJS reactions fractional; ``after`` of a
+    revoke), else the envelope's (milliseconds).  Both are inside the signed body.
+    """
+    payload = event.get("payload") if isinstance(event.get("payload"), dict) else {}
+    if event.get("event") == "message.revoked":
+        payload = next((p for p in (payload.get("after"), payload.get("before")) if isinstance(p, dict)), {})
+    for value in (payload.get("timestamp"), event.get("timestamp")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e15:
+            return value / 1000.0 if value > 1e11 else float(value)      # 1e11 s is the year 5138
+    return None
 
 
 def describe_location(loc):
@@ -3151,6 +3167,13 @@ class Bridge:
         if self.config.channel(inbound.session) is None:
             self.log.warn("webhook for an unknown WAHA session ignored", session=inbound.session[:40])
             return "ignored"
+        when = event_time(event)
+        if when is not None and when < self.clock() - self.config.get("retentionDays") * 86400 + STALE_MARGIN:
+            # older than the dedupe memory: it may have been delivered and forgotten, so a replay is refused
+            self.metrics.inc("whatsignal_rejected_total", reason="stale")
+            self.log.warn("stale webhook ignored: older than retentionDays", event=inbound.kind,
+                          age_days=round((self.clock() - when) / 86400, 1))
+            return "stale"
         record = dict(inbound.record, received_at=self.clock())
         new = self.store.enqueue(inbound.session, "w2s", inbound.dedupe, inbound.chat, inbound.kind, record, self.clock())
         if new:
@@ -4618,6 +4641,8 @@ class BridgeServer(http.server.ThreadingHTTPServer):
         self.app.metrics.inc("whatsignal_rejected_total", reason="connections")
         with contextlib.suppress(OSError):
             request.setblocking(False)
+            with contextlib.suppress(OSError):
+                request.recv(65536)            # what has arrived already: closing on unread data resets the 503
             request.send(BUSY_RESPONSE)
         self.shutdown_request(request)
         now = time.monotonic()
