@@ -23,9 +23,10 @@ becomes a file path, and only the configured owner can speak through it.
 
 Security: webhooks must carry WAHA's HMAC-SHA512 signature; message text,
 phone numbers, chat ids and names are encrypted at rest (scrypt-derived keys,
-BLAKE2b keystream, HMAC-SHA256 encrypt-then-MAC) with keyed lookup tokens;
-secrets, text and full numbers never reach the logs.  The server binds to
-127.0.0.1 by default.
+BLAKE2b keystream, HMAC-SHA256 encrypt-then-MAC, each value bound to its table,
+column and row) with keyed lookup tokens; secrets, text and full numbers never
+reach the logs; the files are readable by the bridge's user only; one instance
+delivers at a time (a fenced lease).  The server binds to 127.0.0.1 by default.
 
 Sections (grep -n '^# .*###' whatsignal.py):
     Constants and defaults, Errors, Logging and metrics, Configuration,
