@@ -2922,6 +2922,7 @@ CORE_STRANGER = "+15550009999"              # someone who is not the owner
 CORE_TEXT = "Meet me at the old lighthouse xyzzy-7731"
 CORE_REPLY = "Bring the blue umbrella plugh-4402"
 CORE_NAME = "Zebulon Quixote"
+CORE_SHOWN = "~%s (+%s)" % (CORE_NAME, CORE_PEER)   # a push name, not a saved contact: marked
 CORE_DELETE = object()
 CORE_ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 CORE_LOG_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
@@ -2987,7 +2988,7 @@ def core_round_trip(h, text=CORE_TEXT, reply=CORE_REPLY):
     """WhatsApp message in (signed webhook), Signal copy out, owner reply back to the WhatsApp chat."""
     assert h.webhook(core_message_event(h, text)) == (200, {"status": "stored"})
     assert eventually(lambda: len(h.sends()) >= 1), "the message never reached Signal"
-    assert h.sends() == ["%s: %s" % (CORE_NAME, text)]
+    assert h.sends() == ["%s: %s" % (CORE_SHOWN, text)]
     # the copy's mapping is recorded just after the send returns: the plain reply needs it
     assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM messages")[0] >= 1)
     h.signal.push(owner_env(int(time.time() * 1000), reply))
@@ -3823,7 +3824,7 @@ class TestHttpServer:
         assert status == 200 and json.loads(body) == {"status": "stored"}
         assert headers["content-type"] == "application/json"
         assert eventually(lambda: h.sends())
-        assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
+        assert h.sends() == ["%s: %s" % (CORE_SHOWN, CORE_TEXT)]
         assert core_queue_rows(h) == 1
         # the same event again (WAHA retry): acknowledged, not delivered twice
         assert h.webhook(core_message_event(h)) == (200, {"status": "duplicate"})
@@ -3948,7 +3949,7 @@ class TestHttpServer:
         status, _, body, _ = post_signed(h, core_message_event(h))
         assert (status, json.loads(body)) == (200, {"status": "stored"}), "the 503 event was not stored"
         assert eventually(lambda: h.sends())
-        assert h.sends() == ["%s: %s" % (CORE_NAME, CORE_TEXT)]
+        assert h.sends() == ["%s: %s" % (CORE_SHOWN, CORE_TEXT)]
 
     def test_failed_signatures_are_throttled_but_signed_traffic_is_not(self, rpc_bridge):
         h = rpc_bridge
@@ -4326,7 +4327,7 @@ class TestCommandLine:
             assert waha.webhook(url + "/webhook/whatsapp", ev, WEBHOOK_SECRET) == (200, {"status": "stored"})
             assert waha.webhook(url + "/webhook/whatsapp", ev, None)[0] == 401
             assert sig.wait_for(lambda f: f.sent("send"), 10)
-            assert sig.sent("send")[0]["message"] == "%s: %s" % (CORE_NAME, CORE_TEXT)
+            assert sig.sent("send")[0]["message"] == "%s: %s" % (CORE_SHOWN, CORE_TEXT)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=10)
@@ -5040,15 +5041,15 @@ class TestForwarding:
                 assert c["headers"].get("x-api-key") == WAHA_KEY
 
     def test_sender_naming(self, w2s_make):
-        """Contact name (WAHA contacts), else push name, else +number; groups add "in <group name>"."""
+        """Contact name (WAHA contacts), else ~push name (+number), else +number; groups add "in <group name>"."""
         h = w2s_make()
         cases = [  # (sender, WAHA contact entry, group subject or None for a 1:1 chat, push name, expected)
             ("15550001001@c.us", "Alice Example", None, "Ali", "Alice Example: hello"),
-            ("15550001002@c.us", {"name": None, "pushname": "Alice P"}, None, None, "Alice P: hello"),
-            ("15550001003@c.us", None, None, "Ali", "Ali: hello"),
+            ("15550001002@c.us", {"name": None, "pushname": "Alice P"}, None, None, "~Alice P (+15550001002): hello"),
+            ("15550001003@c.us", None, None, "Ali", "~Ali (+15550001003): hello"),
             ("15550001004@c.us", None, None, None, "+15550001004: hello"),
             ("15550001005@c.us", "Alice Example", "Family", None, "Alice Example in Family: hello"),
-            ("15550001006@c.us", None, "Family", "Ali", "Ali in Family: hello"),
+            ("15550001006@c.us", None, "Family", "Ali", "~Ali (+15550001006) in Family: hello"),
             ("15550001007@c.us", None, "Family", None, "+15550001007 in Family: hello"),
         ]
         for i, (sender, contact, subject, push, _want) in enumerate(cases):
@@ -5199,7 +5200,7 @@ class TestForwarding:
         w2s_post(h, w2s_message(h, W2S_GROUP, "3EB0GL", "hi all", participant="77001122334455@lid"))
         w2s_post(h, w2s_message(h, "5566778899@lid", "3EB0UL", "who am I", push="Mystery"))
         w2s_settle(h)
-        assert w2s_texts(h) == ["Dora in Family: hi all", "Mystery: who am I"]
+        assert w2s_texts(h) == ["Dora in Family: hi all", "~Mystery (hidden number): who am I"]
 
 
 # ===============================================================================================
@@ -7277,6 +7278,53 @@ class TestWahaCore:
         assert h.waha.sent("video")[0]["caption"] == "Party 2"
 
 
+# ---------------------------------------------------------------------------
+class TestImpersonation:
+    """Someone outside the owner's contacts picks their own WhatsApp name (push name): it is shown marked,
+    as WhatsApp does, and a name given to /to never picks them over a saved contact."""
+
+    STRANGER = "447700900999@c.us"
+
+    def test_a_stranger_using_a_contacts_name_is_marked_and_never_gets_its_messages(self, s2w_make):
+        h = s2w_make("rpc")                              # S2W_ALICE is saved as "Alice Example"
+        s2w_forward(h, S2W_ALICE, "dinner at 8?", push="Alice")
+        s2w_forward(h, self.STRANGER, "new number, dinner at 9?", push="Alice Example")
+        assert s2w_texts_to(h)[-2:] == ["Alice Example: dinner at 8?",
+                                         "~Alice Example (+447700900999): new number, dinner at 9?"]
+        s2w_forward(h, "447700900888@c.us", "it's Alice", push="Alice")
+        assert s2w_texts_to(h)[-1] == "~Alice (+447700900888): it's Alice"
+        # before: "/to Alice" picked the stranger whose push name is exactly "Alice"
+        s2w_push(h, "/to Alice see you at 8")
+        s2w_push(h, "/to Alice Example see you at 8!")
+        s2w_settle(h)
+        assert [(b["chatId"], b["text"]) for b in s2w_waha_texts(h) if b["text"].startswith("see you")] == \
+            [(S2W_ALICE, "see you at 8"), (S2W_ALICE, "see you at 8!")]
+        # a stranger is reached by the whole marked name (or number), never by a name alone
+        s2w_push(h, "/to ~Alice (+447700900888) who are you?")
+        s2w_settle(h)
+        assert s2w_waha_texts(h, "447700900888@c.us")[-1]["text"] == "who are you?"
+        s2w_push(h, "/chats")
+        assert eventually(lambda: s2w_texts_to(h)[-1].startswith("Recent chats"))
+        assert "~Alice Example (+447700900999)" in s2w_texts_to(h)[-1]
+        assert "(+447700900999) (+447700900999)" not in s2w_texts_to(h)[-1]
+
+    def test_a_name_only_strangers_carry_or_several_chats_share_answers_with_the_candidates(self, s2w_make):
+        h = s2w_make("rpc")
+        h.waha.contacts["447700900555@c.us"] = "Bob Marley"
+        s2w_forward(h, S2W_BOB, "hi from Bob Builder")
+        s2w_forward(h, "447700900555@c.us", "hi from Bob Marley")
+        s2w_forward(h, self.STRANGER, "hi, Zed here", push="Zed")
+        sent = len(h.waha.sent("text"))
+        s2w_push(h, "/to Bob are you there?")
+        assert eventually(lambda: "matches several chats" in s2w_texts_to(h)[-1])
+        assert "Bob Builder" in s2w_texts_to(h)[-1] and "Bob Marley" in s2w_texts_to(h)[-1]
+        s2w_push(h, "/to Zed are you there?")
+        assert eventually(lambda: s2w_texts_to(h)[-1].startswith("No saved contact or group is named 'Zed'"))
+        assert "~Zed (+447700900999)" in s2w_texts_to(h)[-1]
+        s2w_settle(h)
+        assert [b["text"] for b in h.waha.sent("text")[sent:]][:-1] == []      # only the settle marker went out
+
+
 ###############################################################################
 # signal-cli as its own source defines it #####################################
 ###############################################################################
@@ -7750,6 +7798,11 @@ def ops_msg(chat, text, mid, push=None, reply_to=None, session="default"):
         payload["replyTo"] = {"id": reply_to, "participant": chat, "body": "earlier"}
     return {"id": "evt_" + mid.lower(), "event": "message", "session": session, "payload": payload,
             "engine": "GOWS", "me": {"id": "15550000001@c.us", "pushName": "Bridge"}}
+
+
+def ops_shown(push, chat=OPS_ALICE):
+    """How the owner sees a sender known only by the push name *push* (not a saved contact)."""
+    return "~%s (+%s)" % (push, chat.split("@")[0])
 
 
 def ops_body(event):
@@ -8244,7 +8297,8 @@ class TestKeyRotation:
             assert h.webhook(ops_msg(OPS_BOB, "hi from bob", "ROTB1", push="Bob"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 2)
             copies = {r["message"]: r["timestamp"] for r in h.signal.requests("send")}
-            ts_alice, ts_bob = copies["Alice: hi from alice"], copies["Bob: hi from bob"]
+            ts_alice = copies["~Alice (+4915111111189): hi from alice"]      # push names: not saved contacts
+            ts_bob = copies["~Bob (+4915222222278): hi from bob"]
             now = int(time.time() * 1000)
             h.signal.push(ops_quote(h, ts_alice, "answer before rotation", now))
             assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1)
@@ -8744,7 +8798,8 @@ class TestCrashes:
             for p in daemon.sent():
                 m = OPS_W2S.search(p.get("message") or "")
                 if m:
-                    assert p["message"] == "P%d: w2s %s" % (int(m.group(1)) % 4, m.group(1))
+                    k = int(m.group(1)) % 4
+                    assert p["message"] == "%s: w2s %s" % (ops_shown("P%d" % k, OPS_CHATS[k]), m.group(1))
                     assert p["recipient"] == [OWNER]
             for b in waha.sent("text"):
                 if s2w_re.search(b["text"]):
@@ -8959,9 +9014,10 @@ class TestOutages:
             ops_kick(h, clock)
             assert eventually(lambda: len(h.sends()) == 5, 10)
             sends = h.sends()
-            assert sorted(sends) == sorted("N: outage " + t for _, t in plan)
-            assert [s for s in sends if "A" in s.split()[-1]] == ["N: outage A1", "N: outage A2", "N: outage A3"]
-            assert [s for s in sends if "B" in s.split()[-1]] == ["N: outage B1", "N: outage B2"]
+            assert sorted(sends) == sorted(ops_shown("N", c) + ": outage " + t for c, t in plan)
+            a, b = ops_shown("N", OPS_ALICE), ops_shown("N", OPS_BOB)
+            assert [s for s in sends if "A" in s.split()[-1]] == [a + ": outage A1", a + ": outage A2", a + ": outage A3"]
+            assert [s for s in sends if "B" in s.split()[-1]] == [b + ": outage B1", b + ": outage B2"]
             assert h.app.store.query("SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0
             assert not [r for r in h.logs.records() if r["level"] == "ERROR" and "internal" in r["msg"]]
         finally:
@@ -8999,7 +9055,7 @@ class TestOutages:
             assert [b["text"] for b in h.waha.sent("text")] == ["owner says 0", "owner says 1", "owner says 2"]
             assert all(b["chatId"] == OPS_ALICE for b in h.waha.sent("text"))
             # the owner was not told about a failure: a delay is not an error
-            assert h.sends() == ["Alice: hello"]
+            assert h.sends() == [ops_shown("Alice") + ": hello"]
         finally:
             h.stop()
 
@@ -9071,7 +9127,7 @@ class TestOutages:
             clock.advance(-OPS_DAY)
             daemon.mode = "ok"
             d.run_once()
-            assert sends() == ["A: jump one"]
+            assert sends() == [ops_shown("A") + ": jump one"]
             # dedupe does not depend on the clock
             assert app.bridge.ingest_webhook(ops_msg(OPS_ALICE, "jump one", "CJ1", push="A")) == "duplicate"
             clock.advance(2 * OPS_DAY)
@@ -9083,11 +9139,11 @@ class TestOutages:
             tries = len(daemon.calls_for("/api/v1/rpc"))
             daemon.mode = "ok"
             d.run_once()
-            assert len(daemon.calls_for("/api/v1/rpc")) == tries and sends() == ["A: jump one"]
+            assert len(daemon.calls_for("/api/v1/rpc")) == tries and sends() == [ops_shown("A") + ": jump one"]
             # ... and a jump forward makes it due at once
             clock.advance(3600)
             d.run_once()
-            assert sends() == ["A: jump one", "B: jump two"]
+            assert sends() == [ops_shown("A") + ": jump one", ops_shown("B", OPS_BOB) + ": jump two"]
             # retention follows the clock it is given, and never takes what is pending
             daemon.mode = "down"
             assert app.bridge.ingest_webhook(ops_msg(OPS_CAROL, "jump three", "CJ3", push="C")) == "stored"
@@ -9294,7 +9350,7 @@ class TestFuzz:
             h.signal.clear()
             h.waha.clear()
             assert h.webhook(ops_msg(OPS_ALICE, "after the fuzz", "AFTERFUZZ", push="Alice"))[1] == {"status": "stored"}
-            assert eventually(lambda: "Alice: after the fuzz" in h.sends(), 10)
+            assert eventually(lambda: ops_shown("Alice") + ": after the fuzz" in h.sends(), 10)
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 10)
             h.signal.push(owner_env(int(time.time() * 1000), "owner after the fuzz"))
             assert h.waha.wait_for(lambda f: any(b["text"] == "owner after the fuzz" for b in f.sent("text")), 10)
@@ -10061,7 +10117,7 @@ class TestSealedPlaces:
             sec_sql(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (a_enc, b))
             h.start()
             # the owner answers Alice: the swapped chat id must not send it to Bob
-            h.signal.push(ops_quote(h, copies["Alice: alice asks"], "for alice only", int(time.time() * 1000)))
+            h.signal.push(ops_quote(h, copies["~Alice (+4915111111189): alice asks"], "for alice only", int(time.time() * 1000)))
             assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE direction='s2w' AND state='dead'")[0] == 1)
             assert h.waha.sent("text") == []
             assert eventually(lambda: any("Not delivered to WhatsApp" in (t or "") for t in h.sends()))

@@ -1061,13 +1061,18 @@ def _sender_of(payload, msg_id, chat):
     return chat
 
 
+def clean_name(value):
+    """A name on one line, at most 100 characters, or None."""
+    return " ".join(value.split())[:100] or None if isinstance(value, str) else None
+
+
 def _push_name(payload):
     data = payload.get("_data")
     if isinstance(data, dict):
         for v in (data.get("notifyName"), data.get("pushName"),
                   data.get("Info", {}).get("PushName") if isinstance(data.get("Info"), dict) else None):
-            if isinstance(v, str) and v.strip():
-                return v.strip()[:100]
+            if clean_name(v):
+                return clean_name(v)
     return None
 
 
@@ -2355,13 +2360,14 @@ class WahaClient:
         self.call("DELETE", self._msg_path(session, chat, message_id))
 
     def contact_name(self, session, jid):
+        """Return (name saved in the owner's contacts, the person's own push name); either may be None."""
         q = urllib.parse.urlencode({"contactId": jid, "session": session})
         c = self.call("GET", "/api/contacts?" + q)
-        if isinstance(c, dict):
-            for k in ("name", "pushname", "shortName"):
-                if isinstance(c.get(k), str) and c[k].strip():
-                    return c[k].strip()[:100]
-        return None
+        if not isinstance(c, dict):
+            return None, None
+        pick = lambda *keys: next((clean_name(c[k]) for k in keys if clean_name(c.get(k))), None)
+        saved = pick("name", "shortName") if c.get("isMyContact") is not False else None
+        return saved, pick("pushname")
 
     def group_name(self, session, jid):
         g = self.call("GET", "/api/%s/groups/%s" % (urllib.parse.quote(session, safe=""), urllib.parse.quote(jid, safe="")))
@@ -3312,22 +3318,38 @@ class Bridge:
         return pn or jid
 
     def display_name(self, channel, jid, push=None, group=False):
-        """Contact or group name from WAHA (cached a day, also when WAHA has none), else the push name, else the number."""
+        """A group's name, a person's name in the owner's contacts, else ``~push name (+number)``, else the number.
+
+        Names come from WAHA (cached a day, also when WAHA has none).  A name the person chose
+        (WhatsApp's push name) is shown marked, as WhatsApp shows it, so that nobody outside the
+        owner's contacts can look like someone in them.
+        """
         key = (channel.session, jid)
-        name, at = self.names.get(key) or self.store.contact(channel.session, jid)
+        cached, at = self.names.get(key) or self.store.contact(channel.session, jid)
         now = self.clock()
-        if not at or not 0 <= now - at <= CONTACT_TTL:
+        if not at or not 0 <= now - at <= CONTACT_TTL or not (cached or "=")[0] in "=~":
             try:
-                looked = (self.waha.group_name if group else self.waha.contact_name)(channel.session, jid)
-                name, at = looked or name or push, now
-                self.store.set_contact(channel.session, jid, name, now)
+                if group:
+                    looked = clean_name(self.waha.group_name(channel.session, jid))
+                    looked = "=" + looked if looked else None
+                else:
+                    saved, their = self.waha.contact_name(channel.session, jid)
+                    looked = "=" + saved if saved else "~" + their if their else None
+                cached, at = looked, now
+                self.store.set_contact(channel.session, jid, cached, now)
             except UpstreamError as e:
                 self.log.debug("contact lookup failed", reason=scrub(e, 80))
-                name = name or push
+                cached = cached if cached and cached[0] in "=~" else None
         if len(self.names) > 5000:
             self.names.clear()
-        self.names[key] = (name, at)
-        return name or push or jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
+        self.names[key] = (cached, at)
+        if cached and cached[0] == "=":
+            return cached[1:]
+        number = jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
+        if group:
+            return number
+        push = clean_name(push) or (cached[1:] if cached else None)
+        return "~%s (%s)" % (push, number if jid_to_phone(jid) else "hidden number") if push else number
 
     # WhatsApp -> Signal -----------------------------------------------------
     def _on_message(self, channel, rec, row):
@@ -3887,7 +3909,8 @@ class Bridge:
             self.notify(channel, "No WhatsApp chats yet.")
             return
         lines = ["%d. %s%s" % (c["short"], c["name"] or "?",
-                               (" (" + jid_to_phone(c["chat"]) + ")") if jid_to_phone(c["chat"]) else
+                               (" (" + jid_to_phone(c["chat"]) + ")")
+                               if jid_to_phone(c["chat"]) and jid_to_phone(c["chat"]) not in (c["name"] or "") else
                                (" (group)" if c["chat"].endswith("@g.us") else "")) for c in chats]
         self.notify(channel, "Recent chats (answer with /to <n> <text>):\n" + "\n".join(lines))
 
@@ -3901,15 +3924,27 @@ class Bridge:
         if target.startswith("+"):
             jid = phone_to_jid(target)
             return (jid, None) if jid else (None, "%s is not a phone number in +E.164 form." % shorten(target, 20))
-        low = target.lower()
-        matches = [c for c in self.store.all_chats(channel.session) if c["name"] and low in c["name"].lower()]
+        # A name reaches saved contacts and groups; people outside the owner's contacts (shown as
+        # "~push name (+number)", a name they chose themselves) only by that whole marked name.
+        low = " ".join(target.split()).lower()
+        named = [c for c in self.store.all_chats(channel.session) if c["name"]]
+        strangers = [c for c in named if c["name"].startswith("~")]
+        whole = [c for c in strangers if c["name"].lower() == low]
+        if len(whole) == 1:
+            return whole[0]["chat"], None
+        matches = [c for c in named if not c["name"].startswith("~") and low in c["name"].lower()]
         exact = [c for c in matches if c["name"].lower() == low]
-        if len(exact) == 1 or len(matches) == 1:
-            return (exact or matches)[0]["chat"], None
-        if not matches:
-            return None, "No chat named %r; see /chats." % shorten(target, 30)
-        return None, "%r matches several chats: %s. Use the number from /chats." % (
-            shorten(target, 30), ", ".join("%d. %s" % (c["short"], c["name"]) for c in matches[:5]))
+        if len(matches) == 1 or len(exact) == 1 and not exact[0]["chat"].endswith("@g.us"):
+            return (exact if len(matches) > 1 else matches)[0]["chat"], None
+        listing = lambda cs: ", ".join("%d. %s" % (c["short"], c["name"]) for c in cs[:5])
+        if matches:
+            return None, "%r matches several chats: %s. Use the number from /chats." % (shorten(target, 30),
+                                                                                      listing(matches))
+        others = [c for c in strangers if low in c["name"].lower()]
+        if others:
+            return None, ("No saved contact or group is named %r. Not in your contacts: %s. Write to them with "
+                          "/to <n> or their +number." % (shorten(target, 30), listing(others)))
+        return None, "No chat named %r; see /chats." % shorten(target, 30)
 
     def _cmd_to(self, channel, rec, args, quote):
         words = args.split(" ")
