@@ -4082,7 +4082,7 @@ class TestIngestCommit:
         assert all(v == (200, {"status": "stored"}, True) for v in out.values()), \
             [k for k, v in out.items() if v != (200, {"status": "stored"}, True)][:5]
         assert eventually(lambda: len(h.sends()) == 160, 30)
-        assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
+        assert sorted(h.sends()) == sorted("%s: %s" % (CORE_SHOWN, t) for t in texts)
 
     def test_a_failing_commit_answers_503_to_every_waiter_and_loses_nothing(self, rpc_bridge):
         h = rpc_bridge
@@ -4112,7 +4112,7 @@ class TestIngestCommit:
                 t.join(60)
             assert all(v[:2] == (200, {"status": "stored"}) for v in out.values())
             assert eventually(lambda: len(h.sends()) == 40, 30)
-            assert sorted(h.sends()) == sorted("%s: %s" % (CORE_NAME, t) for t in texts)
+            assert sorted(h.sends()) == sorted("%s: %s" % (CORE_SHOWN, t) for t in texts)
         finally:
             fault.close()
 
