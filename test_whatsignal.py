@@ -10328,6 +10328,31 @@ class TestRotationCoverage:
         finally:
             h.stop()
 
+    def test_media_cached_by_an_older_release_survives_rotation(self, tmp_path, capsys):
+        h = OpsHarness(tmp_path)
+        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # Signal is down: the photo waits, prefetched
+        h.start()
+        try:
+            url = h.waha.add_file("photo.jpg", W2S_JPEG, "image/jpeg")
+            assert h.webhook(w2s_image_event(h, "OLDPH1", url, chat=OPS_ALICE))[0] == 200
+            cache = h.raw["media"]["cacheDir"]
+            assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
+            h.waha.files.clear()                      # WAHA's copy expired meanwhile
+            h.app.stop()
+            h.app = None
+            # as a release before schema 5 named it: after the item's dedupe token
+            (dedupe,), = ops_sql(h.raw["database"]["path"], "SELECT dedupe FROM queue")
+            os.replace(os.path.join(cache, os.listdir(cache)[0]), os.path.join(cache, "m-%s.jpg" % dedupe))
+            sec_rotate(capsys, h, tmp_path)
+            h.raw["signal"]["rpcUrl"] = h.signal.url
+            h.start()
+            assert eventually(lambda: len(h.signal.sent()) == 1, 20)
+            sent = h.signal.sent()[0]
+            assert "expired" not in sent["message"] and len(sent.get("attachments") or []) == 1
+            assert eventually(lambda: os.listdir(cache) == [])
+        finally:
+            h.stop()
+
     def test_prefetched_media_survives_rotation_and_leaves_no_plaintext_behind(self, tmp_path, capsys):
         h = OpsHarness(tmp_path)
         h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # Signal is down: the photo waits, prefetched

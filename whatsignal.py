@@ -5176,10 +5176,12 @@ def restore(db_path, src, config, clock=time.time):
     return {"restored": db_path, "from": src, "previous_kept_as": kept}
 
 
-def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=None):
+def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=None, cache_dir=None):
     """Re-encrypt every sealed value and recompute every lookup token (SEALED, TOKENS); resumable. Return totals.
 
-    Values written before schema version 5 (no associated data) are read too, and come out bound.
+    Values written before schema version 5 (no associated data) are read too, and come out bound; media
+    a release before it cached for a waiting item under its dedupe token (in *cache_dir*) is renamed
+    to the name rotation does not change.
     """
     salt = store.salt()
     n, r, p = store.kdf()     # the old key as the database records it; the new one with today's parameters
@@ -5194,7 +5196,7 @@ def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=
             totals[table] = db.execute("DELETE FROM %s WHERE %s" % (table, where)).rowcount
     for table in SEALED:
         if table not in ROTATION_DROPS or table == "state":
-            totals[table] = totals.get(table, 0) + _rotate_table(store, table, old, new, batch, progress)
+            totals[table] = totals.get(table, 0) + _rotate_table(store, table, old, new, batch, progress, cache_dir)
     with store.tx() as db:
         db.execute("UPDATE meta SET value=? WHERE key='key_check'", (new.key_check(),))
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('kdf', ?)", (kdf_record(SCRYPT_N, SCRYPT_R, SCRYPT_P),))
@@ -5203,7 +5205,7 @@ def rotate_key(store, old_secret, new_secret, enabled=True, batch=500, progress=
     return totals
 
 
-def _rotate_table(store, table, old, new, batch, progress):
+def _rotate_table(store, table, old, new, batch, progress, cache_dir=None):
     keycols, cols = SEALED[table]
     done, last = 0, -1
     while True:
@@ -5227,6 +5229,11 @@ def _rotate_table(store, table, old, new, batch, progress):
                 row.update(_tokens(table, plain, new, row))
                 sets = {c: row[c] for c in TOKENS.get(table, {}) if c in row and TOKENS[table][c][1]}
                 sets.update({c: new.encrypt(plain[c], ctx(row, c)) for c in present})
+                if table == "queue" and cache_dir and r["state"] == "pending":
+                    for ext in set(EXTENSIONS.values()) | {".bin"}:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.replace(os.path.join(cache_dir, "m-%s%s" % (r["dedupe"], ext)),
+                                       os.path.join(cache_dir, media_name(r) + ext))
                 db.execute("UPDATE %s SET %s WHERE rowid=?" % (table, ", ".join("%s=?" % c for c in sets)),
                            list(sets.values()) + [r["rid"]])
                 done += 1
@@ -6694,7 +6701,8 @@ def cmd_rotate_key(args, config, environ):
         if store.serving(time.time()) or store.lease_holder(time.time()):
             raise WhatSignalError("WhatSignal is running on this database; stop it (and every other instance) before rotating the key")
         progress = lambda table, n: print("rotated %s: %d rows" % (table, n), file=sys.stderr)
-        totals = rotate_key(store, config.old_secret, config.encryption_secret, progress=progress)
+        totals = rotate_key(store, config.old_secret, config.encryption_secret, progress=progress,
+                            cache_dir=config.get("media.cacheDir"))
         _print({"rotated": totals, "key_check": "updated"})
     finally:
         store.close()
