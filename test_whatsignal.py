@@ -10047,6 +10047,52 @@ class TestReplays:
             h.stop()
 
 
+class TestOwnerEnvelopeDedupe:
+    """The owner's envelopes are deduplicated by (timestamp, device, kind); typing and receipts never."""
+
+    def test_typing_and_messages_in_the_same_millisecond_all_count(self, s2w_make):
+        h = s2w_make("rpc")
+        s2w_forward(h, S2W_BOB, "are you there?")
+        ts = s2w_new_ts()
+
+        def from_device(obj, device):
+            obj["envelope"]["sourceDevice"] = device
+            return obj
+        typing = from_device(s2w_fixture("signal-envelope-typing-derived.json", ts=ts), 2)
+        stopped = copy.deepcopy(typing)
+        stopped["envelope"]["typingMessage"]["action"] = "STOPPED"
+        pushed = [typing,                                          # the laptop starts typing ...
+                  from_device(s2w_env(ts, "the real answer"), 1),  # ... in the millisecond the phone sends
+                  stopped, copy.deepcopy(typing),                  # typing, same stamp again: never deduplicated
+                  from_device(s2w_env(ts, "from the laptop"), 2),  # another device, same millisecond
+                  from_device(s2w_env(ts, "the real answer"), 1)]  # the very same envelope again: a duplicate
+        for obj in pushed:
+            assert h.signal.push(obj)
+        want = [{"session": "default", "chatId": S2W_BOB, "text": t} for t in ("the real answer", "from the laptop")]
+        assert eventually(lambda: s2w_waha_texts(h) == want and len(h.waha.calls_for("/api/startTyping")) == 2), \
+            (s2w_waha_texts(h), [c["path"] for c in h.waha.calls if "Typing" in c["path"]])
+        s2w_settle(h)                                   # everything pushed before the marker was handled
+        assert s2w_waha_texts(h, S2W_BOB) == want
+        assert [c["path"] for c in h.waha.calls if "Typing" in c["path"]] == \
+            ["/api/startTyping", "/api/stopTyping", "/api/startTyping"]
+        assert len(s2w_queue(h)) == 5 + 1               # the duplicate is not stored; the marker is
+
+    def test_an_envelope_stored_under_the_old_key_stays_a_duplicate(self, s2w_make):
+        h = s2w_make("rpc")
+        s2w_forward(h, S2W_BOB, "before the upgrade")
+        ts = s2w_new_ts()
+        obj = s2w_env(ts, "answered before the upgrade")
+        # what the bridge stored before keys named the device and kind: (owner, timestamp)
+        record = {"kind": "message", "ts": ts, "fields": {"text": "answered before the upgrade", "quote": None,
+                                                          "attachments": [], "group": None}, "received_at": 0}
+        assert h.app.store.enqueue("default", "s2w", "%s:%d" % (OWNER, ts), "~owner", "message", record, time.time())
+        assert h.app.bridge.ingest_envelope(obj) == "duplicate"
+        assert h.signal.push(copy.deepcopy(obj))
+        s2w_settle(h)
+        assert len(s2w_queue(h)) == 2                   # the old row and the marker: nothing stored twice
+        assert len([b for b in s2w_waha_texts(h) if b["text"] == "answered before the upgrade"]) <= 1
+
+
 # ===========================================================================
 # Sealed values bound to their place; rotate-key covers every column
 # ===========================================================================

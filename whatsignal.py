@@ -1301,8 +1301,8 @@ def render_for_signal(rec, sender_name, group_name=None, inline_quote=None, noti
     return "\n".join(lines).rstrip()
 
 
-SignalIn = collections.namedtuple("SignalIn", "kind number uuid ts account fields")
-SignalIn.__doc__ = "A validated Signal envelope: who sent it, when (ms), and what it is."
+SignalIn = collections.namedtuple("SignalIn", "kind number uuid ts account fields device", defaults=(None,))
+SignalIn.__doc__ = "A validated Signal envelope: who sent it (and from which device), when (ms), and what it is."
 
 
 def _unwrap_receive(obj):
@@ -1350,7 +1350,9 @@ def parse_signal_envelope(obj):
         number = env["source"]
     ts = _ts(env.get("timestamp"), "envelope.timestamp")
     account = obj.get("account") if isinstance(obj.get("account"), str) else None
-    mk = lambda kind, **f: SignalIn(kind, number, uuid, ts, account, f)
+    device = env.get("sourceDevice")
+    device = device if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 2 ** 31 else None
+    mk = lambda kind, **f: SignalIn(kind, number, uuid, ts, account, f, device)
     exc = obj.get("exception")
     if isinstance(exc, dict) and exc.get("type") == "UntrustedIdentityException":
         return mk("untrusted")       # signal-cli holds the message until the sender's key is trusted
@@ -3227,8 +3229,15 @@ class Bridge:
         if env.kind == "other" or (env.kind == "group-update" and self.layout != "groups"):
             return "ignored"
         record = {"kind": env.kind, "ts": env.ts, "fields": env.fields, "received_at": self.clock()}
-        new = self.store.enqueue(ch.session, "s2w", "%s:%d" % (ch.destination, env.ts), "~owner", env.kind,
-                                 record, self.clock())
+        if env.kind in ("typing", "receipt"):      # never deduplicated: two in one millisecond are both real
+            dedupe = "%s:%s:%s" % (ch.destination, env.kind, secrets.token_hex(8))
+        else:                                       # the owner's devices and kinds may share a millisecond
+            dedupe = "%s:%d:%s:%s" % (ch.destination, env.ts, env.device, env.kind)
+            legacy = self.store.tok("dedupe", "%s:%d" % (ch.destination, env.ts))   # the key before schema 4
+            if self.store.one("SELECT 1 FROM queue WHERE channel=? AND direction='s2w' AND dedupe=? AND kind=?",
+                              (ch.session, legacy, env.kind)):
+                return "duplicate"
+        new = self.store.enqueue(ch.session, "s2w", dedupe, "~owner", env.kind, record, self.clock())
         if new:
             self.wake["s2w"].set()
         return "stored" if new else "duplicate"
