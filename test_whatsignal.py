@@ -537,8 +537,20 @@ class FakeWaha(_FakeBase):
         self.restarts = 0              # restarts caused by a config change of a running session
         self.old_core = False
         self.next_ids = []      # bare ids the next sends get, in order (then random ones)
+        self.history = {}   # chatId -> [WAMessage]: what GET /api/{session}/chats[/{id}/messages] serves
+        self.poll_votes = True   # False: a Core image before 2026.6.1, where voting was a Plus feature
+        self.participants = {}   # groupId -> [participant ids]: GET /api/{session}/groups/{id}/participants/v2
 
     # -- helpers for tests ----------------------------------------------------------------------
+    def remember(self, payload):
+        """Keep a WAMessage (a webhook payload) in the chat history WAHA serves, as WAHA stores every message.
+        The chat is the second part of the serialized id."""
+        chat = payload["id"].split("_")[1]
+        with self._cond:
+            self.history.setdefault(chat, []).append(copy.deepcopy(payload))
+            self._bump()
+        return payload
+
     def sent(self, kind=None):
         """JSON bodies of successfully answered (2xx) send calls, oldest first.
         kind=None: every /api/send* except /api/sendSeen; kind="text"/"sendText"/"image"/"seen"/...
@@ -663,6 +675,8 @@ class FakeWaha(_FakeBase):
             return self._send_message(h, call, _WAHA_SEND_PATHS[path])
         if m == "PUT" and path == "/api/reaction":
             return self._reaction(h, call)
+        if m == "POST" and path == "/api/sendPollVote":
+            return self._poll_vote(h, call)
         if m == "POST" and path == "/api/sendSeen":
             return self._chat_action(h, call, 201, {})
         if m == "POST" and path in ("/api/startTyping", "/api/stopTyping"):
@@ -693,6 +707,17 @@ class FakeWaha(_FakeBase):
             return self._lid_by_pn(h, call, segs[1], segs[4])
         if m == "GET" and len(segs) == 4 and segs[0] == "api" and segs[2] == "contacts":
             return self._get_contact(h, call, segs[3], segs[1])
+        if m == "GET" and len(segs) == 6 and segs[0] == "api" and segs[2] == "groups" and segs[4:] == ["participants", "v2"]:
+            # [{id, role}] (GOWS getGroupParticipants/ToGroupParticipants, src/core/engines/gows/groups.gows.ts)
+            if not self._session_gate(h, call, segs[1]):
+                return
+            with self._lock:
+                ids = list(self.participants.get(segs[3], []))
+            return self._send_json(h, call, 200, [{"id": i, "role": "participant"} for i in ids])
+        if m == "GET" and len(segs) == 3 and segs[0] == "api" and segs[2] == "chats":
+            return self._chats(h, call, segs[1])
+        if m == "GET" and len(segs) == 5 and segs[0] == "api" and segs[2] == "chats" and segs[4] == "messages":
+            return self._chat_messages(h, call, segs[1], segs[3])
         return self._send_json(h, call, 404, {"message": "Cannot %s %s" % (m, path),
                                               "error": "Not Found", "statusCode": 404})
 
@@ -768,6 +793,9 @@ class FakeWaha(_FakeBase):
         if kind == "text":
             if not isinstance(b.get("text"), str):
                 errs.append("text must be a string")
+            mentions = b.get("mentions")   # ["2132132130@c.us"] or ["all"] (docs send-messages; GOWS: toJID each)
+            if mentions is not None and not (isinstance(mentions, list) and all(isinstance(x, str) for x in mentions)):
+                errs.append("mentions must be an array of strings")
             return errs
         if kind in ("voice", "video") and not isinstance(b.get("convert"), bool):
             errs.append("convert must be a boolean value")
@@ -905,6 +933,25 @@ class FakeWaha(_FakeBase):
         call["chatId"] = chat
         return self._send_json(h, call, 200, self.message_response(chat, self._new_id(chat)))
 
+    # MessagePollVoteRequest {chatId, pollMessageId, votes: [option names], session}; GOWS sends it with the bare
+    # poll id, and Core before 2026.6.1 answered AvailableInPlusVersion ("Poll voting") with 422
+    # (src/core/engines/gows/session.gows.core.ts sendPollVote, src/core/exceptions.ts)
+    def _poll_vote(self, h, call):
+        b = call["json"]
+        if not isinstance(b, dict) or not isinstance(b.get("chatId"), str) or not isinstance(b.get("session"), str) \
+                or not isinstance(b.get("pollMessageId"), str) or not isinstance(b.get("votes"), list) \
+                or not all(isinstance(v, str) for v in b["votes"]):
+            return self._bad_request(h, call, "chatId, pollMessageId, session (strings) and votes (array of strings)")
+        if not self._session_gate(h, call, b["session"]):
+            return
+        if not self.poll_votes:
+            return self._send_json(h, call, 422, {
+                "statusCode": 422, "error": "Unprocessable Entity",
+                "message": "Poll voting - The feature is available only in Plus version for '%s' engine. "
+                           "Check this out: https://waha.devlike.pro/" % self.engine})
+        chat = self._norm_chat(b["chatId"])
+        return self._send_json(h, call, 201, {"id": self._new_id(chat), "_data": {}})
+
     def _edit_delete(self, h, call, segs):
         session, chat, mid = segs[1], segs[3], segs[5]
         call["chatId"] = chat
@@ -954,6 +1001,46 @@ class FakeWaha(_FakeBase):
         with self._lock:
             lid = next((k for k, v in self.lids.items() if v == pn), None)
         return self._send_json(h, call, 200, {"lid": lid, "pn": pn})
+
+    # GOWS getChats/toWAChat: {id, name, conversationTimestamp (s)}; sortBy conversationTimestamp|id|name,
+    # sortOrder desc|asc (asc when absent), limit/offset (src/core/engines/gows/session.gows.core.ts)
+    def _chats(self, h, call, session):
+        if not self._session_gate(h, call, session):
+            return
+        q = call["query"]
+        with self._lock:
+            chats = [{"id": c, "name": None, "conversationTimestamp": max(int(m["timestamp"]) for m in msgs)}
+                     for c, msgs in self.history.items() if msgs]
+        key = {"conversationTimestamp": "conversationTimestamp", "name": "name"}.get(q.get("sortBy"), "id")
+        chats.sort(key=lambda c: (c[key] is None, c[key] or 0), reverse=q.get("sortOrder") == "desc")
+        offset = int(q.get("offset") or 0)
+        limit = int(q["limit"]) if q.get("limit") else None
+        return self._send_json(h, call, 200, chats[offset:offset + limit if limit else None])
+
+    # GOWS getChatMessages: filter.timestamp.gte/lte (s, inclusive), filter.fromMe, sortBy timestamp, sortOrder
+    # desc unless "asc", limit (GetChatMessagesQuery default 10), offset, downloadMedia (media null when false);
+    # `source` exists in events only (src/core/engines/gows/session.gows.core.ts, src/structures/chats.dto.ts)
+    def _chat_messages(self, h, call, session, chat):
+        if not self._session_gate(h, call, session):
+            return
+        q = call["query"]
+        try:
+            gte = int(q["filter.timestamp.gte"]) if "filter.timestamp.gte" in q else None
+            lte = int(q["filter.timestamp.lte"]) if "filter.timestamp.lte" in q else None
+            limit, offset = int(q.get("limit") or 10), int(q.get("offset") or 0)
+        except ValueError:
+            return self._bad_request(h, call, "limit, offset and filter.timestamp.* must be numbers")
+        with self._lock:
+            msgs = [copy.deepcopy(m) for m in self.history.get(self._norm_chat(chat), [])]
+        msgs = [m for m in msgs if (gte is None or m["timestamp"] >= gte) and (lte is None or m["timestamp"] <= lte)]
+        if "filter.fromMe" in q:
+            msgs = [m for m in msgs if bool(m.get("fromMe")) == (q["filter.fromMe"] == "true")]
+        msgs.sort(key=lambda m: m["timestamp"], reverse=q.get("sortOrder") != "asc")
+        for m in msgs:
+            m.pop("source", None)
+            if q.get("downloadMedia") == "false":
+                m["media"] = None
+        return self._send_json(h, call, 200, msgs[offset:offset + limit])
 
     def _session_info(self):
         return {"name": self.session, "status": self.session_status, "config": copy.deepcopy(self.session_config),
@@ -4847,10 +4934,15 @@ class TestTranslation:
     def test_messages_not_forwarded(self, payload):
         assert ws.parse_waha_event({"event": "message", "session": "default", "payload": payload}) is None
 
-    def test_message_any_is_not_handled(self):
-        ev = {"event": "message.any", "session": "default",
-              "payload": {"id": "false_15550001111@c.us_3EB0A", "from": W2S_ALICE, "body": "hi"}}
-        assert ws.parse_waha_event(ev) is None
+    def test_message_any_is_the_same_item_as_message_and_api_sends_are_dropped(self):
+        payload = {"id": "false_15550001111@c.us_3EB0A", "from": W2S_ALICE, "body": "hi"}
+        any_ = ws.parse_waha_event({"event": "message.any", "session": "default", "payload": payload})
+        plain = ws.parse_waha_event({"event": "message", "session": "default", "payload": payload})
+        assert (any_.kind, any_.dedupe) == (plain.kind, plain.dedupe) == ("message", "m:3EB0A")
+        mine = dict(payload, id="true_15550001111@c.us_3EB0B", fromMe=True, source="api")
+        assert ws.parse_waha_event({"event": "message.any", "session": "default", "payload": mine}) is None
+        own = ws.parse_waha_event({"event": "message.any", "session": "default", "payload": dict(mine, source="app")})
+        assert (own.kind, own.chat, own.record["body"]) == ("message.own", W2S_ALICE, "hi")
 
     def test_lid_participant_kept_for_resolution(self):
         ev = {"event": "message", "session": "default",
@@ -5141,7 +5233,8 @@ class TestForwarding:
     def test_not_forwarded(self, w2s_make):
         h = w2s_make()
         ignored = [
-            ("message.any", {"id": "false_15550001111@c.us_3EB0ANY", "from": W2S_ALICE, "fromMe": False, "body": "x"}),
+            ("message.any", {"id": "true_15550001111@c.us_3EB0ANY", "from": W2S_ALICE, "fromMe": True,
+                             "source": "api", "body": "x"}),     # the bridge's own send, seen again
             ("message", {"id": "true_15550001111@c.us_3EB0MINE", "from": W2S_ALICE, "fromMe": True, "source": "app",
                          "body": "sent from my phone"}),
             ("message", {"id": "false_status@broadcast_3EB0ST_15550001111@c.us", "from": "status@broadcast",
@@ -5823,8 +5916,7 @@ class TestSignalBackends:
             assert h.app.store.by_wa("default", "3EB0TS")["sig_ts"] == sent_ts, h.signal.send_shape
 
 
-# ===============================================================================================
-# Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
+# ========================================================================================# Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
 # ===============================================================================================
 
 ENG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "waha")
@@ -6008,6 +6100,349 @@ class TestSessionPolling:
         watcher.tick()
         w2s_settle(h)
         assert w2s_texts(h)[-1] == W2S_BACK
+=======
+# ===============================================================================================
+# Catch-up after downtime, the owner's own phone messages, calls, polls, view-once, mentions, mute
+# ===============================================================================================
+
+CU_ALICE, CU_BOB, CU_CAROL = "4915111111189@c.us", "4915222222278@c.us", "4915333333367@c.us"
+
+
+def cu_payload(chat, wa, body, ts=None, participant=None, from_me=False, source=None, **fields):
+    """A GOWS WAMessage as WAHA's webhooks and its messages endpoint carry it."""
+    mid = "%s_%s_%s" % ("true" if from_me else "false", chat, wa) + ("_" + participant if participant else "")
+    p = {"id": mid, "timestamp": int(ts if ts is not None else time.time()), "from": chat, "fromMe": from_me,
+         "body": body, "to": participant, "participant": participant, "hasMedia": False, "media": None,
+         "ack": 1 if from_me else 2, "ackName": "SERVER" if from_me else "DEVICE", "location": None, "vCards": None,
+         "replyTo": None, "_data": {}}
+    if from_me or source:
+        p["source"] = source or "app"
+    p.update(fields)
+    return p
+
+
+def cu_post(url, waha, event_name, payload, expect=200):
+    """Sign and POST one webhook the way WAHA does; return the status (None when the bridge is unreachable)."""
+    try:
+        status, _ = waha.webhook(url + "/webhook/whatsapp", waha.event(event_name, payload), WEBHOOK_SECRET, timeout=5)
+    except OSError:
+        return None
+    if expect is not None:
+        assert status == expect
+    return status
+
+
+def cu_state(db_path, key):
+    rows = ops_sql(db_path, "SELECT value FROM state WHERE channel='default' AND key=?", (key,))
+    return json.loads(rows[0][0]) if rows and rows[0][0] else None
+
+
+def cu_texts(daemon):
+    return [p.get("message") for p in daemon.sent("send")]
+
+
+class TestCatchUp:
+    def test_messages_missed_while_stopped_arrive_once_in_order(self, tmp_path, ops_fakes):
+        """The bridge process is stopped while 20 messages arrive in 3 chats and WAHA's webhooks fail;
+        started again, it reads them from WAHA and delivers each exactly once, in order, with one
+        'while the bridge was offline' line per chat.  A clean restart after that sends nothing."""
+        waha, daemon = ops_fakes
+        db = str(tmp_path / "whatsignal.db")
+        now = int(time.time())
+        for i in range(5):          # history from before the bridge existed: never imported
+            waha.remember(cu_payload(CU_ALICE, "OLD%d" % i, "old %d" % i, ts=now - 3600 + i))
+        proc = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        try:
+            proc.start()
+            assert eventually(lambda: (cu_state(db, "catchup_last") or {}).get("first"), 15)
+            for i, chat in enumerate((CU_ALICE, CU_BOB)):
+                p = waha.remember(cu_payload(chat, "LIVE%d" % i, "live %d" % i, ts=now + i))
+                assert cu_post(proc.url, waha, "message", p) == 200
+            assert daemon.wait_for(lambda d: len(d.sent("send")) == 2, 15)
+            assert proc.terminate() == 0
+            chats = (CU_ALICE, CU_BOB, CU_CAROL)
+            for i in range(20):        # WAHA stores them; its webhooks find nobody listening
+                p = waha.remember(cu_payload(chats[i % 3], "MISS%02d" % i, "missed %d" % i, ts=now + 10 + i))
+                assert cu_post(proc.url, waha, "message", p, expect=None) is None
+            proc.start()
+            assert daemon.wait_for(lambda d: len(d.sent("send")) >= 22, 20), cu_texts(daemon)
+            assert eventually(lambda: (cu_state(db, "catchup_last") or {}).get("recovered") == 20, 10)
+            texts = cu_texts(daemon)[2:]
+            bodies = [t.split(": ")[-1] for t in texts]
+            assert sorted(bodies) == sorted("missed %d" % i for i in range(20))     # all 20, exactly once
+            for c, chat in enumerate(chats):
+                mine = [b for b in bodies if int(b.split()[-1]) % 3 == c]
+                assert mine == ["missed %d" % i for i in range(c, 20, 3)]          # in order per chat
+                phone = "+" + chat.split("@")[0]
+                first = [t for t in texts if phone in t][0]
+                assert first.startswith("%d messages while the bridge was offline:\n" % len(mine))
+            assert sum("while the bridge was offline" in t for t in texts) == 3
+            assert not any("old " in t for t in cu_texts(daemon))
+            # a clean restart without downtime: the pass runs, finds nothing, sends nothing
+            assert proc.terminate() == 0
+            before = cu_state(db, "catchup_last")["at"]
+            proc.start()
+            assert eventually(lambda: cu_state(db, "catchup_last")["at"] > before, 15)
+            assert cu_state(db, "catchup_last")["recovered"] == 0
+            assert ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0
+            assert len(daemon.sent("send")) == 22
+            assert "whatsignal_catchup_recovered_total 0.0" in http_get(proc.url, "/metrics")[1].splitlines()
+        finally:
+            proc.stop()
+
+    def test_session_back_to_working_catches_up_bounded_and_reports(self, w2s_make):
+        h = w2s_make(raw_overrides={"bridge": {"catchUpMaxChats": 2, "catchUpMaxMessages": 3}})
+        assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("first"))
+        now = int(time.time())
+        w2s_post(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "L1", "hello", ts=now))))
+        assert eventually(lambda: len(w2s_texts(h)) == 1)
+        w2s_post(h, w2s_status(h, "STARTING"))
+        for i in range(15):          # 3 chats x 5 messages while WAHA reconnected and its webhooks failed
+            h.waha.remember(cu_payload((CU_ALICE, CU_BOB, CU_CAROL)[i % 3], "G%02d" % i, "gap %d" % i, ts=now + 1 + i))
+        w2s_post(h, w2s_status(h, "WORKING"))
+        assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("chats") == 2)
+        w2s_settle(h)
+        texts = w2s_texts(h)[1:]
+        # the two most recently active chats (Bob, Carol), the newest 3 of each, oldest first
+        assert [t.split(": ")[-1] for t in texts] == ["gap 8", "gap 11", "gap 14", "gap 7", "gap 10", "gap 13"]
+        assert texts[0].startswith("3 messages while the bridge was offline:\n")
+        reads = h.waha.calls_for("/api/default/chats/")
+        assert len(reads) == 2 and all(c["query"]["limit"] == "3" and c["query"]["downloadMedia"] == "true"
+                                       and int(c["query"]["filter.timestamp.gte"]) <= now for c in reads)
+        listing = h.waha.calls_for("/api/default/chats", "GET")[0]["query"]
+        assert (listing["sortBy"], listing["sortOrder"], listing["limit"]) == ("conversationTimestamp", "desc", "2")
+        h.signal.push(owner_env(int(time.time() * 1000), "/status"))
+        assert eventually(lambda: any("Last catch-up:" in (t or "") for t in w2s_texts(h)))
+        status_text = [t for t in w2s_texts(h) if "Last catch-up:" in t][0]
+        assert "2 chat(s) with activity, 6 message(s) recovered" in status_text
+        metrics = http_get(h.url, "/metrics")[1].splitlines()
+        assert "whatsignal_catchup_recovered_total 6.0" in metrics
+        report = ws.stats(h.app.store, h.app.config, time.time())
+        assert report["catch_up"]["default"]["recovered"] == 6
+
+    def test_waha_down_at_start_is_retried_and_reported(self, w2s_make):
+        h = w2s_make()
+        w2s_post(h, w2s_message(h, W2S_ALICE, "3EB0CU1", "before"))
+        w2s_settle(h)
+        h.app.stop()
+        h.waha.mode = "error"
+        h.start()
+        assert eventually(lambda: "error" in json.loads(h.app.store.state("default", "catchup_last") or "{}"))
+        assert "WAHA answered 500" in json.loads(h.app.store.state("default", "catchup_last"))["error"]
+        assert "failed" in ws.describe_catchup(h.app.store.state("default", "catchup_last"))
+        h.waha.mode = "ok"
+        worker = next(w for w in h.app.workers if isinstance(w, ws.CatchUp))
+        assert worker.pass_once("default")
+        assert json.loads(h.app.store.state("default", "catchup_last"))["recovered"] == 0
+
+def cu_bridge(w2s_make, **bridge):
+    h = w2s_make(raw_overrides={"bridge": bridge} if bridge else None)
+    h.waha.contacts.update({CU_ALICE: "Alice Example", CU_BOB: "Bob Builder"})
+    return h
+
+
+def cu_any(h, payload, expect="stored"):
+    return w2s_post(h, h.waha.event("message.any", payload), expect)
+
+
+class TestOwnMessages:
+    def test_phone_messages_are_mirrored_and_the_bridges_own_sends_never_echo(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        incoming = cu_payload(CU_ALICE, "IN1", "Lunch at noon?")
+        w2s_post(h, h.waha.event("message", incoming))
+        cu_any(h, incoming, expect="duplicate")            # `message` and `message.any` both subscribed: once
+        cu_any(h, cu_payload(CU_ALICE, "PH1", "Yes, see you there", from_me=True, source="app"))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
+        h.signal.push(owner_env(int(time.time() * 1000), "Bringing cake"))     # unquoted: the latest chat
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        sent = h.waha.calls_for("/api/sendText")[0]
+        assert (sent["json"]["chatId"], sent["json"]["text"]) == (CU_ALICE, "Bringing cake")
+        wa = sent["wa_id"].split("_")[2]
+        echo = cu_payload(CU_ALICE, wa, "Bringing cake", from_me=True, source="api")
+        cu_any(h, echo, expect="ignored")                  # WAHA marks API sends source "api"
+        del echo["source"]                                 # and without a source the id gives it away
+        cu_any(h, echo)
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
+
+    def test_an_own_message_changes_the_unquoted_target_only_while_it_is_the_latest(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN2", "Are you there?")))
+        cu_any(h, cu_payload(CU_BOB, "PH2", "Call me", from_me=True, source="app"))
+        w2s_settle(h)
+        h.signal.push(owner_env(int(time.time() * 1000), "first"))
+        assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1, 10)
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN3", "Hello?")))
+        assert eventually(lambda: len(w2s_texts(h)) == 3)
+        h.signal.push(owner_env(int(time.time() * 1000), "second"))
+        assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
+        assert [(b["chatId"], b["text"]) for b in h.waha.sent("text")] == [(CU_BOB, "first"), (CU_ALICE, "second")]
+
+    def test_groups_layout_and_switching_it_off(self, w2s_make):
+        h = cu_bridge(w2s_make, layout="groups")
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN4", "hi")))
+        cu_any(h, cu_payload(CU_ALICE, "PH4", "hello from my phone", from_me=True, source="app"))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [x["text"] for x in d] == ["hi", "You: hello from my phone"]
+        assert d[0]["to"] == d[1]["to"] and d[0]["to"] != [OWNER]        # both in Alice's Signal group
+        off = cu_bridge(w2s_make, mirrorOwnMessages=False)
+        cu_any(off, cu_payload(CU_ALICE, "PH5", "not mirrored", from_me=True, source="app"))
+        w2s_post(off, off.waha.event("message", cu_payload(CU_ALICE, "IN5", "mirrored")))
+        w2s_settle(off)
+        assert w2s_texts(off) == ["Alice Example: mirrored"]
+
+    def test_catch_up_mirrors_phone_messages_but_not_the_bridges_own(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        now = int(time.time())
+        w2s_post(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "IN6", "ping", ts=now))))
+        w2s_settle(h)
+        h.signal.push(owner_env(int(time.time() * 1000), "pong"))
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        assert eventually(lambda: h.app.store.queue_depth("s2w") == 0)
+        wa = h.waha.calls_for("/api/sendText")[0]["wa_id"].split("_")[2]
+        h.app.stop()
+        h.waha.remember(cu_payload(CU_ALICE, wa, "pong", ts=now + 1, from_me=True, source="api"))
+        h.waha.remember(cu_payload(CU_ALICE, "PH6", "typed on the phone", ts=now + 2, from_me=True, source="app"))
+        h.waha.remember(cu_payload(CU_ALICE, "IN7", "thanks", ts=now + 3))
+        h.start()
+        assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("recovered") == 2)
+        w2s_settle(h)
+        assert w2s_texts(h)[1:] == ["2 messages while the bridge was offline:\nYou → Alice Example: typed on the phone",
+                                    "Alice Example: thanks"]
+
+def cu_call(h, event_name, call_id, caller, video=False, expect="stored"):
+    """A GOWS call event (CallData: id, from, timestamp, isVideo, isGroup)."""
+    return w2s_post(h, h.waha.event(event_name, {"id": call_id, "from": caller, "timestamp": time.time(),
+                                                 "isVideo": video, "isGroup": False, "_data": {}}), expect)
+
+
+class TestCallsAndViewOnce:
+    def test_calls_one_line_each_and_a_missed_call_says_so(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        cu_call(h, "call.received", "CALL1", CU_ALICE, video=True)
+        cu_call(h, "call.received", "CALL1", CU_ALICE, video=True, expect="duplicate")
+        cu_call(h, "call.rejected", "CALL1", CU_ALICE, video=True)           # never answered: missed
+        cu_call(h, "call.received", "CALL2", CU_BOB)
+        cu_call(h, "call.accepted", "CALL2", CU_BOB)
+        cu_call(h, "call.rejected", "CALL2", CU_BOB)                         # answered, then ended: nothing
+        w2s_settle(h)
+        assert w2s_texts(h) == ["📞 Alice Example is calling you on WhatsApp (video)",
+                                "📞 Missed call from Alice Example on WhatsApp (video)",
+                                "📞 Bob Builder is calling you on WhatsApp (voice)"]
+        h.signal.push(owner_env(int(time.time() * 1000), "Can't talk, later"))   # unquoted: the last caller
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        assert h.waha.sent("text")[0]["chatId"] == CU_BOB
+        status, body = h.webhook(h.waha.event("call.received", {"id": "X", "timestamp": 1, "isVideo": False,
+                                                                "isGroup": False}))
+        assert status == 400 and "payload.from" in body["error"]
+
+    def test_view_once_media_is_a_notice_never_an_attachment(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        h.waha.groups[W2S_GROUP] = "Family"
+        url = h.waha.add_file("VO1.jpeg", W2S_JPEG, "image/jpeg")
+        media = {"url": url, "mimetype": "image/jpeg", "filename": None, "error": None}
+        # GOWS: whatsmeow's IsViewOnce flag beside the unwrapped message; WEBJS: isViewOnce and type
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "VO1", "", hasMedia=True, media=media, _data={
+            "IsViewOnce": True, "Message": {"imageMessage": {"mimetype": "image/jpeg", "viewOnce": True}}})))
+        w2s_post(h, h.waha.event("message", cu_payload(W2S_GROUP, "VO2", "", participant=CU_BOB, hasMedia=True,
+                                                       media=None, _data={"isViewOnce": True, "type": "video"})))
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "VO3", "", hasMedia=True, media=None, _data={
+            "message": {"viewOnceMessageV2": {"message": {"audioMessage": {"mimetype": "audio/ogg"}}}}})))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [x["text"] for x in d] == [
+            "view-once photo from Alice Example: open it on your phone",
+            "view-once video from Bob Builder in Family: open it on your phone",
+            "view-once voice message from Alice Example: open it on your phone"]
+        assert all(x["atts"] == [] for x in d)
+        assert not h.waha.calls_for("/api/files/")                    # not even downloaded
+
+CU_POLL_GOWS = {"Message": {"pollCreationMessageV3": {"name": "Lunch?", "selectableOptionsCount": 1,
+                                                      "options": [{"optionName": "Pizza"}, {"optionName": "Sushi"}]}}}
+
+
+def cu_vote(h, chat, vote_wa, poll_id, options, voter=None):
+    """A poll.vote event (PollVotePayload: vote = MessageDestination + selectedOptions, poll = MessageDestination)."""
+    return h.waha.event("poll.vote", {
+        "vote": {"id": "false_%s_%s" % (chat, vote_wa), "from": voter or chat, "to": "15550000001@c.us",
+                 "fromMe": False, "participant": voter, "selectedOptions": options, "timestamp": int(time.time() * 1000)},
+        "poll": {"id": poll_id, "from": chat, "to": "15550000001@c.us", "fromMe": False}, "_data": {}})
+
+
+class TestPolls:
+    def test_poll_votes_and_voting_from_signal(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        poll = cu_payload(CU_ALICE, "POLL1", None, _data=CU_POLL_GOWS)
+        w2s_post(h, h.waha.event("message", poll))
+        w2s_post(h, cu_vote(h, CU_ALICE, "V1", poll["id"], ["Sushi"]))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert d[0]["text"] == "Alice Example: 📊 Lunch?\n1. Pizza\n2. Sushi\n(quote with a number to vote)"
+        assert (d[1]["text"], d[1]["quote"][0]) == ("Alice Example voted: Sushi", d[0]["ts"])
+        w2s_owner_reply(h, int(time.time() * 1000), "2", quote_ts=d[0]["ts"])
+        assert h.waha.wait_for(lambda f: [c for c in f.calls_for("/api/sendPollVote") if c["status"]], 10)
+        call = h.waha.calls_for("/api/sendPollVote")[0]
+        assert (call["status"], call["json"]) == (201, {"session": "default", "chatId": CU_ALICE,
+                                                        "pollMessageId": poll["id"], "votes": ["Sushi"]})
+        assert eventually(lambda: "You voted: Sushi" in w2s_texts(h))
+        w2s_owner_reply(h, int(time.time() * 1000), "7", quote_ts=d[0]["ts"])
+        assert eventually(lambda: "That poll has options 1 to 2." in w2s_texts(h))
+        h.waha.poll_votes = False            # a Core image before 2026.6.1: voting was a Plus feature
+        w2s_owner_reply(h, int(time.time() * 1000), "1", quote_ts=d[0]["ts"])
+        assert eventually(lambda: any(t.startswith("WAHA cannot vote in polls here") for t in w2s_texts(h)))
+        assert len(h.waha.calls_for("/api/sendPollVote")) == 2 and h.waha.sent("text") == []
+        w2s_owner_reply(h, int(time.time() * 1000), "3 pm works", quote_ts=d[0]["ts"])   # not a number: a reply
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        assert h.waha.sent("text")[0]["reply_to"] == poll["id"]
+
+    def test_engine_shapes_of_a_poll_and_a_vote(self):
+        webjs = {"event": "message", "session": "default", "payload": cu_payload(CU_ALICE, "P2", "", _data={
+            "type": "poll_creation", "pollName": "Where?", "pollOptions": [{"name": "Here", "localId": 0},
+                                                                          {"name": "There", "localId": 1}]})}
+        noweb = {"event": "message", "session": "default", "payload": cu_payload(CU_ALICE, "P3", None, _data={
+            "message": {"pollCreationMessage": {"name": "When?", "options": [{"optionName": "Now"}]}}})}
+        assert ws.parse_waha_event(webjs).record["poll"] == {"name": "Where?", "options": ["Here", "There"],
+                                                             "multi": False}
+        assert ws.parse_waha_event(noweb).record["body"].startswith("📊 When?\n1. Now")
+        group_vote = {"event": "poll.vote", "session": "default", "payload": {
+            "vote": {"id": "false_%s_V9_%s" % (W2S_GROUP, CU_BOB), "from": W2S_GROUP, "participant": CU_BOB,
+                     "fromMe": False, "selectedOptions": [], "to": W2S_GROUP, "timestamp": 1},
+            "poll": {"id": "true_%s_P9" % W2S_GROUP, "from": W2S_GROUP, "fromMe": True, "to": W2S_GROUP}}}
+        inbound = ws.parse_waha_event(group_vote)
+        assert (inbound.chat, inbound.record["sender"], inbound.record["poll_bare"], inbound.record["options"]) == \
+            (W2S_GROUP, CU_BOB, "P9", [])
+        with pytest.raises(ws.PayloadError):
+            ws.parse_waha_event({"event": "poll.vote", "session": "default", "payload": {"vote": {}, "poll": {}}})
+
+class TestMentions:
+    def test_mentions_show_names_and_the_owners_at_name_becomes_a_mention(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        h.waha.groups[W2S_GROUP] = "Family"
+        h.waha.contacts.update({CU_CAROL: "Carol Singer", "4915444444456@c.us": "Alice Other"})
+        h.waha.lids["123456789012345@lid"] = CU_CAROL
+        gows = cu_payload(W2S_GROUP, "MN1", "@4915111111189 are you coming? @123456789012345 too", participant=CU_BOB,
+                          _data={"Message": {"extendedTextMessage": {"text": "...", "contextInfo": {
+                              "mentionedJID": ["4915111111189@s.whatsapp.net", "123456789012345@lid"]}}}})
+        webjs = cu_payload(W2S_GROUP, "MN2", "thanks @4915222222278", participant=CU_CAROL,
+                           _data={"mentionedJidList": [CU_BOB]})
+        w2s_post(h, h.waha.event("message", gows))
+        w2s_post(h, h.waha.event("message", webjs))
+        w2s_settle(h)
+        d = w2s_deliveries(h)
+        assert [x["text"] for x in d] == ["Bob Builder in Family: @Alice Example are you coming? @Carol Singer too",
+                                          "Carol Singer in Family: thanks @Bob Builder"]
+        h.waha.participants[W2S_GROUP] = [CU_ALICE, CU_BOB, "4915444444456@c.us"]
+        w2s_owner_reply(h, int(time.time() * 1000), "@bob builder yes, and @Alice Example too; @Alice?", quote_ts=d[0]["ts"])
+        assert h.waha.wait_for(lambda f: f.sent("text"), 10)
+        sent = h.waha.sent("text")[0]
+        assert sent["chatId"] == W2S_GROUP
+        assert sent["text"] == "@4915222222278 yes, and @4915111111189 too; @Alice?"     # "Alice" is two people
+        assert sent["mentions"] == [CU_BOB, CU_ALICE]
+        w2s_owner_reply(h, int(time.time() * 1000), "mail me at a@b.example", quote_ts=d[1]["ts"])
+        assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
+        assert "mentions" not in h.waha.sent("text")[1]
 
 ###############################################################################
 # Signal to WhatsApp, and the groups layout ###################################
