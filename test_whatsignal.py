@@ -6444,6 +6444,64 @@ class TestMentions:
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
         assert "mentions" not in h.waha.sent("text")[1]
 
+def cu_command(h, text, reply_starts, timeout=10.0):
+    """The owner sends a command in the bridge's 1:1 conversation; return the bridge's answer."""
+    h.signal.push(owner_env(int(time.time() * 1000) + random.randint(0, 999), text))
+    assert eventually(lambda: any((t or "").startswith(reply_starts) for t in w2s_texts(h)), timeout), w2s_texts(h)
+    return [t for t in w2s_texts(h) if (t or "").startswith(reply_starts)][-1]
+
+
+class TestMute:
+    def test_a_muted_chat_is_kept_and_counted_and_unmute_offers_it(self, w2s_make):
+        h = cu_bridge(w2s_make)
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU0", "hello")))
+        w2s_post(h, h.waha.event("message", cu_payload(CU_BOB, "MU9", "hi")))
+        w2s_settle(h)
+        assert cu_command(h, "/mute Alice Example", "Muted ") == \
+            "Muted Alice Example until you unmute it. Its messages are kept, not forwarded; /unmute Alice Example " \
+            "brings it back."
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU1", "one")))
+        cu_call(h, "call.received", "CALLM", CU_ALICE)
+        cu_any(h, cu_payload(CU_ALICE, "MU2", "from my phone", from_me=True, source="app"))
+        w2s_post(h, h.waha.event("message", cu_payload(CU_BOB, "MU3", "still here")))
+        w2s_settle(h)
+        assert [t for t in w2s_texts(h) if not t.startswith("Muted")] == \
+            ["Alice Example: hello", "Bob Builder: hi", "Bob Builder: still here"]
+        assert [r["state"] for r in w2s_queue(h)].count("muted") == 3
+        assert cu_command(h, "/muted", "Muted chats:") == "Muted chats:\nAlice Example: until unmuted, 3 kept"
+        assert cu_command(h, "/unmute Alice", "Unmuted") == \
+            "Unmuted Alice Example. 3 message(s) came while it was muted; /deliver Alice Example sends them."
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU4", "are you there?")))
+        assert eventually(lambda: "Alice Example: are you there?" in w2s_texts(h))
+        assert cu_command(h, "/deliver Alice Example", "3 message(s)") == "3 message(s) from Alice Example follow."
+        w2s_settle(h)
+        assert w2s_texts(h)[-3:] == ["Alice Example: one", "📞 Alice Example is calling you on WhatsApp (voice)",
+                                     "You → Alice Example: from my phone"]
+        timed = cu_command(h, "/mute Bob Builder 8h", "Muted Bob")
+        until = datetime.datetime.strptime(timed.split(" until ")[1][:20], "%Y-%m-%d %H:%M UTC").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        assert abs(until - (time.time() + 8 * 3600)) < 120
+        assert cu_command(h, "/mute Nobody", "No chat named") == "No chat named 'Nobody'; see /chats."
+        assert "No muted chats." not in w2s_texts(h)
+        cu_command(h, "/unmute Bob Builder", "Unmuted Bob")
+        assert cu_command(h, "/muted", "No muted chats.") == "No muted chats."
+
+    def test_ignore_chats_by_id_or_name_and_status_stays_ignored(self, w2s_make):
+        h = cu_bridge(w2s_make, ignoreChats=["+4915333333367", "spam group"])
+        h.waha.groups[W2S_GROUP] = "Spam Group"
+        w2s_post(h, h.waha.event("message", cu_payload(CU_CAROL, "IG1", "never")), expect="ignored")
+        w2s_post(h, h.waha.event("message", cu_payload(W2S_GROUP, "IG2", "nor this", participant=CU_BOB)))
+        w2s_post(h, h.waha.event("message", cu_payload("status@broadcast", "IG3", "my status", participant=CU_BOB)),
+                 expect="ignored")
+        w2s_post(h, h.waha.event("message", cu_payload("12036300000001@newsletter", "IG4", "news")), expect="ignored")
+        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IG5", "this one")))
+        w2s_settle(h)
+        assert w2s_texts(h) == ["Alice Example: this one"]
+        assert "and 2 chat(s) in bridge.ignoreChats" in cu_command(h, "/muted", "Muted chats:")
+        with pytest.raises(ws.ConfigError) as e:
+            make_config(raw_config(h.tmp_path, h.waha.url, rpc_url=h.signal.url, bridge={"ignoreChats": [7]}))
+        assert any(p.startswith("bridge.ignoreChats") for p in e.value.problems)
+
 ###############################################################################
 # Signal to WhatsApp, and the groups layout ###################################
 ###############################################################################

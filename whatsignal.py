@@ -191,6 +191,10 @@ class CaptchaRequired(HeldError):
         self.step = step
 
 
+class Muted(WhatSignalError):
+    """The item's chat is muted: kept (state 'muted'), not forwarded, until the owner asks for it."""
+
+
 class PermanentError(UpstreamError):
     """Retrying cannot help: park the item as dead and tell the owner."""
 
@@ -454,6 +458,7 @@ DEFAULTS = {
     "bridge.layout": (str, "inbox", "inbox (one conversation) or groups (one Signal group per chat)"),
     "bridge.expireAfterHours": (float, EXPIRE_AFTER_HOURS, "give up on a message still failing after this"),
     "bridge.groupCreatePerMinute": (float, 6.0, "groups layout: new Signal groups per minute after a burst of 5"),
+    "bridge.ignoreChats": (list, [], "chats never forwarded, by id (+number, …@c.us, …@g.us) or exact name"),
     "bridge.mirrorOwnMessages": (bool, True, "show what you write on your phone as 'You → Alice: text'"),
     "bridge.catchUpHours": (float, 72.0, "after downtime, read from WAHA what was missed, at most this far back"),
     "bridge.catchUpMaxChats": (int, 50, "catch-up: chats read per pass, most recently active first"),
@@ -666,6 +671,8 @@ def _validate_values(cfg, problems):
         problems.append("media.retentionDays: must be at least 1")
     if not 0.5 <= g("server.requestTimeoutSeconds") <= 600:
         problems.append("server.requestTimeoutSeconds: %s is out of range; use 0.5-600" % g("server.requestTimeoutSeconds"))
+    if not all(isinstance(x, str) and x.strip() for x in g("bridge.ignoreChats")):
+        problems.append("bridge.ignoreChats: must be a list of chat ids (+number, …@c.us, …@g.us) or names")
     if g("bridge.catchUpHours") < 0 or not 1 <= g("bridge.catchUpMaxChats") <= 1000 \
             or not 1 <= g("bridge.catchUpMaxMessages") <= 1000:
         problems.append("bridge.catchUpHours must be >= 0 (0 turns catch-up off); bridge.catchUpMaxChats and "
@@ -3293,6 +3300,8 @@ HELP_TEXT = """WhatSignal commands:
 /to <n|+number|name> <text> - write to a chat (n from /chats) or start a new one
 /status - bridge and WhatsApp session health
 /reopen <chat> - groups layout: bring back a chat whose Signal group you left
+/mute <chat> [30m|8h|2d|1w] - stop forwarding a chat (its messages are kept); /unmute <chat>, /muted
+/deliver <chat> - send what a chat received while it was muted
 /help - this text
 Quote a forwarded message to answer its chat; a message without a quote goes to the chat of the last message forwarded to you."""
 
@@ -3333,6 +3342,23 @@ def media_kind(mime):
     return "file"
 
 
+MUTABLE_KINDS = ("message", "message.own", "message.reaction", "message.edited", "message.revoked",
+                 "call.received", "call.rejected", "poll.vote")
+
+
+def ignore_list(entries):
+    """bridge.ignoreChats as (set of chat ids, set of lower-case names)."""
+    ids, names = set(), set()
+    for e in entries:
+        e = e.strip()
+        jid = phone_to_jid(e) if e.startswith("+") else normalize_jid(e) if "@" in e else None
+        if jid:
+            ids.add(jid)
+        else:
+            names.add(e.lower())
+    return ids, names
+
+
 class Bridge:
     """Routing between one or more channels' WhatsApp chats and their owners' Signal.
 
@@ -3367,6 +3393,8 @@ class Bridge:
         self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
         self.catchup_wanted, self.wake_catchup = set(), threading.Event()
+        self.ignore_ids, self.ignore_names = ignore_list(config.get("bridge.ignoreChats"))
+        self.mute_cache = {}
         self.sent_ids, self.sent_order = set(), collections.deque(maxlen=2000)   # see _sent
         rate = config.get("bridge.groupCreatePerMinute") / 60.0
         self.group_bucket = TokenBucket(5, rate, clock)
@@ -3390,6 +3418,8 @@ class Bridge:
             self.log.warn("stale webhook ignored: older than retentionDays", event=inbound.kind,
                           age_days=round((self.clock() - when) / 86400, 1))
             return "stale"
+        if inbound.chat in self.ignore_ids and inbound.kind in MUTABLE_KINDS:
+            return "ignored"            # bridge.ignoreChats: not even stored
         return "stored" if self._commit(inbound) else "duplicate"
 
     def _commit(self, inbound, **extra):
@@ -3571,6 +3601,12 @@ class Bridge:
             raise PermanentError("channel %s is no longer configured" % row["channel"])
         if direction == "w2s":
             handler = getattr(self, "_on_" + row["kind"].replace(".", "_"))
+            if row["kind"] in MUTABLE_KINDS and rec.get("chat"):
+                chat = self.resolve_jid(channel, rec["chat"])
+                if self.ignored(channel, chat):
+                    return None
+                if self.muted(channel, chat) or self.muted(channel, rec["chat"]):
+                    raise Muted("chat muted")
         else:
             handler = getattr(self, "_sig_" + row["kind"].replace("-", "_"), None)
             if handler is None:
@@ -3788,6 +3824,48 @@ class Bridge:
             out.append(text[i])
             i += 1
         return "".join(out), mentions
+
+    # -- mute and ignore -------------------------------------------------------------
+    def ignored(self, channel, chat):
+        """True for a chat in bridge.ignoreChats, by id or by its exact name."""
+        if chat in self.ignore_ids:
+            return True
+        return bool(self.ignore_names) and \
+            self.display_name(channel, chat, group=chat.endswith("@g.us")).lower() in self.ignore_names
+
+    def mutes(self, channel):
+        """{chat: until (Unix time, None for ever)} of the channel's muted chats (sealed: it names people)."""
+        if channel.session not in self.mute_cache:      # read once: it is asked for every delivered item
+            self.mute_cache[channel.session] = json.loads(self.store.state(channel.session, "muted", sealed=True) or "{}")
+        return dict(self.mute_cache[channel.session])
+
+    def muted(self, channel, chat):
+        until = self.mutes(channel).get(chat, False)
+        return until is None or (until is not False and until > self.clock())
+
+    def _set_mute(self, channel, chat, until, remove=False):
+        mutes = self.mutes(channel)
+        mutes = {c: u for c, u in mutes.items() if u is None or u > self.clock()}   # expired ones go
+        if remove:
+            mutes.pop(chat, None)
+        else:
+            mutes[chat] = until
+        self.store.set_state(channel.session, "muted", json.dumps(mutes), self.clock(), sealed=True)
+        self.mute_cache[channel.session] = mutes
+
+    def held_while_muted(self, channel, chat):
+        """Items of *chat* (and its other id form) kept while it was muted."""
+        toks = [self.store.tok("chat", c) for c in self._forms(channel, chat)]
+        return self.store.one("SELECT COUNT(*) FROM queue WHERE channel=? AND state='muted' AND chat IN (%s)"
+                              % ",".join("?" * len(toks)), [channel.session] + toks)[0]
+
+    def _forms(self, channel, chat):
+        """A chat's id forms the bridge has seen: the id, and @lid ids that resolve to it."""
+        forms = {chat}
+        for c in self.store.all_chats(channel.session):
+            if c["chat"].endswith("@lid") and self.resolve_jid(channel, c["chat"]) == chat:
+                forms.add(c["chat"])
+        return sorted(forms)
 
     def _line(self, channel, chat, text, title, quote=None):
         """Send one bridge line about *chat* where its messages go; recorded so an unquoted answer goes there."""
@@ -4447,6 +4525,71 @@ class Bridge:
         self.wake["w2s"].set()
         self.notify(channel, "Reopened %r in a new Signal group; %d held message(s) follow." % (g["name"], n))
 
+    def _chat_title(self, channel, chat):
+        return self.store.chat_name(channel.session, chat)[0] or jid_to_phone(chat) or chat.split("@")[0]
+
+    def _cmd_mute(self, channel, rec, args, quote):
+        words = args.split()
+        seconds = None
+        if len(words) > 1 and re.fullmatch(r"\d{1,5}[mhdw]", words[-1].lower()):
+            seconds = int(words[-1][:-1]) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[words[-1][-1].lower()]
+            words = words[:-1]
+        chat, error = self.find_chat(channel, " ".join(words)) if words else (None, "Use /mute <chat> [30m|8h|2d|1w].")
+        if not chat:
+            self.notify(channel, error, quote=quote)
+            return None
+        until = self.clock() + seconds if seconds else None
+        self._set_mute(channel, chat, until)
+        when = "until %s" % datetime.datetime.fromtimestamp(until, datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC") if until else "until you unmute it"
+        self.notify(channel, "Muted %s %s. Its messages are kept, not forwarded; /unmute %s brings it back."
+                    % (self._chat_title(channel, chat), when, self._chat_title(channel, chat)), quote=quote)
+        return None
+
+    def _cmd_unmute(self, channel, rec, args, quote):
+        chat, error = self.find_chat(channel, args) if args else (None, "Use /unmute <chat>.")
+        if not chat:
+            self.notify(channel, error, quote=quote)
+            return None
+        self._set_mute(channel, chat, None, remove=True)
+        n, title = self.held_while_muted(channel, chat), self._chat_title(channel, chat)
+        self.notify(channel, "Unmuted %s." % title + (" %d message(s) came while it was muted; /deliver %s sends "
+                                                       "them." % (n, title) if n else ""), quote=quote)
+        return None
+
+    def _cmd_deliver(self, channel, rec, args, quote):
+        chat, error = self.find_chat(channel, args) if args else (None, "Use /deliver <chat>.")
+        if not chat:
+            self.notify(channel, error, quote=quote)
+            return None
+        if self.muted(channel, chat):
+            self.notify(channel, "%s is muted; /unmute it first." % self._chat_title(channel, chat), quote=quote)
+            return None
+        toks = [self.store.tok("chat", c) for c in self._forms(channel, chat)]
+        with self.store.tx() as db:
+            n = db.execute("UPDATE queue SET state='pending', next_at=?, updated_at=? WHERE channel=? AND state='muted'"
+                           " AND chat IN (%s)" % ",".join("?" * len(toks)),
+                           [self.clock(), self.clock(), channel.session] + toks).rowcount
+        self.wake["w2s"].set()
+        self.notify(channel, "%d message(s) from %s follow." % (n, self._chat_title(channel, chat)), quote=quote)
+        return None
+
+    def _cmd_muted(self, channel, rec, args, quote):
+        now = self.clock()
+        lines = []
+        for chat, until in sorted(self.mutes(channel).items()):
+            if until is not None and until <= now:
+                continue
+            lines.append("%s: %s, %d kept" % (
+                self._chat_title(channel, chat), "until " + datetime.datetime.fromtimestamp(
+                    until, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if until else "until unmuted",
+                self.held_while_muted(channel, chat)))
+        ignore = len(self.ignore_ids) + len(self.ignore_names)
+        if ignore:
+            lines.append("and %d chat(s) in bridge.ignoreChats, never forwarded" % ignore)
+        self.notify(channel, "Muted chats:\n" + "\n".join(lines) if lines else "No muted chats.", quote=quote)
+        return None
+
     def _cmd_status(self, channel, rec, args, quote):
         s = channel.session
         lines = ["WhatSignal %s" % __version__,
@@ -4647,6 +4790,11 @@ class Deliverer(Worker):
                 if channel is not None:
                     self.bridge.captcha_required(channel, e)
             return self._retry(row, e)
+        except Muted:
+            self.store.finish(row["id"], "muted", self.clock())
+            self.metrics.inc("whatsignal_messages_processed_total", direction=self.direction, kind=row["kind"],
+                             result="muted")
+            return True
         except (PermanentError, CryptoError) as e:
             if isinstance(e, CryptoError):
                 self.metrics.inc("whatsignal_encryption_errors_total")
@@ -5511,7 +5659,7 @@ def private_files_warning(db_path, cache_dir):
 
 
 RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
-    ("queue", "state IN ('done', 'dead') AND updated_at < ?"),
+    ("queue", "state IN ('done', 'dead', 'muted') AND updated_at < ?"),
     ("messages", "created_at < ?"),
     ("chats", "last_at < ?"),
     ("contacts", "updated_at < ?"),
