@@ -34,8 +34,11 @@ Sections (grep -n '^# .*###' whatsignal.py):
     HTTP server, Operations, Application, Simulators, Set-up, Command line, Benchmark
 
 XXX / Known gaps:
-    - Signal rich text (mentions, styles) and WhatsApp polls, stories and calls
-      are not bridged; they arrive as plain text or a short notice.
+    - Signal rich text (styles) and WhatsApp stories are not bridged; polls,
+      calls, view-once media and mentions arrive as text (see README).
+    - Catch-up reads at most the newest bridge.catchUpMaxMessages of a chat per
+      pass; poll and call state is keyed by lookup tokens that rotate-key does
+      not recompute (votes on polls forwarded before a rotation become replies).
     - Groups layout: no group avatars (WhatsApp pictures live on WhatsApp's CDN,
       and media is fetched only from WAHA).
     - signal-cli's SSE stream has no acknowledgement: an envelope on the wire at
