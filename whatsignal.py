@@ -1189,7 +1189,10 @@ def _parse_message_any(payload, event):
         return _message_of(payload, msg_id, "message")
     if payload.get("source") == "api":
         return None
-    return _message_of(payload, msg_id, "message.own")
+    parsed = _message_of(payload, msg_id, "message.own")
+    if parsed:
+        parsed[3]["source"] = payload.get("source") if payload.get("source") in ("app", "api") else None
+    return parsed
 
 
 def _message_of(payload, msg_id, kind):
@@ -3682,6 +3685,10 @@ class Bridge:
         own = row["kind"] == "message.own"
         if own and self.echo(channel, rec["bare"]):
             return None
+        if own and not rec.get("source") and not row["attempts"]:
+            # no source (read back by catch-up, or an old WAHA): if the bridge sent it, its answer may still
+            # be on the way back from WAHA; look again shortly, when the id is known
+            raise HeldError("own message without a source; checked again for an echo", 2.0)
         chat = self.resolve_jid(channel, rec["chat"])
         group = chat.endswith("@g.us")
         sender = self.resolve_jid(channel, rec["sender"]) if group else chat
