@@ -5916,7 +5916,8 @@ class TestSignalBackends:
             assert h.app.store.by_wa("default", "3EB0TS")["sig_ts"] == sent_ts, h.signal.send_shape
 
 
-# ========================================================================================# Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
+# ===============================================================================================
+# Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
 # ===============================================================================================
 
 ENG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "waha")
@@ -6100,7 +6101,7 @@ class TestSessionPolling:
         watcher.tick()
         w2s_settle(h)
         assert w2s_texts(h)[-1] == W2S_BACK
-=======
+
 # ===============================================================================================
 # Catch-up after downtime, the owner's own phone messages, calls, polls, view-once, mentions, mute
 # ===============================================================================================
