@@ -10587,6 +10587,56 @@ class TestOwnerEnvelopeDedupe:
         assert len([b for b in s2w_waha_texts(h) if b["text"] == "answered before the upgrade"]) <= 1
 
 
+class TestHealthDetails:
+    """/health and /readyz keep their shape for everyone; where an upstream lives is for the token holder."""
+
+    def test_upstream_addresses_only_for_the_metrics_token(self, tmp_path, ops_fakes):
+        waha, daemon = ops_fakes
+        token = "metrics-token-" + "m" * 20
+        bridge = sec_process(tmp_path, ops_fakes, metricsToken=token)
+        try:
+            bridge.start()
+            waha.mode = "down"                       # WAHA drops every connection
+            where = urllib.parse.urlsplit(waha.url)
+            for path in ("/health", "/readyz"):
+                status, text = http_get(bridge.url, path)
+                rep = json.loads(text)
+                assert {"status", "timestamp", "version"} <= set(rep) and rep["status"] == "degraded", rep
+                check = rep["checks"]["whatsapp"]
+                assert check["status"] == "error" and check["error"], rep
+                assert where.hostname not in text and str(where.port) not in text, text
+                assert "127.0.0.1" not in text and daemon.url not in text, text
+                status, text = http_get(bridge.url, path, headers={"Authorization": "Bearer " + token})
+                rep = json.loads(text)
+                assert "%s:%d" % (where.hostname, where.port) in rep["checks"]["whatsapp"]["error"], rep
+                status, text = http_get(bridge.url, path, headers={"Authorization": "Bearer wrong"})
+                assert str(where.port) not in text
+        finally:
+            bridge.stop()
+
+    def test_concurrent_requests_share_one_upstream_check(self, tmp_path, ops_fakes):
+        waha, daemon = ops_fakes
+        bridge = sec_process(tmp_path, ops_fakes)
+        try:
+            bridge.start()
+            waha.slow_seconds, waha.mode = 0.6, "slow"
+            pings = lambda: len(waha.calls_for("/ping"))
+            before = pings()
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(http_get(bridge.url, "/health")[0]))
+                       for _ in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(15)
+            assert not any(t.is_alive() for t in threads)
+            assert results == [200] * 12
+            assert pings() - before == 1, "%d WAHA pings for 12 concurrent /health requests" % (pings() - before)
+        finally:
+            waha.mode = "ok"
+            bridge.stop()
+
+
 # ===========================================================================
 # Sealed values bound to their place; rotate-key covers every column
 # ===========================================================================

@@ -5234,6 +5234,15 @@ class LeaseKeeper(Worker):
 ###############################################################################
 
 
+def _public_error(exc):
+    """What /health tells anyone about a failed check: the kind of failure, never a host, port or path."""
+    if isinstance(exc, (StoreError, sqlite3.Error)):
+        return "database error"
+    if any(isinstance(e, socket.timeout) for e in (exc, exc.__cause__, exc.__context__)):
+        return "timed out"
+    return "refused" if isinstance(exc, PermanentError) else "unavailable"
+
+
 class AuthThrottle:
     """Counts failed webhook signatures per client; past the limit the client gets 429."""
 
@@ -5604,19 +5613,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_healthz(self):
         self.reply(200, {"status": "ok"})
 
+    def _bearer_ok(self):
+        """True when the request carries server.metricsToken as a bearer token (False when none is configured)."""
+        token = self.server.app.config.get("server.metricsToken")
+        return bool(token) and hmac.compare_digest((self.headers.get("Authorization") or "").encode(),
+                                                   ("Bearer " + token).encode())
+
     def route_health(self):
-        status, report = self.server.app.health()
+        status, report = self.server.app.health(details=self._bearer_ok())
         self.reply(503 if report["status"] == "unhealthy" else 200, report)
 
     def route_readyz(self):
-        ready, report = self.server.app.readiness()
+        ready, report = self.server.app.readiness(details=self._bearer_ok())
         self.reply(200 if ready else 503, report)
 
     def route_metrics(self):
         app = self.server.app
-        token = app.config.get("server.metricsToken")
-        if token and not hmac.compare_digest((self.headers.get("Authorization") or "").encode(),
-                                             ("Bearer " + token).encode()):
+        if app.config.get("server.metricsToken") and not self._bearer_ok():
             return self.reply(401, {"error": "metrics token required"}, headers={"WWW-Authenticate": "Bearer"})
         app.refresh_gauges()
         self.reply(200, app.metrics.render().encode(), content_type="text/plain; version=0.0.4; charset=utf-8")
@@ -6014,6 +6027,7 @@ class App:
         self.timer = None
         self.stopped = False
         self.health_cache = {}
+        self.health_locks = collections.defaultdict(threading.Lock)   # one check per upstream at a time
         self.media_cache = (0.0, (0, 0))
 
     def start(self):
@@ -6081,24 +6095,31 @@ class App:
 
     # -- health and gauges ---------------------------------------------------
     def _check(self, name, fn):
-        now = time.monotonic()
+        """One cached check; when the cache has expired, one request runs it and the others wait for its result."""
         cached = self.health_cache.get(name)
-        if cached and now - cached[0] < HEALTH_CACHE_SECONDS:
+        if cached and time.monotonic() - cached[0] < HEALTH_CACHE_SECONDS:
             return cached[1]
-        start = time.monotonic()
-        try:
-            fn()
-            result = {"status": "ok"}
-        except (UpstreamError, StoreError, sqlite3.Error, OSError) as e:
-            result = {"status": "error", "error": scrub(e, 120)}
-        result["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
-        self.health_cache[name] = (now, result)
-        return result
+        with self.health_locks[name]:
+            cached = self.health_cache.get(name)
+            if cached and time.monotonic() - cached[0] < HEALTH_CACHE_SECONDS:
+                return cached[1]                     # computed while this request waited
+            start = time.monotonic()
+            try:
+                fn()
+                result = {"status": "ok"}
+            except (UpstreamError, StoreError, sqlite3.Error, OSError) as e:
+                result = {"status": "error", "error": scrub(e, 120), "kind": _public_error(e)}
+            result["latency_ms"] = round((time.monotonic() - start) * 1000, 1)
+            self.health_cache[name] = (time.monotonic(), result)
+            return result
 
-    def health(self):
+    def health(self, details=True):
+        """(status, report); without *details* a failed check says what failed, never where the upstream lives."""
         checks = {"database": self._check("database", lambda: self.store.one("SELECT COUNT(*) FROM meta")),
                   "whatsapp": self._check("whatsapp", self.waha.ping),
                   "signal": self._check("signal", self.signal.health)}
+        checks = {name: {k: (c["kind"] if k == "error" and not details else v) for k, v in c.items() if k != "kind"}
+                  for name, c in checks.items()}
         if checks["database"]["status"] != "ok":
             status = "unhealthy"
         elif any(c["status"] != "ok" for c in checks.values()):
@@ -6109,9 +6130,9 @@ class App:
                   "role": "active" if self.lease.leader.is_set() else "standby"}
         return status, report
 
-    def readiness(self):
+    def readiness(self, details=True):
         """(ready, report): ready only when this instance holds the lease and the database and both upstreams answer."""
-        status, report = self.health()
+        status, report = self.health(details)
         waiting = [name for name, c in report["checks"].items() if c["status"] != "ok"]
         if report["role"] != "active":
             waiting.append("lease (another instance is active)")
