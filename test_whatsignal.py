@@ -5986,6 +5986,7 @@ class TestEngines:
             # the owner answers Alice; the send response's id (in the engine's shape) is remembered
             (lambda: w2s_owner_reply(h, owner_ts, "Glad you like it", quote_ts=eng_copy(h, ENG_IDS["text"])),
              lambda: h.app.store.by_sig("default", owner_ts)["wa_id"].split("_")[2] == ENG_IDS["owner"]),
+            ("ack", lambda: h.app.store.by_sig("default", owner_ts)["ack"] == 3),      # read
             # Alice's reaction to the owner's message: a Signal reaction, not a text notice
             ("reaction", lambda: eng_reactions(h) == [("👍", owner_ts, OWNER)]),
             ("message-group", lambda: w2s_texts(h)[-1] == "Bob Example in Book Club: Hi book club"),
@@ -5997,6 +5998,7 @@ class TestEngines:
              == ("Bob Example in Book Club: Hi book club (edited)", eng_copy(h, ENG_IDS["group"]))),
             ("revoked", lambda: [p["targetTimestamp"] for m, p in w2s_other_signal_calls(h) if m == "remoteDelete"]
              == [eng_copy(h, ENG_IDS["text"])]),
+            ("session-status", lambda: w2s_texts(h)[-1] == W2S_QR),
         ]
         for step, check in steps:
             if callable(step):
