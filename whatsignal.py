@@ -2493,12 +2493,11 @@ class WahaClient:
             return mid
         if isinstance(mid, dict) and isinstance(mid.get("_serialized"), str):
             return mid["_serialized"]
-        key = result.get("key")          # NOWEB: the raw Baileys message
+        key = result.get("key")          # NOWEB: the raw Baileys message; NOWEB's own ids have three parts
         if isinstance(key, dict) and isinstance(key.get("remoteJid"), str) and isinstance(key.get("id"), str):
             chat = normalize_jid(key["remoteJid"])
-            part = normalize_jid(key.get("participant")) if isinstance(key.get("participant"), str) else None
             if chat:
-                return "%s_%s_%s%s" % (str(bool(key.get("fromMe"))).lower(), chat, key["id"], "_" + part if part else "")
+                return "%s_%s_%s" % (str(bool(key.get("fromMe"))).lower(), chat, key["id"])
         return None
 
     def send_text(self, session, chat, text, reply_to=None, mentions=None):
@@ -6268,7 +6267,9 @@ class _WahaSimHandler(_SimHandler):
             return self.send(200, [])      # no history: a catch-up finds nothing
         if "/groups/" in path:
             gid = urllib.parse.unquote(path.rsplit("/", 1)[1])
-            return self.send(200, {"id": gid, "subject": sim.names.get(gid)})
+            # GOWS getGroup() answers whatsmeow's GroupInfo as is (src/core/engines/gows/session.gows.core.ts)
+            return self.send(200, {"JID": gid, "Name": sim.names.get(gid), "Topic": "", "IsLocked": False,
+                                   "Participants": []})
         if path.startswith("/api/sessions/"):
             return self.send(200, {"name": "default", "status": "WORKING"})
         self.send(404, {"statusCode": 404, "message": "Cannot GET " + path, "error": "Not Found"})
