@@ -5925,7 +5925,8 @@ ENGINES = ("GOWS", "NOWEB", "WEBJS")
 ENG_ALICE, ENG_BOB, ENG_BOB_LID = "447700900123@c.us", "447700900456@c.us", "81234567890123@lid"
 ENG_GROUP = "120363040000000001@g.us"
 ENG_IDS = {"text": "3EB0C5D1A1CE000000000001", "group": "3EB0C5D1B0B0000000000002",
-           "media": "3EB0C5D1A1CE000000000004", "owner": "3EB0C5D1000000000000000A"}
+           "media": "3EB0C5D1A1CE000000000004", "owner": "3EB0C5D1000000000000000A",
+           "group_owner": "3EB0C5D1000000000000000C"}
 
 
 def eng_event(engine, name, replace=None):
@@ -5975,8 +5976,8 @@ class TestEngines:
     @pytest.mark.parametrize("engine", ENGINES)
     def test_every_event_as_the_engine_sends_it(self, w2s_make, engine):
         h = eng_harness(w2s_make, engine)
-        owner_ts = s2w_new_ts()
-        h.waha.next_ids.append(ENG_IDS["owner"])
+        owner_ts, group_ts = s2w_new_ts(), s2w_new_ts()
+        h.waha.next_ids.extend([ENG_IDS["owner"], ENG_IDS["group_owner"]])
         steps = [   # (what happens, check of what the owner sees)
             ("message-text", lambda: w2s_texts(h)[-1] == "Alice Example: Hello from Alice"),
             ("message-reply", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["quote"])
@@ -5990,6 +5991,9 @@ class TestEngines:
             # Alice's reaction to the owner's message: a Signal reaction, not a text notice
             ("reaction", lambda: eng_reactions(h) == [("👍", owner_ts, OWNER)]),
             ("message-group", lambda: w2s_texts(h)[-1] == "Bob Example in Book Club: Hi book club"),
+            (lambda: w2s_owner_reply(h, group_ts, "See you all there", quote_ts=eng_copy(h, ENG_IDS["group"])),
+             lambda: h.app.store.by_sig("default", group_ts)["wa_id"].split("_")[2] == ENG_IDS["group_owner"]),
+            ("ack-group", lambda: h.app.store.by_sig("default", group_ts)["ack"] == 3),
             ("message-lid", lambda: w2s_texts(h)[-1] == "Bob Example in Book Club: Sent from my hidden number"),
             ("reaction-group", lambda: eng_reactions(h)[-1] == ("❤️", eng_copy(h, ENG_IDS["group"]), BRIDGE)),
             ("edited", lambda: (w2s_deliveries(h)[-1]["text"], w2s_deliveries(h)[-1]["edit"])
@@ -6008,7 +6012,7 @@ class TestEngines:
             w2s_settle(h)
             assert eventually(check, 5), (engine, step, w2s_deliveries(h)[-1:], eng_reactions(h))
         assert not any("reacted" in t for t in w2s_texts(h))
-        assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE]
+        assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE, ENG_GROUP]
 
     @pytest.mark.parametrize("engine", ENGINES)
     def test_only_the_author_may_edit_a_group_message(self, w2s_make, engine):
