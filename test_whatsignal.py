@@ -7788,9 +7788,16 @@ class TestImpersonation:
     def test_a_stranger_using_a_contacts_name_is_marked_and_never_gets_its_messages(self, s2w_make):
         h = s2w_make("rpc")                              # S2W_ALICE is saved as "Alice Example"
         s2w_forward(h, S2W_ALICE, "dinner at 8?", push="Alice")
-        s2w_forward(h, self.STRANGER, "new number, dinner at 9?", push="Alice Example")
+        sid, _copy = s2w_forward(h, self.STRANGER, "new number, dinner at 9?", push="Alice Example")
         assert s2w_texts_to(h)[-2:] == ["Alice Example: dinner at 8?",
                                          "~Alice Example (+447700900999): new number, dinner at 9?"]
+        edit = h.waha.event("message.edited", {
+            "id": "false_%s_3EB0ED17" % self.STRANGER, "timestamp": int(time.time()), "from": self.STRANGER,
+            "fromMe": False, "body": "new number, dinner at 10?", "participant": None,
+            "editedMessageId": sid.split("_")[2], "_data": {"Info": {"PushName": "Alice Example"}}})
+        assert h.webhook(edit)[0] == 200
+        assert eventually(lambda: s2w_out(h)[-1]["edit"])          # the edited copy keeps the mark
+        assert s2w_out(h)[-1]["text"] == "~Alice Example (+447700900999): new number, dinner at 10?"
         s2w_forward(h, "447700900888@c.us", "it's Alice", push="Alice")
         assert s2w_texts_to(h)[-1] == "~Alice (+447700900888): it's Alice"
         # before: "/to Alice" picked the stranger whose push name is exactly "Alice"

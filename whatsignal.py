@@ -1376,7 +1376,7 @@ def _parse_message_edited(payload, event):
     eid = payload.get("id") if isinstance(payload.get("id"), str) else ""
     ts = payload.get("timestamp") if isinstance(payload.get("timestamp"), (int, float)) else None
     rec = {"chat": chat, "target_bare": _bare_id_of(target, "editedMessageId"), "body": body,
-           "sender": _sender_of(payload, eid, chat)}
+           "sender": _sender_of(payload, eid, chat), "push": _push_name(payload)}
     digest = hashlib.sha256(body.encode("utf-8", "replace")).hexdigest()[:16]
     return "message.edited", "e:%s:%s:%r:%s" % (rec["target_bare"], eid[:200], ts, digest), chat, rec
 
@@ -4054,17 +4054,18 @@ class Bridge:
         self.metrics.inc("whatsignal_messages_processed_total", direction="w2s", kind="reaction", result="ok")
         return None
 
-    def _names(self, channel, chat, sender):
+    def _names(self, channel, chat, sender, push=None):
         """(sender name, group name or None) for a chat and its (resolved) sender."""
         group = chat.endswith("@g.us")
         sender = self.resolve_jid(channel, sender) if group and sender else chat
-        return self.display_name(channel, sender), (self.display_name(channel, chat, group=True) if group else None)
+        return (self.display_name(channel, sender, push),
+                self.display_name(channel, chat, group=True) if group else None)
 
     def _on_message_edited(self, channel, rec, row):
         chat = self.resolve_jid(channel, rec["chat"])
         m = self.store.by_wa(channel.session, rec["target_bare"], chat, strict=True)
         sender = self.resolve_jid(channel, rec.get("sender") or chat)
-        name, group_name = self._names(channel, chat, sender)
+        name, group_name = self._names(channel, chat, sender, rec.get("push"))
         if m and m["sender_tok"] and m["sender_tok"] != self.store.tok("jid", sender):
             self.metrics.inc("whatsignal_rejected_total", reason="edit_not_by_author")
             self.log.warn("edit from someone other than the message's author ignored")
