@@ -6242,6 +6242,17 @@ class TestCatchUp:
         assert worker.pass_once("default")
         assert json.loads(h.app.store.state("default", "catchup_last"))["recovered"] == 0
 
+    def test_what_waha_returns_is_checked_against_the_window_too(self, w2s_make):
+        """An engine that ignored filter.timestamp.gte must not bring back what is older than the window
+        (the dedupe memory may have forgotten it); a NOWEB Long timestamp counts as its number."""
+        h = w2s_make()
+        now = int(time.time())
+        old = cu_payload(CU_ALICE, "OLD1", "from last year", ts=now - 400 * 86400)
+        new = cu_payload(CU_ALICE, "NEW1", "just now", timestamp={"low": now, "high": 0, "unsigned": False})
+        assert h.app.bridge._recover("default", [new, old], now - 3600) == 1
+        w2s_settle(h)
+        assert w2s_texts(h) == ["1 message while the bridge was offline:\n+4915111111189: just now"]
+
 def cu_bridge(w2s_make, **bridge):
     h = w2s_make(raw_overrides={"bridge": bridge} if bridge else None)
     h.waha.contacts.update({CU_ALICE: "Alice Example", CU_BOB: "Bob Builder"})
@@ -6403,6 +6414,21 @@ class TestPolls:
         w2s_owner_reply(h, int(time.time() * 1000), "3 pm works", quote_ts=d[0]["ts"])   # not a number: a reply
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         assert h.waha.sent("text")[0]["reply_to"] == poll["id"]
+
+    def test_voting_in_a_chats_signal_group(self, w2s_make):
+        h = cu_bridge(w2s_make, layout="groups")
+        poll = cu_payload(CU_ALICE, "POLL2", None, _data=CU_POLL_GOWS)
+        w2s_post(h, h.waha.event("message", poll))
+        w2s_settle(h)
+        d = w2s_deliveries(h)[0]
+        assert d["text"].startswith("📊 Lunch?") and d["to"] != [OWNER]
+        group = h.app.store.group_of_chat("default", CU_ALICE)["group"]
+        h.signal.push(owner_env(int(time.time() * 1000), "1", groupInfo={"groupId": group, "type": "DELIVER"},
+                                quote={"id": d["ts"], "author": BRIDGE, "authorNumber": BRIDGE, "text": "poll",
+                                       "attachments": []}))
+        assert h.waha.wait_for(lambda f: [c for c in f.calls_for("/api/sendPollVote") if c["status"] == 201], 10)
+        assert h.waha.calls_for("/api/sendPollVote")[0]["json"]["votes"] == ["Pizza"]
+        assert eventually(lambda: "You voted: Pizza" in w2s_texts(h))
 
     def test_engine_shapes_of_a_poll_and_a_vote(self):
         webjs = {"event": "message", "session": "default", "payload": cu_payload(CU_ALICE, "P2", "", _data={

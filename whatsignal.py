@@ -3471,22 +3471,28 @@ class Bridge:
                 continue
             active += 1
             msgs = self.waha.chat_messages(s, chat, since, g("bridge.catchUpMaxMessages"))
-            recovered += self._recover(s, msgs)
+            recovered += self._recover(s, msgs, since)
         self.store.set_state(s, "catchup_mark", repr(now), self.clock())
         if recovered:
             self.metrics.inc("whatsignal_catchup_recovered_total", recovered)
         self.log.info("catch-up done", session=s, chats=active, recovered=recovered)
         return {"at": now, "chats": active, "recovered": recovered}
 
-    def _recover(self, session, msgs):
-        """Commit the unseen ones of one chat's messages, oldest first; return how many were new."""
+    def _recover(self, session, msgs, since):
+        """Commit the unseen ones of one chat's messages sent since *since*, oldest first; return how many were new.
+
+        The time is checked here too: an engine that ignores filter.timestamp.gte must not bring back
+        messages older than the dedupe memory.
+        """
         def when(m):
             t = m.get("timestamp")
+            if isinstance(t, dict) and isinstance(t.get("low"), int):     # NOWEB: a protobuf Long
+                t = t["low"] % 2 ** 32 + t.get("high", 0) * 2 ** 32
             return t if isinstance(t, (int, float)) and not isinstance(t, bool) else 0
         fresh, own = [], self.config.get("bridge.mirrorOwnMessages")
         channel = self.config.channel(session)
         for m in sorted(msgs, key=when):
-            if m.get("fromMe") is True and not own:
+            if when(m) < since or (m.get("fromMe") is True and not own):
                 continue
             try:    # messages read from WAHA carry no `source`: the bridge's own sends are known by their ids
                 inbound = parse_waha_event({"event": "message.any", "session": session, "payload": m})
