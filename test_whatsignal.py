@@ -11376,6 +11376,38 @@ def test_fakes_waha_contacts_lids_sessions(fk_waha):
     assert st == 201
 
 
+def test_fakes_waha_history_polls_and_participants(fk_waha):
+    q = lambda path: http_request(fk_waha.url, "GET", path, headers=FK_KEY)
+    for i, (chat, ts) in enumerate((("1@c.us", 100), ("1@c.us", 300), ("2@c.us", 200))):
+        fk_waha.remember({"id": "false_%s_M%d" % (chat, i), "timestamp": ts, "fromMe": False, "source": "app",
+                          "body": "m%d" % i, "media": {"url": "u"}})
+    st, _, _, js = q("/api/default/chats?sortBy=conversationTimestamp&sortOrder=desc&limit=5")
+    assert st == 200 and js == [{"id": "1@c.us", "name": None, "conversationTimestamp": 300},
+                                {"id": "2@c.us", "name": None, "conversationTimestamp": 200}]
+    assert [c["id"] for c in q("/api/default/chats")[3]] == ["1@c.us", "2@c.us"]          # by id, ascending
+    assert len(q("/api/default/chats?sortBy=conversationTimestamp&limit=1")[3]) == 1
+    st, _, _, js = q("/api/default/chats/1%40c.us/messages?filter.timestamp.gte=150&downloadMedia=false")
+    assert st == 200 and [m["body"] for m in js] == ["m1"] and js[0]["media"] is None and "source" not in js[0]
+    js = q("/api/default/chats/1%40c.us/messages?limit=5")[3]                               # newest first
+    assert [m["body"] for m in js] == ["m1", "m0"] and js[0]["media"] == {"url": "u"}
+    assert [m["body"] for m in q("/api/default/chats/1%40c.us/messages?sortOrder=asc&limit=1")[3]] == ["m0"]
+    assert q("/api/default/chats/1%40c.us/messages?limit=x")[0] == 400
+    assert q("/api/other/chats")[0] == 404
+    fk_waha.participants["9@g.us"] = ["1@c.us", "2@lid"]
+    assert q("/api/default/groups/9%40g.us/participants/v2")[3] == [{"id": "1@c.us", "role": "participant"},
+                                                                   {"id": "2@lid", "role": "participant"}]
+    vote = {"chatId": "1@c.us", "pollMessageId": "false_1@c.us_P1", "votes": ["Yes"], "session": "default"}
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendPollVote", vote, FK_KEY)
+    assert st == 201 and js["id"].startswith("true_1@c.us_")
+    assert http_request(fk_waha.url, "POST", "/api/sendPollVote", dict(vote, votes="Yes"), FK_KEY)[0] == 400
+    fk_waha.poll_votes = False
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendPollVote", vote, FK_KEY)
+    assert st == 422 and "available only in Plus" in js["message"]
+    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText",
+                                {"chatId": "9@g.us", "text": "@1", "session": "default", "mentions": "1@c.us"}, FK_KEY)
+    assert st == 400 and "mentions must be an array of strings" in js["message"]
+
+
 def test_fakes_waha_files(fk_waha):
     url = fk_waha.add_file("ABC.jpeg", FK_JPEG, "image/jpeg")
     assert url == fk_waha.url + "/api/files/default/ABC.jpeg"
