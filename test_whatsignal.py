@@ -6502,6 +6502,7 @@ class TestMute:
             ["Alice Example: hello", "Bob Builder: hi", "Bob Builder: still here"]
         assert [r["state"] for r in w2s_queue(h)].count("muted") == 3
         assert cu_command(h, "/muted", "Muted chats:") == "Muted chats:\nAlice Example: until unmuted, 3 kept"
+        assert "\nMuted chats: 1 (see /muted)" in cu_command(h, "/status", "WhatSignal")
         assert cu_command(h, "/unmute Alice", "Unmuted") == \
             "Unmuted Alice Example. 3 message(s) came while it was muted; /deliver Alice Example sends them."
         w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU4", "are you there?")))

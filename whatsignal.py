@@ -3463,16 +3463,20 @@ class Bridge:
         # never older than retention: what was delivered before that is forgotten and would come twice
         since = max(mark - CATCHUP_MARGIN, now - g("bridge.catchUpHours") * 3600,
                     now - g("retentionDays") * 86400 + CATCHUP_MARGIN)
-        active, recovered = 0, 0
+        active, recovered, stopped = 0, 0, False
         for chat, ts in self.waha.recent_chats(s, g("bridge.catchUpMaxChats")):
             if ts is not None and ts < since:
                 break                               # sorted by activity: the rest is older
-            if chat.endswith(("@broadcast", "@newsletter")) or pause():
+            if chat.endswith(("@broadcast", "@newsletter")):
                 continue
+            stopped = pause()
+            if stopped:
+                break                               # shutting down: the next start reads this span again
             active += 1
             msgs = self.waha.chat_messages(s, chat, since, g("bridge.catchUpMaxMessages"))
             recovered += self._recover(s, msgs, since)
-        self.store.set_state(s, "catchup_mark", repr(now), self.clock())
+        if not stopped:
+            self.store.set_state(s, "catchup_mark", repr(now), self.clock())
         if recovered:
             self.metrics.inc("whatsignal_catchup_recovered_total", recovered)
         self.log.info("catch-up done", session=s, chats=active, recovered=recovered)
@@ -4624,6 +4628,9 @@ class Bridge:
         if loose:
             lines.append("Warning: " + loose)
         lines.append("Last catch-up: " + describe_catchup(self.store.state(s, "catchup_last")))
+        muted = [c for c, u in self.mutes(channel).items() if u is None or u > self.clock()]
+        if muted:
+            lines.append("Muted chats: %d (see /muted)" % len(muted))
         self.notify(channel, "\n".join(lines))
 
 
