@@ -3658,26 +3658,27 @@ class Bridge:
     def display_name(self, channel, jid, push=None, group=False):
         """A group's name, a person's name in the owner's contacts, else ``~push name (+number)``, else the number.
 
-        Names come from WAHA (cached a day, also when WAHA has none).  A name the person chose
+        Names come from WAHA, cached a day as ``=saved``, ``~push`` or ``-`` (WAHA has none; an
+        unmarked entry, from an older release, is looked up again).  A name the person chose
         (WhatsApp's push name) is shown marked, as WhatsApp shows it, so that nobody outside the
         owner's contacts can look like someone in them.
         """
         key = (channel.session, jid)
         cached, at = self.names.get(key) or self.store.contact(channel.session, jid)
         now = self.clock()
-        if not at or not 0 <= now - at <= CONTACT_TTL or not (cached or "=")[0] in "=~":
+        if not at or not 0 <= now - at <= CONTACT_TTL or (cached or "")[:1] not in ("=", "~", "-"):
             try:
                 if group:
                     looked = clean_name(self.waha.group_name(channel.session, jid))
-                    looked = "=" + looked if looked else None
+                    looked = "=" + looked if looked else "-"
                 else:
                     saved, their = self.waha.contact_name(channel.session, jid)
-                    looked = "=" + saved if saved else "~" + their if their else None
+                    looked = "=" + saved if saved else "~" + their if their else "-"
                 cached, at = looked, now
                 self.store.set_contact(channel.session, jid, cached, now)
             except UpstreamError as e:
                 self.log.debug("contact lookup failed", reason=scrub(e, 80))
-                cached = cached if cached and cached[0] in "=~" else None
+                cached = cached if (cached or "")[:1] in ("=", "~") else None
         if len(self.names) > 5000:
             self.names.clear()
         self.names[key] = (cached, at)
@@ -3686,7 +3687,7 @@ class Bridge:
         number = jid_to_phone(jid) or (jid.split("@")[0] if jid else "someone")
         if group:
             return number
-        push = clean_name(push) or (cached[1:] if cached else None)
+        push = clean_name(push) or (cached[1:] if (cached or "")[:1] == "~" else None)
         return "~%s (%s)" % (push, number if jid_to_phone(jid) else "hidden number") if push else number
 
     # WhatsApp -> Signal -----------------------------------------------------
@@ -4888,7 +4889,8 @@ class Deliverer(Worker):
                 return
             rec = self.store.record_of(row)
             chat = rec.get("chat") or rec.get("_chat") or ""
-            name = self.store.contact(channel.session, chat)[0] or self.store.chat_name(channel.session, chat)[0]
+            saved = self.store.contact(channel.session, chat)[0] or ""      # "=name" when saved (display_name)
+            name = saved[1:] if saved[:1] == "=" else self.store.chat_name(channel.session, chat)[0]
             what = {"message": "A WhatsApp message"}.get(row["kind"], "A WhatsApp " + row["kind"].replace(".", " "))
             self.bridge.notify(channel, "%s from %s could not be delivered here: %s. `whatsignal.py outbox` lists it."
                                % (what, name or jid_to_phone(chat) or "a chat", shorten(reason, 160)))
