@@ -10408,6 +10408,33 @@ class TestHealthDetails:
             bridge.stop()
 
 
+class TestSecureDelete:
+
+    def test_what_retention_removes_does_not_linger_in_free_pages(self, tmp_path):
+        raw = ops_offline_raw(tmp_path, retentionDays=30)
+        path = raw["database"]["path"]
+        store = ops_store(path)
+        try:
+            old, now = time.time() - 40 * OPS_DAY, time.time()
+            for n in range(50):                     # old and recent rows side by side in the same pages
+                for when, name in ((old, "gone"), (now, "kept")):
+                    store.enqueue("default", "w2s", "%s%d" % (name, n), OPS_ALICE, "message", {"body": "x" * 300}, when)
+                    store.finish(ops_last_id(store), "done", when)
+            sealed = [bytes(r[0]) for r in store.query("SELECT body FROM queue WHERE created_at < ?", (now - 1,))]
+            assert ws.cleanup(store, make_config(raw), now)["queue"] == 50
+        finally:
+            store.close()
+        with open(path, "rb") as f:
+            data = f.read()
+        lingering = [b for b in sealed if b[40:104] in data]
+        assert not lingering, "%d of %d deleted values still readable in the file" % (len(lingering), len(sealed))
+        store = ops_store(path)            # set by the bridge itself, whatever the SQLite build's default
+        try:
+            assert store.one("PRAGMA secure_delete")[0] == 1
+        finally:
+            store.close()
+
+
 # ===========================================================================
 # Sealed values bound to their place; rotate-key covers every column
 # ===========================================================================

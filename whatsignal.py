@@ -1820,6 +1820,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=%s" % ("FULL" if synchronous.upper() == "FULL" else "NORMAL"))
         self.db.execute("PRAGMA foreign_keys=ON")
+        # deleted rows are overwritten, not left in free pages (not every SQLite build does it by default);
+        # measured with bench: within the run-to-run noise
+        self.db.execute("PRAGMA secure_delete=ON")
         self.group = GroupCommit(self._enqueue_rows)
         self.migrate()
 
