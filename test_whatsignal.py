@@ -7652,6 +7652,14 @@ class TestImpersonation:
         assert "~Alice Example (+447700900999)" in h.texts(OWNER)[-1]
         assert "(+447700900999) (+447700900999)" not in h.texts(OWNER)[-1]
 
+    def test_a_push_name_an_older_release_recorded_unmarked_is_not_trusted(self, make_bridge):
+        h = make_bridge("daemon")
+        s2w_forward(h, S2W_ALICE, "dinner at 8?")
+        h.app.store.touch_chat("default", self.STRANGER, time.time(), name="Alice")   # as the older release did
+        owner_push(h, "/to Alice see you at 8")
+        s2w_settle(h)
+        assert [b["chatId"] for b in s2w_waha_texts(h) if b["text"] == "see you at 8"] == [S2W_ALICE]
+
     def test_a_name_only_strangers_carry_or_several_chats_share_answers_with_the_candidates(self, make_bridge):
         h = make_bridge("daemon")
         h.waha.contacts["447700900555@c.us"] = "Bob Marley"

@@ -4486,6 +4486,11 @@ class Bridge:
         # "~push name (+number)", a name they chose themselves) only by that whole marked name.
         low = " ".join(target.split()).lower()
         named = [c for c in self.store.all_chats(channel.session) if c["name"]]
+        saved = lambda c: (c["chat"].endswith("@g.us")
+                           or self.store.contact(channel.session, c["chat"])[0] == "=" + c["name"])
+        for c in named:     # a name recorded by an older release, or no longer saved: not trusted as a contact's
+            if not c["name"].startswith("~") and not saved(c):
+                c["name"] = "~" + c["name"]
         strangers = [c for c in named if c["name"].startswith("~")]
         whole = [c for c in strangers if c["name"].lower() == low]
         if len(whole) == 1:
