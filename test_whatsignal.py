@@ -6231,7 +6231,8 @@ class TestCatchUp:
         texts = h.texts()[1:]
         # the two most recently active chats (Bob, Carol), the newest 3 of each, oldest first
         assert [t.split(": ")[-1] for t in texts] == ["gap 8", "gap 11", "gap 14", "gap 7", "gap 10", "gap 13"]
-        assert texts[0].startswith("3 messages while the bridge was offline:\n")
+        assert texts[0].startswith("3 messages while the bridge was offline (the newest; older ones are on your "
+                                   "phone):\n")
         reads = h.waha.calls_for("/api/default/chats/")
         assert len(reads) == 2 and all(c["query"]["limit"] == "3" and c["query"]["downloadMedia"] == "true"
                                        and int(c["query"]["filter.timestamp.gte"]) <= now for c in reads)

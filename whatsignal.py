@@ -1476,7 +1476,8 @@ def render_for_signal(rec, sender_name, group_name=None, inline_quote=None, noti
 def catchup_header(rec):
     """The line that opens the first message a catch-up recovered in a chat, else ''."""
     n = rec.get("catchup")
-    return "%d message%s while the bridge was offline:\n" % (n, "" if n == 1 else "s") if n else ""
+    more = " (the newest; older ones are on your phone)" if rec.get("catchup_more") else ""
+    return "%d message%s while the bridge was offline%s:\n" % (n, "" if n == 1 else "s", more) if n else ""
 
 
 SignalIn = collections.namedtuple("SignalIn", "kind number uuid ts account fields device", defaults=(None,))
@@ -3477,7 +3478,7 @@ class Bridge:
                 break                               # shutting down: the next start reads this span again
             active += 1
             msgs = self.waha.chat_messages(s, chat, since, g("bridge.catchUpMaxMessages"))
-            recovered += self._recover(s, msgs, since)
+            recovered += self._recover(s, msgs, since, more=len(msgs) >= g("bridge.catchUpMaxMessages"))
         if not stopped:
             self.store.set_state(s, "catchup_mark", repr(now), self.clock())
         if recovered:
@@ -3485,7 +3486,7 @@ class Bridge:
         self.log.info("catch-up done", session=s, chats=active, recovered=recovered)
         return {"at": now, "chats": active, "recovered": recovered}
 
-    def _recover(self, session, msgs, since):
+    def _recover(self, session, msgs, since, more=False):
         """Commit the unseen ones of one chat's messages sent since *since*, oldest first; return how many were new.
 
         The time is checked here too: an engine that ignores filter.timestamp.gte must not bring back
@@ -3514,7 +3515,8 @@ class Bridge:
             fresh.append(inbound)
         n = 0
         for i, inbound in enumerate(fresh):
-            n += self._commit(inbound, recovered=True, **({"catchup": len(fresh)} if i == 0 else {}))
+            n += self._commit(inbound, recovered=True,
+                              **({"catchup": len(fresh), "catchup_more": more} if i == 0 else {}))
         return n
 
     def owner_channel(self, number, uuid):
