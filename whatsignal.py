@@ -7355,6 +7355,19 @@ def cmd_check_config(args, config, environ):
     return 0
 
 
+def pin_mmap_threshold():
+    """Keep glibc's mmap threshold at its default (128 KiB) for the life of the process (glibc only).
+
+    glibc raises the threshold to the size of any mmap'ed block freed, up to 32 MiB: after the
+    16 MiB the key derivation takes, buffers up to 16 MiB (webhook bodies, media chunks) would come
+    from the heap and stay there after use (measured: 24 MB of 600 KB buffers freed, RSS kept them
+    all).  Set explicitly, the threshold no longer moves.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
+
+
 def release_memory():
     """Hand memory freed after start-up (compiling this file, key derivation) back to the OS (glibc only)."""
     import gc
@@ -7372,6 +7385,7 @@ def cmd_serve(args, config, environ):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):   # before serving: a SIGTERM right after start is a clean stop too
         signal.signal(sig, lambda *_: stop.set())
+    pin_mmap_threshold()
     release_memory()     # compiling this file left ~10 MB freed but held: return it before the key derivation
     app = App(config, log).start()
     release_memory()
