@@ -7780,6 +7780,7 @@ def sc_make(tmp_path):
     made = []
 
     def make(clock=None, **raw_overrides):
+        raw_overrides.setdefault("server", {"metricsToken": SC_TOKEN})
         path = tmp_path / ("bridge%d" % len(made))
         path.mkdir()
         h = Harness(path, "daemon", clock=clock, raw_overrides=raw_overrides)
@@ -7896,9 +7897,13 @@ class TestSignalCliJsonLimit:
         assert "outbox" in notice and "lost words" not in notice
         assert h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0] == 1
 
-def sc_health(h):
+SC_TOKEN = "metrics-token-" + "m" * 24
+
+
+def sc_health(h, details=True):
+    """/health as the operator sees it (with server.metricsToken: the checks' messages) or as anyone does."""
     h.app.health_cache.clear()
-    return http_request(h.url, "GET", "/health")[3]
+    return http_request(h.url, "GET", "/health", headers={"Authorization": "Bearer " + SC_TOKEN} if details else {})[3]
 
 
 class TestSignalCliSetupErrors:
@@ -7921,6 +7926,7 @@ class TestSignalCliSetupErrors:
         assert len(errors) == 1 and "421" in errors[0]["msg"] and "--http 0.0.0.0" in errors[0]["msg"]
         rep = sc_health(h)
         assert rep["status"] == "degraded" and "421" in rep["checks"]["signal"]["error"]
+        assert sc_health(h, details=False)["checks"]["signal"]["error"] == "misconfigured"   # no address for anyone
         probes = h.signal.calls_for("/api/v1/rpc")[-1]
         assert probes["json"]["method"] == "version"                 # the probe hits the RPC endpoint
         h.signal.bound_port = None                                   # fixed
@@ -7995,7 +8001,7 @@ class TestSignalCliSetupErrors:
         assert "signal.number" in sc_health(h)["checks"]["signal"]["error"]
 
     def test_rest_json_rpc_number_not_registered_is_our_own_account(self, tmp_path):
-        h = Harness(tmp_path, "rest-json-rpc").start()
+        h = Harness(tmp_path, "rest-json-rpc", raw_overrides={"server": {"metricsToken": SC_TOKEN}}).start()
         try:
             h.signal.number = "+15550000009"          # the API's signal-cli knows another account, not ours
             w2s_post(h, wa_message(SC_CHAT, "3EB0REST", "kept too"))
@@ -8025,7 +8031,8 @@ class TestSignalCliUntrustedOwner:
         assert all(o.get("exception", {}).get("type") == "UntrustedIdentityException" for o in h.signal.delivered)
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert len(errors) == 1 and "trust -a OWNER" in errors[0]["msg"] and "signal.trustNewIdentity" in errors[0]["msg"]
-        assert 'whatsignal_untrusted_identity_total 2.0' in http_get(h.url, "/metrics")[1]
+        metrics = http_request(h.url, "GET", "/metrics", headers={"Authorization": "Bearer " + SC_TOKEN})[2].decode()
+        assert "whatsignal_untrusted_identity_total 2.0" in metrics.splitlines()
         assert h.waha.sent() == [] and h.signal.trusted == []
         # the operator trusts the key with signal-cli itself
         ws.SignalRpcClient(h.signal.url, BRIDGE).trust(OWNER)

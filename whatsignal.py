@@ -2717,7 +2717,7 @@ class SignalClient:
         """Raise an UpstreamError when the backend cannot serve the bridge."""
         self.check()
         if self.problem:
-            raise TransientError(self.problem)
+            raise SignalSetupError(self.problem, 30.0)
 
 
 class SignalRpcClient(SignalClient):
@@ -2897,7 +2897,7 @@ class SignalRpcClient(SignalClient):
         self.check()
         self.call("version", {})      # /api/v1/check has no Host check: only the RPC endpoint tells
         if self.problem:
-            raise TransientError(self.problem)
+            raise SignalSetupError(self.problem, 30.0)
 
     def events(self, stop, on_open=None):
         """Yield receive objects from the SSE stream until it ends; raise TransientError when it breaks.
@@ -5267,6 +5267,8 @@ def _public_error(exc):
         return "database error"
     if any(isinstance(e, socket.timeout) for e in (exc, exc.__cause__, exc.__context__)):
         return "timed out"
+    if isinstance(exc, SignalSetupError):
+        return "misconfigured"
     return "refused" if isinstance(exc, PermanentError) else "unavailable"
 
 
