@@ -7846,6 +7846,17 @@ class TestSignalCliJsonLimit:
         assert eventually(lambda: len(h.signal.sent()) == 2)
         assert h.signal.requests("send")[1]["attachments"][0].get("path") is None   # small media: a data URI
 
+    def test_a_missing_attachment_dir_does_not_block_the_chat(self, sc_make, tmp_path):
+        h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(tmp_path / "not-there")})
+        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
+        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
+        w2s_post(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
+        assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
+        assert "could not be sent to Signal" in sc_texts(h)[0] and sc_texts(h)[1].endswith("and one more")
+        errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
+        assert len(errors) == 1 and "signal.attachmentDir" in errors[0]["msg"] and "Fix:" in errors[0]["msg"]
+        assert not (tmp_path / "not-there").exists()
+
     def test_an_unreadable_request_is_not_retried_and_the_text_still_arrives(self, sc_make):
         h = sc_make()
         url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")

@@ -2730,6 +2730,7 @@ class SignalRpcClient(SignalClient):
         self.ids = iter(range(1, 1 << 62))
         self.id_lock = threading.Lock()
         self.attachment_dir = attachment_dir
+        self.problem_dir = None
 
     def call(self, method, params, body=None):
         with self.id_lock:
@@ -2835,8 +2836,13 @@ class SignalRpcClient(SignalClient):
             os.chmod(path, 0o644)
             return path
         except OSError as e:
-            raise TransientError("cannot write into signal.attachmentDir (%s); check that it exists and is writable"
-                                 % (e.strerror or e.__class__.__name__)) from None
+            # retrying cannot fix the directory, and the chat must not wait for it: the text goes with a notice
+            reason = ("cannot write into signal.attachmentDir (%s). Fix: create it, writable by the bridge and "
+                      "readable by signal-cli at the same path" % (e.strerror or e.__class__.__name__))
+            if self.log and self.problem_dir != reason:
+                self.problem_dir = reason
+                self.log.error(reason)
+            raise MediaRefused(reason) from None
 
     def react(self, to, emoji, target_author, target_ts, remove=False):
         params = self._to(to)
