@@ -3418,7 +3418,7 @@ class Bridge:
 
     # -- intake ------------------------------------------------------------
     def ingest_webhook(self, event):
-        """Validate and commit one WAHA event; return 'stored', 'duplicate' or 'ignored'.
+        """Validate and commit one WAHA event; return 'stored', 'duplicate', 'ignored' or 'stale' (too old).
 
         Raises PayloadError (400) or StoreError (503).
         """
