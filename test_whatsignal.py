@@ -10107,6 +10107,8 @@ class TestServerLimits:
             assert len(answered) >= 10 and all(st == 200 and took < 1.0 for st, took in answered), answered
             assert flood.opened > 200 and flood.closed_by_server > 0, (flood.opened, flood.closed_by_server)
             assert set(flood.answers) <= {401, 503, 429, 408, None}, flood.answers
+            assert flood.answers[503] > 0, flood.answers            # forged signatures: over the body budget
+            assert flood.answers[401] + flood.answers[429] > 0, flood.answers   # unsigned: before the body
             assert daemon.wait_for(lambda f: len(f.sent()) == 1 + len(answered), 15)
             metrics = http_get(bridge.url, "/metrics")[1]
             assert 'status="500"' not in metrics
