@@ -10414,6 +10414,17 @@ class TestHealthDetails:
         finally:
             bridge.stop()
 
+    def test_the_owner_reads_where_waha_fails_in_status(self, make_bridge):
+        h = make_bridge("daemon")
+        where = urllib.parse.urlsplit(h.waha.url)
+        h.waha.mode = "down"
+        owner_push(h, "/status")
+        status = lambda: [o["text"] for o in h.received() if o["to"] == OWNER and o["text"].startswith("WhatSignal")]
+        assert eventually(status), h.received()
+        assert [l for l in status()[0].splitlines() if l.startswith("WAHA: ")
+                and "%s:%d" % (where.hostname, where.port) in l], status()[0]
+        assert "WAHA: " not in http_get(h.url, "/health")[1]
+
     def test_concurrent_requests_share_one_upstream_check(self, tmp_path, ops_fakes):
         waha, daemon = ops_fakes
         bridge = sec_process(tmp_path, ops_fakes)

@@ -4643,6 +4643,10 @@ class Bridge:
             lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
         if self.signal.problem:
             lines.append("Signal: " + self.signal.problem)
+        try:
+            self.waha.ping()
+        except (UpstreamError, OSError) as e:   # the owner sees where it fails; /health shows anyone only the kind
+            lines.append("WAHA: " + scrub(e, 160))
         loose = private_files_warning(self.store.path, self.cache_dir)
         if loose:
             lines.append("Warning: " + loose)
