@@ -3201,72 +3201,74 @@ def queue_rows(h, direction, state=None):
 # ---------------------------------------------------------------------------
 # Issue 2: the appliance core (configuration, encryption at rest, store, the
 # webhook/health/metrics server, logging, command line, packaging).
-# Helpers and fixtures of this part carry the prefix ``core_``.
 # ---------------------------------------------------------------------------
 
 
 
-CORE_WS_PATH = os.path.abspath(ws.__file__)
-CORE_DIR = os.path.dirname(CORE_WS_PATH)
-CORE_EXAMPLE = os.path.join(CORE_DIR, "config.example.json")
-CORE_PEER = "4915123456789"                 # a WhatsApp contact (German mobile)
-CORE_PEER_JID = CORE_PEER + "@c.us"
-CORE_STRANGER = "+15550009999"              # someone who is not the owner
-CORE_TEXT = "Meet me at the old lighthouse xyzzy-7731"
-CORE_REPLY = "Bring the blue umbrella plugh-4402"
-CORE_NAME = "Zebulon Quixote"
-CORE_SHOWN = "~%s (+%s)" % (CORE_NAME, CORE_PEER)   # a push name, not a saved contact: marked
-CORE_DELETE = object()
-CORE_ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-CORE_LOG_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+WS_PATH = os.path.abspath(ws.__file__)
+REPO_DIR = os.path.dirname(WS_PATH)
+EXAMPLE_CONFIG = os.path.join(REPO_DIR, "config.example.json")
+PEER = "4915123456789"                 # a WhatsApp contact (German mobile)
+PEER_JID = PEER + "@c.us"
+NOT_OWNER = "+15550009999"              # someone who is not the owner
+TEXT = "Meet me at the old lighthouse xyzzy-7731"
+REPLY = "Bring the blue umbrella plugh-4402"
+PEER_NAME = "Zebulon Quixote"
+PEER_SHOWN = "~%s (+%s)" % (PEER_NAME, PEER)   # a push name, not a saved contact: marked
+REMOVE_KEY = object()
+ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+LOG_TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def core_base_raw(tmp_path):
-    """A valid config dict with static (unused) upstream URLs, for validation-only tests."""
-    return raw_config(tmp_path, "http://127.0.0.1:3000", rpc_url="http://127.0.0.1:8080")
+DEAD_URL = "http://127.0.0.1:9"   # never contacted by the offline commands
 
 
-def core_set(raw, path, value):
-    """Set (or delete with CORE_DELETE) a dotted key in a raw config dict."""
+def offline_raw(tmp_path, **sections):
+    """A valid config dict whose upstream URLs are never contacted (validation and offline commands)."""
+    return raw_config(tmp_path, DEAD_URL, rpc_url=DEAD_URL, **sections)
+
+
+def set_key(raw, path, value):
+    """Set (or delete with REMOVE_KEY) a dotted key in a raw config dict."""
     parts = path.split(".")
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    if value is CORE_DELETE:
+    if value is REMOVE_KEY:
         node.pop(parts[-1], None)
     else:
         node[parts[-1]] = value
 
 
-def core_error_lines(err):
+def error_lines(err):
     return [line for line in err.splitlines() if line.strip()]
 
 
-def core_addr(h):
+def bridge_addr(h):
     return h.app.server.server_address[:2]
 
 
-def core_queue_rows(h):
+def queue_count(h):
     return h.app.store.one("SELECT COUNT(*) FROM queue")[0]
 
 
-def core_round_trip(h, text=CORE_TEXT, reply=CORE_REPLY):
+def round_trip(h, text=TEXT, reply=REPLY):
     """WhatsApp message in (signed webhook), Signal copy out, owner reply back to the WhatsApp chat."""
-    assert h.webhook(wa_message(CORE_PEER_JID, "3EB0C0RE00000001", text, _data={"notifyName": CORE_NAME})) == (200, {"status": "stored"})
+    assert h.webhook(wa_message(PEER_JID, "3EB0C0RE00000001", text, _data={"notifyName": PEER_NAME})) == (200, {"status": "stored"})
     assert eventually(lambda: len(h.texts()) >= 1), "the message never reached Signal"
-    assert h.texts() == ["%s: %s" % (CORE_SHOWN, text)]
+    assert h.texts() == ["%s: %s" % (PEER_SHOWN, text)]
     # the copy's mapping is recorded just after the send returns: the plain reply needs it
     assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM messages")[0] >= 1)
     h.signal.push(owner_env(int(time.time() * 1000), reply))
     assert h.waha.wait_for(lambda f: f.sent("text"), 10), "the owner's reply never reached WAHA"
     sent = h.waha.sent("text")[-1]
-    assert (sent["chatId"], sent["text"]) == (CORE_PEER_JID, reply)
+    assert (sent["chatId"], sent["text"]) == (PEER_JID, reply)
     assert eventually(lambda: h.app.store.queue_depth("w2s") == 0 and h.app.store.queue_depth("s2w") == 0)
 
 
-def core_db_bytes(path):
+def db_bytes(path):
     """Raw bytes of the database file and its WAL (what a stolen volume would expose)."""
     data = b""
     for suffix in ("", "-wal"):
@@ -3276,14 +3278,14 @@ def core_db_bytes(path):
     return data
 
 
-def core_subprocess_env(**extra):
+def clean_env(**extra):
     names = set(ws.ENV_OVERRIDES) | {"WEBHOOK_SECRET", "WAHA_API_KEY"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHATSIGNAL") and k not in names}
     env.update(extra)
     return env
 
 
-def core_metric_value(text, name, **labels):
+def metric_value(text, name, **labels):
     """Value of one sample in Prometheus text, or None."""
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
@@ -3301,7 +3303,7 @@ def core_metric_value(text, name, **labels):
 # -- Configuration ---------------------------------------------------------------------------------
 
 # (id, config changes, environment changes, key path the one line starts with, must contain, must not contain)
-CORE_BROKEN = [
+BROKEN_CONFIGS = [
     ("unknown-key", {"whatsapp.webhookSecrt": "x" * 40}, {},
      "whatsapp.webhookSecrt:", ["unknown key", "did you mean whatsapp.webhookSecret?"], ["x" * 40]),
     ("unknown-top-key", {"retentionDay": 30}, {}, "retentionDay:", ["did you mean retentionDays?"], []),
@@ -3316,21 +3318,21 @@ CORE_BROKEN = [
     ("owner-is-bridge", {"signal.destination": BRIDGE}, {}, "signal.destination:", ["own number"], []),
     ("both-signal-urls", {"signal.apiUrl": "http://127.0.0.1:8081"}, {}, "signal:",
      ["signal.rpcUrl", "signal.apiUrl", "exactly one"], []),
-    ("no-signal-url", {"signal.rpcUrl": CORE_DELETE}, {}, "signal:", ["signal.rpcUrl", "signal.apiUrl"], []),
+    ("no-signal-url", {"signal.rpcUrl": REMOVE_KEY}, {}, "signal:", ["signal.rpcUrl", "signal.apiUrl"], []),
     ("short-webhook-secret", {"whatsapp.webhookSecret": "short-secret-val"}, {}, "whatsapp.webhookSecret:",
      ["32"], ["short-secret-val"]),
-    ("no-webhook-secret", {"whatsapp.webhookSecret": CORE_DELETE}, {}, "whatsapp.webhookSecret:",
+    ("no-webhook-secret", {"whatsapp.webhookSecret": REMOVE_KEY}, {}, "whatsapp.webhookSecret:",
      ["WEBHOOK_SECRET"], []),
     ("short-encryption-secret", {}, {"WHATSIGNAL_ENCRYPTION_SECRET": "tinysecretvalue"},
      "WHATSIGNAL_ENCRYPTION_SECRET:", ["32"], ["tinysecretvalue"]),
     ("no-encryption-secret", {}, {"WHATSIGNAL_ENCRYPTION_SECRET": None}, "WHATSIGNAL_ENCRYPTION_SECRET:",
      ["not set", "WHATSIGNAL_ENABLE_ENCRYPTION=false"], []),
-    ("missing-env-variable", {"whatsapp.apiKey": "env:CORE_MISSING_VARIABLE"}, {}, "whatsapp.apiKey:",
-     ["CORE_MISSING_VARIABLE", "not set"], []),
-    ("missing-env-secret", {"whatsapp.webhookSecret": "env:CORE_MISSING_SECRET"}, {}, "whatsapp.webhookSecret:",
-     ["CORE_MISSING_SECRET"], []),
-    ("missing-required", {"whatsapp.apiUrl": CORE_DELETE}, {}, "whatsapp.apiUrl:", ["missing"], []),
-    ("missing-bridge-number", {"signal.number": CORE_DELETE}, {}, "signal.number:", ["missing"], []),
+    ("missing-env-variable", {"whatsapp.apiKey": "env:UNSET_VARIABLE"}, {}, "whatsapp.apiKey:",
+     ["UNSET_VARIABLE", "not set"], []),
+    ("missing-env-secret", {"whatsapp.webhookSecret": "env:UNSET_SECRET_VARIABLE"}, {}, "whatsapp.webhookSecret:",
+     ["UNSET_SECRET_VARIABLE"], []),
+    ("missing-required", {"whatsapp.apiUrl": REMOVE_KEY}, {}, "whatsapp.apiUrl:", ["missing"], []),
+    ("missing-bridge-number", {"signal.number": REMOVE_KEY}, {}, "signal.number:", ["missing"], []),
     ("port-out-of-range", {"server.port": 70000}, {}, "server.port:", ["70000"], []),
     ("retention-out-of-range", {"retentionDays": 0}, {}, "retentionDays:", ["range"], []),
     ("bad-log-level", {"logLevel": "verbose"}, {}, "logLevel:", ["verbose"], []),
@@ -3358,9 +3360,9 @@ class TestConfiguration:
         monkeypatch.chdir(tmp_path)
         api_key = "waha-api-key-" + "k" * 30
         env = bridge_env(WAHA_API_KEY=api_key, WEBHOOK_SECRET=WEBHOOK_SECRET)
-        with open(CORE_EXAMPLE, encoding="utf-8") as f:
+        with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
             json.load(f)   # valid JSON, no comments
-        rc, out, err = run_main(capsys, ["--config", CORE_EXAMPLE, "check-config"], env)
+        rc, out, err = run_main(capsys, ["--config", EXAMPLE_CONFIG, "check-config"], env)
         assert rc == 0, err
         assert "configuration OK" in err
         tree = json.loads(out)
@@ -3375,18 +3377,18 @@ class TestConfiguration:
             assert leak not in out and leak not in err
         assert not os.listdir(tmp_path), "check-config must not create the database or cache"
 
-    @pytest.mark.parametrize("case", CORE_BROKEN, ids=[c[0] for c in CORE_BROKEN])
+    @pytest.mark.parametrize("case", BROKEN_CONFIGS, ids=[c[0] for c in BROKEN_CONFIGS])
     def test_broken_config_one_line_naming_the_key(self, capsys, tmp_path, case):
         _, changes, env_changes, prefix, contains, forbidden = case
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         for path, value in changes.items():
-            core_set(raw, path, value)
+            set_key(raw, path, value)
         rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "check-config"],
                                  bridge_env(**env_changes))
         assert rc == 2
         assert out == "", "nothing is printed to stdout for a broken config"
         assert "Traceback" not in err
-        lines = core_error_lines(err)
+        lines = error_lines(err)
         assert len(lines) == 1, lines
         assert lines[0].startswith("config error: " + prefix + " "), lines[0]
         for word in contains:
@@ -3395,14 +3397,14 @@ class TestConfiguration:
             assert leak not in err, "the config error echoes %r" % leak
 
     def test_several_problems_give_one_line_each(self, capsys, tmp_path):
-        raw = core_base_raw(tmp_path)
-        core_set(raw, "server.prot", 8082)
-        core_set(raw, "whatsapp.apiUrl", "waha:3000")
-        core_set(raw, "media.maxSizeMB", "50")
-        core_set(raw, "whatsapp.apiKey", "env:CORE_NOT_THERE")
+        raw = offline_raw(tmp_path)
+        set_key(raw, "server.prot", 8082)
+        set_key(raw, "whatsapp.apiUrl", "waha:3000")
+        set_key(raw, "media.maxSizeMB", "50")
+        set_key(raw, "whatsapp.apiKey", "env:UNSET_KEY_VARIABLE")
         rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "check-config"], bridge_env())
         assert rc == 2 and out == "" and "Traceback" not in err
-        lines = core_error_lines(err)
+        lines = error_lines(err)
         assert sorted(line.split(":")[1].strip() for line in lines) == \
             ["media.maxSizeMB", "server.prot", "whatsapp.apiKey", "whatsapp.apiUrl"], lines
         assert "did you mean server.port?" in err
@@ -3412,14 +3414,14 @@ class TestConfiguration:
         bad.write_text('{"server": {"port": 8082,}}', encoding="utf-8")
         rc, out, err = run_main(capsys, ["--config", str(bad), "check-config"], bridge_env())
         assert rc == 2 and "Traceback" not in err
-        lines = core_error_lines(err)
+        lines = error_lines(err)
         assert len(lines) == 1 and "not valid JSON" in lines[0] and "line 1 column" in lines[0], lines
         bad.write_text("[1, 2]", encoding="utf-8")
         rc, out, err = run_main(capsys, ["--config", str(bad), "check-config"], bridge_env())
-        assert rc == 2 and len(core_error_lines(err)) == 1 and "JSON object" in err
+        assert rc == 2 and len(error_lines(err)) == 1 and "JSON object" in err
 
     def test_env_overrides(self, capsys, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         del raw["whatsapp"]["webhookSecret"]
         env = bridge_env(WHATSAPP_API_URL="http://waha.internal:3001", SIGNAL_RPC_URL="http://signal-cli:8090",
                        DB_PATH=str(tmp_path / "other" / "x.db"), MEDIA_DIR=str(tmp_path / "media"),
@@ -3439,13 +3441,13 @@ class TestConfiguration:
         assert (cfg.get("signal.rpcUrl"), cfg.get("signal.apiUrl")) == ("http://127.0.0.1:8080", None)
 
     def test_whatsignal_config_env_stands_in_for_config_flag(self, capsys, tmp_path):
-        path = write_config(tmp_path, core_base_raw(tmp_path))
+        path = write_config(tmp_path, offline_raw(tmp_path))
         rc, out, err = run_main(capsys, ["check-config"], bridge_env(WHATSIGNAL_CONFIG=path))
         assert rc == 0, err
         assert json.loads(out)["database"]["path"] == str(tmp_path / "whatsignal.db")
 
     def test_encryption_on_unless_explicitly_false(self, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         assert make_config(raw).encryption is True
         assert make_config(raw, {"WHATSIGNAL_ENABLE_ENCRYPTION": "true"}).encryption is True
         for off in ("false", "FALSE", "0"):
@@ -3466,7 +3468,7 @@ class TestConfiguration:
         assert not [r for r in bridge.logs.records() if r["level"] == "WARN"]
 
     def test_two_channels(self, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         raw["channels"] = [{"whatsappSession": "default", "signalDestination": OWNER},
                            {"whatsappSession": "work", "signalDestination": "+15550000003"}]
         cfg = make_config(raw)
@@ -3475,19 +3477,19 @@ class TestConfiguration:
         assert cfg.channel("nope") is None
 
     def test_single_channel_from_session_and_destination(self, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         raw["whatsapp"]["session"] = "personal"
         assert make_config(raw).channels == [ws.Channel("personal", OWNER)]
 
     def test_serve_refuses_a_broken_config_the_same_way(self, capsys, tmp_path):
-        raw = core_base_raw(tmp_path)
-        core_set(raw, "server.port", "eighty")
+        raw = offline_raw(tmp_path)
+        set_key(raw, "server.port", "eighty")
         path = write_config(tmp_path, raw)
         for argv in (["--config", path, "serve"], ["--config", path]):
             rc, out, err = run_main(capsys, argv, bridge_env())
             assert rc == 2 and "Traceback" not in err
-            assert core_error_lines(err) == [l for l in core_error_lines(err) if l.startswith("config error: server.port:")]
-            assert len(core_error_lines(err)) == 1
+            assert error_lines(err) == [l for l in error_lines(err) if l.startswith("config error: server.port:")]
+            assert len(error_lines(err)) == 1
         assert not (tmp_path / "whatsignal.db").exists()
 
 
@@ -3531,9 +3533,9 @@ class TestPureHelpers:
         assert delays == sorted(delays)
 
     @pytest.mark.parametrize("jid,canon", [
-        ("4915123456789@s.whatsapp.net", CORE_PEER_JID),
-        ("4915123456789:12@s.whatsapp.net", CORE_PEER_JID),
-        (" 4915123456789@C.US ", CORE_PEER_JID),
+        ("4915123456789@s.whatsapp.net", PEER_JID),
+        ("4915123456789:12@s.whatsapp.net", PEER_JID),
+        (" 4915123456789@C.US ", PEER_JID),
         ("120363025246125486@g.us", "120363025246125486@g.us"),
         ("123456789012345@lid", "123456789012345@lid"),
         ("4915123456789", None),
@@ -3545,9 +3547,9 @@ class TestPureHelpers:
         assert ws.normalize_jid(jid) == canon
 
     def test_phone_and_jid(self):
-        assert ws.jid_to_phone(CORE_PEER_JID) == "+" + CORE_PEER
+        assert ws.jid_to_phone(PEER_JID) == "+" + PEER
         assert ws.jid_to_phone("120363025246125486@g.us") is None
-        assert ws.phone_to_jid("+" + CORE_PEER) == CORE_PEER_JID
+        assert ws.phone_to_jid("+" + PEER) == PEER_JID
         assert ws.phone_to_jid("0049151") is None
 
     def test_token_bucket(self):
@@ -3580,14 +3582,14 @@ class TestPureHelpers:
 
 # -- Encryption -----------------------------------------------------------------------------------
 
-def core_expected_keys(secret, salt, n=2 ** 15, r=8, p=1):
+def expected_keys(secret, salt, n=2 ** 15, r=8, p=1):
     """Independent key schedule per Cipher's docstring: scrypt master key, HMAC-SHA256 subkeys."""
     master = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=64)
     sub = lambda label: hmac.new(master, b"whatsignal/v1/" + label, hashlib.sha256).digest()
     return sub(b"enc"), sub(b"mac"), sub(b"lookup")
 
 
-def core_expected_seal(enc, mac, nonce, plaintext, aad):
+def expected_seal(enc, mac, nonce, plaintext, aad):
     """02 || nonce || (plaintext XOR BLAKE2b(key=enc, nonce || counter64)) || HMAC-SHA256(mac, head || len32(aad) ||
     aad || ct)."""
     stream = b"".join(hashlib.blake2b(nonce + i.to_bytes(8, "big"), key=enc).digest()
@@ -3597,54 +3599,54 @@ def core_expected_seal(enc, mac, nonce, plaintext, aad):
     return head + ct + hmac.new(mac, head + len(aad).to_bytes(4, "big") + aad + ct, hashlib.sha256).digest()
 
 
-CORE_AAD = ws.seal_context("queue", "body", "default", "w2s", "0123")
+AAD = ws.seal_context("queue", "body", "default", "w2s", "0123")
 
 
-CORE_KAT_SECRET = "known-answer-secret-" + "k" * 20
-CORE_KAT_SALT = bytes(range(16))
-CORE_KAT_NONCE = bytes(range(0xA0, 0xB0))
+KAT_SECRET = "known-answer-secret-" + "k" * 20
+KAT_SALT = bytes(range(16))
+KAT_NONCE = bytes(range(0xA0, 0xB0))
 
 
 @pytest.fixture(scope="module")
-def core_kat_cipher():
+def kat_cipher():
     # the parameters every database created before they were recorded uses (scrypt n=2^15, r=8, p=1)
-    return ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n], n=2 ** 15, r=8, p=1)
+    return ws.Cipher(KAT_SECRET, KAT_SALT, rand=lambda n: KAT_NONCE[:n], n=2 ** 15, r=8, p=1)
 
 
 @pytest.fixture(scope="module")
-def core_cipher():
+def random_cipher():
     return ws.Cipher(ENC_SECRET, os.urandom(16))
 
 
 class TestEncryption:
-    def test_known_answer_vector(self, core_kat_cipher):
-        enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT)
+    def test_known_answer_vector(self, kat_cipher):
+        enc, mac, lookup = expected_keys(KAT_SECRET, KAT_SALT)
         assert len({enc, mac, lookup}) == 3, "separate keys for encryption, authentication, lookup"
         for text in ("hi", "", "Grüße 👋 " * 20):   # 0, 1 and several keystream blocks
-            sealed = core_kat_cipher.encrypt(text, CORE_AAD)
-            assert sealed.hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, text.encode(), CORE_AAD).hex()
-            assert core_kat_cipher.decrypt(sealed, CORE_AAD) == text
-        expected_token = hmac.new(lookup, b"chat\x00" + CORE_PEER_JID.encode(), hashlib.sha256).hexdigest()[:32]
-        assert core_kat_cipher.token("chat", CORE_PEER_JID) == expected_token
+            sealed = kat_cipher.encrypt(text, AAD)
+            assert sealed.hex() == expected_seal(enc, mac, KAT_NONCE, text.encode(), AAD).hex()
+            assert kat_cipher.decrypt(sealed, AAD) == text
+        expected_token = hmac.new(lookup, b"chat\x00" + PEER_JID.encode(), hashlib.sha256).hexdigest()[:32]
+        assert kat_cipher.token("chat", PEER_JID) == expected_token
         # Pinned literals: a database written by this version must stay readable by the next.
-        assert CORE_AAD == b"\x00\x05queue\x00\x04body\x00\x07default\x00\x03w2s\x00\x040123"
-        assert core_kat_cipher.encrypt("hi", CORE_AAD).hex() == (
+        assert AAD == b"\x00\x05queue\x00\x04body\x00\x07default\x00\x03w2s\x00\x040123"
+        assert kat_cipher.encrypt("hi", AAD).hex() == (
             "02a0a1a2a3a4a5a6a7a8a9aaabacadaeaf69d2baf6f7fac179949b3607cc368e27fd276da29058aa38267cfe9ea94ab2a1f29a")
         # version 1 (before values were bound to their place) is still read, by the upgrade and rotate-key only
         v1 = bytes.fromhex(
             "01a0a1a2a3a4a5a6a7a8a9aaabacadaeaf69d2fa4dceab8e647c2e0cf6c1b96e4c6e5aef1f470ab72c653e4eea85728deecac5")
-        assert core_kat_cipher.decrypt_legacy(v1, b"") == b"hi"
+        assert kat_cipher.decrypt_legacy(v1, b"") == b"hi"
         with pytest.raises(ws.CryptoError):
-            core_kat_cipher.decrypt(v1, b"")
-        assert core_kat_cipher.token("chat", CORE_PEER_JID) == "1de90d17b393e46b2e754ce0d21fa19e"
+            kat_cipher.decrypt(v1, b"")
+        assert kat_cipher.token("chat", PEER_JID) == "1de90d17b393e46b2e754ce0d21fa19e"
 
-    def test_tokens_separate_domains_and_values(self, core_cipher):
-        t = core_cipher.token("chat", CORE_PEER_JID)
+    def test_tokens_separate_domains_and_values(self, random_cipher):
+        t = random_cipher.token("chat", PEER_JID)
         assert re.fullmatch(r"[0-9a-f]{32}", t)
-        assert t == core_cipher.token("chat", CORE_PEER_JID)
-        assert t != core_cipher.token("msg", CORE_PEER_JID)
-        assert t != core_cipher.token("chat", "4915123456788@c.us")
-        assert core_cipher.token("chat", None) is None
+        assert t == random_cipher.token("chat", PEER_JID)
+        assert t != random_cipher.token("msg", PEER_JID)
+        assert t != random_cipher.token("chat", "4915123456788@c.us")
+        assert random_cipher.token("chat", None) is None
 
     def test_work_factor(self):
         assert ws.SCRYPT_N >= 2 ** 14 and ws.SCRYPT_R >= 8
@@ -3654,63 +3656,63 @@ class TestEncryption:
         assert 128 * ws.SCRYPT_R * ws.SCRYPT_N <= 16 * 1024 * 1024
 
     def test_current_parameters_known_answer(self):
-        cipher = ws.Cipher(CORE_KAT_SECRET, CORE_KAT_SALT, rand=lambda n: CORE_KAT_NONCE[:n])
-        enc, mac, lookup = core_expected_keys(CORE_KAT_SECRET, CORE_KAT_SALT, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
-        assert cipher.encrypt("hi", CORE_AAD).hex() == core_expected_seal(enc, mac, CORE_KAT_NONCE, b"hi", CORE_AAD).hex()
+        cipher = ws.Cipher(KAT_SECRET, KAT_SALT, rand=lambda n: KAT_NONCE[:n])
+        enc, mac, lookup = expected_keys(KAT_SECRET, KAT_SALT, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+        assert cipher.encrypt("hi", AAD).hex() == expected_seal(enc, mac, KAT_NONCE, b"hi", AAD).hex()
         assert (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P) != ws.SCRYPT_LEGACY
 
     @pytest.mark.parametrize("value", ["", "x", "Grüße 👋 مرحبا 你好", "a" * 63, "b" * 64, "c" * 65, "\ud800lone",
                                        "z" * 5000])
-    def test_round_trip(self, core_cipher, value):
-        sealed = core_cipher.encrypt(value, CORE_AAD)
+    def test_round_trip(self, random_cipher, value):
+        sealed = random_cipher.encrypt(value, AAD)
         assert sealed[0] == 2 and len(sealed) == 1 + 16 + len(value.encode("utf-8", "surrogatepass")) + 32
-        assert core_cipher.decrypt(sealed, CORE_AAD) == value
+        assert random_cipher.decrypt(sealed, AAD) == value
         if len(value) >= 8:
             assert value.encode("utf-8", "surrogatepass") not in sealed
 
-    def test_round_trip_bytes_and_none(self, core_cipher):
+    def test_round_trip_bytes_and_none(self, random_cipher):
         data = bytes(range(256))
-        assert core_cipher.decrypt_bytes(core_cipher.encrypt(data, CORE_AAD), CORE_AAD) == data
-        assert core_cipher.encrypt(None, CORE_AAD) is None and core_cipher.decrypt(None, CORE_AAD) is None
+        assert random_cipher.decrypt_bytes(random_cipher.encrypt(data, AAD), AAD) == data
+        assert random_cipher.encrypt(None, AAD) is None and random_cipher.decrypt(None, AAD) is None
 
-    def test_fresh_nonce_per_value(self, core_cipher):
-        a, b = core_cipher.encrypt(CORE_TEXT, CORE_AAD), core_cipher.encrypt(CORE_TEXT, CORE_AAD)
+    def test_fresh_nonce_per_value(self, random_cipher):
+        a, b = random_cipher.encrypt(TEXT, AAD), random_cipher.encrypt(TEXT, AAD)
         assert a != b and a[1:17] != b[1:17]
-        assert core_cipher.decrypt(a, CORE_AAD) == core_cipher.decrypt(b, CORE_AAD) == CORE_TEXT
+        assert random_cipher.decrypt(a, AAD) == random_cipher.decrypt(b, AAD) == TEXT
 
-    def test_tamper_on_every_byte_is_detected(self, core_cipher):
-        sealed = core_cipher.encrypt("attack at dawn, bring 4915123456789", CORE_AAD)
+    def test_tamper_on_every_byte_is_detected(self, random_cipher):
+        sealed = random_cipher.encrypt("attack at dawn, bring 4915123456789", AAD)
         for i in range(len(sealed)):
             for bit in (0x01, 0x80):
                 forged = bytearray(sealed)
                 forged[i] ^= bit
                 with pytest.raises(ws.CryptoError):
-                    core_cipher.decrypt(bytes(forged), CORE_AAD)
+                    random_cipher.decrypt(bytes(forged), AAD)
         for forged in (sealed[:-1], sealed[:20], sealed + b"\x00", b"", b"\x01", b"\x02", b"\x00plain"):
             with pytest.raises(ws.CryptoError):
-                core_cipher.decrypt(forged, CORE_AAD)
+                random_cipher.decrypt(forged, AAD)
 
-    def test_a_value_opens_only_in_its_place(self, core_cipher):
-        sealed = core_cipher.encrypt("4915123456789@c.us", ws.seal_context("messages", "wa_chat_enc", 7))
-        assert core_cipher.decrypt(sealed, ws.seal_context("messages", "wa_chat_enc", 7)) == "4915123456789@c.us"
+    def test_a_value_opens_only_in_its_place(self, random_cipher):
+        sealed = random_cipher.encrypt("4915123456789@c.us", ws.seal_context("messages", "wa_chat_enc", 7))
+        assert random_cipher.decrypt(sealed, ws.seal_context("messages", "wa_chat_enc", 7)) == "4915123456789@c.us"
         for elsewhere in (ws.seal_context("messages", "wa_chat_enc", 8), ws.seal_context("messages", "wa_msg_enc", 7),
                           ws.seal_context("chats", "wa_chat_enc", 7), ws.seal_context("messages", "wa_chat_enc", "7", ""),
                           b""):
             with pytest.raises(ws.CryptoError):
-                core_cipher.decrypt(sealed, elsewhere)
+                random_cipher.decrypt(sealed, elsewhere)
         # the key parts are length-prefixed, so ("a", "bc") and ("ab", "c") are different places
         assert ws.seal_context("t", "c", "a", "bc") != ws.seal_context("t", "c", "ab", "c")
 
-    def test_other_key_is_rejected(self, core_cipher):
+    def test_other_key_is_rejected(self, random_cipher):
         other = ws.Cipher(ENC_SECRET + "!", os.urandom(16))
         with pytest.raises(ws.CryptoError):
-            other.decrypt(core_cipher.encrypt("hello", CORE_AAD), CORE_AAD)
+            other.decrypt(random_cipher.encrypt("hello", AAD), AAD)
 
     def test_wrong_secret_at_unlock(self, tmp_path):
         path = str(tmp_path / "w.db")
         s = ws.Store(path)
         s.unlock(ENC_SECRET)
-        assert s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, 1.0)
+        assert s.enqueue("default", "w2s", "d1", PEER_JID, "message", {"body": TEXT}, 1.0)
         s.close()
         s = ws.Store(path)
         try:
@@ -3721,12 +3723,12 @@ class TestEncryption:
                 s.unlock(None, enabled=False)
             assert "encryption" in str(e.value)
             s.unlock(ENC_SECRET)
-            assert s.record_of(s.pending("w2s")[0])["body"] == CORE_TEXT
+            assert s.record_of(s.pending("w2s")[0])["body"] == TEXT
         finally:
             s.close()
 
     def test_wrong_secret_is_a_one_line_error_on_the_command_line(self, capsys, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         s = ws.Store(raw["database"]["path"])
         s.unlock(ENC_SECRET)
         s.close()
@@ -3734,7 +3736,7 @@ class TestEncryption:
         rc, out, err = run_main(capsys, ["--config", path, "stats"],
                                  {"WHATSIGNAL_ENCRYPTION_SECRET": "b" * 40})
         assert rc == 2 and "Traceback" not in err
-        lines = core_error_lines(err)
+        lines = error_lines(err)
         assert len(lines) == 1 and "does not open this database" in lines[0], lines
         assert "b" * 40 not in err
 
@@ -3745,7 +3747,7 @@ class TestEncryption:
             salt = bytes.fromhex(s.meta("salt"))
             assert len(salt) == 16
             assert s.meta("kdf") == "scrypt n=%d r=%d p=%d" % (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
-            _, mac, _ = core_expected_keys(ENC_SECRET, salt, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+            _, mac, _ = expected_keys(ENC_SECRET, salt, ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
             assert s.meta("key_check") == "enc1:" + hmac.new(mac, b"whatsignal key check",
                                                              hashlib.sha256).hexdigest()[:24]
             meta = dict(s.query("SELECT key, value FROM meta"))
@@ -3761,21 +3763,21 @@ class TestEncryption:
 
     def test_raw_database_and_wal_hold_no_plaintext(self, bridge):
         h = bridge
-        core_round_trip(h)
+        round_trip(h)
         path = h.app.store.path
         assert os.path.getsize(path + "-wal") > 0, "WAL mode: the recent writes sit in the -wal file"
-        data = core_db_bytes(path)
+        data = db_bytes(path)
         assert h.app.store.one("SELECT COUNT(*) FROM messages")[0] >= 2
-        for needle in (CORE_TEXT, CORE_REPLY, CORE_NAME, CORE_PEER, OWNER[1:], "3EB0C0RE00000001",
-                       CORE_TEXT[:12], CORE_REPLY[:12]):
+        for needle in (TEXT, REPLY, PEER_NAME, PEER, OWNER[1:], "3EB0C0RE00000001",
+                       TEXT[:12], REPLY[:12]):
             assert needle.encode() not in data, "%r found in the database files" % needle
 
     def test_raw_scan_finds_plaintext_when_encryption_is_disabled(self, make_bridge):
         # control for the test above: the scan does see plaintext when it is there
         h = make_bridge(start=False, environ={"WHATSIGNAL_ENABLE_ENCRYPTION": "false"}).start()
-        core_round_trip(h)
-        data = core_db_bytes(h.app.store.path)
-        assert CORE_TEXT.encode() in data and CORE_PEER.encode() in data and CORE_REPLY.encode() in data
+        round_trip(h)
+        data = db_bytes(h.app.store.path)
+        assert TEXT.encode() in data and PEER.encode() in data and REPLY.encode() in data
 
 
 class TestKeyDerivation:
@@ -3798,7 +3800,7 @@ class TestKeyDerivation:
         s = ws.Store(str(path))
         try:
             salt = os.urandom(16)
-            enc, mac, _ = core_expected_keys(ENC_SECRET, salt, *self.LEGACY)
+            enc, mac, _ = expected_keys(ENC_SECRET, salt, *self.LEGACY)
             kcv = "enc1:" + hmac.new(mac, b"whatsignal key check", hashlib.sha256).hexdigest()[:24]
             with s.tx() as db:
                 db.execute("INSERT INTO meta(key, value) VALUES ('salt', ?)", (salt.hex(),))
@@ -3846,7 +3848,7 @@ class TestKeyDerivation:
             s.unlock(ENC_SECRET)
             assert s.kdf() == (ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
             assert [s.record_of(r)["body"] for r in s.pending("w2s")] == ["kept across the rotation"]
-            _, mac, _ = core_expected_keys(ENC_SECRET, s.salt(), ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
+            _, mac, _ = expected_keys(ENC_SECRET, s.salt(), ws.SCRYPT_N, ws.SCRYPT_R, ws.SCRYPT_P)
             assert s.meta("key_check") == "enc1:" + hmac.new(mac, b"whatsignal key check",
                                                              hashlib.sha256).hexdigest()[:24]
         finally:
@@ -3870,7 +3872,7 @@ class TestKeyDerivation:
 # -- Store ----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def core_store(tmp_path):
+def fresh_store(tmp_path):
     s = ws.Store(str(tmp_path / "store.db"))
     s.unlock(ENC_SECRET)
     yield s
@@ -3878,21 +3880,21 @@ def core_store(tmp_path):
 
 
 class TestStore:
-    def test_wal_version_pragmas(self, core_store):
-        other = sqlite3.connect(core_store.path)
+    def test_wal_version_pragmas(self, fresh_store):
+        other = sqlite3.connect(fresh_store.path)
         try:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert other.execute("PRAGMA user_version").fetchone()[0] == ws.SCHEMA_VERSION == len(ws.SCHEMA)
         finally:
             other.close()
-        assert core_store.one("PRAGMA foreign_keys")[0] == 1
-        assert core_store.one("PRAGMA busy_timeout")[0] >= 1000
+        assert fresh_store.one("PRAGMA foreign_keys")[0] == 1
+        assert fresh_store.one("PRAGMA busy_timeout")[0] >= 1000
 
     def test_reopen_is_idempotent(self, tmp_path):
         path = str(tmp_path / "r.db")
         s = ws.Store(path)
         s.unlock(ENC_SECRET)
-        s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, 1.0)
+        s.enqueue("default", "w2s", "d1", PEER_JID, "message", {"body": TEXT}, 1.0)
         schema = s.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")
         s.close()
         for _ in range(2):
@@ -3903,7 +3905,7 @@ class TestStore:
                 assert [tuple(r) for r in s.query("SELECT type, name, sql FROM sqlite_master ORDER BY name")] == \
                     [tuple(r) for r in schema]
                 rows = s.pending("w2s")
-                assert len(rows) == 1 and s.record_of(rows[0])["body"] == CORE_TEXT
+                assert len(rows) == 1 and s.record_of(rows[0])["body"] == TEXT
             finally:
                 s.close()
 
@@ -3932,19 +3934,19 @@ class TestStore:
             ws.Store(path)
         assert "newer" in str(e.value)
 
-    def test_enqueue_dedupe(self, core_store):
-        s = core_store
-        assert s.enqueue("default", "w2s", "m:x:1", CORE_PEER_JID, "message", {"n": 1}, 1.0) is True
-        assert s.enqueue("default", "w2s", "m:x:1", CORE_PEER_JID, "message", {"n": 2}, 2.0) is False
+    def test_enqueue_dedupe(self, fresh_store):
+        s = fresh_store
+        assert s.enqueue("default", "w2s", "m:x:1", PEER_JID, "message", {"n": 1}, 1.0) is True
+        assert s.enqueue("default", "w2s", "m:x:1", PEER_JID, "message", {"n": 2}, 2.0) is False
         assert s.enqueue("default", "s2w", "m:x:1", "~owner", "text", {"n": 3}, 3.0) is True
-        assert s.enqueue("default", "w2s", "m:x:2", CORE_PEER_JID, "message", {"n": 4}, 4.0) is True
+        assert s.enqueue("default", "w2s", "m:x:2", PEER_JID, "message", {"n": 4}, 4.0) is True
         rows = s.pending("w2s")
         assert [s.record_of(r)["n"] for r in rows] == [1, 4]
         assert all(re.fullmatch(r"[0-9a-f]{32}", r["dedupe"]) and re.fullmatch(r"[0-9a-f]{32}", r["chat"])
                    for r in rows), "lookup tokens, never the ids themselves"
 
-    def test_concurrent_enqueue_loses_nothing(self, core_store, tmp_path):
-        second = ws.Store(core_store.path)      # a second connection, like a second process
+    def test_concurrent_enqueue_loses_nothing(self, fresh_store, tmp_path):
+        second = ws.Store(fresh_store.path)      # a second connection, like a second process
         second.unlock(ENC_SECRET)
         results, errors = [], []
 
@@ -3959,7 +3961,7 @@ class TestStore:
             except Exception as e:   # pragma: no cover - reported below
                 errors.append(repr(e))
 
-        threads = [threading.Thread(target=worker, args=(core_store if t % 2 else second, t)) for t in range(8)]
+        threads = [threading.Thread(target=worker, args=(fresh_store if t % 2 else second, t)) for t in range(8)]
         try:
             for t in threads:
                 t.start()
@@ -3969,15 +3971,15 @@ class TestStore:
             assert errors == []
             assert sum(1 for r in results if r is True) == 8 * 40
             assert sum(1 for r in results if isinstance(r, tuple) and r[1] is True) == 10
-            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 8 * 40 + 10
-            got = {(rec["t"], rec["i"]) for rec in (core_store.record_of(r) for r in core_store.pending("w2s", 10000))
+            assert fresh_store.one("SELECT COUNT(*) FROM queue")[0] == 8 * 40 + 10
+            got = {(rec["t"], rec["i"]) for rec in (fresh_store.record_of(r) for r in fresh_store.pending("w2s", 10000))
                    if "t" in rec}
             assert got == {(t, i) for t in range(8) for i in range(40)}
         finally:
             second.close()
 
 
-def core_committed_texts(store, after=0):
+def committed_texts(store, after=0):
     """(largest id, bodies) of the queue rows committed in *store*'s file, read over a connection of its own."""
     db = sqlite3.connect(store.path, timeout=10)
     db.row_factory = sqlite3.Row
@@ -3989,17 +3991,17 @@ def core_committed_texts(store, after=0):
 
 
 class TestGroupCommit:
-    def test_each_enqueue_returns_after_its_row_is_committed(self, core_store):
+    def test_each_enqueue_returns_after_its_row_is_committed(self, fresh_store):
         problems, done = [], []
 
         def worker(t):
             seen, last = set(), 0
             for i in range(30):
                 text = "t%d-i%d" % (t, i)
-                if not core_store.enqueue("default", "w2s", "gc:%s" % text, "c%d" % t, "message", {"x": text},
+                if not fresh_store.enqueue("default", "w2s", "gc:%s" % text, "c%d" % t, "message", {"x": text},
                                           time.time()):
                     problems.append("not new: " + text)
-                last, texts = core_committed_texts(core_store, last)
+                last, texts = committed_texts(fresh_store, last)
                 seen.update(json.loads(x)["x"] for x in texts)
                 if text not in seen:
                     problems.append("answered before committed: " + text)
@@ -4011,7 +4013,7 @@ class TestGroupCommit:
         for t in threads:
             t.join(60)
         assert sorted(done) == list(range(8)) and problems == []
-        assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 240
+        assert fresh_store.one("SELECT COUNT(*) FROM queue")[0] == 240
 
     def test_a_failing_batch_fails_every_waiter_of_it_and_passes_the_lead_on(self):
         batches, written = [], []
@@ -4053,15 +4055,15 @@ class TestGroupCommit:
         assert written == ["a"]
         assert gc.submit("e") == "E" and batches[-1] == ["e"]     # the lead was handed back after the failure
 
-    def test_a_failing_commit_fails_every_waiter_and_loses_nothing(self, core_store):
-        fault = sqlite3.connect(core_store.path)
+    def test_a_failing_commit_fails_every_waiter_and_loses_nothing(self, fresh_store):
+        fault = sqlite3.connect(fresh_store.path)
         fault.execute("CREATE TRIGGER fail_writes BEFORE INSERT ON queue BEGIN SELECT RAISE(ABORT, 'disk full'); END")
         fault.commit()
         results = {}
 
         def worker(t):
             try:
-                results[t] = core_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
+                results[t] = fresh_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
             except ws.StoreError as e:
                 results[t] = str(e)
 
@@ -4072,13 +4074,13 @@ class TestGroupCommit:
             for t in threads:
                 t.join(30)
             assert all("disk full" in str(results[t]) for t in range(8)), results
-            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 0
+            assert fresh_store.one("SELECT COUNT(*) FROM queue")[0] == 0
             fault.execute("DROP TRIGGER fail_writes")
             fault.commit()
             # the sender retries (WAHA does, after a 503): each item is stored exactly once
-            assert [core_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
+            assert [fresh_store.enqueue("default", "w2s", "fail:%d" % t, "c", "message", {"t": t}, time.time())
                     for t in range(8)] == [True] * 8
-            assert core_store.one("SELECT COUNT(*) FROM queue")[0] == 8
+            assert fresh_store.one("SELECT COUNT(*) FROM queue")[0] == 8
         finally:
             fault.close()
 
@@ -4088,20 +4090,20 @@ class TestGroupCommit:
 class TestHttpServer:
     def test_signed_webhook_is_stored_and_delivered(self, bridge):
         h = bridge
-        status, headers, body, _ = post_signed(h, wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}))
+        status, headers, body, _ = post_signed(h, wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}))
         assert status == 200 and json.loads(body) == {"status": "stored"}
         assert headers["content-type"] == "application/json"
         assert eventually(lambda: h.texts())
-        assert h.texts() == ["%s: %s" % (CORE_SHOWN, CORE_TEXT)]
-        assert core_queue_rows(h) == 1
+        assert h.texts() == ["%s: %s" % (PEER_SHOWN, TEXT)]
+        assert queue_count(h) == 1
         # the same event again (WAHA retry): acknowledged, not delivered twice
-        assert h.webhook(wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME})) == (200, {"status": "duplicate"})
-        assert core_queue_rows(h) == 1
+        assert h.webhook(wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME})) == (200, {"status": "duplicate"})
+        assert queue_count(h) == 1
 
     def test_unsigned_webhook_is_refused(self, bridge):
         h = bridge
-        assert h.webhook(wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}), secret=None) == (401, {"error": "authentication failed"})
-        assert core_queue_rows(h) == 0
+        assert h.webhook(wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}), secret=None) == (401, {"error": "authentication failed"})
+        assert queue_count(h) == 0
         warns = [r for r in h.logs.records() if r["level"] == "WARN" and "authentication failed" in r["msg"]]
         assert len(warns) == 1
         time.sleep(0.1)
@@ -4109,7 +4111,7 @@ class TestHttpServer:
 
     def test_wrong_signature_and_wrong_algorithm(self, bridge):
         h = bridge
-        ev = wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME})
+        ev = wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME})
         assert h.webhook(ev, secret="not-the-secret-" + "n" * 30)[0] == 401
         body = json.dumps(ev).encode()
         good = FakeWaha.sign(body, WEBHOOK_SECRET)
@@ -4119,22 +4121,22 @@ class TestHttpServer:
         status, _, _, _ = http_request(h.url, "POST", "/webhook/whatsapp", body + b" ", {
             "Content-Type": "application/json", "X-Webhook-Hmac": good, "X-Webhook-Hmac-Algorithm": "sha512"})
         assert status == 401, "the signature covers the exact body bytes"
-        assert core_queue_rows(h) == 0
+        assert queue_count(h) == 0
         # the correctly signed body is fine
         assert post_signed(h, body)[0] == 200
-        assert core_queue_rows(h) == 1
+        assert queue_count(h) == 1
 
     def test_non_json_content_type_is_415(self, bridge):
         h = bridge
-        status, _, body, _ = post_signed(h, wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}), **{"Content-Type": "text/plain"})
+        status, _, body, _ = post_signed(h, wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}), **{"Content-Type": "text/plain"})
         assert status == 415 and "application/json" in json.loads(body)["error"]
-        assert post_signed(h, wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}), **{"Content-Type": "application/json; charset=utf-8"})[0] \
+        assert post_signed(h, wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}), **{"Content-Type": "application/json; charset=utf-8"})[0] \
             == 200
-        assert core_queue_rows(h) == 1
+        assert queue_count(h) == 1
 
     def test_body_over_limit_is_413_without_reading_it(self, make_bridge):
         h = make_bridge(start=False, raw_overrides={"server": {"maxBodyMB": 1}}).start()
-        host, port = core_addr(h)
+        host, port = bridge_addr(h)
         with socket.create_connection((host, port), timeout=5) as s:
             s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\nX-Webhook-Hmac: 00\r\nX-Webhook-Hmac-Algorithm: sha512\r\n\r\n"
@@ -4154,13 +4156,13 @@ class TestHttpServer:
         assert (status, json.loads(body)) == (200, {"status": "ignored"})
 
     def test_default_body_limit(self, tmp_path):
-        assert make_config(core_base_raw(tmp_path)).get("server.maxBodyMB") == 10
+        assert make_config(offline_raw(tmp_path)).get("server.maxBodyMB") == 10
 
     def test_malformed_json_is_400(self, bridge):
         h = bridge
         status, _, body, _ = post_signed(h, b'{"event": "message", "session": ')
         assert status == 400 and json.loads(body) == {"error": "malformed JSON"}
-        assert core_queue_rows(h) == 0
+        assert queue_count(h) == 0
 
     @pytest.mark.parametrize("body", [
         b"[]", b'"message"', b"null",
@@ -4172,12 +4174,12 @@ class TestHttpServer:
         status, _, resp, _ = post_signed(bridge, body)
         assert status == 400, resp
         assert "error" in json.loads(resp)
-        assert core_queue_rows(bridge) == 0
+        assert queue_count(bridge) == 0
 
     def test_unhandled_event_is_200_ignored(self, bridge):
         h = bridge
         assert h.webhook(fixture("waha-presence-update.json")) == (200, {"status": "ignored"})
-        assert core_queue_rows(h) == 0
+        assert queue_count(h) == 0
 
     def test_no_input_gives_500(self, bridge):
         h = bridge
@@ -4206,7 +4208,7 @@ class TestHttpServer:
         blocker = sqlite3.connect(h.app.store.path, isolation_level=None, timeout=5)
         try:
             blocker.execute("BEGIN EXCLUSIVE")
-            status, headers, body, _ = post_signed(h, wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}))
+            status, headers, body, _ = post_signed(h, wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}))
             assert status == 503, body
             assert headers.get("retry-after", "").isdigit()
             assert "retry" in json.loads(body)["error"]
@@ -4214,42 +4216,42 @@ class TestHttpServer:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert [r for r in h.logs.records() if r["level"] == "ERROR" and "503" in r["msg"]]
-        status, _, body, _ = post_signed(h, wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}))
+        status, _, body, _ = post_signed(h, wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}))
         assert (status, json.loads(body)) == (200, {"status": "stored"}), "the 503 event was not stored"
         assert eventually(lambda: h.texts())
-        assert h.texts() == ["%s: %s" % (CORE_SHOWN, CORE_TEXT)]
+        assert h.texts() == ["%s: %s" % (PEER_SHOWN, TEXT)]
 
     def test_failed_signatures_are_throttled_but_signed_traffic_is_not(self, bridge):
         h = bridge
-        host, port = core_addr(h)
+        host, port = bridge_addr(h)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
             statuses = []
             for i in range(ws.AUTH_FAIL_LIMIT + 5):
-                st, hd, _, _ = post_signed(h, wa_message(CORE_PEER_JID, "BAD%04d" % i, CORE_TEXT, _data={"notifyName": CORE_NAME}), conn=conn,
+                st, hd, _, _ = post_signed(h, wa_message(PEER_JID, "BAD%04d" % i, TEXT, _data={"notifyName": PEER_NAME}), conn=conn,
                                              secret="wrong-secret-" + "w" * 30)
                 statuses.append((st, hd.get("retry-after")))
             assert [s for s, _ in statuses[:ws.AUTH_FAIL_LIMIT]] == [401] * ws.AUTH_FAIL_LIMIT
             assert all(s == 429 and ra and int(ra) > 0 for s, ra in statuses[ws.AUTH_FAIL_LIMIT:]), statuses
             # correctly signed requests from the same client, in a burst, all pass
             for i in range(30):
-                st, _, body, _ = post_signed(h, wa_message(CORE_PEER_JID, "OK%04d" % i, "burst %d" % i, _data={"notifyName": CORE_NAME}),
+                st, _, body, _ = post_signed(h, wa_message(PEER_JID, "OK%04d" % i, "burst %d" % i, _data={"notifyName": PEER_NAME}),
                                                conn=conn)
                 assert (st, json.loads(body)) == (200, {"status": "stored"})
         finally:
             conn.close()
-        assert core_queue_rows(h) == 30
+        assert queue_count(h) == 30
 
     def test_keep_alive_many_requests_one_connection(self, bridge):
         h = bridge
-        host, port = core_addr(h)
+        host, port = bridge_addr(h)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
             assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
             sock = conn.sock
             for i in range(40):
                 if i % 4 == 0:
-                    st, hd, _, _ = post_signed(h, wa_message(CORE_PEER_JID, "KA%04d" % i, "k %d" % i, _data={"notifyName": CORE_NAME}),
+                    st, hd, _, _ = post_signed(h, wa_message(PEER_JID, "KA%04d" % i, "k %d" % i, _data={"notifyName": PEER_NAME}),
                                                  conn=conn)
                 else:
                     st, hd, _, _ = http_request(h.url, "GET", "/healthz", conn=conn)
@@ -4257,11 +4259,11 @@ class TestHttpServer:
                 assert conn.sock is sock, "the connection was not kept alive (request %d)" % i
         finally:
             conn.close()
-        assert core_queue_rows(h) == 10
+        assert queue_count(h) == 10
 
     def test_tcp_nodelay_on_accepted_sockets(self, bridge):
         h = bridge
-        host, port = core_addr(h)
+        host, port = bridge_addr(h)
         conn = http.client.HTTPConnection(host, port, timeout=10)
         try:
             assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
@@ -4285,7 +4287,7 @@ class TestHttpServer:
     def test_idle_and_slow_clients_are_cut_off(self, bridge, monkeypatch):
         h = bridge
         monkeypatch.setattr(ws.Handler, "timeout", 0.5)
-        host, port = core_addr(h)
+        host, port = bridge_addr(h)
         with socket.create_connection((host, port), timeout=5) as idle:
             start = time.monotonic()
             assert idle.recv(100) == b""          # closed by the server, nothing sent
@@ -4316,11 +4318,11 @@ class TestIngestCommit:
         chunks = [texts[i::threads] for i in range(threads)]
 
         def run(chunk, check):
-            host, port = core_addr(h)
+            host, port = bridge_addr(h)
             conn = http.client.HTTPConnection(host, port, timeout=10)
             try:
                 for text in chunk:
-                    ev = wa_message(CORE_PEER_JID, "3EB0" + hashlib.sha1(text.encode()).hexdigest()[:12].upper(), text, _data={"notifyName": CORE_NAME})
+                    ev = wa_message(PEER_JID, "3EB0" + hashlib.sha1(text.encode()).hexdigest()[:12].upper(), text, _data={"notifyName": PEER_NAME})
                     status, _, _, answer = post_signed(h, ev, conn=conn)
                     extra = check(text) if status == 200 and check else None
                     with lock:
@@ -4336,7 +4338,7 @@ class TestIngestCommit:
         local = threading.local()
 
         def committed(text):
-            last, found = core_committed_texts(h.app.store, getattr(local, "last", 0))
+            last, found = committed_texts(h.app.store, getattr(local, "last", 0))
             local.last = last
             local.seen = getattr(local, "seen", set()) | {t for t in texts if any(t in f for f in found)}
             return text in local.seen
@@ -4350,7 +4352,7 @@ class TestIngestCommit:
         assert all(v == (200, {"status": "stored"}, True) for v in out.values()), \
             [k for k, v in out.items() if v != (200, {"status": "stored"}, True)][:5]
         assert eventually(lambda: len(h.texts()) == 160, 30)
-        assert sorted(h.texts()) == sorted("%s: %s" % (CORE_SHOWN, t) for t in texts)
+        assert sorted(h.texts()) == sorted("%s: %s" % (PEER_SHOWN, t) for t in texts)
 
     def test_a_failing_commit_answers_503_to_every_waiter_and_loses_nothing(self, bridge):
         h = bridge
@@ -4368,7 +4370,7 @@ class TestIngestCommit:
             assert sorted(out) == sorted(texts)
             assert {v[0] for v in out.values()} == {503}
             assert all(v[1] == {"error": "storage unavailable, retry later"} for v in out.values())
-            assert core_queue_rows(h) == 0
+            assert queue_count(h) == 0
             assert any("webhook not stored" in r["msg"] for r in h.logs.records())
             fault.execute("DROP TRIGGER fail_writes")
             fault.commit()
@@ -4380,7 +4382,7 @@ class TestIngestCommit:
                 t.join(60)
             assert all(v[:2] == (200, {"status": "stored"}) for v in out.values())
             assert eventually(lambda: len(h.texts()) == 40, 30)
-            assert sorted(h.texts()) == sorted("%s: %s" % (CORE_SHOWN, t) for t in texts)
+            assert sorted(h.texts()) == sorted("%s: %s" % (PEER_SHOWN, t) for t in texts)
         finally:
             fault.close()
 
@@ -4395,7 +4397,7 @@ class TestHealthAndMetrics:
         status, hd, _, rep = http_request(bridge.url, "GET", "/health")
         assert status == 200 and hd["content-type"] == "application/json"
         assert rep["status"] == "healthy"
-        assert CORE_ISO_Z.match(rep["timestamp"]), rep["timestamp"]
+        assert ISO_Z.match(rep["timestamp"]), rep["timestamp"]
         assert rep["version"] == ws.__version__ == "1.0.0"
         assert set(rep["checks"]) >= {"database", "whatsapp", "signal"}
         for name in ("database", "whatsapp", "signal"):
@@ -4447,21 +4449,21 @@ class TestHealthAndMetrics:
 
     def test_metrics_after_traffic(self, bridge):
         h = bridge
-        core_round_trip(h)
-        assert h.webhook(wa_message(CORE_PEER_JID, "UNSIGNED1", CORE_TEXT, _data={"notifyName": CORE_NAME}), secret=None)[0] == 401
+        round_trip(h)
+        assert h.webhook(wa_message(PEER_JID, "UNSIGNED1", TEXT, _data={"notifyName": PEER_NAME}), secret=None)[0] == 401
         assert http_request(h.url, "GET", "/healthz")[0] == 200
         ws.run_cleanup(h.app)
         text = http_request(h.url, "GET", "/metrics")[2].decode()
-        assert core_metric_value(text, "whatsignal_build_info", version=ws.__version__) == 1.0
-        assert core_metric_value(text, "whatsignal_messages_processed_total", direction="w2s", kind="text",
+        assert metric_value(text, "whatsignal_build_info", version=ws.__version__) == 1.0
+        assert metric_value(text, "whatsignal_messages_processed_total", direction="w2s", kind="text",
                                  result="ok") == 1.0
-        assert core_metric_value(text, "whatsignal_webhook_auth_failures_total") == 1.0
-        assert core_metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="200") == 1.0
-        assert core_metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="401") == 1.0
-        assert core_metric_value(text, "whatsignal_http_requests_total", path="/healthz", status="200") == 1.0
-        assert core_metric_value(text, "whatsignal_database_size_bytes") == float(h.app.store.size_bytes()) > 0
-        assert core_metric_value(text, "whatsignal_media_files_count") is not None
-        assert core_metric_value(text, "whatsignal_cleanup_duration_seconds") >= 0
+        assert metric_value(text, "whatsignal_webhook_auth_failures_total") == 1.0
+        assert metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="200") == 1.0
+        assert metric_value(text, "whatsignal_http_requests_total", path="/webhook/whatsapp", status="401") == 1.0
+        assert metric_value(text, "whatsignal_http_requests_total", path="/healthz", status="200") == 1.0
+        assert metric_value(text, "whatsignal_database_size_bytes") == float(h.app.store.size_bytes()) > 0
+        assert metric_value(text, "whatsignal_media_files_count") is not None
+        assert metric_value(text, "whatsignal_cleanup_duration_seconds") >= 0
         assert "# TYPE whatsignal_messages_processed_total counter" in text
         assert [r for r in h.logs.records() if r["msg"] == "Successfully completed cleanup"]
         for line in text.splitlines():
@@ -4484,14 +4486,14 @@ class TestHealthAndMetrics:
 class TestLogging:
     def test_json_lines_with_ts_level_msg(self, bridge):
         h = bridge
-        core_round_trip(h)
-        h.webhook(wa_message(CORE_PEER_JID, "3EB0C0RE00000001", CORE_TEXT, _data={"notifyName": CORE_NAME}), secret=None)
+        round_trip(h)
+        h.webhook(wa_message(PEER_JID, "3EB0C0RE00000001", TEXT, _data={"notifyName": PEER_NAME}), secret=None)
         lines = [l for l in h.logs.text().splitlines() if l.strip()]
         assert len(lines) >= 4
         for line in lines:
             rec = json.loads(line)
             assert list(rec)[:3] == ["ts", "level", "msg"], rec
-            assert CORE_LOG_TS.match(rec["ts"]), rec["ts"]
+            assert LOG_TS.match(rec["ts"]), rec["ts"]
             assert rec["level"] in ("DEBUG", "INFO", "WARN", "ERROR")
             assert isinstance(rec["msg"], str) and rec["msg"]
         assert any("processing time" in r["msg"] for r in h.logs.records())
@@ -4515,23 +4517,23 @@ class TestLogging:
 
     def test_round_trip_at_debug_leaks_nothing(self, bridge):
         h = bridge
-        core_round_trip(h)
+        round_trip(h)
         stranger = owner_env(int(time.time() * 1000) + 5, "let me in zorkmid-5521")
-        stranger["envelope"].update(source=CORE_STRANGER, sourceNumber=CORE_STRANGER,
+        stranger["envelope"].update(source=NOT_OWNER, sourceNumber=NOT_OWNER,
                                     sourceUuid="0f0e0d0c-0b0a-4908-8706-050403020100", sourceName="Mallory")
         h.signal.push(stranger)
         assert eventually(lambda: any(r["msg"] == "unauthorized sender ignored" for r in h.logs.records()))
         rec = next(r for r in h.logs.records() if r["msg"] == "unauthorized sender ignored")
         assert rec["level"] == "WARN" and rec["sender"] == "+1555*****99"
-        h.webhook(wa_message(CORE_PEER_JID, "FORGED1", "forged " + CORE_TEXT, _data={"notifyName": CORE_NAME}), secret="x" * 40)
-        post_signed(h, b'{"event": "message", "body": "' + CORE_TEXT.encode() + b'"')
-        h.webhook(wa_message("4917612345678" + "@c.us", "OTHER1", "ignored " + CORE_TEXT, _data={"notifyName": CORE_NAME}),
+        h.webhook(wa_message(PEER_JID, "FORGED1", "forged " + TEXT, _data={"notifyName": PEER_NAME}), secret="x" * 40)
+        post_signed(h, b'{"event": "message", "body": "' + TEXT.encode() + b'"')
+        h.webhook(wa_message("4917612345678" + "@c.us", "OTHER1", "ignored " + TEXT, _data={"notifyName": PEER_NAME}),
                   headers={"X-Webhook-Hmac-Algorithm": "sha1"})
         text = h.logs.text()
         assert "authentication failed" in text
         cipher = h.app.store.cipher
-        for leak in (CORE_TEXT, CORE_REPLY, "zorkmid-5521", CORE_PEER, "4917612345678", OWNER[1:], BRIDGE[1:],
-                     CORE_STRANGER[1:], WEBHOOK_SECRET, ENC_SECRET, WAHA_KEY, "x" * 40,
+        for leak in (TEXT, REPLY, "zorkmid-5521", PEER, "4917612345678", OWNER[1:], BRIDGE[1:],
+                     NOT_OWNER[1:], WEBHOOK_SECRET, ENC_SECRET, WAHA_KEY, "x" * 40,
                      cipher.enc_key.hex(), cipher.mac_key.hex(), cipher.lookup_key.hex()):
             assert leak not in text, "%r reached the log" % leak
         for full in re.findall(r"\d{7,}", text):
@@ -4540,7 +4542,7 @@ class TestLogging:
 
 # -- Command line ---------------------------------------------------------------------------------
 
-CORE_COMMANDS = ("serve", "check-config", "outbox", "cleanup", "backup", "verify", "restore", "rotate-key",
+CLI_COMMANDS = ("serve", "check-config", "outbox", "cleanup", "backup", "verify", "restore", "rotate-key",
                  "stats", "demo", "bench")
 
 
@@ -4556,18 +4558,18 @@ class TestCommandLine:
             ws.main(["--help"], {})
         assert e.value.code == 0
         out = capsys.readouterr().out
-        for cmd in CORE_COMMANDS:
+        for cmd in CLI_COMMANDS:
             assert re.search(r"^\s+%s\s+\S" % re.escape(cmd), out, re.M), "%s missing from --help" % cmd
         assert "--config" in out
 
     def test_missing_config_file_subprocess(self, tmp_path):
         missing = str(tmp_path / "nope" / "config.json")
         for argv in (["--config", missing, "check-config"], ["--config", missing]):
-            p = subprocess.run([sys.executable, CORE_WS_PATH] + argv, cwd=str(tmp_path), env=core_subprocess_env(),
+            p = subprocess.run([sys.executable, WS_PATH] + argv, cwd=str(tmp_path), env=clean_env(),
                                capture_output=True, text=True, timeout=60)
             assert p.returncode == 2, p.stderr
             assert "Traceback" not in p.stderr
-            lines = core_error_lines(p.stderr)
+            lines = error_lines(p.stderr)
             assert len(lines) == 1 and "not found" in lines[0] and missing in lines[0], p.stderr
             assert p.stdout == ""
 
@@ -4583,19 +4585,19 @@ class TestCommandLine:
             err_path = tmp_path / "stderr.log"
             with open(err_path, "wb") as err, open(tmp_path / "stdout.log", "wb") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, CORE_WS_PATH, "--config", cfg], cwd=str(tmp_path), stdout=out, stderr=err,
-                    env=core_subprocess_env(WEBHOOK_SECRET=WEBHOOK_SECRET, WHATSIGNAL_ENCRYPTION_SECRET=ENC_SECRET))
+                    [sys.executable, WS_PATH, "--config", cfg], cwd=str(tmp_path), stdout=out, stderr=err,
+                    env=clean_env(WEBHOOK_SECRET=WEBHOOK_SECRET, WHATSIGNAL_ENCRYPTION_SECRET=ENC_SECRET))
             url = "http://127.0.0.1:%d" % port
             up = lambda: proc.poll() is not None or http_request(url, "GET", "/healthz", timeout=2)[::3] == (
                 200, {"status": "ok"})
             assert eventually(up, 20) and proc.poll() is None, err_path.read_text()
-            ev = waha.event("message", {"id": "false_%s_SUBPROC1" % CORE_PEER_JID, "timestamp": int(time.time()),
-                                        "from": CORE_PEER_JID, "fromMe": False, "body": CORE_TEXT,
-                                        "hasMedia": False, "_data": {"notifyName": CORE_NAME}})
+            ev = waha.event("message", {"id": "false_%s_SUBPROC1" % PEER_JID, "timestamp": int(time.time()),
+                                        "from": PEER_JID, "fromMe": False, "body": TEXT,
+                                        "hasMedia": False, "_data": {"notifyName": PEER_NAME}})
             assert waha.webhook(url + "/webhook/whatsapp", ev, WEBHOOK_SECRET) == (200, {"status": "stored"})
             assert waha.webhook(url + "/webhook/whatsapp", ev, None)[0] == 401
             assert sig.wait_for(lambda f: f.sent("send"), 10)
-            assert sig.sent("send")[0]["message"] == "%s: %s" % (CORE_SHOWN, CORE_TEXT)
+            assert sig.sent("send")[0]["message"] == "%s: %s" % (PEER_SHOWN, TEXT)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=10)
@@ -4614,25 +4616,25 @@ class TestCommandLine:
         assert "WhatSignal started" in msgs and msgs[-1] == "WhatSignal stopped"
         assert not [r for r in recs if r["level"] == "DEBUG"], "logLevel info shows no debug lines"
         assert any(r["level"] == "WARN" and "authentication failed" in r["msg"] for r in recs)
-        assert CORE_TEXT not in err_text and CORE_PEER not in err_text
+        assert TEXT not in err_text and PEER not in err_text
 
     def test_stats_prints_counts_without_decrypting(self, capsys, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         s = ws.Store(raw["database"]["path"])
         s.unlock(ENC_SECRET)
-        s.enqueue("default", "w2s", "d1", CORE_PEER_JID, "message", {"body": CORE_TEXT}, time.time())
+        s.enqueue("default", "w2s", "d1", PEER_JID, "message", {"body": TEXT}, time.time())
         s.close()
         rc, out, err = run_main(capsys, ["--config", write_config(tmp_path, raw), "stats"], bridge_env())
         assert rc == 0, err
         rep = json.loads(out)
         assert rep["queue"]["w2s"]["pending"] == 1 and rep["tables"]["queue"] == 1
-        assert CORE_TEXT not in out and CORE_PEER not in out
+        assert TEXT not in out and PEER not in out
 
 
 # -- Misc -----------------------------------------------------------------------------------------
 
-def core_source():
-    with open(CORE_WS_PATH, encoding="utf-8") as f:
+def product_source():
+    with open(WS_PATH, encoding="utf-8") as f:
         return f.read()
 
 
@@ -4653,7 +4655,7 @@ class TestMisc:
     def test_standard_library_only(self):
         if not hasattr(sys, "stdlib_module_names"):
             pytest.skip("sys.stdlib_module_names arrived in Python 3.10; the check runs there")
-        tree = ast.parse(core_source())
+        tree = ast.parse(product_source())
         names = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -4665,18 +4667,18 @@ class TestMisc:
         assert sorted(n for n in names if n not in sys.stdlib_module_names) == []
 
     def test_parses_as_python_3_9(self):
-        ast.parse(core_source(), feature_version=(3, 9))
+        ast.parse(product_source(), feature_version=(3, 9))
 
     @staticmethod
-    def core_outline():
-        src = core_source()
+    def outline():
+        src = product_source()
         banners = re.findall(r"^# (.+?) #{3,}$", src, re.M)
         doc = ast.get_docstring(ast.parse(src))
         listed = re.search(r"Sections \(grep[^\n]*\n(.*?)\n\s*\n", doc, re.S).group(1)
         return banners, [x.strip() for x in " ".join(listed.split()).split(",")]
 
     def test_banner_outline_order(self):
-        banners, listed = self.core_outline()
+        banners, listed = self.outline()
         assert banners[:4] == ["Constants and defaults", "Errors", "Logging and metrics", "Configuration"]
         assert len(set(banners)) == len(banners)
         assert [b for b in banners if b in listed] == listed, "banners follow the docstring's Sections order"
@@ -4685,24 +4687,24 @@ class TestMisc:
         assert [b for b in banners if b in order] == order   # dependencies point upward
 
     def test_docstring_sections_list_every_banner(self):
-        banners, listed = self.core_outline()
+        banners, listed = self.outline()
         assert [b for b in banners if b not in listed] == [], "banners missing from the docstring's Sections list"
 
     def test_each_banner_is_three_lines(self):
-        lines = core_source().splitlines()
+        lines = product_source().splitlines()
         for i, line in enumerate(lines):
             if re.match(r"^# .+ #{3,}$", line):
                 assert re.fullmatch(r"#{79}", lines[i - 1]) and re.fullmatch(r"#{79}", lines[i + 1]), i + 1
 
     def test_env_example_lists_every_variable(self):
-        with open(os.path.join(CORE_DIR, "env.example"), encoding="utf-8") as f:
+        with open(os.path.join(REPO_DIR, "env.example"), encoding="utf-8") as f:
             listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", f.read(), re.M))
-        read = set(re.findall(r'environ(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', core_source())) | set(ws.ENV_OVERRIDES)
+        read = set(re.findall(r'environ(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', product_source())) | set(ws.ENV_OVERRIDES)
         read.discard("WHATSIGNAL_REEXEC")   # internal
         assert sorted(read - listed) == []
 
     def test_dockerfile_basics(self):
-        with open(os.path.join(CORE_DIR, "Dockerfile"), encoding="utf-8") as f:
+        with open(os.path.join(REPO_DIR, "Dockerfile"), encoding="utf-8") as f:
             text = f.read()
         assert re.search(r"^FROM python:3\.\d+", text, re.M)
         assert "PYTHONDONTWRITEBYTECODE=1" in text
@@ -4742,7 +4744,7 @@ class TestMisc:
         return found
 
     def test_no_path_leaves_the_repository(self):
-        for path in (CORE_WS_PATH, os.path.abspath(__file__)):
+        for path in (WS_PATH, os.path.abspath(__file__)):
             with open(path, encoding="utf-8") as f:
                 assert self.paths_leaving_the_repository(f.read(), os.path.basename(path)) == []
         # The scan finds what it is meant to find.
@@ -4751,10 +4753,10 @@ class TestMisc:
         assert len(self.paths_leaving_the_repository('P = "../' + 'shared' + '/contracts/fixtures"\n', "p.py")) == 1
         assert self.paths_leaving_the_repository('os.path.join(cache, "..", "escape.pdf")\n', "ok.py") == []
         # and the test data it reads is inside the repository
-        assert os.path.commonpath([FIXTURES, CORE_DIR]) == CORE_DIR and os.path.isdir(FIXTURES)
+        assert os.path.commonpath([FIXTURES, REPO_DIR]) == REPO_DIR and os.path.isdir(FIXTURES)
 
     def test_compose_healthcheck_uses_health(self):
-        with open(os.path.join(CORE_DIR, "docker-compose.yml"), encoding="utf-8") as f:
+        with open(os.path.join(REPO_DIR, "docker-compose.yml"), encoding="utf-8") as f:
             text = f.read()
         # Python's own urllib (no package installed for it); /health is 503 when the database is unusable
         assert "urllib.request.urlopen('http://127.0.0.1:8082/health'" in text and "wget" not in text
@@ -4771,34 +4773,32 @@ class TestMisc:
 
 
 
-W2S_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 8
-W2S_PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
-W2S_PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n" + b"0" * 512
-W2S_OGG = b"OggS\x00\x02" + bytes(range(200)) * 4
-W2S_MP4 = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00" + bytes(range(256)) * 4
-W2S_WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(range(128))
-W2S_ALICE = "15550001111@c.us"
-W2S_BOB = "15550002222@c.us"
-W2S_GROUP = "120363025555555555@g.us"
-W2S_FIXTURE_DIR = FIXTURES
+JPEG_BYTES = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 8
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
+PDF_BYTES = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj << /Type /Catalog >> endobj\n" + b"0" * 512
+OGG_BYTES = b"OggS\x00\x02" + bytes(range(200)) * 4
+MP4_BYTES = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00" + bytes(range(256)) * 4
+WEBP_BYTES = b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(range(128))
+ANNA = "15550001111@c.us"
+BEN = "15550002222@c.us"
 
 
 # -- fakes extended for this file --------------------------------------------------------------
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def w2s_post(h, event, expect="stored"):
+def post_event(h, event, expect="stored"):
     status, body = h.webhook(event)
     assert (status, body) == (200, {"status": expect}), body
     return body
 
 
-def w2s_settle(h, timeout=10.0):
+def settle_w2s(h, timeout=10.0):
     """Wait until nothing is pending in the WhatsApp -> Signal queue."""
     assert eventually(lambda: h.app.store.queue_depth("w2s") == 0, timeout), queue_rows(h, "w2s")
 
 
-def w2s_other_signal_calls(h):
+def other_signal_calls(h):
     """Reactions and remote deletes sent to Signal (backend-neutral list of (kind, details))."""
     if isinstance(h.signal, FakeSignalDaemon):
         return [(r["method"], r["params"]) for r in h.signal.requests()
@@ -4807,7 +4807,7 @@ def w2s_other_signal_calls(h):
             if c["path"].startswith(("/v1/reactions", "/v1/remote-delete"))]
 
 
-def w2s_manual(h):
+def manual_deliverer(h):
     """Stop the app's own w2s delivery worker; return a Deliverer that a test steps on a FakeClock."""
     for w in h.app.workers:
         if isinstance(w, ws.Deliverer) and w.direction == "w2s":
@@ -4818,7 +4818,7 @@ def w2s_manual(h):
     return ws.Deliverer(h.app.bridge, "w2s", leader, clock=clock.time, rand=lambda: 0.0), clock
 
 
-def w2s_drain(h, deliverer, clock, step=301.0, limit=40):
+def drain(h, deliverer, clock, step=301.0, limit=40):
     """run_once / advance the clock until the w2s queue is empty; bounded."""
     for _ in range(limit):
         deliverer.run_once()
@@ -4828,7 +4828,7 @@ def w2s_drain(h, deliverer, clock, step=301.0, limit=40):
     return False
 
 
-def w2s_files_outside_cache(h):
+def files_outside_cache(h):
     """Files under the harness directory other than the database and the media cache dir itself."""
     found = []
     cache = os.path.abspath(h.raw["media"]["cacheDir"])
@@ -4841,7 +4841,7 @@ def w2s_files_outside_cache(h):
     return found
 
 
-def w2s_cache_files(h):
+def cache_files(h):
     d = h.raw["media"]["cacheDir"]
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
@@ -4850,11 +4850,11 @@ def w2s_cache_files(h):
 # Translation (pure functions)
 # ===============================================================================================
 
-W2S_WAHA_FIXTURES = sorted(f for f in os.listdir(W2S_FIXTURE_DIR)
+WAHA_FIXTURES = sorted(f for f in os.listdir(FIXTURES)
                            if f.startswith("waha-") and f.endswith(".json") and f != "waha-openapi.json")
 
 # fixture -> None (not bridged) | "PayloadError" | (kind, dedupe, chat, {record fields to check})
-W2S_PARSED = {
+PARSED_EXPECTED = {
     "waha-ack-group.json": ("message.ack", "a:120363026666666666@g.us:3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0:3", "120363026666666666@g.us",
                             {"bare": "3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0", "ack": 3}),
     "waha-ack.json": ("message.ack", "a:15550003333@c.us:3EB0ACE0ACE0ACE0ACE0ACE0ACE0ACE0:3", "15550003333@c.us",
@@ -4866,7 +4866,7 @@ W2S_PARSED = {
                                     "media": {"url": "http://localhost:3000/api/files/true_15550003333@c.us_"
                                               + "3EB0D0C0000000000000000000000001" + ".pdf", "mimetype": "application/pdf",
                                               "filename": "tickets.pdf", "error": None}}),
-    "waha-message-group-derived.json": ("message", "m:3EB0C0FFEE1234567890AB", W2S_GROUP,
+    "waha-message-group-derived.json": ("message", "m:3EB0C0FFEE1234567890AB", FAMILY,
                                         {"bare": "3EB0C0FFEE1234567890AB", "body": "Hi everyone",
                                          "sender": "15550000004@c.us", "media": None}),
     "waha-message-image-derived.json": ("message", "m:3EB0123456789ABCDEF012", "15550000002@c.us",
@@ -4894,11 +4894,11 @@ W2S_PARSED = {
 
 class TestTranslation:
     def test_every_waha_fixture_has_an_expectation(self):
-        assert sorted(W2S_PARSED) == W2S_WAHA_FIXTURES
+        assert sorted(PARSED_EXPECTED) == WAHA_FIXTURES
 
-    @pytest.mark.parametrize("name", W2S_WAHA_FIXTURES)
+    @pytest.mark.parametrize("name", WAHA_FIXTURES)
     def test_parse_waha_event_fixture(self, name):
-        want = W2S_PARSED[name]
+        want = PARSED_EXPECTED[name]
         event = fixture(name)
         if want == "PayloadError":
             with pytest.raises(ws.PayloadError):
@@ -4931,7 +4931,7 @@ class TestTranslation:
     ], ids=["object-bare", "object-serialized", "object-group-serialized", "string-serialized", "string-bare"])
     def test_reply_to_every_shape_gives_the_bare_id(self, reply_to):
         ev = {"event": "message", "session": "default",
-              "payload": {"id": "false_15550001111@c.us_3EB0REPLY", "from": W2S_ALICE, "body": "answer",
+              "payload": {"id": "false_15550001111@c.us_3EB0REPLY", "from": ANNA, "body": "answer",
                           "replyTo": reply_to}}
         rec = ws.parse_waha_event(ev).record
         assert rec["reply"]["id"] == "3EB0AABBCCDD"
@@ -4939,40 +4939,40 @@ class TestTranslation:
 
     def test_reply_to_of_wrong_type_is_a_payload_error(self):
         ev = {"event": "message", "session": "default",
-              "payload": {"id": "false_15550001111@c.us_3EB0X", "from": W2S_ALICE, "body": "x", "replyTo": 42}}
+              "payload": {"id": "false_15550001111@c.us_3EB0X", "from": ANNA, "body": "x", "replyTo": 42}}
         with pytest.raises(ws.PayloadError):
             ws.parse_waha_event(ev)
 
     @pytest.mark.parametrize("payload", [
         {"id": "false_status@broadcast_3EB0S", "from": "status@broadcast", "body": "my status"},
         {"id": "false_120363111@newsletter_3EB0N", "from": "120363111@newsletter", "body": "news"},
-        {"id": "false_15550001111@c.us_3EB0E", "from": W2S_ALICE, "body": "", "hasMedia": False},
-        {"id": "false_15550001111@c.us_3EB0E", "from": W2S_ALICE, "body": None},
-        {"id": "true_15550001111@c.us_3EB0F", "from": W2S_ALICE, "fromMe": True, "body": "mine"},
+        {"id": "false_15550001111@c.us_3EB0E", "from": ANNA, "body": "", "hasMedia": False},
+        {"id": "false_15550001111@c.us_3EB0E", "from": ANNA, "body": None},
+        {"id": "true_15550001111@c.us_3EB0F", "from": ANNA, "fromMe": True, "body": "mine"},
     ], ids=["status-broadcast", "newsletter", "empty-system", "null-body", "fromMe"])
     def test_messages_not_forwarded(self, payload):
         assert ws.parse_waha_event({"event": "message", "session": "default", "payload": payload}) is None
 
     def test_message_any_is_the_same_item_as_message_and_api_sends_are_dropped(self):
-        payload = {"id": "false_15550001111@c.us_3EB0A", "from": W2S_ALICE, "body": "hi"}
+        payload = {"id": "false_15550001111@c.us_3EB0A", "from": ANNA, "body": "hi"}
         any_ = ws.parse_waha_event({"event": "message.any", "session": "default", "payload": payload})
         plain = ws.parse_waha_event({"event": "message", "session": "default", "payload": payload})
         assert (any_.kind, any_.dedupe) == (plain.kind, plain.dedupe) == ("message", "m:3EB0A")
         mine = dict(payload, id="true_15550001111@c.us_3EB0B", fromMe=True, source="api")
         assert ws.parse_waha_event({"event": "message.any", "session": "default", "payload": mine}) is None
         own = ws.parse_waha_event({"event": "message.any", "session": "default", "payload": dict(mine, source="app")})
-        assert (own.kind, own.chat, own.record["body"]) == ("message.own", W2S_ALICE, "hi")
+        assert (own.kind, own.chat, own.record["body"]) == ("message.own", ANNA, "hi")
 
     def test_lid_participant_kept_for_resolution(self):
         ev = {"event": "message", "session": "default",
-              "payload": {"id": "false_120363025555555555@g.us_3EB0L_77001122334455@lid", "from": W2S_GROUP,
+              "payload": {"id": "false_120363025555555555@g.us_3EB0L_77001122334455@lid", "from": FAMILY,
                           "participant": "77001122334455@lid", "body": "hi"}}
         inbound = ws.parse_waha_event(ev)
-        assert (inbound.chat, inbound.record["sender"]) == (W2S_GROUP, "77001122334455@lid")
+        assert (inbound.chat, inbound.record["sender"]) == (FAMILY, "77001122334455@lid")
 
     def test_location_and_vcard_records(self):
         ev = {"event": "message", "session": "default",
-              "payload": {"id": "false_15550001111@c.us_3EB0LOC", "from": W2S_ALICE, "body": "",
+              "payload": {"id": "false_15550001111@c.us_3EB0LOC", "from": ANNA, "body": "",
                           "location": {"latitude": "52.5163", "longitude": "13.3777", "name": "Brandenburger Tor",
                                        "address": "Pariser Platz, Berlin", "live": False},
                           "vCards": ["BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Erin Example\r\n"
@@ -5007,7 +5007,7 @@ class TestTranslation:
         ("15550001111:7@s.whatsapp.net", "15550001111@c.us"),
         ("77001122334455@lid", "77001122334455@lid"),
         ("77001122334455:3@LID", "77001122334455@lid"),
-        (W2S_GROUP, W2S_GROUP),
+        (FAMILY, FAMILY),
         ("status@broadcast", "status@broadcast"),
         ("someone@example.com", None),
         ("@c.us", None),
@@ -5020,7 +5020,7 @@ class TestTranslation:
 
     @pytest.mark.parametrize("jid, phone", [
         ("15550001111@c.us", "+15550001111"), ("15550001111@s.whatsapp.net", "+15550001111"),
-        ("77001122334455@lid", None), (W2S_GROUP, None), ("abc@c.us", None), (None, None)])
+        ("77001122334455@lid", None), (FAMILY, None), ("abc@c.us", None), (None, None)])
     def test_jid_to_phone(self, jid, phone):
         assert ws.jid_to_phone(jid) == phone
 
@@ -5032,7 +5032,7 @@ class TestTranslation:
     @pytest.mark.parametrize("mid, parts, bare", [
         ("false_15550001111@c.us_3EB0AA", (False, "15550001111@c.us", "3EB0AA", None), "3EB0AA"),
         ("true_120363025555555555@g.us_3EB0AA_77001122334455@lid",
-         (True, W2S_GROUP, "3EB0AA", "77001122334455@lid"), "3EB0AA"),
+         (True, FAMILY, "3EB0AA", "77001122334455@lid"), "3EB0AA"),
         ({"_serialized": "false_15550001111@c.us_3EB0AA"}, (False, "15550001111@c.us", "3EB0AA", None), "3EB0AA"),
         ("3EB0AA", None, "3EB0AA"),
         ("maybe_15550001111@c.us_3EB0AA", None, "maybe_15550001111@c.us_3EB0AA"),
@@ -5067,10 +5067,10 @@ class TestTranslation:
                 client.check_media_url(url)
 
     @pytest.mark.parametrize("declared, head, ok", [
-        ("image/jpeg", W2S_JPEG[:16], True), ("image/jpeg", W2S_PNG[:16], True),
+        ("image/jpeg", JPEG_BYTES[:16], True), ("image/jpeg", PNG_BYTES[:16], True),
         ("image/jpeg", b"<html><body>", False), ("image/png", b"MZ\x90\x00", False),
-        ("video/mp4", W2S_MP4[:16], True), ("audio/ogg", W2S_OGG[:16], True), ("audio/ogg", W2S_JPEG[:16], False),
-        ("application/pdf", W2S_PDF[:16], True), ("application/pdf", b"\x7fELF\x02\x01", False),
+        ("video/mp4", MP4_BYTES[:16], True), ("audio/ogg", OGG_BYTES[:16], True), ("audio/ogg", JPEG_BYTES[:16], False),
+        ("application/pdf", PDF_BYTES[:16], True), ("application/pdf", b"\x7fELF\x02\x01", False),
         ("application/octet-stream", b"MZ\x90\x00", False),
     ])
     def test_media_type_checked_against_magic_bytes(self, declared, head, ok):
@@ -5089,19 +5089,19 @@ class TestTranslation:
 # ===============================================================================================
 
 # fixture -> (HTTP status, body, [(text the owner sees, [(mime, filename, bytes)])])
-W2S_FILE_BYTES = {"image/jpeg": W2S_JPEG, "application/pdf": W2S_PDF}
-W2S_E2E = {
+FILE_BYTES = {"image/jpeg": JPEG_BYTES, "application/pdf": PDF_BYTES}
+E2E_EXPECTED = {
     "waha-ack-group.json": (200, {"status": "stored"}, []),
     "waha-ack.json": (200, {"status": "stored"}, []),
     "waha-edited-derived.json": (200, {"status": "stored"}, [("+15550000002 edited a message: Hello (edited)", [])]),
     "waha-message-document.json": (200, {"status": "stored"},
-                                   [("+15550003333:", [("application/pdf", "tickets.pdf", W2S_PDF)])]),
+                                   [("+15550003333:", [("application/pdf", "tickets.pdf", PDF_BYTES)])]),
     "waha-message-group-derived.json": (200, {"status": "stored"}, [("+15550000004 in Family: Hi everyone", [])]),
     "waha-message-image-derived.json": (200, {"status": "stored"},
-                                        [("+15550000002: Check this out (caption)", [("image/jpeg", "file.jpg", W2S_JPEG)])]),
+                                        [("+15550000002: Check this out (caption)", [("image/jpeg", "file.jpg", JPEG_BYTES)])]),
     "waha-message-image.json": (200, {"status": "stored"},
                                 [("+15550003333: The view from the top (caption)!",
-                                  [("image/jpeg", "file.jpg", W2S_JPEG)])]),
+                                  [("image/jpeg", "file.jpg", JPEG_BYTES)])]),
     "waha-message-reply.json": (200, {"status": "stored"}, [("> The view from the top\n+15550003333: Yes, lovely!", [])]),
     "waha-message-text.json": (200, {"status": "ignored"}, []),
     "waha-presence-update.json": (200, {"status": "ignored"}, []),
@@ -5114,26 +5114,26 @@ W2S_E2E = {
     "waha-session-status.json": (200, {"status": "stored"}, []),
 }
 
-W2S_BACKENDS = [("daemon", "object"), ("rest", "object"), ("rest", "array")]
+SEND_SHAPES = [("daemon", "object"), ("rest", "object"), ("rest", "array")]
 
 
 class TestForwarding:
     def test_every_fixture_has_an_end_to_end_expectation(self):
-        assert sorted(W2S_E2E) == W2S_WAHA_FIXTURES
+        assert sorted(E2E_EXPECTED) == WAHA_FIXTURES
 
-    @pytest.mark.parametrize("name", W2S_WAHA_FIXTURES)
+    @pytest.mark.parametrize("name", WAHA_FIXTURES)
     def test_fixture_through_webhook(self, make_bridge, name):
         """Into the signal-cli daemon and the REST API (object and array /v2/send shapes) at once."""
-        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
-        want_status, want_body, want = W2S_E2E[name]
-        for h, backend in zip(bridges, W2S_BACKENDS):
-            h.waha.group_names[W2S_GROUP] = "Family"
+        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in SEND_SHAPES])
+        want_status, want_body, want = E2E_EXPECTED[name]
+        for h, backend in zip(bridges, SEND_SHAPES):
+            h.waha.group_names[FAMILY] = "Family"
             event = fresh(fixture(name))
             media = event["payload"].get("media") if isinstance(event.get("payload"), dict) else None
             if media and media.get("url"):
                 # WAHA_BASE_URL behind Docker differs; the bridge's WAHA is the fake: same path, fake's origin
                 path = urllib.parse.urlsplit(media["url"]).path
-                h.waha.add_file(path, W2S_FILE_BYTES[media["mimetype"]], media["mimetype"])
+                h.waha.add_file(path, FILE_BYTES[media["mimetype"]], media["mimetype"])
                 media["url"] = h.waha.url + path
             status, body = h.webhook(event)
             assert status == want_status, backend
@@ -5141,12 +5141,12 @@ class TestForwarding:
                 assert list(body) == ["error"] and body["error"].startswith("invalid payload"), body
             else:
                 assert body == want_body, backend
-        for h, backend in zip(bridges, W2S_BACKENDS):
-            w2s_settle(h)
+        for h, backend in zip(bridges, SEND_SHAPES):
+            settle_w2s(h)
             got = h.received()
             assert [(d["text"], d["atts"]) for d in got] == want, backend
             assert all(d["to"] == OWNER and d["quote_ts"] is None and d["edit"] is None for d in got), backend
-            assert w2s_other_signal_calls(h) == [], backend
+            assert other_signal_calls(h) == [], backend
             assert [q["state"] for q in queue_rows(h, "w2s")] == (["done"] if want_body == {"status": "stored"} else [])
             for c in h.waha.calls_for("/api/files/"):
                 assert c["headers"].get("x-api-key") == WAHA_KEY
@@ -5167,48 +5167,48 @@ class TestForwarding:
             if contact is not None:
                 h.waha.contacts[sender] = contact
             if subject is None:
-                w2s_post(h, wa_message(sender, "3EB0NAME%d" % i, "hello", push=push))
+                post_event(h, wa_message(sender, "3EB0NAME%d" % i, "hello", push=push))
             else:
                 group = "12036300000000000%d@g.us" % i
                 h.waha.group_names[group] = subject
-                w2s_post(h, wa_message(group, "3EB0NAME%d" % i, "hello", participant=sender, push=push))
-        w2s_settle(h)
+                post_event(h, wa_message(group, "3EB0NAME%d" % i, "hello", participant=sender, push=push))
+        settle_w2s(h)
         assert sorted(h.texts()) == sorted(c[-1] for c in cases)
 
     def test_contact_names_are_cached(self, make_bridge):
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice Example"
+        h.waha.contacts[ANNA] = "Alice Example"
         for i in range(3):
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0CACHE%d" % i, "m%d" % i))
-        w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0CACHE%d" % i, "m%d" % i))
+        settle_w2s(h)
         assert h.texts() == ["Alice Example: m0", "Alice Example: m1", "Alice Example: m2"]
         assert len(h.waha.calls_for("/api/contacts")) == 1
 
     def test_contact_name_refreshed_after_a_day(self, make_bridge):
         clock = FakeClock(start=time.time())
         h = make_bridge(clock=clock.time)
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0REF1", "one"))
-        w2s_settle(h)
-        h.waha.contacts[W2S_ALICE] = "Alice Renamed"
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_message(ANNA, "3EB0REF1", "one"))
+        settle_w2s(h)
+        h.waha.contacts[ANNA] = "Alice Renamed"
         clock.advance(ws.CONTACT_TTL - 60)
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0REF2", "two"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0REF2", "two"))
+        settle_w2s(h)
         clock.advance(120)
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0REF3", "three"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0REF3", "three"))
+        settle_w2s(h)
         assert h.texts() == ["Alice: one", "Alice: two", "Alice Renamed: three"]
         assert len(h.waha.calls_for("/api/contacts")) == 2
 
     def test_reply_to_bridged_message_is_native_quote(self, make_bridge):
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0FIRST", "Dinner at 8?"))
-        w2s_settle(h)
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_message(ANNA, "3EB0FIRST", "Dinner at 8?"))
+        settle_w2s(h)
         first_ts = h.received()[0]["ts"]
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0SECOND", "Or 9?", replyTo={"id": "3EB0FIRST", "participant": W2S_ALICE, "body": "Dinner at 8?",
+        post_event(h, wa_message(ANNA, "3EB0SECOND", "Or 9?", replyTo={"id": "3EB0FIRST", "participant": ANNA, "body": "Dinner at 8?",
                                          "hasMedia": False}))
-        w2s_settle(h)
+        settle_w2s(h)
         second = h.received()[1]
         assert second["text"] == "Alice: Or 9?"
         assert (second["quote_ts"], second["quote_author"]) == (first_ts, BRIDGE)
@@ -5216,11 +5216,11 @@ class TestForwarding:
 
     def test_reply_native_quote_on_rest(self, make_bridge):
         for h in make_bridge.many({"backend": "rest", "send_shape": "object"}, {"backend": "rest", "send_shape": "array"}):
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0FIRST", "Dinner at 8?"))
-            w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0FIRST", "Dinner at 8?"))
+            settle_w2s(h)
             first_ts = h.received()[0]["ts"]
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0SECOND", "Or 9?", replyTo="false_15550001111@c.us_3EB0FIRST"))
-            w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0SECOND", "Or 9?", replyTo="false_15550001111@c.us_3EB0FIRST"))
+            settle_w2s(h)
             second = h.received()[1]
             assert (second["text"], second["quote_ts"], second["quote_author"]) == \
                 ("+15550001111: Or 9?", first_ts, BRIDGE), h.signal.send_shape
@@ -5228,56 +5228,56 @@ class TestForwarding:
     def test_reply_to_unknown_message_is_inline_and_shortened(self, make_bridge):
         h = make_bridge()
         long_text = "This is the message Alice is answering, and it is far too long to quote whole here"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0ANSWER", "Yes", replyTo={"id": "3EB0NEVERSEEN", "participant": W2S_ALICE, "body": long_text}))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0ANSWER", "Yes", replyTo={"id": "3EB0NEVERSEEN", "participant": ANNA, "body": long_text}))
+        settle_w2s(h)
         d = h.received()
         assert [x["quote_ts"] for x in d] == [None]
         assert d[0]["text"] == "> " + long_text[:59] + "…\n+15550001111: Yes"
 
     def test_location_and_vcard_are_readable(self, make_bridge):
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0LOC", "", location={
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_message(ANNA, "3EB0LOC", "", location={
             "latitude": "52.5163", "longitude": "13.3777", "name": "Brandenburger Tor", "address": None,
             "live": False, "url": None, "description": None, "thumbnail": None}))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0VCF", "", vCards=[
+        post_event(h, wa_message(ANNA, "3EB0VCF", "", vCards=[
             "BEGIN:VCARD\nVERSION:3.0\nN:Example;Erin;;;\nFN:Erin Example\n"
             "TEL;type=CELL;type=VOICE;waid=15550009999:+1 555 000 9999\nEND:VCARD"]))
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == ["Alice: 📍 Brandenburger Tor https://maps.google.com/?q=52.516300,13.377700",
                                 "Alice: 👤 Erin Example, +1 555 000 9999"]
 
     def test_not_forwarded(self, make_bridge):
         h = make_bridge()
         ignored = [
-            ("message.any", {"id": "true_15550001111@c.us_3EB0ANY", "from": W2S_ALICE, "fromMe": True,
+            ("message.any", {"id": "true_15550001111@c.us_3EB0ANY", "from": ANNA, "fromMe": True,
                              "source": "api", "body": "x"}),     # the bridge's own send, seen again
-            ("message", {"id": "true_15550001111@c.us_3EB0MINE", "from": W2S_ALICE, "fromMe": True, "source": "app",
+            ("message", {"id": "true_15550001111@c.us_3EB0MINE", "from": ANNA, "fromMe": True, "source": "app",
                          "body": "sent from my phone"}),
             ("message", {"id": "false_status@broadcast_3EB0ST_15550001111@c.us", "from": "status@broadcast",
-                         "participant": W2S_ALICE, "fromMe": False, "body": "my status"}),
-            ("message", {"id": "false_15550001111@c.us_3EB0SYS", "from": W2S_ALICE, "fromMe": False, "body": "",
+                         "participant": ANNA, "fromMe": False, "body": "my status"}),
+            ("message", {"id": "false_15550001111@c.us_3EB0SYS", "from": ANNA, "fromMe": False, "body": "",
                          "hasMedia": False}),
-            ("message.reaction", {"id": "true_15550001111@c.us_3EB0MYR", "from": W2S_ALICE, "fromMe": True,
+            ("message.reaction", {"id": "true_15550001111@c.us_3EB0MYR", "from": ANNA, "fromMe": True,
                                   "reaction": {"text": "👍", "messageId": "false_15550001111@c.us_3EB0X"}}),
-            ("group.v2.join", {"group": {"id": W2S_GROUP}}),
+            ("group.v2.join", {"group": {"id": FAMILY}}),
         ]
         for name, payload in ignored:
-            w2s_post(h, h.waha.event(name, payload), expect="ignored")
-        w2s_post(h, wa_message(W2S_BOB, "3EB0AFTER", "marker"))
-        w2s_settle(h)
+            post_event(h, h.waha.event(name, payload), expect="ignored")
+        post_event(h, wa_message(BEN, "3EB0AFTER", "marker"))
+        settle_w2s(h)
         assert h.texts() == ["+15550002222: marker"]
-        assert w2s_other_signal_calls(h) == []
+        assert other_signal_calls(h) == []
 
     def test_lid_chat_resolved_and_reply_routes_to_phone_chat(self, make_bridge):
         h = make_bridge()
         lid, pn = "99887766554433@lid", "15550003333@c.us"
         h.waha.lids[lid] = pn
         h.waha.contacts[pn] = "Lena"
-        w2s_post(h, wa_message(lid, "3EB0LID1", "via lid"))
-        w2s_post(h, wa_message(pn, "3EB0PN2", "via phone"))
-        w2s_post(h, wa_message(lid, "3EB0LID3", "lid again"))
-        w2s_settle(h)
+        post_event(h, wa_message(lid, "3EB0LID1", "via lid"))
+        post_event(h, wa_message(pn, "3EB0PN2", "via phone"))
+        post_event(h, wa_message(lid, "3EB0LID3", "lid again"))
+        settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == ["Lena: via lid", "Lena: via phone", "Lena: lid again"]
         # one person is one chat, whichever id form the events carried; the lid is looked up once
@@ -5295,10 +5295,10 @@ class TestForwarding:
         h = make_bridge()
         lid, pn = "99887766554433@lid", "15550003333@c.us"
         h.waha.lids[lid] = pn
-        w2s_post(h, wa_message(lid, "3EB0SAMEMSG", "hello once"))
-        w2s_settle(h)
-        w2s_post(h, wa_message(pn, "3EB0SAMEMSG", "hello once"), expect="duplicate")
-        w2s_settle(h)
+        post_event(h, wa_message(lid, "3EB0SAMEMSG", "hello once"))
+        settle_w2s(h)
+        post_event(h, wa_message(pn, "3EB0SAMEMSG", "hello once"), expect="duplicate")
+        settle_w2s(h)
         assert h.texts() == ["+15550003333: hello once"]
 
     def test_group_lid_participant_and_unresolvable_lid(self, make_bridge):
@@ -5306,10 +5306,10 @@ class TestForwarding:
         h.waha.lids["77001122334455@lid"] = "15550004444@c.us"
         h.waha.lids["5566778899@lid"] = None                      # WAHA knows no phone number for it
         h.waha.contacts["15550004444@c.us"] = "Dora"
-        h.waha.group_names[W2S_GROUP] = "Family"
-        w2s_post(h, wa_message(W2S_GROUP, "3EB0GL", "hi all", participant="77001122334455@lid"))
-        w2s_post(h, wa_message("5566778899@lid", "3EB0UL", "who am I", push="Mystery"))
-        w2s_settle(h)
+        h.waha.group_names[FAMILY] = "Family"
+        post_event(h, wa_message(FAMILY, "3EB0GL", "hi all", participant="77001122334455@lid"))
+        post_event(h, wa_message("5566778899@lid", "3EB0UL", "who am I", push="Mystery"))
+        settle_w2s(h)
         assert h.texts() == ["Dora in Family: hi all", "~Mystery (hidden number): who am I"]
 
 
@@ -5319,31 +5319,31 @@ class TestForwarding:
 
 class TestMedia:
     def test_image_fetched_with_api_key_and_sent_with_caption(self, make_bridge):
-        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in SEND_SHAPES])
         for h in bridges:
-            h.waha.contacts[W2S_ALICE] = "Alice"
-            url = h.waha.add_file("3EB0IMG.jpeg", W2S_JPEG, "image/jpeg")
-            w2s_post(h, wa_image(W2S_ALICE, "3EB0IMG", url, body="Look at this"))
-        for h, backend in zip(bridges, W2S_BACKENDS):
-            w2s_settle(h)
+            h.waha.contacts[ANNA] = "Alice"
+            url = h.waha.add_file("3EB0IMG.jpeg", JPEG_BYTES, "image/jpeg")
+            post_event(h, wa_image(ANNA, "3EB0IMG", url, body="Look at this"))
+        for h, backend in zip(bridges, SEND_SHAPES):
+            settle_w2s(h)
             d = h.received()
             assert [(x["text"], x["atts"]) for x in d] == \
-                [("Alice: Look at this", [("image/jpeg", "file.jpg", W2S_JPEG)])], backend
+                [("Alice: Look at this", [("image/jpeg", "file.jpg", JPEG_BYTES)])], backend
             gets = h.waha.calls_for("/api/files/")
             assert [(c["method"], c["path"], c["headers"].get("x-api-key")) for c in gets] == \
                 [("GET", "/api/files/default/3EB0IMG.jpeg", WAHA_KEY)]
-            assert w2s_cache_files(h) == []
-            assert w2s_files_outside_cache(h) == []
+            assert cache_files(h) == []
+            assert files_outside_cache(h) == []
 
     def test_attachment_is_a_data_uri_with_filename_on_rpc(self, make_bridge):
         h = make_bridge()
-        url = h.waha.add_file("3EB0DOC.pdf", W2S_PDF, "application/pdf")
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0DOC", "", hasMedia=True, media={
+        url = h.waha.add_file("3EB0DOC.pdf", PDF_BYTES, "application/pdf")
+        post_event(h, wa_message(ANNA, "3EB0DOC", "", hasMedia=True, media={
             "url": url, "mimetype": "application/pdf", "filename": "../../../escape.pdf", "error": None}))
-        w2s_settle(h)
+        settle_w2s(h)
         raw = h.signal.requests("send")[0]["params"]["attachments"]
-        assert raw == ["data:application/pdf;filename=escape.pdf;base64," + base64.b64encode(W2S_PDF).decode()]
-        assert w2s_files_outside_cache(h) == []
+        assert raw == ["data:application/pdf;filename=escape.pdf;base64," + base64.b64encode(PDF_BYTES).decode()]
+        assert files_outside_cache(h) == []
         cache = h.raw["media"]["cacheDir"]
         for up in range(5):       # wherever "../../../escape.pdf" could have landed, relative to the cache
             assert not os.path.exists(os.path.join(cache, *([".."] * up), "escape.pdf"))
@@ -5351,30 +5351,30 @@ class TestMedia:
 
     def test_media_kinds(self, make_bridge):
         h = make_bridge()
-        cases = [("audio/ogg; codecs=opus", W2S_OGG, None, "file.ogg", ""),          # voice note
-                 ("video/mp4", W2S_MP4, None, "file.mp4", "my video"),
-                 ("image/webp", W2S_WEBP, None, "file.webp", ""),                      # sticker
-                 ("application/pdf", W2S_PDF, "report.pdf", "report.pdf", "the report"),
-                 ("image/png", W2S_PNG, None, "file.png", "")]
+        cases = [("audio/ogg; codecs=opus", OGG_BYTES, None, "file.ogg", ""),          # voice note
+                 ("video/mp4", MP4_BYTES, None, "file.mp4", "my video"),
+                 ("image/webp", WEBP_BYTES, None, "file.webp", ""),                      # sticker
+                 ("application/pdf", PDF_BYTES, "report.pdf", "report.pdf", "the report"),
+                 ("image/png", PNG_BYTES, None, "file.png", "")]
         for i, (mime, data, name, _want_name, caption) in enumerate(cases):
             url = h.waha.add_file("3EB0MEDIA%d.bin" % i, data, mime.split(";")[0])
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0MEDIA%d" % i, caption, hasMedia=True, media={"url": url, "mimetype": mime, "filename": name, "error": None}))
-        w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0MEDIA%d" % i, caption, hasMedia=True, media={"url": url, "mimetype": mime, "filename": name, "error": None}))
+        settle_w2s(h)
         assert [(x["text"], x["atts"]) for x in h.received()] == [
             (("+15550001111: " + caption).rstrip(), [(mime.split(";")[0], want_name, data)])
             for mime, data, _n, want_name, caption in cases]
-        assert w2s_cache_files(h) == []
+        assert cache_files(h) == []
 
     def test_other_origin_file_url_and_redirect_refused(self, make_bridge):
         h = make_bridge()
         other = FakeWaha(api_key=WAHA_KEY).start()
         try:
-            elsewhere = other.add_file("x.jpeg", W2S_JPEG, "image/jpeg")
-            same_port_other_host = h.waha.add_file("y.jpeg", W2S_JPEG, "image/jpeg").replace("127.0.0.1", "localhost")
+            elsewhere = other.add_file("x.jpeg", JPEG_BYTES, "image/jpeg")
+            same_port_other_host = h.waha.add_file("y.jpeg", JPEG_BYTES, "image/jpeg").replace("127.0.0.1", "localhost")
             redirect = h.waha.add_file("r.jpeg", b"", "image/jpeg", redirect_to=elsewhere)
             for i, url in enumerate([elsewhere, same_port_other_host, "file:///etc/passwd", redirect]):
-                w2s_post(h, wa_image(W2S_ALICE, "3EB0BAD%d" % i, url, body="caption %d" % i))
-            w2s_settle(h)
+                post_event(h, wa_image(ANNA, "3EB0BAD%d" % i, url, body="caption %d" % i))
+            settle_w2s(h)
             assert other.calls == []          # nothing ever reached the other server
         finally:
             other.stop()
@@ -5384,53 +5384,53 @@ class TestMedia:
                            for i in range(3)]
         assert len(got) == 4 and got[3][1] == []          # the redirect: a notice, never the other server's file
         assert got[3][0].startswith("+15550001111: [image, ") and got[3][0].endswith("]\ncaption 3")
-        assert w2s_cache_files(h) == [] and w2s_files_outside_cache(h) == []
+        assert cache_files(h) == [] and files_outside_cache(h) == []
 
     def test_redirected_media_refusal_is_logged(self, make_bridge):
         """Issue 3: a media URL pointing anywhere else is refused *and logged*; a redirect points elsewhere."""
         h = make_bridge()
         redirect = h.waha.add_file("r.jpeg", b"", "image/jpeg", redirect_to="http://169.254.169.254/latest/meta-data")
-        w2s_post(h, wa_image(W2S_ALICE, "3EB0REDIR", redirect, body="pic"))
-        w2s_settle(h)
+        post_event(h, wa_image(ANNA, "3EB0REDIR", redirect, body="pic"))
+        settle_w2s(h)
         assert len(h.received()) == 1 and h.received()[0]["atts"] == []
         warned = [r for r in h.logs.records() if r["level"] in ("WARN", "ERROR") and "refused" in r["msg"]]
         assert len(warned) == 1, [r["msg"] for r in h.logs.records()]
 
     def test_oversized_by_content_length_and_huge_claim_refused_unread(self, make_bridge):
         h = make_bridge(raw_overrides={"media": {"maxSizeMB": 1}})
-        url = h.waha.add_file("big.mp4", W2S_MP4 + b"\x00" * (2 * 1024 * 1024 - len(W2S_MP4)), "video/mp4")
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0BIG", "", hasMedia=True, media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
-        liar = h.waha.add_file("liar.jpeg", W2S_JPEG, "image/jpeg", lie_length=50 * 1024 * 1024)
-        w2s_post(h, wa_image(W2S_ALICE, "3EB0LIAR", liar, body="pic"))
-        w2s_settle(h)
+        url = h.waha.add_file("big.mp4", MP4_BYTES + b"\x00" * (2 * 1024 * 1024 - len(MP4_BYTES)), "video/mp4")
+        post_event(h, wa_message(ANNA, "3EB0BIG", "", hasMedia=True, media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
+        liar = h.waha.add_file("liar.jpeg", JPEG_BYTES, "image/jpeg", lie_length=50 * 1024 * 1024)
+        post_event(h, wa_image(ANNA, "3EB0LIAR", liar, body="pic"))
+        settle_w2s(h)
         assert [(x["text"], x["atts"]) for x in h.received()] == \
             [("+15550001111: [video, 2 MB, over the 1 MB limit]", []),
              ("+15550001111: [image, 50 MB, over the 1 MB limit]\npic", [])]
-        assert w2s_cache_files(h) == []
+        assert cache_files(h) == []
 
     def test_oversized_stream_without_length_is_cut_at_the_cap(self, make_bridge):
         h = make_bridge(raw_overrides={"media": {"maxSizeMB": 1}})
-        url = h.waha.add_file("big2.mp4", W2S_MP4 + b"\x00" * (3 * 1024 * 1024), "video/mp4", no_length=True)
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0BIG2", "clip", hasMedia=True, media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
-        w2s_settle(h)
+        url = h.waha.add_file("big2.mp4", MP4_BYTES + b"\x00" * (3 * 1024 * 1024), "video/mp4", no_length=True)
+        post_event(h, wa_message(ANNA, "3EB0BIG2", "clip", hasMedia=True, media={"url": url, "mimetype": "video/mp4", "filename": None, "error": None}))
+        settle_w2s(h)
         d = h.received()
         assert len(d) == 1 and d[0]["atts"] == []
         assert d[0]["text"].startswith("+15550001111: [video, ") and "over the 1 MB limit]\nclip" in d[0]["text"]
-        assert w2s_cache_files(h) == []
+        assert cache_files(h) == []
 
     def test_download_cut_short_is_never_forwarded_truncated(self, make_bridge):
         """Content-Length says 3000 bytes more than WAHA sends before closing: the download failed."""
         h = make_bridge()
-        d, clock = w2s_manual(h)
-        url = h.waha.add_file("cut.jpeg", W2S_JPEG, "image/jpeg", lie_length=len(W2S_JPEG) + 3000)
-        w2s_post(h, wa_image(W2S_ALICE, "3EB0CUT", url, body="pic"))
-        assert w2s_drain(h, d, clock)
+        d, clock = manual_deliverer(h)
+        url = h.waha.add_file("cut.jpeg", JPEG_BYTES, "image/jpeg", lie_length=len(JPEG_BYTES) + 3000)
+        post_event(h, wa_image(ANNA, "3EB0CUT", url, body="pic"))
+        assert drain(h, d, clock)
         got = h.received()
         assert [x["atts"] for x in got] == [[]], "a truncated file was forwarded as if complete"
         assert [x["text"] for x in got] == ["+15550001111: [image, could not be downloaded]\npic"]
         # the delivery worker's tries, plus at most one early try by the media prefetcher
         assert ws.Bridge.media_tries <= len(h.waha.calls_for("/api/files/")) <= ws.Bridge.media_tries + 1
-        assert w2s_cache_files(h) == []
+        assert cache_files(h) == []
 
     def test_content_not_matching_declared_type(self, make_bridge):
         h = make_bridge()
@@ -5438,21 +5438,21 @@ class TestMedia:
                   "+15550001111: [image, content does not match its type; not forwarded]\nhi"),
                  ("application/pdf", b"MZ\x90\x00\x03\x00\x00\x00" + b"\x00" * 64,
                   "+15550001111: [document, content does not match its type; not forwarded]\nhi"),
-                 ("audio/ogg", W2S_JPEG, "+15550001111: [audio, content does not match its type; not forwarded]\nhi")]
+                 ("audio/ogg", JPEG_BYTES, "+15550001111: [audio, content does not match its type; not forwarded]\nhi")]
         for i, (declared, data, _want) in enumerate(cases):
             url = h.waha.add_file("fake%d.bin" % i, data, declared)
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0FAKE%d" % i, "hi", hasMedia=True, media={"url": url, "mimetype": declared, "filename": None, "error": None}))
-        w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0FAKE%d" % i, "hi", hasMedia=True, media={"url": url, "mimetype": declared, "filename": None, "error": None}))
+        settle_w2s(h)
         assert [(x["text"], x["atts"]) for x in h.received()] == [(want, []) for _d, _b, want in cases]
-        assert w2s_cache_files(h) == []
+        assert cache_files(h) == []
 
     def test_expired_or_not_downloaded_media_gives_notice(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_image(W2S_ALICE, "3EB0GONE", h.waha.url + "/api/files/default/3EB0GONE.jpeg", body=""))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0ERR", "", hasMedia=True, media={"url": None, "mimetype": "video/mp4", "filename": None,
+        post_event(h, wa_image(ANNA, "3EB0GONE", h.waha.url + "/api/files/default/3EB0GONE.jpeg", body=""))
+        post_event(h, wa_message(ANNA, "3EB0ERR", "", hasMedia=True, media={"url": None, "mimetype": "video/mp4", "filename": None,
                                        "error": "file too big"}))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0NULL", "see this", hasMedia=True, media=None))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0NULL", "see this", hasMedia=True, media=None))
+        settle_w2s(h)
         assert h.texts() == ["+15550001111: [image, expired on WhatsApp's server]",
                                 "+15550001111: [video, not downloaded by WhatsApp's server]",
                                 "+15550001111: [document, not downloaded by WhatsApp's server]\nsee this"]
@@ -5460,16 +5460,16 @@ class TestMedia:
 
     def test_transient_download_failure_retried_then_delivered_in_chat_order(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.waha.files["/api/files/default/busy.jpeg"] = {"status": 503}
-        w2s_post(h, wa_image(W2S_ALICE, "3EB0BUSY", h.waha.url + "/api/files/default/busy.jpeg", body="first"))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0AFTER", "second"))
-        w2s_post(h, wa_message(W2S_BOB, "3EB0BOB", "other chat"))
+        post_event(h, wa_image(ANNA, "3EB0BUSY", h.waha.url + "/api/files/default/busy.jpeg", body="first"))
+        post_event(h, wa_message(ANNA, "3EB0AFTER", "second"))
+        post_event(h, wa_message(BEN, "3EB0BOB", "other chat"))
         d.run_once()
         # Alice's chat waits behind the failing download; Bob's chat is not held up
         assert h.texts() == ["+15550002222: other chat"]
-        h.waha.add_file("busy.jpeg", W2S_JPEG, "image/jpeg")
-        assert w2s_drain(h, d, clock)
+        h.waha.add_file("busy.jpeg", JPEG_BYTES, "image/jpeg")
+        assert drain(h, d, clock)
         assert [(x["text"], len(x["atts"])) for x in h.received()] == \
             [("+15550002222: other chat", 0), ("+15550001111: first", 1), ("+15550001111: second", 0)]
 
@@ -5481,12 +5481,12 @@ class TestMedia:
 class TestReactionsEditsDeletes:
     def test_reaction_and_removal_are_native(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0R1", "hello"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0R1", "hello"))
+        settle_w2s(h)
         copy_ts = h.received()[0]["ts"]
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0R1", "👍", "3EB0RX1"))
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0R1", "", "3EB0RX2"))
-        w2s_settle(h)
+        post_event(h, wa_reaction(ANNA, "3EB0R1", "👍", "3EB0RX1"))
+        post_event(h, wa_reaction(ANNA, "3EB0R1", "", "3EB0RX2"))
+        settle_w2s(h)
         reactions = h.signal.sent("sendReaction")
         assert [(p["recipient"], p["emoji"], p["targetAuthor"], p["targetTimestamp"], p["remove"])
                 for p in reactions] == [([OWNER], "👍", BRIDGE, copy_ts, False), ([OWNER], "👍", BRIDGE, copy_ts, True)]
@@ -5494,12 +5494,12 @@ class TestReactionsEditsDeletes:
 
     def test_reaction_on_rest(self, make_bridge):
         h = make_bridge("rest", send_shape="array")
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0R1", "hello"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0R1", "hello"))
+        settle_w2s(h)
         copy_ts = h.received()[0]["ts"]
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0R1", "❤️", "3EB0RX1"))
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0R1", "", "3EB0RX2"))
-        w2s_settle(h)
+        post_event(h, wa_reaction(ANNA, "3EB0R1", "❤️", "3EB0RX1"))
+        post_event(h, wa_reaction(ANNA, "3EB0R1", "", "3EB0RX2"))
+        settle_w2s(h)
         path = "/v1/reactions/" + BRIDGE
         assert [(c["method"], urllib.parse.unquote(c["path"]), c["json"], c["status"])
                 for c in h.signal.calls_for("/v1/reactions")] == [
@@ -5508,23 +5508,23 @@ class TestReactionsEditsDeletes:
 
     def test_reaction_to_unknown_message_is_a_notice(self, make_bridge):
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0NEVER", "😂", "3EB0RX9"))
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0NEVER", "", "3EB0RX10"))   # removal of it: nothing to say
-        w2s_settle(h)
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_reaction(ANNA, "3EB0NEVER", "😂", "3EB0RX9"))
+        post_event(h, wa_reaction(ANNA, "3EB0NEVER", "", "3EB0RX10"))   # removal of it: nothing to say
+        settle_w2s(h)
         assert h.texts() == ["Alice reacted 😂 to a message"]
         assert h.signal.sent("sendReaction") == []
 
     def test_edit_is_native(self, make_bridge):
-        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in SEND_SHAPES])
         for h in bridges:
-            h.waha.contacts[W2S_ALICE] = "Alice"
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0E1", "See you at 8"))
-        for h, backend in zip(bridges, W2S_BACKENDS):
-            w2s_settle(h)
+            h.waha.contacts[ANNA] = "Alice"
+            post_event(h, wa_message(ANNA, "3EB0E1", "See you at 8"))
+        for h, backend in zip(bridges, SEND_SHAPES):
+            settle_w2s(h)
             copy_ts = h.received()[0]["ts"]
-            w2s_post(h, wa_edit(W2S_ALICE, "3EB0E1", "See you at 9", "3EB0EDIT1"))
-            w2s_settle(h)
+            post_event(h, wa_edit(ANNA, "3EB0E1", "See you at 9", "3EB0EDIT1"))
+            settle_w2s(h)
             d = h.received()
             assert [(x["text"], x["edit"]) for x in d] == \
                 [("Alice: See you at 8", None), ("Alice: See you at 9", copy_ts)], backend
@@ -5532,34 +5532,34 @@ class TestReactionsEditsDeletes:
     def test_group_edit_keeps_sender_and_group(self, make_bridge):
         """The native edit replaces the whole Signal text, so it must keep "<participant> in <group>: "."""
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        h.waha.group_names[W2S_GROUP] = "Family"
-        w2s_post(h, wa_message(W2S_GROUP, "3EB0GE1", "See you at 8", participant=W2S_ALICE))
-        w2s_settle(h)
+        h.waha.contacts[ANNA] = "Alice"
+        h.waha.group_names[FAMILY] = "Family"
+        post_event(h, wa_message(FAMILY, "3EB0GE1", "See you at 8", participant=ANNA))
+        settle_w2s(h)
         copy_ts = h.received()[0]["ts"]
-        edit = wa_edit(W2S_GROUP, "3EB0GE1", "See you at 9", "3EB0GEDIT")
-        edit["payload"].update(id="false_%s_3EB0GEDIT_%s" % (W2S_GROUP, W2S_ALICE), participant=W2S_ALICE)
-        w2s_post(h, edit)
-        w2s_settle(h)
+        edit = wa_edit(FAMILY, "3EB0GE1", "See you at 9", "3EB0GEDIT")
+        edit["payload"].update(id="false_%s_3EB0GEDIT_%s" % (FAMILY, ANNA), participant=ANNA)
+        post_event(h, edit)
+        settle_w2s(h)
         assert [(x["text"], x["edit"]) for x in h.received()] == \
             [("Alice in Family: See you at 8", None), ("Alice in Family: See you at 9", copy_ts)]
 
     def test_edit_of_unknown_message_is_a_notice(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_edit(W2S_ALICE, "3EB0UNKNOWN", "fixed typo", "3EB0EDIT2"))
-        w2s_settle(h)
+        post_event(h, wa_edit(ANNA, "3EB0UNKNOWN", "fixed typo", "3EB0EDIT2"))
+        settle_w2s(h)
         assert [(x["text"], x["edit"]) for x in h.received()] == \
             [("+15550001111 edited a message: fixed typo", None)]
 
     def test_delete_mirrored_by_default(self, make_bridge):
-        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in W2S_BACKENDS])
+        bridges = make_bridge.many(*[{"backend": k, "send_shape": shape} for k, shape in SEND_SHAPES])
         for h in bridges:
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0D1", "oops"))
-        for h, backend in zip(bridges, W2S_BACKENDS):
-            w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0D1", "oops"))
+        for h, backend in zip(bridges, SEND_SHAPES):
+            settle_w2s(h)
             copy_ts = h.received()[0]["ts"]
-            w2s_post(h, wa_revoke(W2S_ALICE, "3EB0D1", "3EB0REVOKE1"))
-            w2s_settle(h)
+            post_event(h, wa_revoke(ANNA, "3EB0D1", "3EB0REVOKE1"))
+            settle_w2s(h)
             if backend[0] == "daemon":
                 assert [(p["recipient"], p["targetTimestamp"]) for p in h.signal.sent("remoteDelete")] == \
                     [([OWNER], copy_ts)]
@@ -5571,12 +5571,12 @@ class TestReactionsEditsDeletes:
 
     def test_delete_not_mirrored_is_a_quoted_notice(self, make_bridge):
         h = make_bridge(raw_overrides={"whatsapp": {"mirrorDeletes": False}})
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0D2", "keep me"))
-        w2s_settle(h)
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_message(ANNA, "3EB0D2", "keep me"))
+        settle_w2s(h)
         copy_ts = h.received()[0]["ts"]
-        w2s_post(h, wa_revoke(W2S_ALICE, "3EB0D2", "3EB0REVOKE2"))
-        w2s_settle(h)
+        post_event(h, wa_revoke(ANNA, "3EB0D2", "3EB0REVOKE2"))
+        settle_w2s(h)
         d = h.received()
         assert [(x["text"], x["quote_ts"], x["quote_author"]) for x in d][1:] == \
             [("Alice deleted this message on WhatsApp", copy_ts, BRIDGE)]
@@ -5584,22 +5584,22 @@ class TestReactionsEditsDeletes:
 
     def test_ack_recorded_for_owner_message(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0HI", "hi"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0HI", "hi"))
+        settle_w2s(h)
         owner_ts = int(time.time() * 1000)
         h.signal.push(owner_env(owner_ts, "hello back"))
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         assert eventually(lambda: (h.app.store.by_sig("default", owner_ts) or {}).get("direction") == "s2w")
         wa_id = h.waha.calls_for("/api/sendText")[0]["wa_id"]
-        assert wa_id.startswith("true_%s_" % W2S_ALICE)
+        assert wa_id.startswith("true_%s_" % ANNA)
 
         def ack_event(ack, name):
-            return h.waha.event("message.ack", {"id": wa_id, "from": W2S_ALICE, "to": None, "participant": None,
+            return h.waha.event("message.ack", {"id": wa_id, "from": ANNA, "to": None, "participant": None,
                                                 "fromMe": True, "ack": ack, "ackName": name})
-        w2s_post(h, ack_event(2, "DEVICE"))
-        w2s_post(h, ack_event(3, "READ"))
-        w2s_post(h, ack_event(2, "DEVICE"), expect="duplicate")
-        w2s_settle(h)
+        post_event(h, ack_event(2, "DEVICE"))
+        post_event(h, ack_event(3, "READ"))
+        post_event(h, ack_event(2, "DEVICE"), expect="duplicate")
+        settle_w2s(h)
         assert h.app.store.by_sig("default", owner_ts)["ack"] == 3
         assert h.texts() == ["+15550001111: hi"]      # acks are recorded, not forwarded
 
@@ -5608,18 +5608,18 @@ class TestReactionsEditsDeletes:
 # Session status
 # ===============================================================================================
 
-W2S_QR = ("WhatsApp session default is SCAN_QR_CODE: WhatsApp logged this device out; scan the QR code in WAHA "
+SESSION_QR = ("WhatsApp session default is SCAN_QR_CODE: WhatsApp logged this device out; scan the QR code in WAHA "
           "again. Messages to WhatsApp wait until it is back.")
-W2S_BACK = "WhatsApp session default is working again."
+SESSION_BACK = "WhatsApp session default is working again."
 
 
 class TestSessionStatus:
     def test_one_notice_down_none_repeated_one_back(self, make_bridge):
         h = make_bridge()
         for s in ("WORKING", "SCAN_QR_CODE", "SCAN_QR_CODE", "SCAN_QR_CODE", "WORKING", "WORKING"):
-            w2s_post(h, wa_session_status(s))
-        w2s_settle(h)
-        assert h.texts() == [W2S_QR, W2S_BACK]
+            post_event(h, wa_session_status(s))
+        settle_w2s(h)
+        assert h.texts() == [SESSION_QR, SESSION_BACK]
         assert h.app.store.state("default", "session_status") == "WORKING"
         assert h.waha.calls_for("/api/sessions/default/restart") == []    # sessionAutoRestart is off by default
 
@@ -5627,34 +5627,34 @@ class TestSessionStatus:
         """WAHA's normal recovery is STOPPED -> STARTING -> WORKING (see the derived fixture's statuses)."""
         h = make_bridge()
         for s in ("WORKING", "STOPPED", "STARTING", "WORKING"):
-            w2s_post(h, wa_session_status(s))
-        w2s_settle(h)
+            post_event(h, wa_session_status(s))
+        settle_w2s(h)
         assert h.texts() == [
             "WhatsApp session default is STOPPED: it was stopped; start it in WAHA (POST /api/sessions/default/start). "
-            "Messages to WhatsApp wait until it is back.", W2S_BACK]
+            "Messages to WhatsApp wait until it is back.", SESSION_BACK]
 
     def test_qr_refresh_through_starting_not_repeated(self, make_bridge):
         h = make_bridge()
         for s in ("SCAN_QR_CODE", "STARTING", "SCAN_QR_CODE"):
-            w2s_post(h, wa_session_status(s))
-        w2s_settle(h)
-        assert h.texts() == [W2S_QR]
+            post_event(h, wa_session_status(s))
+        settle_w2s(h)
+        assert h.texts() == [SESSION_QR]
 
     def test_auto_restart(self, make_bridge):
         h = make_bridge(raw_overrides={"whatsapp": {"sessionAutoRestart": True}})
         h.waha.session_status = "FAILED"
-        w2s_post(h, wa_session_status("FAILED"))
-        w2s_post(h, wa_session_status("FAILED"))     # again at once: no tight restart loop, no repeat
-        w2s_settle(h)
+        post_event(h, wa_session_status("FAILED"))
+        post_event(h, wa_session_status("FAILED"))     # again at once: no tight restart loop, no repeat
+        settle_w2s(h)
         restarts = h.waha.calls_for("/api/sessions/default/restart", "POST")
         assert [c["status"] for c in restarts] == [201]
-        w2s_post(h, wa_session_status("WORKING"))
-        w2s_settle(h)
+        post_event(h, wa_session_status("WORKING"))
+        settle_w2s(h)
         assert h.texts() == [
             "WhatsApp session default is FAILED: restart it in WAHA; if that fails, log out and scan the QR code "
             "again. Messages to WhatsApp wait until it is back.",
             "WhatSignal asked WAHA to restart session default (attempt 1).",
-            W2S_BACK]
+            SESSION_BACK]
 
 
 # ===============================================================================================
@@ -5691,37 +5691,37 @@ class TestDurability:
     def test_duplicates_delivered_once(self, make_bridge):
         """The same event twice (WAHA retry), and the same message under a new event id (engine repeat)."""
         h = make_bridge()
-        ev = wa_message(W2S_ALICE, "3EB0DUP", "only once")
-        w2s_post(h, ev)
-        w2s_post(h, ev, expect="duplicate")
+        ev = wa_message(ANNA, "3EB0DUP", "only once")
+        post_event(h, ev)
+        post_event(h, ev, expect="duplicate")
         again = h.waha.event("message", json.loads(json.dumps(ev["payload"])))
         assert again["id"] != ev["id"]
-        w2s_post(h, again, expect="duplicate")
-        w2s_settle(h)
-        w2s_post(h, ev, expect="duplicate")
-        w2s_settle(h)
+        post_event(h, again, expect="duplicate")
+        settle_w2s(h)
+        post_event(h, ev, expect="duplicate")
+        settle_w2s(h)
         assert h.texts() == ["+15550001111: only once"]
         assert len(queue_rows(h, "w2s")) == 1
 
     def test_out_of_order_reaction_and_edit_before_their_message(self, make_bridge):
         """A WAHA retry can bring a message after its reaction and edit: nothing is lost or fails."""
         h = make_bridge()
-        h.waha.contacts[W2S_ALICE] = "Alice"
-        w2s_post(h, wa_reaction(W2S_ALICE, "3EB0LATE", "👍", "3EB0LR"))
-        w2s_post(h, wa_edit(W2S_ALICE, "3EB0LATE", "fixed", "3EB0LE"))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0LATE", "fxed"))
-        w2s_settle(h)
+        h.waha.contacts[ANNA] = "Alice"
+        post_event(h, wa_reaction(ANNA, "3EB0LATE", "👍", "3EB0LR"))
+        post_event(h, wa_edit(ANNA, "3EB0LATE", "fixed", "3EB0LE"))
+        post_event(h, wa_message(ANNA, "3EB0LATE", "fxed"))
+        settle_w2s(h)
         assert h.texts() == ["Alice reacted 👍 to a message", "Alice edited a message: fixed", "Alice: fxed"]
         assert [q["state"] for q in queue_rows(h, "w2s")] == ["done"] * 3
 
     def test_signal_down_then_back_all_delivered_in_order_per_chat(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.mode = "down"
-        order = [(W2S_ALICE, "a1"), (W2S_BOB, "b1"), (W2S_ALICE, "a2"), (W2S_BOB, "b2"), (W2S_ALICE, "a3")]
+        order = [(ANNA, "a1"), (BEN, "b1"), (ANNA, "a2"), (BEN, "b2"), (ANNA, "a3")]
         t0 = time.monotonic()
         for i, (chat, text) in enumerate(order):
-            w2s_post(h, wa_message(chat, "3EB0ORD%d" % i, text))    # still answered 200 at once
+            post_event(h, wa_message(chat, "3EB0ORD%d" % i, text))    # still answered 200 at once
         assert time.monotonic() - t0 < 3.0
         for _ in range(4):
             d.run_once()
@@ -5732,37 +5732,37 @@ class TestDurability:
         assert [r["attempts"] for r in q] == [4, 4, 0, 0, 0]      # only each chat's head is tried
         assert all(r["error"] for r in q[:2])
         h.signal.mode = "ok"
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         texts = h.texts()
         assert sorted(texts) == sorted("+%s: %s" % (c.split("@")[0], t) for c, t in order)
-        for chat in (W2S_ALICE, W2S_BOB):
+        for chat in (ANNA, BEN):
             prefix = "+%s: " % chat.split("@")[0]
             assert [t for t in texts if t.startswith(prefix)] == [prefix + t for c, t in order if c == chat]
 
     def test_restart_in_the_middle_loses_nothing_sends_nothing_twice(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RS1", "one"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0RS1", "one"))
+        settle_w2s(h)
         h.signal.mode = "down"
-        ev2 = wa_message(W2S_ALICE, "3EB0RS2", "two")
-        w2s_post(h, ev2)
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RS3", "three"))
+        ev2 = wa_message(ANNA, "3EB0RS2", "two")
+        post_event(h, ev2)
+        post_event(h, wa_message(ANNA, "3EB0RS3", "three"))
         assert eventually(lambda: queue_rows(h, "w2s")[1]["attempts"] >= 1)
         h.restart()
-        w2s_post(h, ev2, expect="duplicate")                       # dedupe survives the restart
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RS4", "four"))
+        post_event(h, ev2, expect="duplicate")                       # dedupe survives the restart
+        post_event(h, wa_message(ANNA, "3EB0RS4", "four"))
         h.signal.mode = "ok"
-        w2s_settle(h, timeout=15)
+        settle_w2s(h, timeout=15)
         assert h.texts() == ["+15550001111: one", "+15550001111: two", "+15550001111: three", "+15550001111: four"]
         h.restart()
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RS5", "five"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0RS5", "five"))
+        settle_w2s(h)
         assert len(h.texts()) == 5
 
     def test_permanent_failure_dead_letter_metrics_outbox_retry(self, make_bridge, capsys):
         h = make_bridge()
         h.signal.errors.append((-1, "The user +15550000002 is not registered.", "send"))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0DEAD", "lost?"))
+        post_event(h, wa_message(ANNA, "3EB0DEAD", "lost?"))
         assert eventually(lambda: [r["state"] for r in queue_rows(h, "w2s")] == ["dead"])
         assert eventually(lambda: len(h.texts()) == 1)     # the owner is told, not the message itself
         [told] = h.texts()
@@ -5784,16 +5784,16 @@ class TestDurability:
         assert "not registered" in listed[0]["error"]
         assert ws.main(["--config", str(cfg), "outbox", "retry", "all"], env) == 0
         assert json.loads(capsys.readouterr().out) == {"requeued": 1}
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == [told, "+15550001111: lost?"]
         assert ws.main(["--config", str(cfg), "outbox"], env) == 0
         assert json.loads(capsys.readouterr().out) == {"dead": []}
 
     def test_untrusted_identity_keeps_message_queued(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "IDENTITY_FAILURE"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0ID", "new phone?"))
+        post_event(h, wa_message(ANNA, "3EB0ID", "new phone?"))
         for _ in range(6):
             d.run_once()
             clock.advance(400)
@@ -5808,7 +5808,7 @@ class TestDurability:
     @pytest.mark.parametrize("backend", ["daemon", "rest-json-rpc"])
     def test_trust_new_identity_trusts_then_delivers(self, make_bridge, backend):
         h = make_bridge(backend, raw_overrides={"signal": {"trustNewIdentity": True}})
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         if backend == "daemon":
             h.signal.recipient_results[OWNER] = "IDENTITY_FAILURE"
             real_trust = h.signal._methods["trust"]
@@ -5826,12 +5826,12 @@ class TestDurability:
                 h.signal.recipient_failures.pop(OWNER, None)
                 return real_trust(hh, call, other)
             h.signal._trust = rest_trust
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0TR", "hello new phone"))
+        post_event(h, wa_message(ANNA, "3EB0TR", "hello new phone"))
         d.run_once()
         assert h.signal.trusted == [OWNER]
         told = h.texts()           # the owner is told once that the new key is trusted
         assert len(told) == 1 and "safety number changed and is now trusted" in told[0]
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         assert h.texts() == told + ["+15550001111: hello new phone"]
 
 
@@ -5846,17 +5846,17 @@ class TestSignalBackends:
         bridges = make_bridge.many(*[{"backend": b, "raw_overrides": {"signal": {"pollIntervalSeconds": 0.1}}}
                                      for b in backends])
         for h in bridges:
-            h.waha.contacts[W2S_ALICE] = "Alice"
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0RT1", "Are you coming?"))
+            h.waha.contacts[ANNA] = "Alice"
+            post_event(h, wa_message(ANNA, "3EB0RT1", "Are you coming?"))
         for h, backend in zip(bridges, backends):
-            w2s_settle(h)
+            settle_w2s(h)
             d = h.received()
             assert [(x["text"], x["to"]) for x in d] == [("Alice: Are you coming?", OWNER)], backend
             h.signal.push(owner_env(int(time.time() * 1000), "Yes, 10 minutes", quote=bridge_quote(d[0]["ts"])))
         for h, backend in zip(bridges, backends):
             assert h.waha.wait_for(lambda f: f.sent("text"), 10), backend
             assert [(x["chatId"], x["text"], x["reply_to"]) for x in h.waha.sent("text")] == \
-                [(W2S_ALICE, "Yes, 10 minutes", "false_%s_3EB0RT1" % W2S_ALICE)], backend
+                [(ANNA, "Yes, 10 minutes", "false_%s_3EB0RT1" % ANNA)], backend
             status, metrics = http_get(h.url, "/metrics")
             lines = metrics.splitlines()
             assert 'whatsignal_messages_processed_total{direction="w2s",kind="text",result="ok"} 1.0' in lines
@@ -5864,21 +5864,21 @@ class TestSignalBackends:
 
     def test_rest_rate_limit_429_is_retried(self, make_bridge):
         h = make_bridge("rest")
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.errors.append((429, {"error": "Failed to send message due to rate limiting."}, "/v2/send"))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RL", "slow down"))
+        post_event(h, wa_message(ANNA, "3EB0RL", "slow down"))
         d.run_once()
         assert [(r["state"], r["attempts"]) for r in queue_rows(h, "w2s")] == [("pending", 1)]
         assert h.texts() == []
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         assert h.texts() == ["+15550001111: slow down"]
         assert [c["status"] for c in h.signal.calls_for("/v2/send")] == [429, 201]
 
     def test_rpc_rate_limit_waits_before_retrying(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.errors.append((-5, "Failed to send message due to rate limiting", "send"))
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0RL2", "slow down"))
+        post_event(h, wa_message(ANNA, "3EB0RL2", "slow down"))
         d.run_once()
         clock.advance(30)
         d.run_once()
@@ -5891,39 +5891,39 @@ class TestSignalBackends:
         """All recipients NETWORK_FAILURE: signal-cli answers -1 "Failed to send message" with the results in
         error.data; the cause is transient (signal-cli-jsonrpc.md section 5/6)."""
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "NETWORK_FAILURE"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0NET", "through the tunnel"))
+        post_event(h, wa_message(ANNA, "3EB0NET", "through the tunnel"))
         d.run_once()
         assert [r["state"] for r in queue_rows(h, "w2s")] == ["pending"]
         h.signal.recipient_results.clear()
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         assert h.texts() == ["+15550001111: through the tunnel"]
 
     def test_rpc_unregistered_owner_is_dead(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "UNREGISTERED_FAILURE"
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0UNR", "anyone?"))
+        post_event(h, wa_message(ANNA, "3EB0UNR", "anyone?"))
         d.run_once()
         assert [r["state"] for r in queue_rows(h, "w2s")] == ["dead"]
 
     def test_rpc_transport_failures_are_transient(self, make_bridge):
         h = make_bridge()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         for i, mode in enumerate(["down", "http500"]):
             h.signal.mode = mode
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0TF%d" % i, "later %d" % i))
+            post_event(h, wa_message(ANNA, "3EB0TF%d" % i, "later %d" % i))
             d.run_once()
             assert [(r["state"], r["attempts"]) for r in queue_rows(h, "w2s")][i] == ("pending", 1), mode
             h.signal.mode = "ok"
-            assert w2s_drain(h, d, clock)
+            assert drain(h, d, clock)
         assert h.texts() == ["+15550001111: later 0", "+15550001111: later 1"]
 
     def test_rest_timestamp_stored_for_both_response_shapes(self, make_bridge):
         for h in make_bridge.many({"backend": "rest", "send_shape": "object"}, {"backend": "rest", "send_shape": "array"}):
-            w2s_post(h, wa_message(W2S_ALICE, "3EB0TS", "first"))
-            w2s_settle(h)
+            post_event(h, wa_message(ANNA, "3EB0TS", "first"))
+            settle_w2s(h)
             sent_ts = h.signal.calls_for("/v2/send")[0]["timestamps"][0]
             assert h.app.store.by_wa("default", "3EB0TS")["sig_ts"] == sent_ts, h.signal.send_shape
 
@@ -5966,7 +5966,7 @@ def eng_harness(make_bridge, engine, **raw):
     h.waha.lids[ENG_BOB_LID] = ENG_BOB
     h.waha.group_names[ENG_GROUP] = "Book Club"
     media = ENG_IDS["media"] if engine != "WEBJS" else "false_%s_%s" % (ENG_ALICE, ENG_IDS["media"])
-    h.waha.add_file("/api/files/default/%s.jpeg" % media, W2S_JPEG, "image/jpeg")   # MediaLocalStorage key
+    h.waha.add_file("/api/files/default/%s.jpeg" % media, JPEG_BYTES, "image/jpeg")   # MediaLocalStorage key
     return h
 
 
@@ -5978,7 +5978,7 @@ def eng_copy(h, wa):
 
 
 def eng_reactions(h):
-    return [(p["emoji"], p["targetTimestamp"], p["targetAuthor"]) for m, p in w2s_other_signal_calls(h)
+    return [(p["emoji"], p["targetTimestamp"], p["targetAuthor"]) for m, p in other_signal_calls(h)
             if m == "sendReaction"]
 
 
@@ -5995,7 +5995,7 @@ class TestEngines:
             ("message-reply", lambda: (h.received()[-1]["text"], h.received()[-1]["quote"])
              == ("Alice Example: Yes, that one", (eng_copy(h, ENG_IDS["text"]), BRIDGE))),
             ("message-media", lambda: (h.received()[-1]["text"], h.received()[-1]["atts"][0][2])
-             == ("Alice Example: Our cat", W2S_JPEG)),
+             == ("Alice Example: Our cat", JPEG_BYTES)),
             # the owner answers Alice; the send response's id (in the engine's shape) is remembered
             (lambda: h.signal.push(owner_env(owner_ts, "Glad you like it", quote=bridge_quote(eng_copy(h, ENG_IDS["text"])))),
              lambda: h.app.store.by_sig("default", owner_ts)["wa_id"].split("_")[2] == ENG_IDS["owner"]),
@@ -6012,16 +6012,16 @@ class TestEngines:
              == ("Alice Example: Hello from Alice (edited)", eng_copy(h, ENG_IDS["text"]))),
             ("edited-group", lambda: (h.received()[-1]["text"], h.received()[-1]["edit"])
              == ("Bob Example in Book Club: Hi book club (edited)", eng_copy(h, ENG_IDS["group"]))),
-            ("revoked", lambda: [p["targetTimestamp"] for m, p in w2s_other_signal_calls(h) if m == "remoteDelete"]
+            ("revoked", lambda: [p["targetTimestamp"] for m, p in other_signal_calls(h) if m == "remoteDelete"]
              == [eng_copy(h, ENG_IDS["text"])]),
-            ("session-status", lambda: h.texts()[-1] == W2S_QR),
+            ("session-status", lambda: h.texts()[-1] == SESSION_QR),
         ]
         for step, check in steps:
             if callable(step):
                 step()
             else:
-                w2s_post(h, eng_event(engine, step))
-            w2s_settle(h)
+                post_event(h, eng_event(engine, step))
+            settle_w2s(h)
             assert eventually(check, 5), (engine, step, h.received()[-1:], eng_reactions(h))
         assert not any("reacted" in t for t in h.texts())
         assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE, ENG_GROUP]
@@ -6030,27 +6030,27 @@ class TestEngines:
     def test_only_the_author_may_edit_a_group_message(self, make_bridge, engine):
         """WEBJS names the sender only in _data.author: without it, group and group would always match."""
         h = eng_harness(make_bridge, engine)
-        w2s_post(h, eng_event(engine, "message-group"))
-        w2s_settle(h)
+        post_event(h, eng_event(engine, "message-group"))
+        settle_w2s(h)
         forged = eng_event(engine, "edited-group", {"447700900456": "447700900123", "Hi book club (edited)": "Pay here"})
-        w2s_post(h, forged)
-        w2s_settle(h)
+        post_event(h, forged)
+        settle_w2s(h)
         assert h.texts() == ["Bob Example in Book Club: Hi book club"]
-        assert core_metric_value(h.app.metrics.render(), "whatsignal_rejected_total", reason="edit_not_by_author") == 1
+        assert metric_value(h.app.metrics.render(), "whatsignal_rejected_total", reason="edit_not_by_author") == 1
 
     @pytest.mark.parametrize("engine", ENGINES)
     def test_groups_layout_titles_the_signal_group_with_the_whatsapp_name(self, make_bridge, engine):
         h = eng_harness(make_bridge, engine, bridge={"layout": "groups"})
-        w2s_post(h, eng_event(engine, "message-group"))
-        w2s_settle(h)
-        assert [g["name"] for g in s2w_created_groups(h)] == ["Book Club (WhatsApp)"]
+        post_event(h, eng_event(engine, "message-group"))
+        settle_w2s(h)
+        assert [g["name"] for g in created_groups(h)] == ["Book Club (WhatsApp)"]
         assert h.texts() == ["Bob Example: Hi book club"]
 
     def test_a_group_name_an_older_release_could_not_read_is_looked_up_again(self, make_bridge):
         h = eng_harness(make_bridge, "GOWS")
         h.app.store.set_contact("default", ENG_GROUP, None, time.time())   # an older release found no subject
-        w2s_post(h, eng_event("GOWS", "message-group"))
-        w2s_settle(h)
+        post_event(h, eng_event("GOWS", "message-group"))
+        settle_w2s(h)
         assert h.texts() == ["Bob Example in Book Club: Hi book club"]
 
     @pytest.mark.parametrize("engine", ENGINES)
@@ -6070,7 +6070,7 @@ def poll_watcher(h):
     """The bridge's session watcher, once its first read (at start) is done; tests call tick() themselves."""
     watcher = next(w for w in h.app.workers if isinstance(w, ws.SessionWatcher))
     assert eventually(lambda: watcher.ticks >= 1)
-    w2s_settle(h)
+    settle_w2s(h)
     return watcher
 
 
@@ -6080,7 +6080,7 @@ class TestSessionPolling:
         h.waha.session_status = "SCAN_QR_CODE"          # no webhook: it happened while the bridge was down
         h.start()
         poll_watcher(h)
-        assert h.texts() == [W2S_QR]
+        assert h.texts() == [SESSION_QR]
 
     def test_changes_missed_while_running_are_told_once(self, make_bridge):
         h = make_bridge()
@@ -6089,13 +6089,13 @@ class TestSessionPolling:
         h.waha.session_status = "FAILED"
         watcher.tick()
         watcher.tick()
-        w2s_settle(h)
+        settle_w2s(h)
         h.waha.session_status = "WORKING"
         watcher.tick()
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == [
             "WhatsApp session default is FAILED: restart it in WAHA; if that fails, log out and scan the QR code "
-            "again. Messages to WhatsApp wait until it is back.", W2S_BACK]
+            "again. Messages to WhatsApp wait until it is back.", SESSION_BACK]
         assert h.waha.calls_for("/api/sessions/default/restart") == []
 
     @pytest.mark.parametrize("auto", [True, False])
@@ -6108,24 +6108,24 @@ class TestSessionPolling:
         for _ in range(5):                              # five minutes of STARTING: still normal
             clock.advance(60)
             watcher.tick()
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == []
         clock.advance(61)
         watcher.tick()
-        w2s_settle(h)
+        settle_w2s(h)
         stuck = ("WhatsApp session default is STARTING: it has been starting for over 5 minutes; restart it in WAHA "
                  "(POST /api/sessions/default/restart). Messages to WhatsApp wait until it is back.")
         restarted = "WhatSignal asked WAHA to restart session default (attempt 1)."
         assert h.texts() == ([stuck, restarted] if auto else [stuck])
         clock.advance(60)                               # the restarted session gets its five minutes again
         watcher.tick()
-        w2s_settle(h)
+        settle_w2s(h)
         assert len(h.waha.calls_for("/api/sessions/default/restart", "POST")) == (1 if auto else 0)
         h.waha.session_status = "WORKING"
         clock.advance(60)
         watcher.tick()
-        w2s_settle(h)
-        assert h.texts()[-1] == W2S_BACK
+        settle_w2s(h)
+        assert h.texts()[-1] == SESSION_BACK
 
 # ===============================================================================================
 # Catch-up after downtime, the owner's own phone messages, calls, polls, view-once, mentions, mute
@@ -6159,7 +6159,7 @@ def cu_post(url, waha, event_name, payload, expect=200):
 
 
 def cu_state(db_path, key):
-    rows = ops_sql(db_path, "SELECT value FROM state WHERE channel='default' AND key=?", (key,))
+    rows = db_query(db_path, "SELECT value FROM state WHERE channel='default' AND key=?", (key,))
     return json.loads(rows[0][0]) if rows and rows[0][0] else None
 
 
@@ -6168,16 +6168,16 @@ def cu_texts(daemon):
 
 
 class TestCatchUp:
-    def test_messages_missed_while_stopped_arrive_once_in_order(self, tmp_path, ops_fakes):
+    def test_messages_missed_while_stopped_arrive_once_in_order(self, tmp_path, upstream_fakes):
         """The bridge process is stopped while 20 messages arrive in 3 chats and WAHA's webhooks fail;
         started again, it reads them from WAHA and delivers each exactly once, in order, with one
         'while the bridge was offline' line per chat.  A clean restart after that sends nothing."""
-        waha, daemon = ops_fakes
+        waha, daemon = upstream_fakes
         db = str(tmp_path / "whatsignal.db")
         now = int(time.time())
         for i in range(5):          # history from before the bridge existed: never imported
             waha.remember(cu_payload(CU_ALICE, "OLD%d" % i, "old %d" % i, ts=now - 3600 + i))
-        proc = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        proc = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         try:
             proc.start()
             assert eventually(lambda: (cu_state(db, "catchup_last") or {}).get("first"), 15)
@@ -6210,7 +6210,7 @@ class TestCatchUp:
             proc.start()
             assert eventually(lambda: cu_state(db, "catchup_last")["at"] > before, 15)
             assert cu_state(db, "catchup_last")["recovered"] == 0
-            assert ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0
+            assert db_query(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0
             assert len(daemon.sent("send")) == 22
             assert "whatsignal_catchup_recovered_total 0.0" in http_get(proc.url, "/metrics")[1].splitlines()
         finally:
@@ -6220,14 +6220,14 @@ class TestCatchUp:
         h = make_bridge(raw_overrides={"bridge": {"catchUpMaxChats": 2, "catchUpMaxMessages": 3}})
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("first"))
         now = int(time.time())
-        w2s_post(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "L1", "hello", ts=now))))
+        post_event(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "L1", "hello", ts=now))))
         assert eventually(lambda: len(h.texts()) == 1)
-        w2s_post(h, wa_session_status("STARTING"))
+        post_event(h, wa_session_status("STARTING"))
         for i in range(15):          # 3 chats x 5 messages while WAHA reconnected and its webhooks failed
             h.waha.remember(cu_payload((CU_ALICE, CU_BOB, CU_CAROL)[i % 3], "G%02d" % i, "gap %d" % i, ts=now + 1 + i))
-        w2s_post(h, wa_session_status("WORKING"))
+        post_event(h, wa_session_status("WORKING"))
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("chats") == 2)
-        w2s_settle(h)
+        settle_w2s(h)
         texts = h.texts()[1:]
         # the two most recently active chats (Bob, Carol), the newest 3 of each, oldest first
         assert [t.split(": ")[-1] for t in texts] == ["gap 8", "gap 11", "gap 14", "gap 7", "gap 10", "gap 13"]
@@ -6249,8 +6249,8 @@ class TestCatchUp:
 
     def test_waha_down_at_start_is_retried_and_reported(self, make_bridge):
         h = make_bridge()
-        w2s_post(h, wa_message(W2S_ALICE, "3EB0CU1", "before"))
-        w2s_settle(h)
+        post_event(h, wa_message(ANNA, "3EB0CU1", "before"))
+        settle_w2s(h)
         h.app.stop()
         h.waha.mode = "error"
         h.start()
@@ -6270,7 +6270,7 @@ class TestCatchUp:
         old = cu_payload(CU_ALICE, "OLD1", "from last year", ts=now - 400 * 86400)
         new = cu_payload(CU_ALICE, "NEW1", "just now", timestamp={"low": now, "high": 0, "unsigned": False})
         assert h.app.bridge._recover("default", [new, old], now - 3600) == 1
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == ["1 message while the bridge was offline:\n+4915111111189: just now"]
 
 def cu_bridge(make_bridge, **bridge):
@@ -6280,17 +6280,17 @@ def cu_bridge(make_bridge, **bridge):
 
 
 def cu_any(h, payload, expect="stored"):
-    return w2s_post(h, h.waha.event("message.any", payload), expect)
+    return post_event(h, h.waha.event("message.any", payload), expect)
 
 
 class TestOwnMessages:
     def test_phone_messages_are_mirrored_and_the_bridges_own_sends_never_echo(self, make_bridge):
         h = cu_bridge(make_bridge)
         incoming = cu_payload(CU_ALICE, "IN1", "Lunch at noon?")
-        w2s_post(h, h.waha.event("message", incoming))
+        post_event(h, h.waha.event("message", incoming))
         cu_any(h, incoming, expect="duplicate")            # `message` and `message.any` both subscribed: once
         cu_any(h, cu_payload(CU_ALICE, "PH1", "Yes, see you there", from_me=True, source="app"))
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
         h.signal.push(owner_env(int(time.time() * 1000), "Bringing cake"))     # unquoted: the latest chat
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
@@ -6301,17 +6301,17 @@ class TestOwnMessages:
         cu_any(h, echo, expect="ignored")                  # WAHA marks API sends source "api"
         del echo["source"]                                 # and without a source the id gives it away
         cu_any(h, echo)
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
 
     def test_an_own_message_changes_the_unquoted_target_only_while_it_is_the_latest(self, make_bridge):
         h = cu_bridge(make_bridge)
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN2", "Are you there?")))
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN2", "Are you there?")))
         cu_any(h, cu_payload(CU_BOB, "PH2", "Call me", from_me=True, source="app"))
-        w2s_settle(h)
+        settle_w2s(h)
         h.signal.push(owner_env(int(time.time() * 1000), "first"))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1, 10)
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN3", "Hello?")))
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN3", "Hello?")))
         assert eventually(lambda: len(h.texts()) == 3)
         h.signal.push(owner_env(int(time.time() * 1000), "second"))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
@@ -6319,23 +6319,23 @@ class TestOwnMessages:
 
     def test_groups_layout_and_switching_it_off(self, make_bridge):
         h = cu_bridge(make_bridge, layout="groups")
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IN4", "hi")))
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN4", "hi")))
         cu_any(h, cu_payload(CU_ALICE, "PH4", "hello from my phone", from_me=True, source="app"))
-        w2s_settle(h)
+        settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == ["hi", "You: hello from my phone"]
         assert d[0]["to"] == d[1]["to"] and d[0]["to"] != [OWNER]        # both in Alice's Signal group
         off = cu_bridge(make_bridge, mirrorOwnMessages=False)
         cu_any(off, cu_payload(CU_ALICE, "PH5", "not mirrored", from_me=True, source="app"))
-        w2s_post(off, off.waha.event("message", cu_payload(CU_ALICE, "IN5", "mirrored")))
-        w2s_settle(off)
+        post_event(off, off.waha.event("message", cu_payload(CU_ALICE, "IN5", "mirrored")))
+        settle_w2s(off)
         assert off.texts() == ["Alice Example: mirrored"]
 
     def test_catch_up_mirrors_phone_messages_but_not_the_bridges_own(self, make_bridge):
         h = cu_bridge(make_bridge)
         now = int(time.time())
-        w2s_post(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "IN6", "ping", ts=now))))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "IN6", "ping", ts=now))))
+        settle_w2s(h)
         h.signal.push(owner_env(int(time.time() * 1000), "pong"))
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         assert eventually(lambda: h.app.store.queue_depth("s2w") == 0)
@@ -6346,13 +6346,13 @@ class TestOwnMessages:
         h.waha.remember(cu_payload(CU_ALICE, "IN7", "thanks", ts=now + 3))
         h.start()
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("recovered") == 2)
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts()[1:] == ["2 messages while the bridge was offline:\nYou → Alice Example: typed on the phone",
                                     "Alice Example: thanks"]
 
 def cu_call(h, event_name, call_id, caller, video=False, expect="stored"):
     """A GOWS call event (CallData: id, from, timestamp, isVideo, isGroup)."""
-    return w2s_post(h, h.waha.event(event_name, {"id": call_id, "from": caller, "timestamp": time.time(),
+    return post_event(h, h.waha.event(event_name, {"id": call_id, "from": caller, "timestamp": time.time(),
                                                  "isVideo": video, "isGroup": False, "_data": {}}), expect)
 
 
@@ -6365,7 +6365,7 @@ class TestCallsAndViewOnce:
         cu_call(h, "call.received", "CALL2", CU_BOB)
         cu_call(h, "call.accepted", "CALL2", CU_BOB)
         cu_call(h, "call.rejected", "CALL2", CU_BOB)                         # answered, then ended: nothing
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts() == ["📞 Alice Example is calling you on WhatsApp (video)",
                                 "📞 Missed call from Alice Example on WhatsApp (video)",
                                 "📞 Bob Builder is calling you on WhatsApp (voice)"]
@@ -6378,17 +6378,17 @@ class TestCallsAndViewOnce:
 
     def test_view_once_media_is_a_notice_never_an_attachment(self, make_bridge):
         h = cu_bridge(make_bridge)
-        h.waha.group_names[W2S_GROUP] = "Family"
-        url = h.waha.add_file("VO1.jpeg", W2S_JPEG, "image/jpeg")
+        h.waha.group_names[FAMILY] = "Family"
+        url = h.waha.add_file("VO1.jpeg", JPEG_BYTES, "image/jpeg")
         media = {"url": url, "mimetype": "image/jpeg", "filename": None, "error": None}
         # GOWS: whatsmeow's IsViewOnce flag beside the unwrapped message; WEBJS: isViewOnce and type
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "VO1", "", hasMedia=True, media=media, _data={
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "VO1", "", hasMedia=True, media=media, _data={
             "IsViewOnce": True, "Message": {"imageMessage": {"mimetype": "image/jpeg", "viewOnce": True}}})))
-        w2s_post(h, h.waha.event("message", cu_payload(W2S_GROUP, "VO2", "", participant=CU_BOB, hasMedia=True,
+        post_event(h, h.waha.event("message", cu_payload(FAMILY, "VO2", "", participant=CU_BOB, hasMedia=True,
                                                        media=None, _data={"isViewOnce": True, "type": "video"})))
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "VO3", "", hasMedia=True, media=None, _data={
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "VO3", "", hasMedia=True, media=None, _data={
             "message": {"viewOnceMessageV2": {"message": {"audioMessage": {"mimetype": "audio/ogg"}}}}})))
-        w2s_settle(h)
+        settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == [
             "view-once photo from Alice Example: open it on your phone",
@@ -6413,9 +6413,9 @@ class TestPolls:
     def test_poll_votes_and_voting_from_signal(self, make_bridge):
         h = cu_bridge(make_bridge)
         poll = cu_payload(CU_ALICE, "POLL1", None, _data=CU_POLL_GOWS)
-        w2s_post(h, h.waha.event("message", poll))
-        w2s_post(h, cu_vote(h, CU_ALICE, "V1", poll["id"], ["Sushi"]))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", poll))
+        post_event(h, cu_vote(h, CU_ALICE, "V1", poll["id"], ["Sushi"]))
+        settle_w2s(h)
         d = h.received()
         assert d[0]["text"] == "Alice Example: 📊 Lunch?\n1. Pizza\n2. Sushi\n(quote with a number to vote)"
         assert (d[1]["text"], d[1]["quote"][0]) == ("Alice Example voted: Sushi", d[0]["ts"])
@@ -6438,8 +6438,8 @@ class TestPolls:
     def test_voting_in_a_chats_signal_group(self, make_bridge):
         h = cu_bridge(make_bridge, layout="groups")
         poll = cu_payload(CU_ALICE, "POLL2", None, _data=CU_POLL_GOWS)
-        w2s_post(h, h.waha.event("message", poll))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", poll))
+        settle_w2s(h)
         d = h.received()[0]
         assert d["text"].startswith("📊 Lunch?") and d["to"] != [OWNER]
         group = h.app.store.group_of_chat("default", CU_ALICE)["group"]
@@ -6460,37 +6460,37 @@ class TestPolls:
                                                              "multi": False}
         assert ws.parse_waha_event(noweb).record["body"].startswith("📊 When?\n1. Now")
         group_vote = {"event": "poll.vote", "session": "default", "payload": {
-            "vote": {"id": "false_%s_V9_%s" % (W2S_GROUP, CU_BOB), "from": W2S_GROUP, "participant": CU_BOB,
-                     "fromMe": False, "selectedOptions": [], "to": W2S_GROUP, "timestamp": 1},
-            "poll": {"id": "true_%s_P9" % W2S_GROUP, "from": W2S_GROUP, "fromMe": True, "to": W2S_GROUP}}}
+            "vote": {"id": "false_%s_V9_%s" % (FAMILY, CU_BOB), "from": FAMILY, "participant": CU_BOB,
+                     "fromMe": False, "selectedOptions": [], "to": FAMILY, "timestamp": 1},
+            "poll": {"id": "true_%s_P9" % FAMILY, "from": FAMILY, "fromMe": True, "to": FAMILY}}}
         inbound = ws.parse_waha_event(group_vote)
         assert (inbound.chat, inbound.record["sender"], inbound.record["poll_bare"], inbound.record["options"]) == \
-            (W2S_GROUP, CU_BOB, "P9", [])
+            (FAMILY, CU_BOB, "P9", [])
         with pytest.raises(ws.PayloadError):
             ws.parse_waha_event({"event": "poll.vote", "session": "default", "payload": {"vote": {}, "poll": {}}})
 
 class TestMentions:
     def test_mentions_show_names_and_the_owners_at_name_becomes_a_mention(self, make_bridge):
         h = cu_bridge(make_bridge)
-        h.waha.group_names[W2S_GROUP] = "Family"
+        h.waha.group_names[FAMILY] = "Family"
         h.waha.contacts.update({CU_CAROL: "Carol Singer", "4915444444456@c.us": "Alice Other"})
         h.waha.lids["123456789012345@lid"] = CU_CAROL
-        gows = cu_payload(W2S_GROUP, "MN1", "@4915111111189 are you coming? @123456789012345 too", participant=CU_BOB,
+        gows = cu_payload(FAMILY, "MN1", "@4915111111189 are you coming? @123456789012345 too", participant=CU_BOB,
                           _data={"Message": {"extendedTextMessage": {"text": "...", "contextInfo": {
                               "mentionedJID": ["4915111111189@s.whatsapp.net", "123456789012345@lid"]}}}})
-        webjs = cu_payload(W2S_GROUP, "MN2", "thanks @4915222222278", participant=CU_CAROL,
+        webjs = cu_payload(FAMILY, "MN2", "thanks @4915222222278", participant=CU_CAROL,
                            _data={"mentionedJidList": [CU_BOB]})
-        w2s_post(h, h.waha.event("message", gows))
-        w2s_post(h, h.waha.event("message", webjs))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", gows))
+        post_event(h, h.waha.event("message", webjs))
+        settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == ["Bob Builder in Family: @Alice Example are you coming? @Carol Singer too",
                                           "Carol Singer in Family: thanks @Bob Builder"]
-        h.waha.participants[W2S_GROUP] = [CU_ALICE, CU_BOB, "4915444444456@c.us"]
+        h.waha.participants[FAMILY] = [CU_ALICE, CU_BOB, "4915444444456@c.us"]
         h.signal.push(owner_env(int(time.time() * 1000), "@bob builder yes, and @Alice Example too; @Alice?", quote=bridge_quote(d[0]["ts"])))
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         sent = h.waha.sent("text")[0]
-        assert sent["chatId"] == W2S_GROUP
+        assert sent["chatId"] == FAMILY
         assert sent["text"] == "@4915222222278 yes, and @4915111111189 too; @Alice?"     # "Alice" is two people
         assert sent["mentions"] == [CU_BOB, CU_ALICE]
         h.signal.push(owner_env(int(time.time() * 1000), "mail me at a@b.example", quote=bridge_quote(d[1]["ts"])))
@@ -6507,17 +6507,17 @@ def cu_command(h, text, reply_starts, timeout=10.0):
 class TestMute:
     def test_a_muted_chat_is_kept_and_counted_and_unmute_offers_it(self, make_bridge):
         h = cu_bridge(make_bridge)
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU0", "hello")))
-        w2s_post(h, h.waha.event("message", cu_payload(CU_BOB, "MU9", "hi")))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU0", "hello")))
+        post_event(h, h.waha.event("message", cu_payload(CU_BOB, "MU9", "hi")))
+        settle_w2s(h)
         assert cu_command(h, "/mute Alice Example", "Muted ") == \
             "Muted Alice Example until you unmute it. Its messages are kept, not forwarded; /unmute Alice Example " \
             "brings it back."
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU1", "one")))
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU1", "one")))
         cu_call(h, "call.received", "CALLM", CU_ALICE)
         cu_any(h, cu_payload(CU_ALICE, "MU2", "from my phone", from_me=True, source="app"))
-        w2s_post(h, h.waha.event("message", cu_payload(CU_BOB, "MU3", "still here")))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", cu_payload(CU_BOB, "MU3", "still here")))
+        settle_w2s(h)
         assert [t for t in h.texts() if not t.startswith("Muted")] == \
             ["Alice Example: hello", "Bob Builder: hi", "Bob Builder: still here"]
         assert [r["state"] for r in queue_rows(h, "w2s")].count("muted") == 3
@@ -6525,10 +6525,10 @@ class TestMute:
         assert "\nMuted chats: 1 (see /muted)" in cu_command(h, "/status", "WhatSignal")
         assert cu_command(h, "/unmute Alice", "Unmuted") == \
             "Unmuted Alice Example. 3 message(s) came while it was muted; /deliver Alice Example sends them."
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "MU4", "are you there?")))
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU4", "are you there?")))
         assert eventually(lambda: "Alice Example: are you there?" in h.texts())
         assert cu_command(h, "/deliver Alice Example", "3 message(s)") == "3 message(s) from Alice Example follow."
-        w2s_settle(h)
+        settle_w2s(h)
         assert h.texts()[-3:] == ["Alice Example: one", "📞 Alice Example is calling you on WhatsApp (voice)",
                                      "You → Alice Example: from my phone"]
         timed = cu_command(h, "/mute Bob Builder 8h", "Muted Bob")
@@ -6542,14 +6542,14 @@ class TestMute:
 
     def test_ignore_chats_by_id_or_name_and_status_stays_ignored(self, make_bridge):
         h = cu_bridge(make_bridge, ignoreChats=["+4915333333367", "spam group"])
-        h.waha.group_names[W2S_GROUP] = "Spam Group"
-        w2s_post(h, h.waha.event("message", cu_payload(CU_CAROL, "IG1", "never")), expect="ignored")
-        w2s_post(h, h.waha.event("message", cu_payload(W2S_GROUP, "IG2", "nor this", participant=CU_BOB)))
-        w2s_post(h, h.waha.event("message", cu_payload("status@broadcast", "IG3", "my status", participant=CU_BOB)),
+        h.waha.group_names[FAMILY] = "Spam Group"
+        post_event(h, h.waha.event("message", cu_payload(CU_CAROL, "IG1", "never")), expect="ignored")
+        post_event(h, h.waha.event("message", cu_payload(FAMILY, "IG2", "nor this", participant=CU_BOB)))
+        post_event(h, h.waha.event("message", cu_payload("status@broadcast", "IG3", "my status", participant=CU_BOB)),
                  expect="ignored")
-        w2s_post(h, h.waha.event("message", cu_payload("12036300000001@newsletter", "IG4", "news")), expect="ignored")
-        w2s_post(h, h.waha.event("message", cu_payload(CU_ALICE, "IG5", "this one")))
-        w2s_settle(h)
+        post_event(h, h.waha.event("message", cu_payload("12036300000001@newsletter", "IG4", "news")), expect="ignored")
+        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IG5", "this one")))
+        settle_w2s(h)
         assert h.texts() == ["Alice Example: this one"]
         assert "and 2 chat(s) in bridge.ignoreChats" in cu_command(h, "/muted", "Muted chats:")
         with pytest.raises(ws.ConfigError) as e:
@@ -6562,25 +6562,18 @@ class TestMute:
 
 # ---------------------------------------------------------------------------
 # Issue 4 (Signal -> WhatsApp) and issue 8 (groups layout).
-# Helpers are prefixed s2w_ / S2w.
 # ---------------------------------------------------------------------------
 
 
 
-S2W_ALICE = "15550000010@c.us"
-S2W_BOB = "15550000011@c.us"
-S2W_CAROL = "15550000012@c.us"
-S2W_FAMILY = "120363025555555555@g.us"
-S2W_DORA = "15550000014@c.us"
-S2W_OWNER2 = "+15550000003"
-OWNER_UUID = "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d"
-S2W_JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x01" * 40
-S2W_OGG = b"OggS" + b"\x00\x02" + b"\x02" * 40
-S2W_PDF = b"%PDF-1.4\n" + b"%" * 40
+OWNER2 = "+15550000003"
+SMALL_JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x01" * 40
+SMALL_OGG = b"OggS" + b"\x00\x02" + b"\x02" * 40
+SMALL_PDF = b"%PDF-1.4\n" + b"%" * 40
 
 
 
-def s2w_forward(h, chat, body, participant=None, push=None, session="default", timeout=10.0):
+def forward_to_signal(h, chat, body, participant=None, push=None, session="default", timeout=10.0):
     """Post a WhatsApp message and wait until its copy reached Signal; return (serialized id, Signal copy)."""
     ev = wa_message(chat, new_mid(), body, participant=participant, push=push, session=session)
     sid = ev["payload"]["id"]
@@ -6594,11 +6587,11 @@ def s2w_forward(h, chat, body, participant=None, push=None, session="default", t
     return sid, match()[-1]
 
 
-def s2w_waha_texts(h, chat=None):
+def waha_texts(h, chat=None):
     return [b for b in h.waha.sent("text") if chat is None or b["chatId"] == chat]
 
 
-def s2w_settle(h, timeout=10.0):
+def settle_s2w(h, timeout=10.0):
     """Push a /to marker from the owner and wait for it: everything received before it was handled."""
     marker = "marker-" + uuid.uuid4().hex[:8]
     owner_push(h, "/to +15550000077 " + marker)
@@ -6612,75 +6605,75 @@ class TestReceiving:
     @pytest.mark.parametrize("name", ["signal-envelope-text-current-derived.json", "signal-envelope-text.json"])
     def test_sse_fixture_envelope_becomes_one_sendtext(self, make_bridge, name):
         h = make_bridge("daemon")
-        sid, _ = s2w_forward(h, S2W_ALICE, "are you there?")
+        sid, _ = forward_to_signal(h, ALICE, "are you there?")
         obj = signal_fixture(name)
         assert h.signal.push(obj)
         text = "Hello from Signal"
-        assert eventually(lambda: s2w_waha_texts(h))
-        s2w_settle(h)
-        assert s2w_waha_texts(h, S2W_ALICE) == [{"session": "default", "chatId": S2W_ALICE, "text": text}]
+        assert eventually(lambda: waha_texts(h))
+        settle_s2w(h)
+        assert waha_texts(h, ALICE) == [{"session": "default", "chatId": ALICE, "text": text}]
 
     def test_rest_normal_mode_polls_and_delivers(self, make_bridge):
         h = make_bridge("rest")
-        sid, _ = s2w_forward(h, S2W_ALICE, "polling?")
+        sid, _ = forward_to_signal(h, ALICE, "polling?")
         assert h.signal.push(signal_fixture("signal-envelope-text-current-derived.json"))
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Hello from Signal"}]
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": ALICE, "text": "Hello from Signal"}]
         polls = h.signal.calls_for("/v1/receive/", "GET")
         assert polls and all("timeout" in c["query"] for c in polls)
 
     def test_rest_json_rpc_mode_uses_websocket(self, make_bridge):
         h = make_bridge("rest-json-rpc")
-        sid, _ = s2w_forward(h, S2W_ALICE, "websocket?")
+        sid, _ = forward_to_signal(h, ALICE, "websocket?")
         assert h.signal.push(signal_fixture("signal-envelope-text-current-derived.json"))
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Hello from Signal"}]
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": ALICE, "text": "Hello from Signal"}]
         assert h.signal.dropped == 0
         upgrades = [c for c in h.signal.calls_for("/v1/receive/") if c["status"] == 101]
         assert len(upgrades) == 1
 
     def test_sse_cut_mid_event_reconnects_and_keeps_receiving(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "before the cut")
+        forward_to_signal(h, ALICE, "before the cut")
         half = envelope(text="half an event")
         assert h.signal.cut_mid_event(half) == 1
         assert h.signal.wait_for(lambda f: len(f.calls_for("/api/v1/events")) >= 2 and f.stream_connections == 1, 8)
         ts = owner_push(h, "after the cut")
-        assert eventually(lambda: s2w_waha_texts(h))
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["after the cut"]
+        assert eventually(lambda: waha_texts(h))
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["after the cut"]
         assert "signal receive interrupted; reconnecting" in h.logs.text()
 
     def test_websocket_closed_without_close_frame_reconnects(self, make_bridge):
         h = make_bridge("rest-json-rpc")
-        s2w_forward(h, S2W_ALICE, "before the drop")
+        forward_to_signal(h, ALICE, "before the drop")
         assert h.signal.close_ws_abruptly() == 1
         assert h.signal.wait_for(
             lambda f: len([c for c in f.calls_for("/v1/receive/") if c["status"] == 101]) >= 2
             and f.ws_connections == 1, 8)
         owner_push(h, "after the drop")
-        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["after the drop"]
+        assert eventually(lambda: waha_texts(h, ALICE))
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["after the drop"]
         assert h.signal.dropped == 0
 
     def test_same_envelope_twice_acts_once(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "ping")
+        forward_to_signal(h, ALICE, "ping")
         obj = envelope(text="only once")
         assert h.signal.push(obj)
-        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: waha_texts(h, ALICE))
         assert h.signal.push(copy.deepcopy(obj))
         # a redelivery with the same sender+timestamp but another body is the same envelope too
         again = copy.deepcopy(obj)
         again["envelope"]["dataMessage"]["message"] = "only once (redelivered)"
         assert h.signal.push(again)
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["only once"]
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["only once"]
         assert len(queue_rows(h, "s2w")) == 2   # the envelope + the marker
 
     def test_restart_in_the_middle_loses_nothing(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "talk to me")
+        forward_to_signal(h, ALICE, "talk to me")
         h.waha.mode = "down"
         owner_push(h, "first")
         owner_push(h, "second")
@@ -6691,9 +6684,9 @@ class TestReceiving:
         assert len(h.signal.pending) == 1      # held by the daemon (receive-mode on-connection)
         h.waha.mode = "ok"
         h.start(connected=True)
-        assert eventually(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 3, 10)
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == \
+        assert eventually(lambda: len(waha_texts(h, ALICE)) >= 3, 10)
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == \
             ["first", "second", "third (sent while the bridge was away)"]
         assert not [t for t in h.texts(OWNER) if "Not delivered" in t]
 
@@ -6712,10 +6705,10 @@ class TestReceiving:
 class TestOwnerOnly:
     def test_stranger_is_ignored_logged_masked_and_counted(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello owner")
+        forward_to_signal(h, ALICE, "hello owner")
         owner_push(h, "I am not the owner", source="+15550000003", uuid_="b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e")
         assert h.signal.push(signal_fixture("signal-envelope-group-derived.json", source=None))   # Bob, in a group
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]   # only the marker
         recs = [r for r in h.logs.records() if "unauthorized sender" in r["msg"]]
         assert len(recs) == 2
@@ -6725,12 +6718,12 @@ class TestOwnerOnly:
 
     def test_numbers_that_only_look_like_the_owner_are_ignored(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello owner")
+        forward_to_signal(h, ALICE, "hello owner")
         fakes = ["15550000002", "+1 555 000 0002", "+15550000002 ", " +15550000002", "+155500000020",
                  "+15550000002\u200b", "００15550000002", "tel:+15550000002"]
         for i, number in enumerate(fakes):
             owner_push(h, "spoof %d" % i, source=number, uuid_=str(uuid.uuid4()))
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
         assert "whatsignal_unauthorized_senders_total %r" % float(len(fakes)) in http_get(h.url, "/metrics")[1]
 
@@ -6739,34 +6732,34 @@ class TestOwnerOnly:
                                       "signal-envelope-sync-sent.json"])
     def test_sync_messages_are_never_echoed(self, make_bridge, name):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello owner")
+        forward_to_signal(h, ALICE, "hello owner")
         assert h.signal.push(signal_fixture(name, source=None))
         owner_sync = signal_fixture(name, source=OWNER)   # even if it claimed to come from the owner
         assert h.signal.push(owner_sync)
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
         assert len(queue_rows(h, "s2w")) == 1
 
     def test_hidden_number_with_owner_uuid_accepted_only_after_owner_seen(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello owner")
+        forward_to_signal(h, ALICE, "hello owner")
         owner_push(h, "hidden before seen", source=None)
         owner_push(h, "with number")          # the owner, number + UUID: now the UUID is known
-        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: waha_texts(h, ALICE))
         owner_push(h, "hidden after seen", source=None)
-        assert eventually(lambda: len(s2w_waha_texts(h, S2W_ALICE)) >= 2)
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["with number", "hidden after seen"]
+        assert eventually(lambda: len(waha_texts(h, ALICE)) >= 2)
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["with number", "hidden after seen"]
         assert [r["sender"] for r in h.logs.records() if "unauthorized sender" in r["msg"]] == ["hidden number"]
 
     def test_hidden_number_with_another_uuid_is_ignored(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello owner")
+        forward_to_signal(h, ALICE, "hello owner")
         owner_push(h, "owner")
-        assert eventually(lambda: s2w_waha_texts(h, S2W_ALICE))
+        assert eventually(lambda: waha_texts(h, ALICE))
         owner_push(h, "hidden stranger", source=None, uuid_="b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e")
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["owner"]
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["owner"]
         assert "whatsignal_unauthorized_senders_total 1.0" in http_get(h.url, "/metrics")[1]
 
 
@@ -6774,50 +6767,50 @@ class TestOwnerOnly:
 class TestRouting:
     def test_quote_goes_to_that_chat_as_a_reply(self, each_backend):
         h = each_backend
-        a_id, a_copy = s2w_forward(h, S2W_ALICE, "Shall we meet at 6?")
-        b_id, b_copy = s2w_forward(h, S2W_BOB, "Lunch tomorrow?")
+        a_id, a_copy = forward_to_signal(h, ALICE, "Shall we meet at 6?")
+        b_id, b_copy = forward_to_signal(h, BOB, "Lunch tomorrow?")
         assert a_copy["to"] == OWNER and a_copy["text"] == "Alice Example: Shall we meet at 6?"
         owner_push(h, "Yes, sounds good", quote={"id": a_copy["ts"], "author": BRIDGE, "authorNumber": BRIDGE,
                                                "text": a_copy["text"], "attachments": []})
-        assert eventually(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: waha_texts(h))
         owner_push(h, "Sure", quote={"id": b_copy["ts"], "author": BRIDGE, "text": b_copy["text"]})
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
-        s2w_settle(h)
-        assert s2w_waha_texts(h)[:2] == [
-            {"session": "default", "chatId": S2W_ALICE, "text": "Yes, sounds good", "reply_to": a_id},
-            {"session": "default", "chatId": S2W_BOB, "text": "Sure", "reply_to": b_id}]
-        assert len(s2w_waha_texts(h)) == 3
+        assert eventually(lambda: len(waha_texts(h)) >= 2)
+        settle_s2w(h)
+        assert waha_texts(h)[:2] == [
+            {"session": "default", "chatId": ALICE, "text": "Yes, sounds good", "reply_to": a_id},
+            {"session": "default", "chatId": BOB, "text": "Sure", "reply_to": b_id}]
+        assert len(waha_texts(h)) == 3
 
     def test_quote_reply_fixture(self, make_bridge):
         h = make_bridge("daemon")
-        a_id, a_copy = s2w_forward(h, S2W_ALICE, "Shall we meet at 6?")
-        s2w_forward(h, S2W_BOB, "something later")
+        a_id, a_copy = forward_to_signal(h, ALICE, "Shall we meet at 6?")
+        forward_to_signal(h, BOB, "something later")
         obj = signal_fixture("signal-envelope-quote-reply-derived.json")
         obj["envelope"]["dataMessage"]["quote"]["id"] = a_copy["ts"]
         assert h.signal.push(obj)
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "Yes, sounds good",
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": ALICE, "text": "Yes, sounds good",
                                       "reply_to": a_id}]
 
     def test_no_quote_goes_to_the_most_recent_forwarded_chat(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "one")
-        s2w_forward(h, S2W_BOB, "two")
+        forward_to_signal(h, ALICE, "one")
+        forward_to_signal(h, BOB, "two")
         owner_push(h, "plain answer")
-        assert eventually(lambda: s2w_waha_texts(h))
-        s2w_forward(h, S2W_ALICE, "three")
+        assert eventually(lambda: waha_texts(h))
+        forward_to_signal(h, ALICE, "three")
         owner_push(h, "second plain answer")
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_BOB, "text": "plain answer"},
-                                     {"session": "default", "chatId": S2W_ALICE, "text": "second plain answer"}]
+        assert eventually(lambda: len(waha_texts(h)) >= 2)
+        assert waha_texts(h) == [{"session": "default", "chatId": BOB, "text": "plain answer"},
+                                     {"session": "default", "chatId": ALICE, "text": "second plain answer"}]
 
     def test_quote_of_an_unknown_message_tells_the_owner(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello")
+        forward_to_signal(h, ALICE, "hello")
         before = len(h.received())
         ts = owner_push(h, "answer to what?", quote={"id": 1700000000000, "author": BRIDGE, "text": "old"})
         assert eventually(lambda: len(h.received()) > before)
-        s2w_settle(h)
+        settle_s2w(h)
         notices = h.received()[before:]
         assert len(notices) == 1
         n = notices[0]
@@ -6827,35 +6820,35 @@ class TestRouting:
 
     def test_owner_message_in_an_unrelated_signal_group_is_not_bridged(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello")
+        forward_to_signal(h, ALICE, "hello")
         assert h.signal.push(signal_fixture("signal-envelope-group-derived.json", source=OWNER))
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
 
 
 # ---------------------------------------------------------------------------
 class TestCommands:
-    def s2w_reply(self, h, text, before):
+    def command_reply(self, h, text, before):
         owner_push(h, text)
         assert eventually(lambda: len(h.received()) > before), "no answer to %r" % text
         return h.received()[before]
 
     def test_help(self, make_bridge):
         h = make_bridge("daemon")
-        r = self.s2w_reply(h, "/help", 0)
+        r = self.command_reply(h, "/help", 0)
         assert r["to"] == OWNER
         for cmd in ("/chats", "/to <n|+number|name> <text>", "/status", "/help", "without a quote"):
             assert cmd in r["text"]
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
 
     def test_chats_lists_short_numbers_and_names(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "a")
-        s2w_forward(h, S2W_BOB, "b")
-        s2w_forward(h, S2W_FAMILY, "c", participant=S2W_DORA)
+        forward_to_signal(h, ALICE, "a")
+        forward_to_signal(h, BOB, "b")
+        forward_to_signal(h, FAMILY, "c", participant=DORA)
         n = len(h.received())
-        r = self.s2w_reply(h, "/chats", n)
+        r = self.command_reply(h, "/chats", n)
         lines = r["text"].split("\n")
         assert lines[0].startswith("Recent chats")
         assert set(lines[1:]) == {"1. Alice Example (+15550000010)", "2. Bob Builder (+15550000011)",
@@ -6865,17 +6858,17 @@ class TestCommands:
 
     def test_to_short_number(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "a")
-        s2w_forward(h, S2W_BOB, "b")
+        forward_to_signal(h, ALICE, "a")
+        forward_to_signal(h, BOB, "b")
         owner_push(h, "/to 1 hello Alice, via /to")
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "hello Alice, via /to"}]
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": ALICE, "text": "hello Alice, via /to"}]
 
     def test_to_new_number_starts_a_chat(self, make_bridge):
         h = make_bridge("daemon")
         owner_push(h, "/to +447700900123 Hi, this is new")
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us", "text": "Hi, this is new"}]
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us", "text": "Hi, this is new"}]
         # an answer without a quote does not go there: it was no forwarded message
         n = len(h.received())
         owner_push(h, "/to +12 bad")
@@ -6884,31 +6877,31 @@ class TestCommands:
 
     def test_to_by_name_single_and_multi_word(self, make_bridge):
         h = make_bridge("daemon")
-        h.waha.contacts[S2W_CAROL] = "Alice Cooper"
-        s2w_forward(h, S2W_ALICE, "a")
-        s2w_forward(h, S2W_BOB, "b")
-        s2w_forward(h, S2W_CAROL, "c")
+        h.waha.contacts[CAROL] = "Alice Cooper"
+        forward_to_signal(h, ALICE, "a")
+        forward_to_signal(h, BOB, "b")
+        forward_to_signal(h, CAROL, "c")
         owner_push(h, "/to Bob hi Bob")
         owner_push(h, "/to Alice Example see you at 6")
         owner_push(h, "/to alice cooper rock on")
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 3)
-        assert s2w_waha_texts(h) == [
-            {"session": "default", "chatId": S2W_BOB, "text": "hi Bob"},
-            {"session": "default", "chatId": S2W_ALICE, "text": "see you at 6"},
-            {"session": "default", "chatId": S2W_CAROL, "text": "rock on"}]
+        assert eventually(lambda: len(waha_texts(h)) >= 3)
+        assert waha_texts(h) == [
+            {"session": "default", "chatId": BOB, "text": "hi Bob"},
+            {"session": "default", "chatId": ALICE, "text": "see you at 6"},
+            {"session": "default", "chatId": CAROL, "text": "rock on"}]
 
     def test_to_ambiguous_name_offers_choices(self, make_bridge):
         h = make_bridge("daemon")
-        h.waha.contacts[S2W_CAROL] = "Alice Cooper"
-        s2w_forward(h, S2W_ALICE, "a")
-        s2w_forward(h, S2W_CAROL, "c")
+        h.waha.contacts[CAROL] = "Alice Cooper"
+        forward_to_signal(h, ALICE, "a")
+        forward_to_signal(h, CAROL, "c")
         n = len(h.received())
         ts = owner_push(h, "/to Alice hello")
         assert eventually(lambda: len(h.received()) > n)
         r = h.received()[n]
         assert r["quote_ts"] == ts
         assert "1. Alice Example" in r["text"] and "2. Alice Cooper" in r["text"] and "several" in r["text"]
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
 
     def test_status(self, make_bridge):
@@ -6916,7 +6909,7 @@ class TestCommands:
         ev = h.waha.event("session.status", {"name": "default", "status": "WORKING"})
         assert h.webhook(ev)[0] == 200
         assert eventually(lambda: h.app.store.state("default", "session_status") == "WORKING")
-        r = self.s2w_reply(h, "/status", len(h.received()))
+        r = self.command_reply(h, "/status", len(h.received()))
         assert r["to"] == OWNER
         assert "WhatSignal " + ws.__version__ in r["text"]
         assert "WhatsApp session default: WORKING" in r["text"]
@@ -6925,14 +6918,14 @@ class TestCommands:
 
     def test_unknown_command_gets_help_and_no_whatsapp_message(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hello")
+        forward_to_signal(h, ALICE, "hello")
         n = len(h.received())
         ts = owner_push(h, "/frobnicate now")
         assert eventually(lambda: len(h.received()) > n)
         r = h.received()[n]
         assert r["text"].startswith("Unknown command /frobnicate")
         assert ws.HELP_TEXT in r["text"] and r["quote_ts"] == ts
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
 
 
@@ -6940,8 +6933,8 @@ class TestCommands:
 class TestOwnerActions:
     def test_reaction_and_its_removal_on_a_forwarded_message(self, each_backend):
         h = each_backend
-        a_id, a_copy = s2w_forward(h, S2W_ALICE, "Shall we meet at 6?")
-        s2w_forward(h, S2W_BOB, "later message")
+        a_id, a_copy = forward_to_signal(h, ALICE, "Shall we meet at 6?")
+        forward_to_signal(h, BOB, "later message")
         obj = signal_fixture("signal-envelope-reaction-derived.json")
         obj["envelope"]["dataMessage"]["reaction"]["targetSentTimestamp"] = a_copy["ts"]
         assert h.signal.push(obj)
@@ -6951,22 +6944,22 @@ class TestOwnerActions:
         removal["envelope"]["dataMessage"]["reaction"].update(targetSentTimestamp=a_copy["ts"], isRemove=True)
         assert h.signal.push(removal)
         assert eventually(lambda: len(reactions()) >= 2)
-        s2w_settle(h)
+        settle_s2w(h)
         assert reactions() == [{"session": "default", "messageId": a_id, "reaction": "\U0001F44D"},
                                {"session": "default", "messageId": a_id, "reaction": ""}]
         assert [b["chatId"] for b in h.waha.sent()] == ["15550000077@c.us"]
 
     def test_reaction_on_a_group_message_keeps_the_participant(self, make_bridge):
         h = make_bridge("daemon")
-        g_id, g_copy = s2w_forward(h, S2W_FAMILY, "Hi everyone", participant=S2W_DORA)
+        g_id, g_copy = forward_to_signal(h, FAMILY, "Hi everyone", participant=DORA)
         owner_push(h, None, reaction={"emoji": "\u2764\ufe0f", "targetAuthor": BRIDGE,
                                     "targetSentTimestamp": g_copy["ts"], "isRemove": False})
         assert eventually(lambda: h.waha.calls_for("/api/reaction"))
         c = h.waha.calls_for("/api/reaction")[0]
         assert c["status"] == 200, c["response"]
-        assert c["json"]["messageId"] == g_id and g_id.endswith("_" + S2W_DORA)
+        assert c["json"]["messageId"] == g_id and g_id.endswith("_" + DORA)
 
-    def s2w_owner_message(self, h, chat, text):
+    def owner_message(self, h, chat, text):
         """The owner writes *text* (routed to *chat*); return (its Signal ts, the WhatsApp id WAHA gave it)."""
         n = len(h.waha.calls_for("/api/sendText"))
         ts = owner_push(h, text)
@@ -6977,42 +6970,42 @@ class TestOwnerActions:
 
     def test_remote_delete_of_the_owners_message_deletes_it_on_whatsapp(self, each_backend):
         h = each_backend
-        s2w_forward(h, S2W_ALICE, "hi")
-        ts, wa_id = self.s2w_owner_message(h, S2W_ALICE, "oops, wrong chat")
+        forward_to_signal(h, ALICE, "hi")
+        ts, wa_id = self.owner_message(h, ALICE, "oops, wrong chat")
         obj = signal_fixture("signal-envelope-remote-delete-derived.json")
         obj["envelope"]["dataMessage"]["remoteDelete"]["timestamp"] = ts
         assert h.signal.push(obj)
         assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "DELETE"))
-        s2w_settle(h)
+        settle_s2w(h)
         dels = h.waha.calls_for("/api/default/chats/", "DELETE")
-        assert [(c["chatId"], c["messageId"], c["status"]) for c in dels] == [(S2W_ALICE, wa_id, 200)]
+        assert [(c["chatId"], c["messageId"], c["status"]) for c in dels] == [(ALICE, wa_id, 200)]
 
     def test_remote_delete_of_a_forwarded_message_does_nothing_on_whatsapp(self, make_bridge):
         h = make_bridge("daemon")
-        a_id, a_copy = s2w_forward(h, S2W_ALICE, "not yours to delete")
+        a_id, a_copy = forward_to_signal(h, ALICE, "not yours to delete")
         owner_push(h, None, remoteDelete={"timestamp": a_copy["ts"]})
-        s2w_settle(h)
+        settle_s2w(h)
         assert h.waha.calls_for("/api/default/chats/", "DELETE") == []
 
     def test_edit_of_the_owners_message_edits_it_on_whatsapp(self, each_backend):
         h = each_backend
-        s2w_forward(h, S2W_ALICE, "hi")
-        ts, wa_id = self.s2w_owner_message(h, S2W_ALICE, "Hello from Signal")
+        forward_to_signal(h, ALICE, "hi")
+        ts, wa_id = self.owner_message(h, ALICE, "Hello from Signal")
         obj = signal_fixture("signal-envelope-edit-derived.json")
         obj["envelope"]["editMessage"]["targetSentTimestamp"] = ts
         assert h.signal.push(obj)
         assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
-        s2w_settle(h)
+        settle_s2w(h)
         edits = h.waha.calls_for("/api/default/chats/", "PUT")
         assert [(c["chatId"], c["messageId"], c["json"], c["status"]) for c in edits] == \
-            [(S2W_ALICE, wa_id, {"text": "Hello from Signal (edited)"}, 200)]
+            [(ALICE, wa_id, {"text": "Hello from Signal (edited)"}, 200)]
 
     def test_edit_of_a_to_command_edits_only_the_text(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "a")
-        s2w_forward(h, S2W_BOB, "b")
+        forward_to_signal(h, ALICE, "a")
+        forward_to_signal(h, BOB, "b")
         ts = owner_push(h, "/to 1 see you at 6")
-        assert eventually(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: waha_texts(h))
         wa_id = h.waha.calls_for("/api/sendText")[0]["wa_id"]
         obj = signal_fixture("signal-envelope-edit-derived.json")
         obj["envelope"]["editMessage"]["targetSentTimestamp"] = ts
@@ -7020,84 +7013,84 @@ class TestOwnerActions:
         assert h.signal.push(obj)
         assert eventually(lambda: h.waha.calls_for("/api/default/chats/", "PUT"))
         edit = h.waha.calls_for("/api/default/chats/", "PUT")[0]
-        assert (edit["chatId"], edit["messageId"]) == (S2W_ALICE, wa_id)
+        assert (edit["chatId"], edit["messageId"]) == (ALICE, wa_id)
         assert edit["json"] == {"text": "see you at 7"}     # never the command syntax on WhatsApp
 
     def test_read_receipt_marks_the_chats_seen(self, make_bridge):
         h = make_bridge("daemon")
-        a1, c1 = s2w_forward(h, S2W_ALICE, "first")
-        a2, c2 = s2w_forward(h, S2W_ALICE, "second")
-        b1, c3 = s2w_forward(h, S2W_BOB, "third")
+        a1, c1 = forward_to_signal(h, ALICE, "first")
+        a2, c2 = forward_to_signal(h, ALICE, "second")
+        b1, c3 = forward_to_signal(h, BOB, "third")
         obj = signal_fixture("signal-envelope-receipt-derived.json")
         obj["envelope"]["receiptMessage"]["timestamps"] = [c1["ts"], c2["ts"], c3["ts"], 1700000000000]
         assert h.signal.push(obj)
         seen = lambda: h.waha.sent("seen")
         assert eventually(lambda: len(seen()) >= 2)
-        s2w_settle(h)
+        settle_s2w(h)
         assert sorted(seen(), key=lambda b: b["chatId"]) == [
-            {"session": "default", "chatId": S2W_ALICE, "messageIds": [a1, a2]},
-            {"session": "default", "chatId": S2W_BOB, "messageIds": [b1]}]
+            {"session": "default", "chatId": ALICE, "messageIds": [a1, a2]},
+            {"session": "default", "chatId": BOB, "messageIds": [b1]}]
         # a delivery receipt (not read) marks nothing
         obj = signal_fixture("signal-envelope-receipt-derived.json")
         obj["envelope"]["receiptMessage"].update(isRead=False, isDelivery=True, timestamps=[c1["ts"]])
         assert h.signal.push(obj)
-        s2w_settle(h)
+        settle_s2w(h)
         assert len(seen()) == 2
 
     def test_typing_starts_and_stops_whatsapp_typing(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_BOB, "typing?")
+        forward_to_signal(h, BOB, "typing?")
         assert h.signal.push(signal_fixture("signal-envelope-typing-derived.json"))
         stopped = signal_fixture("signal-envelope-typing-derived.json")
         stopped["envelope"]["typingMessage"]["action"] = "STOPPED"
         assert h.signal.push(stopped)
         assert eventually(lambda: h.waha.calls_for("/api/stopTyping"))
         assert [(c["path"], c["json"]["chatId"]) for c in h.waha.calls if "Typing" in c["path"]] == \
-            [("/api/startTyping", S2W_BOB), ("/api/stopTyping", S2W_BOB)]
+            [("/api/startTyping", BOB), ("/api/stopTyping", BOB)]
 
     def test_several_attachments_each_sent_with_the_right_endpoint(self, each_backend):
         h = each_backend
-        s2w_forward(h, S2W_ALICE, "send me the files")
-        h.signal.attachments.update({"att-1.jpg": S2W_JPEG, "att-2.ogg": S2W_OGG, "att-3.pdf": S2W_PDF})
-        atts = [{"contentType": "image/jpeg", "filename": None, "id": "att-1.jpg", "size": len(S2W_JPEG)},
-                {"contentType": "audio/ogg", "filename": None, "id": "att-2.ogg", "size": len(S2W_OGG)},
+        forward_to_signal(h, ALICE, "send me the files")
+        h.signal.attachments.update({"att-1.jpg": SMALL_JPEG, "att-2.ogg": SMALL_OGG, "att-3.pdf": SMALL_PDF})
+        atts = [{"contentType": "image/jpeg", "filename": None, "id": "att-1.jpg", "size": len(SMALL_JPEG)},
+                {"contentType": "audio/ogg", "filename": None, "id": "att-2.ogg", "size": len(SMALL_OGG)},
                 {"contentType": "application/pdf", "filename": "report.pdf", "id": "att-3.pdf",
-                 "size": len(S2W_PDF)}]
+                 "size": len(SMALL_PDF)}]
         owner_push(h, "Look at this", attachments=atts)
         assert eventually(lambda: len(h.waha.sent()) >= 3)
-        s2w_settle(h)
+        settle_s2w(h)
         media = [c for c in h.waha.calls if c["path"] in ("/api/sendImage", "/api/sendVoice", "/api/sendFile",
                                                            "/api/sendVideo", "/api/sendText")]
         assert [c["path"] for c in media] == ["/api/sendImage", "/api/sendVoice", "/api/sendFile", "/api/sendText"]
         img, voice, doc = media[0]["json"], media[1]["json"], media[2]["json"]
         assert media[3]["json"]["text"].startswith("marker-")      # no extra text message
         assert all(c["status"] == 201 for c in media)
-        assert {b["chatId"] for b in (img, voice, doc)} == {S2W_ALICE}
-        assert base64.b64decode(img["file"]["data"]) == S2W_JPEG and img["file"]["mimetype"] == "image/jpeg"
-        assert base64.b64decode(voice["file"]["data"]) == S2W_OGG and voice["file"]["mimetype"] == "audio/ogg"
-        assert base64.b64decode(doc["file"]["data"]) == S2W_PDF and doc["file"]["mimetype"] == "application/pdf"
+        assert {b["chatId"] for b in (img, voice, doc)} == {ALICE}
+        assert base64.b64decode(img["file"]["data"]) == SMALL_JPEG and img["file"]["mimetype"] == "image/jpeg"
+        assert base64.b64decode(voice["file"]["data"]) == SMALL_OGG and voice["file"]["mimetype"] == "audio/ogg"
+        assert base64.b64decode(doc["file"]["data"]) == SMALL_PDF and doc["file"]["mimetype"] == "application/pdf"
         assert doc["file"]["filename"] == "report.pdf"
         assert img.get("caption") == "Look at this"
         assert not voice.get("caption") and not doc.get("caption")
 
     def test_attachment_fixture_photo_with_caption(self, make_bridge):
         h = make_bridge("daemon")
-        a_id, a_copy = s2w_forward(h, S2W_ALICE, "photo please")
+        a_id, a_copy = forward_to_signal(h, ALICE, "photo please")
         obj = signal_fixture("signal-envelope-attachment-derived.json")
         att = obj["envelope"]["dataMessage"]["attachments"][0]
-        h.signal.attachments[att["id"]] = S2W_JPEG
+        h.signal.attachments[att["id"]] = SMALL_JPEG
         obj["envelope"]["dataMessage"]["quote"] = {"id": a_copy["ts"], "author": BRIDGE, "text": a_copy["text"]}
         assert h.signal.push(obj)
         assert eventually(lambda: h.waha.sent("image"))
-        assert h.waha.sent("image")[0]["chatId"] == S2W_ALICE
+        assert h.waha.sent("image")[0]["chatId"] == ALICE
         assert h.waha.sent("image")[0]["caption"] == "Look at this"
         assert h.waha.sent("image")[0]["reply_to"] == a_id
-        assert base64.b64decode(h.waha.sent("image")[0]["file"]["data"]) == S2W_JPEG
+        assert base64.b64decode(h.waha.sent("image")[0]["file"]["data"]) == SMALL_JPEG
 
     @pytest.mark.parametrize("att_id", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd"])
     def test_attachment_id_is_never_a_file_path_rest(self, make_bridge, att_id):
         h = make_bridge("rest")
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         ts = owner_push(h, "see attached", attachments=[{"contentType": "application/pdf", "id": att_id,
                                                        "filename": "passwd", "size": 100}])
         notice = lambda: [o for o in h.received() if o["to"] == OWNER and o["quote_ts"] == ts]
@@ -7108,7 +7101,7 @@ class TestOwnerActions:
 
     def test_attachment_id_is_never_a_file_path_rpc(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         ts = owner_push(h, "see attached", attachments=[{"contentType": "application/pdf", "id": "../../etc/passwd",
                                                        "filename": "passwd", "size": 100}])
         notice = lambda: [o for o in h.received() if o["to"] == OWNER and o["quote_ts"] == ts]
@@ -7123,7 +7116,7 @@ class TestOwnerActions:
 class TestTellingTheOwner:
     def test_waha_refusal_is_reported_quoting_the_owners_message(self, each_backend):
         h = each_backend
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         h.waha.refuse["/api/sendText"] = (400, "chatId does not exist")
         n = len(h.received())
         ts = owner_push(h, "this will bounce")
@@ -7141,10 +7134,10 @@ class TestTellingTheOwner:
 
     def test_media_refused_by_waha_is_reported(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         h.waha.refuse["/api/sendImage"] = (400, "file.mimetype is not supported")
-        h.signal.attachments["p.jpg"] = S2W_JPEG
-        ts = owner_push(h, "pic", attachments=[{"contentType": "image/jpeg", "id": "p.jpg", "size": len(S2W_JPEG)}])
+        h.signal.attachments["p.jpg"] = SMALL_JPEG
+        ts = owner_push(h, "pic", attachments=[{"contentType": "image/jpeg", "id": "p.jpg", "size": len(SMALL_JPEG)}])
         notice = lambda: [o for o in h.received() if o["quote_ts"] == ts]
         assert eventually(lambda: notice())
         assert notice()[0]["quote_author"] == OWNER
@@ -7153,7 +7146,7 @@ class TestTellingTheOwner:
     def test_waha_down_is_retried_silently_then_delivered_once(self, make_bridge):
         clock = FakeClock(start=time.time())
         h = make_bridge("daemon", clock=clock.time)
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         n = len(h.received())
         h.waha.mode = "down"
         owner_push(h, "patience")
@@ -7168,16 +7161,16 @@ class TestTellingTheOwner:
         assert len(h.received()) == n
         h.waha.mode = "ok"
         h.app.bridge.wake["s2w"].set()
-        assert eventually(lambda: s2w_waha_texts(h))
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["patience"]
+        assert eventually(lambda: waha_texts(h))
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["patience"]
         assert len(h.received()) == n
         assert eventually(lambda: [r["state"] for r in queue_rows(h, "s2w")] == ["done", "done"])
 
     def test_a_message_delayed_past_the_expiry_is_given_up_and_reported(self, make_bridge):
         clock = FakeClock(start=time.time())
         h = make_bridge("daemon", clock=clock.time)
-        s2w_forward(h, S2W_ALICE, "hi")
+        forward_to_signal(h, ALICE, "hi")
         h.waha.mode = "down"
         ts = owner_push(h, "too late")
         assert eventually(lambda: [r["attempts"] for r in queue_rows(h, "s2w")] == [1])
@@ -7192,57 +7185,56 @@ class TestTellingTheOwner:
 
 
 # ---------------------------------------------------------------------------
-S2W_CHANNELS = {"channels": [{"whatsappSession": "default", "signalDestination": OWNER},
-                             {"whatsappSession": "work", "signalDestination": S2W_OWNER2}]}
-S2W_OWNER2_UUID = "b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e"
+TWO_CHANNELS = {"channels": [{"whatsappSession": "default", "signalDestination": OWNER},
+                             {"whatsappSession": "work", "signalDestination": OWNER2}]}
+OWNER2_UUID = "b1c2d3e4-f5a6-4b1c-8d2e-3f4a5b6c7d8e"
 
 
 class TestMultiChannel:
     @pytest.fixture
-    def s2w_two(self, make_bridge):
-        h = make_bridge("daemon", raw_overrides=dict(S2W_CHANNELS))
-        self.a_id, self.a_copy = s2w_forward(h, S2W_ALICE, "private hello", session="default")
-        self.c_id, self.c_copy = s2w_forward(h, S2W_CAROL, "work hello", session="work")
-        assert self.a_copy["to"] == OWNER and self.c_copy["to"] == S2W_OWNER2
+    def two_channels(self, make_bridge):
+        h = make_bridge("daemon", raw_overrides=dict(TWO_CHANNELS))
+        self.a_id, self.a_copy = forward_to_signal(h, ALICE, "private hello", session="default")
+        self.c_id, self.c_copy = forward_to_signal(h, CAROL, "work hello", session="work")
+        assert self.a_copy["to"] == OWNER and self.c_copy["to"] == OWNER2
         return h
 
-    def test_each_owners_reply_goes_out_on_its_own_session(self, s2w_two):
-        h = s2w_two
-        owner_push(h, "reply from work owner", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
+    def test_each_owners_reply_goes_out_on_its_own_session(self, two_channels):
+        h = two_channels
+        owner_push(h, "reply from work owner", source=OWNER2, uuid_=OWNER2_UUID)
         owner_push(h, "reply from private owner")
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
-        got = sorted(s2w_waha_texts(h), key=lambda b: b["session"])
-        assert got == [{"session": "default", "chatId": S2W_ALICE, "text": "reply from private owner"},
-                       {"session": "work", "chatId": S2W_CAROL, "text": "reply from work owner"}]
+        assert eventually(lambda: len(waha_texts(h)) >= 2)
+        got = sorted(waha_texts(h), key=lambda b: b["session"])
+        assert got == [{"session": "default", "chatId": ALICE, "text": "reply from private owner"},
+                       {"session": "work", "chatId": CAROL, "text": "reply from work owner"}]
 
-    def test_quotes_and_commands_stay_inside_the_channel(self, s2w_two):
-        h = s2w_two
-        owner_push(h, "/chats", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
+    def test_quotes_and_commands_stay_inside_the_channel(self, two_channels):
+        h = two_channels
+        owner_push(h, "/chats", source=OWNER2, uuid_=OWNER2_UUID)
         owner_push(h, "/chats")
-        assert eventually(lambda: len([t for t in h.texts(S2W_OWNER2) if t.startswith("Recent")]) == 1
+        assert eventually(lambda: len([t for t in h.texts(OWNER2) if t.startswith("Recent")]) == 1
                       and len([t for t in h.texts(OWNER) if t.startswith("Recent")]) == 1)
-        work = [t for t in h.texts(S2W_OWNER2) if t.startswith("Recent")][0]
+        work = [t for t in h.texts(OWNER2) if t.startswith("Recent")][0]
         private = [t for t in h.texts(OWNER) if t.startswith("Recent")][0]
         assert "Carol Work" in work and "Alice" not in work
         assert "Alice Example" in private and "Carol" not in private
         # the work owner quoting the private owner's copy reaches nothing on WhatsApp
-        n = len(h.texts(S2W_OWNER2))
-        ts = owner_push(h, "sneaky", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID, quote={"id": self.a_copy["ts"], "author": BRIDGE, "text": "x"})
-        assert eventually(lambda: len(h.texts(S2W_OWNER2)) > n)
+        n = len(h.texts(OWNER2))
+        ts = owner_push(h, "sneaky", source=OWNER2, uuid_=OWNER2_UUID, quote={"id": self.a_copy["ts"], "author": BRIDGE, "text": "x"})
+        assert eventually(lambda: len(h.texts(OWNER2)) > n)
         note = [o for o in h.received() if o["quote_ts"] == ts][0]
-        assert note["to"] == S2W_OWNER2 and note["quote_author"] == S2W_OWNER2
+        assert note["to"] == OWNER2 and note["quote_author"] == OWNER2
         # /to by short number resolves within the channel: work's chat 1 is Carol
-        owner_push(h, "/to 1 via number", source=S2W_OWNER2, uuid_=S2W_OWNER2_UUID)
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "work", "chatId": S2W_CAROL, "text": "via number"}]
+        owner_push(h, "/to 1 via number", source=OWNER2, uuid_=OWNER2_UUID)
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "work", "chatId": CAROL, "text": "via number"}]
         assert not [t for t in h.texts(OWNER) if "know which" in t]
 
 
 # ---------------------------------------------------------------------------
-S2W_GROUPS = {"bridge": {"layout": "groups"}}
 
 
-def s2w_created_groups(h):
+def created_groups(h):
     """Groups the bridge created on Signal: [{"name", "members", "description"}] (both backends)."""
     if isinstance(h.signal, FakeSignalDaemon):
         return [{"name": r["params"].get("name"), "members": r["params"].get("member") or r["params"].get("members"),
@@ -7253,7 +7245,7 @@ def s2w_created_groups(h):
             for c in h.signal.calls_for("/v1/groups/", "POST") if c["status"] == 201]
 
 
-def s2w_renames(h):
+def group_renames(h):
     return [r["params"] for r in h.signal.requests("updateGroup") if r["error"] is None and not r.get("created")]
 
 
@@ -7261,12 +7253,12 @@ class TestGroupsLayout:
     @pytest.mark.parametrize("kind", ["daemon", "rest"])
     def test_three_chats_become_three_groups_and_answers_need_no_quote(self, make_bridge, kind):
         h = make_bridge(kind, layout="groups")
-        a1_id, a1 = s2w_forward(h, S2W_ALICE, "hello from Alice")
-        b1_id, b1 = s2w_forward(h, S2W_BOB, "hello from Bob")
-        f1_id, f1 = s2w_forward(h, S2W_FAMILY, "hi all", participant=S2W_DORA)
-        a2_id, a2 = s2w_forward(h, S2W_ALICE, "Alice again")
-        f2_id, f2 = s2w_forward(h, S2W_FAMILY, "dinner?", participant=S2W_DORA)
-        created = s2w_created_groups(h)
+        a1_id, a1 = forward_to_signal(h, ALICE, "hello from Alice")
+        b1_id, b1 = forward_to_signal(h, BOB, "hello from Bob")
+        f1_id, f1 = forward_to_signal(h, FAMILY, "hi all", participant=DORA)
+        a2_id, a2 = forward_to_signal(h, ALICE, "Alice again")
+        f2_id, f2 = forward_to_signal(h, FAMILY, "dinner?", participant=DORA)
+        created = created_groups(h)
         assert [g["name"] for g in created] == ["Alice Example", "Bob Builder", "Family (WhatsApp)"]
         assert all(g["members"] == [OWNER] for g in created)
         groups = {a1["group"], b1["group"], f1["group"]}
@@ -7278,15 +7270,15 @@ class TestGroupsLayout:
         # the owner answers in each group without quoting
         for gid, text in ((b1["group"], "to Bob"), (f1["group"], "to the family"), (a1["group"], "to Alice")):
             assert h.signal.push(group_envelope(new_ts(), text, gid))
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 3)
-        assert sorted((b["chatId"], b["text"], b.get("reply_to")) for b in s2w_waha_texts(h)) == sorted(
-            [(S2W_BOB, "to Bob", None), (S2W_FAMILY, "to the family", None), (S2W_ALICE, "to Alice", None)])
-        assert len(s2w_created_groups(h)) == 3
+        assert eventually(lambda: len(waha_texts(h)) >= 3)
+        assert sorted((b["chatId"], b["text"], b.get("reply_to")) for b in waha_texts(h)) == sorted(
+            [(BOB, "to Bob", None), (FAMILY, "to the family", None), (ALICE, "to Alice", None)])
+        assert len(created_groups(h)) == 3
         assert h.texts(OWNER) == []
 
     def test_concurrent_webhooks_for_a_new_chat_create_one_group(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        events = [wa_message(S2W_BOB, new_mid(), "burst %d" % i) for i in range(6)]
+        events = [wa_message(BOB, new_mid(), "burst %d" % i) for i in range(6)]
         results = []
         threads = [threading.Thread(target=lambda e=e: results.append(h.webhook(e)[0])) for e in events]
         for t in threads:
@@ -7297,29 +7289,29 @@ class TestGroupsLayout:
         assert eventually(lambda: len([o for o in h.received() if (o["text"] or "").startswith("burst")]) == 6)
         copies = [o for o in h.received() if (o["text"] or "").startswith("burst")]
         assert len({o["group"] for o in copies}) == 1
-        assert [g["name"] for g in s2w_created_groups(h)] == ["Bob Builder"]
+        assert [g["name"] for g in created_groups(h)] == ["Bob Builder"]
 
     def test_quote_in_a_group_becomes_a_whatsapp_reply(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        a1_id, a1 = s2w_forward(h, S2W_ALICE, "first question")
-        a2_id, a2 = s2w_forward(h, S2W_ALICE, "second question")
-        b1_id, b1 = s2w_forward(h, S2W_BOB, "Bob's question")
+        a1_id, a1 = forward_to_signal(h, ALICE, "first question")
+        a2_id, a2 = forward_to_signal(h, ALICE, "second question")
+        b1_id, b1 = forward_to_signal(h, BOB, "Bob's question")
         assert h.signal.push(group_envelope(new_ts(), "answer to the first", a1["group"], quote={"id": a1["ts"], "author": BRIDGE, "text": a1["text"]}))
-        assert eventually(lambda: s2w_waha_texts(h))
+        assert eventually(lambda: waha_texts(h))
         # quoting another chat's message inside Alice's group still writes to Alice, as a plain message
         assert h.signal.push(group_envelope(new_ts(), "odd quote", a1["group"], quote={"id": b1["ts"], "author": BRIDGE, "text": b1["text"]}))
-        assert eventually(lambda: len(s2w_waha_texts(h)) >= 2)
-        assert s2w_waha_texts(h) == [
-            {"session": "default", "chatId": S2W_ALICE, "text": "answer to the first", "reply_to": a1_id},
-            {"session": "default", "chatId": S2W_ALICE, "text": "odd quote"}]
+        assert eventually(lambda: len(waha_texts(h)) >= 2)
+        assert waha_texts(h) == [
+            {"session": "default", "chatId": ALICE, "text": "answer to the first", "reply_to": a1_id},
+            {"session": "default", "chatId": ALICE, "text": "odd quote"}]
 
     def test_reactions_land_on_the_copy_in_its_group(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "react to me")
-        s2w_forward(h, S2W_BOB, "other chat")
+        a_id, a = forward_to_signal(h, ALICE, "react to me")
+        forward_to_signal(h, BOB, "other chat")
         # WhatsApp -> Signal: Alice reacts to her message -> a reaction on its copy, in Alice's group
         ev = h.waha.event("message.reaction", {
-            "id": "false_%s_R1" % S2W_ALICE, "from": S2W_ALICE, "fromMe": False, "participant": S2W_ALICE,
+            "id": "false_%s_R1" % ALICE, "from": ALICE, "fromMe": False, "participant": ALICE,
             "timestamp": int(time.time()), "reaction": {"text": "\U0001F64F", "messageId": a_id}})
         assert h.webhook(ev)[0] == 200
         assert eventually(lambda: h.signal.requests("sendReaction"))
@@ -7338,28 +7330,28 @@ class TestGroupsLayout:
         clock = FakeClock(start=time.time())
         h = make_bridge("daemon", clock=clock.time, layout="groups")
         t0 = clock.time()
-        a_id, a = s2w_forward(h, S2W_ALICE, "day one")
+        a_id, a = forward_to_signal(h, ALICE, "day one")
         gid = a["group"]
         assert h.signal.groups[gid]["name"] == "Alice Example"
-        h.waha.contacts[S2W_ALICE] = "Alice Renamed"
+        h.waha.contacts[ALICE] = "Alice Renamed"
         # 23 h later the new name is seen (the cached name is made stale) but the group was named < 1 day ago
         clock.advance(23 * 3600)
         h.app.bridge.names.clear()
-        h.app.store.set_contact("default", S2W_ALICE, "Alice Example", t0 - 2 * 3600)
-        s2w_forward(h, S2W_ALICE, "day one, late")
-        assert s2w_renames(h) == []
+        h.app.store.set_contact("default", ALICE, "Alice Example", t0 - 2 * 3600)
+        forward_to_signal(h, ALICE, "day one, late")
+        assert group_renames(h) == []
         # past a day since the group got its name: one rename, then none for the next messages
         clock.advance(2 * 3600)
-        s2w_forward(h, S2W_ALICE, "day two")
-        s2w_forward(h, S2W_ALICE, "day two again")
-        assert s2w_renames(h) == [{"groupId": gid, "name": "Alice Renamed", "account": BRIDGE}]
+        forward_to_signal(h, ALICE, "day two")
+        forward_to_signal(h, ALICE, "day two again")
+        assert group_renames(h) == [{"groupId": gid, "name": "Alice Renamed", "account": BRIDGE}]
         assert h.signal.groups[gid]["name"] == "Alice Renamed"
-        assert len(s2w_created_groups(h)) == 1
+        assert len(created_groups(h)) == 1
         assert {o["group"] for o in h.received()} == {gid}
 
     def test_owner_leaving_a_group_holds_its_messages_until_reopen(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "before leaving")
+        a_id, a = forward_to_signal(h, ALICE, "before leaving")
         gid = a["group"]
         h.signal.groups[gid]["members"].remove(OWNER)
         assert h.signal.push(envelope(None, None, groupInfo={"groupId": gid, "type": "UPDATE", "revision": 2}))
@@ -7367,45 +7359,45 @@ class TestGroupsLayout:
             "no notice after the owner left the group: %r" % h.texts(OWNER)
         note = [t for t in h.texts(OWNER) if "You left" in t][0]
         assert "Alice Example" in note and "/reopen Alice Example" in note
-        self.s2w_held_then_reopened(h, gid)
+        self.held_then_reopened(h, gid)
 
     def test_held_messages_of_a_left_chat_are_released_by_reopen(self, make_bridge):
         # the same, with the 'left' state recorded directly (independent of how the leave was detected)
         h = make_bridge("daemon", layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "before leaving")
+        a_id, a = forward_to_signal(h, ALICE, "before leaving")
         gid = a["group"]
         h.signal.groups[gid]["members"].remove(OWNER)
-        g = h.app.store.group_of_chat("default", S2W_ALICE)
-        h.app.store.save_group("default", S2W_ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
-        self.s2w_held_then_reopened(h, gid)
+        g = h.app.store.group_of_chat("default", ALICE)
+        h.app.store.save_group("default", ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
+        self.held_then_reopened(h, gid)
 
     def test_to_a_chat_whose_group_was_left_never_blocks_the_owner(self, make_bridge):
         """/to a closed chat is refused with a hint; it must not sit in the owner's queue ahead of /reopen."""
         h = make_bridge("daemon", layout="groups")
-        s2w_forward(h, S2W_ALICE, "before leaving")
-        g = h.app.store.group_of_chat("default", S2W_ALICE)
-        h.app.store.save_group("default", S2W_ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
+        forward_to_signal(h, ALICE, "before leaving")
+        g = h.app.store.group_of_chat("default", ALICE)
+        h.app.store.save_group("default", ALICE, time.time(), "left", g["tag"], g["group"], g["name"])
         owner_push(h, "/to Alice Example are you there")
         owner_push(h, "/reopen Alice Example")
         assert eventually(lambda: any(t.startswith("Reopened") for t in h.texts(OWNER)))
         assert "You left that chat's Signal group; /reopen Alice Example first." in h.texts(OWNER)
-        assert not [b for b in s2w_waha_texts(h) if b["text"] == "are you there"]
+        assert not [b for b in waha_texts(h) if b["text"] == "are you there"]
         assert eventually(lambda: queue_rows(h, "s2w", "pending") == [])
 
-    def s2w_held_then_reopened(self, h, gid):
-        ev1 = wa_message(S2W_ALICE, new_mid(), "while away 1")
-        ev2 = wa_message(S2W_ALICE, new_mid(), "while away 2")
+    def held_then_reopened(self, h, gid):
+        ev1 = wa_message(ALICE, new_mid(), "while away 1")
+        ev2 = wa_message(ALICE, new_mid(), "while away 2")
         assert h.webhook(ev1)[0] == 200 and h.webhook(ev2)[0] == 200
         assert eventually(lambda: [r["attempts"] for r in queue_rows(h, "w2s", "pending")][:1] == [1])
-        s2w_forward(h, S2W_BOB, "Bob is not affected")
+        forward_to_signal(h, BOB, "Bob is not affected")
         time.sleep(0.3)                                       # held: not retried in a loop
         pend = queue_rows(h, "w2s", "pending")
         assert len(pend) == 2 and pend[0]["attempts"] <= 2 and pend[0]["next_at"] > time.time() + 60
         assert not [o for o in h.received() if (o["text"] or "").startswith("while away")]
-        assert len(s2w_created_groups(h)) == 2             # Alice's group was not re-created on its own
+        assert len(created_groups(h)) == 2             # Alice's group was not re-created on its own
         owner_push(h, "/reopen Alice Example")
         assert eventually(lambda: len([o for o in h.received() if (o["text"] or "").startswith("while away")]) == 2)
-        created = s2w_created_groups(h)
+        created = created_groups(h)
         assert [g["name"] for g in created] == ["Alice Example", "Bob Builder", "Alice Example"]
         copies = [o for o in h.received() if (o["text"] or "").startswith("while away")]
         assert [o["text"] for o in copies] == ["while away 1", "while away 2"]
@@ -7422,9 +7414,9 @@ class TestGroupsLayout:
         chats = ["1555009%04d@c.us" % i for i in range(20)]
         for i, chat in enumerate(chats):
             assert h.webhook(wa_message(chat, new_mid(), "burst message %d" % i))[0] == 200
-        assert eventually(lambda: len(s2w_created_groups(h)) == 5)
+        assert eventually(lambda: len(created_groups(h)) == 5)
         assert eventually(lambda: all(r["attempts"] >= 1 for r in queue_rows(h, "w2s", "pending")))
-        assert len(s2w_created_groups(h)) == 5                  # at most 5 at once
+        assert len(created_groups(h)) == 5                  # at most 5 at once
         pend = queue_rows(h, "w2s", "pending")
         assert len(pend) == 15
         assert all(r["next_at"] > clock.time() for r in pend)     # paced: each waits for its turn
@@ -7432,47 +7424,47 @@ class TestGroupsLayout:
         # half a minute later: one more group at 2 per minute
         clock.advance(30.5)
         h.app.bridge.wake["w2s"].set()
-        assert eventually(lambda: len(s2w_created_groups(h)) == 6)
+        assert eventually(lambda: len(created_groups(h)) == 6)
         for expected in (11, 16, 20):                          # every 5 minutes the burst allowance is back
             clock.advance(300)
             h.app.bridge.wake["w2s"].set()
-            assert eventually(lambda: len(s2w_created_groups(h)) == expected and
+            assert eventually(lambda: len(created_groups(h)) == expected and
                           len(queue_rows(h, "w2s", "pending")) == 20 - expected)
-            assert len(s2w_created_groups(h)) == expected
+            assert len(created_groups(h)) == expected
         assert queue_rows(h, "w2s", "pending") == []
         assert [r["state"] for r in queue_rows(h, "w2s")] == ["done"] * 20
         texts = sorted(o["text"] for o in h.received())
         assert texts == sorted("burst message %d" % i for i in range(20))
-        assert len(s2w_created_groups(h)) == 20
+        assert len(created_groups(h)) == 20
         assert len({o["group"] for o in h.received()}) == 20
 
     def test_restart_between_creating_and_recording_adopts_the_group(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
         tag = "0123abcd4567"
-        h.app.store.save_group("default", S2W_ALICE, time.time(), "creating", tag, name="Alice Example")
+        h.app.store.save_group("default", ALICE, time.time(), "creating", tag, name="Alice Example")
         gid = h.signal.add_group("Alice Example", [OWNER],
                                  description="WhatSignal: WhatsApp chat bridged here (%s). Write here to answer it." % tag)
         h.signal.add_group("Someone else", [OWNER], description="WhatSignal: WhatsApp chat bridged here (ffff).")
         h.stop_app()
         h.start(connected=True)
-        a_id, a = s2w_forward(h, S2W_ALICE, "after the crash")
+        a_id, a = forward_to_signal(h, ALICE, "after the crash")
         assert a["group"] == gid
-        assert s2w_created_groups(h) == []
-        g = h.app.store.group_of_chat("default", S2W_ALICE)
+        assert created_groups(h) == []
+        g = h.app.store.group_of_chat("default", ALICE)
         assert (g["state"], g["group"]) == ("active", gid)
-        s2w_forward(h, S2W_ALICE, "and again")
-        assert s2w_created_groups(h) == [] and len(h.signal.groups) == 2
+        forward_to_signal(h, ALICE, "and again")
+        assert created_groups(h) == [] and len(h.signal.groups) == 2
 
     def test_switching_an_inbox_installation_to_groups_keeps_old_quotes(self, make_bridge):
         h = make_bridge("daemon")
-        a_id, a = s2w_forward(h, S2W_ALICE, "from the inbox days")
+        a_id, a = forward_to_signal(h, ALICE, "from the inbox days")
         assert a["to"] == OWNER and a["text"] == "Alice Example: from the inbox days"
         h.stop_app()
         h.raw["bridge"] = {"layout": "groups"}
         h.start(connected=True)
         owner_push(h, "late answer", quote={"id": a["ts"], "author": BRIDGE, "text": a["text"]})
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": S2W_ALICE, "text": "late answer",
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": ALICE, "text": "late answer",
                                       "reply_to": a_id}]
         # a reaction on the old 1:1 copy still reaches the original too
         owner_push(h, None, reaction={"emoji": "\U0001F44D", "targetAuthor": BRIDGE, "targetSentTimestamp": a["ts"],
@@ -7482,7 +7474,7 @@ class TestGroupsLayout:
 
     def test_plain_text_in_the_control_room_gets_a_hint(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        s2w_forward(h, S2W_ALICE, "hello")
+        forward_to_signal(h, ALICE, "hello")
         n = len(h.received())
         ts = owner_push(h, "an answer without a quote")
         assert eventually(lambda: len(h.received()) > n)
@@ -7495,26 +7487,26 @@ class TestGroupsLayout:
     def test_to_command_creates_the_group_and_says_where(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
         owner_push(h, "/to +447700900123 Hi, new chat here")
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert s2w_waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us",
+        assert eventually(lambda: waha_texts(h))
+        assert waha_texts(h) == [{"session": "default", "chatId": "447700900123@c.us",
                                       "text": "Hi, new chat here"}]
         assert eventually(lambda: [t for t in h.texts(OWNER) if t.startswith("Sent.")])
-        created = s2w_created_groups(h)
+        created = created_groups(h)
         assert len(created) == 1
         assert [t for t in h.texts(OWNER) if t.startswith("Sent.")] == \
             ["Sent. The chat continues in the Signal group %r." % created[0]["name"]]
         # its answer arrives in that group, which is reused
-        s2w_forward(h, "447700900123@c.us", "thanks!")
-        assert len(s2w_created_groups(h)) == 1
+        forward_to_signal(h, "447700900123@c.us", "thanks!")
+        assert len(created_groups(h)) == 1
 
     def test_a_refused_rename_never_costs_the_message(self, make_bridge):
         clock = FakeClock(start=time.time())
         h = make_bridge("daemon", clock=clock.time, layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "day one")
-        h.waha.contacts[S2W_ALICE] = "Alice Renamed"
+        a_id, a = forward_to_signal(h, ALICE, "day one")
+        h.waha.contacts[ALICE] = "Alice Renamed"
         clock.advance(86400 + 60)
         h.signal.errors.append((-1, "Failed to update group: not an admin", "updateGroup"))
-        ev = wa_message(S2W_ALICE, new_mid(), "day two")
+        ev = wa_message(ALICE, new_mid(), "day two")
         sid = ev["payload"]["id"]
         assert h.webhook(ev)[0] == 200
         delivered = lambda: [o for o in h.received() if o["text"] == "day two"]
@@ -7531,36 +7523,36 @@ class TestGroupsLayout:
     def test_rename_on_the_rest_api(self, make_bridge):
         clock = FakeClock(start=time.time())
         h = make_bridge("rest", clock=clock.time, layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "day one")
-        h.waha.contacts[S2W_ALICE] = "Alice Renamed"
+        a_id, a = forward_to_signal(h, ALICE, "day one")
+        h.waha.contacts[ALICE] = "Alice Renamed"
         clock.advance(86400 + 60)
-        s2w_forward(h, S2W_ALICE, "day two")
+        forward_to_signal(h, ALICE, "day two")
         puts = h.signal.calls_for("/v1/groups/", "PUT")
         assert [(c["json"], c["status"]) for c in puts] == [({"name": "Alice Renamed"}, 204)]
         assert h.signal.groups[a["group"]]["name"] == "Alice Renamed"
 
     def test_typing_in_a_group_never_shows_in_another_chat(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        a_id, a = s2w_forward(h, S2W_ALICE, "Alice first")
-        s2w_forward(h, S2W_BOB, "Bob last")
+        a_id, a = forward_to_signal(h, ALICE, "Alice first")
+        forward_to_signal(h, BOB, "Bob last")
         typing = signal_fixture("signal-envelope-typing-derived.json")
         typing["envelope"]["typingMessage"]["groupId"] = a["group"]
         assert h.signal.push(typing)
         assert h.signal.push(group_envelope(new_ts(), "to Alice", a["group"]))
-        assert eventually(lambda: s2w_waha_texts(h))
-        assert [c["json"]["chatId"] for c in h.waha.calls if "Typing" in c["path"]] in ([], [S2W_ALICE])
+        assert eventually(lambda: waha_texts(h))
+        assert [c["json"]["chatId"] for c in h.waha.calls if "Typing" in c["path"]] in ([], [ALICE])
 
     def test_reopen_a_whatsapp_group_by_its_signal_group_name(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
-        f_id, f = s2w_forward(h, S2W_FAMILY, "hi all", participant=S2W_DORA)
-        g = h.app.store.group_of_chat("default", S2W_FAMILY)
+        f_id, f = forward_to_signal(h, FAMILY, "hi all", participant=DORA)
+        g = h.app.store.group_of_chat("default", FAMILY)
         assert g["name"] == "Family (WhatsApp)"
-        h.app.store.save_group("default", S2W_FAMILY, time.time(), "left", g["tag"], g["group"], g["name"])
+        h.app.store.save_group("default", FAMILY, time.time(), "left", g["tag"], g["group"], g["name"])
         n = len(h.received())
         owner_push(h, "/reopen Family (WhatsApp)")          # the name the owner sees in Signal
         assert eventually(lambda: len(h.received()) > n)
         assert h.texts(OWNER)[-1].startswith("Reopened 'Family (WhatsApp)'"), h.texts(OWNER)
-        assert len(s2w_created_groups(h)) == 2
+        assert len(created_groups(h)) == 2
 
 
 # ---------------------------------------------------------------------------
@@ -7568,18 +7560,18 @@ class TestWahaCore:
     """WAHA Core before 2026.6.1 refuses media sends (422, and 501 for video): the words still arrive."""
 
     @staticmethod
-    def photo(h, name, mime="image/jpeg", data=S2W_JPEG):
+    def photo(h, name, mime="image/jpeg", data=SMALL_JPEG):
         h.signal.attachments[name] = data
         return [{"contentType": mime, "filename": None, "id": name, "size": len(data)}]
 
     def test_photo_goes_as_its_caption_owner_told_once_remembered_across_restarts(self, make_bridge):
         h = make_bridge("daemon")
         h.waha.old_core = True
-        s2w_forward(h, S2W_ALICE, "show me the view")
+        forward_to_signal(h, ALICE, "show me the view")
         owner_push(h, "Nice view", attachments=self.photo(h, "p1.jpg"))
         owner_push(h, None, attachments=self.photo(h, "p2.jpg"))
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)] == ["Nice view", "[photo]"]
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)] == ["Nice view", "[photo]"]
         assert [c["status"] for c in h.waha.calls_for("/api/sendImage")] == [422]     # no failed call first, later
         told = [t for t in h.texts(OWNER) if "WAHA Plus" in t]
         assert told == ["WhatsApp got your photo as text only: sending media needs WAHA Plus (or WAHA 2026.6.1 or "
@@ -7593,8 +7585,8 @@ class TestWahaCore:
         h.stop_app()
         h.start(connected=True)
         owner_push(h, "And the beach", attachments=self.photo(h, "p3.jpg"))
-        s2w_settle(h)
-        assert [b["text"] for b in s2w_waha_texts(h, S2W_ALICE)][-1] == "And the beach"
+        settle_s2w(h)
+        assert [b["text"] for b in waha_texts(h, ALICE)][-1] == "And the beach"
         assert len(h.waha.calls_for("/api/sendImage")) == 1
         assert len([t for t in h.texts(OWNER) if "as text only" in t]) == 1
 
@@ -7602,16 +7594,16 @@ class TestWahaCore:
         clock = FakeClock(start=time.time())
         h = make_bridge("daemon", clock=clock.time)
         h.waha.old_core = True
-        s2w_forward(h, S2W_ALICE, "how was the party")
-        owner_push(h, "Party!", attachments=self.photo(h, "v1.mp4", "video/mp4", S2W_JPEG))
-        s2w_settle(h)
+        forward_to_signal(h, ALICE, "how was the party")
+        owner_push(h, "Party!", attachments=self.photo(h, "v1.mp4", "video/mp4", SMALL_JPEG))
+        settle_s2w(h)
         assert [c["status"] for c in h.waha.calls_for("/api/sendVideo")] == [501]
-        assert s2w_waha_texts(h, S2W_ALICE)[-1]["text"] == "Party!"
+        assert waha_texts(h, ALICE)[-1]["text"] == "Party!"
         assert [t for t in h.texts(OWNER) if "cannot send videos" in t] != []
         h.waha.old_core = False                 # WAHA was upgraded; a day later media is tried again
         clock.advance(24 * 3600 + 1)
-        owner_push(h, "Party 2", attachments=self.photo(h, "v2.mp4", "video/mp4", S2W_JPEG))
-        s2w_settle(h)
+        owner_push(h, "Party 2", attachments=self.photo(h, "v2.mp4", "video/mp4", SMALL_JPEG))
+        settle_s2w(h)
         assert [c["status"] for c in h.waha.calls_for("/api/sendVideo")] == [501, 201]
         assert h.waha.sent("video")[0]["caption"] == "Party 2"
 
@@ -7624,9 +7616,9 @@ class TestImpersonation:
     STRANGER = "447700900999@c.us"
 
     def test_a_stranger_using_a_contacts_name_is_marked_and_never_gets_its_messages(self, make_bridge):
-        h = make_bridge("daemon")                              # S2W_ALICE is saved as "Alice Example"
-        s2w_forward(h, S2W_ALICE, "dinner at 8?", push="Alice")
-        sid, _copy = s2w_forward(h, self.STRANGER, "new number, dinner at 9?", push="Alice Example")
+        h = make_bridge("daemon")                              # ALICE is saved as "Alice Example"
+        forward_to_signal(h, ALICE, "dinner at 8?", push="Alice")
+        sid, _copy = forward_to_signal(h, self.STRANGER, "new number, dinner at 9?", push="Alice Example")
         assert h.texts(OWNER)[-2:] == ["Alice Example: dinner at 8?",
                                          "~Alice Example (+447700900999): new number, dinner at 9?"]
         edit = h.waha.event("message.edited", {
@@ -7636,18 +7628,18 @@ class TestImpersonation:
         assert h.webhook(edit)[0] == 200
         assert eventually(lambda: h.received()[-1]["edit"])          # the edited copy keeps the mark
         assert h.received()[-1]["text"] == "~Alice Example (+447700900999): new number, dinner at 10?"
-        s2w_forward(h, "447700900888@c.us", "it's Alice", push="Alice")
+        forward_to_signal(h, "447700900888@c.us", "it's Alice", push="Alice")
         assert h.texts(OWNER)[-1] == "~Alice (+447700900888): it's Alice"
         # before: "/to Alice" picked the stranger whose push name is exactly "Alice"
         owner_push(h, "/to Alice see you at 8")
         owner_push(h, "/to Alice Example see you at 8!")
-        s2w_settle(h)
-        assert [(b["chatId"], b["text"]) for b in s2w_waha_texts(h) if b["text"].startswith("see you")] == \
-            [(S2W_ALICE, "see you at 8"), (S2W_ALICE, "see you at 8!")]
+        settle_s2w(h)
+        assert [(b["chatId"], b["text"]) for b in waha_texts(h) if b["text"].startswith("see you")] == \
+            [(ALICE, "see you at 8"), (ALICE, "see you at 8!")]
         # a stranger is reached by the whole marked name (or number), never by a name alone
         owner_push(h, "/to ~Alice (+447700900888) who are you?")
-        s2w_settle(h)
-        assert s2w_waha_texts(h, "447700900888@c.us")[-1]["text"] == "who are you?"
+        settle_s2w(h)
+        assert waha_texts(h, "447700900888@c.us")[-1]["text"] == "who are you?"
         owner_push(h, "/chats")
         assert eventually(lambda: h.texts(OWNER)[-1].startswith("Recent chats"))
         assert "~Alice Example (+447700900999)" in h.texts(OWNER)[-1]
@@ -7655,18 +7647,18 @@ class TestImpersonation:
 
     def test_a_push_name_an_older_release_recorded_unmarked_is_not_trusted(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_ALICE, "dinner at 8?")
+        forward_to_signal(h, ALICE, "dinner at 8?")
         h.app.store.touch_chat("default", self.STRANGER, time.time(), name="Alice")   # as the older release did
         owner_push(h, "/to Alice see you at 8")
-        s2w_settle(h)
-        assert [b["chatId"] for b in s2w_waha_texts(h) if b["text"] == "see you at 8"] == [S2W_ALICE]
+        settle_s2w(h)
+        assert [b["chatId"] for b in waha_texts(h) if b["text"] == "see you at 8"] == [ALICE]
 
     def test_a_name_only_strangers_carry_or_several_chats_share_answers_with_the_candidates(self, make_bridge):
         h = make_bridge("daemon")
         h.waha.contacts["447700900555@c.us"] = "Bob Marley"
-        s2w_forward(h, S2W_BOB, "hi from Bob Builder")
-        s2w_forward(h, "447700900555@c.us", "hi from Bob Marley")
-        s2w_forward(h, self.STRANGER, "hi, Zed here", push="Zed")
+        forward_to_signal(h, BOB, "hi from Bob Builder")
+        forward_to_signal(h, "447700900555@c.us", "hi from Bob Marley")
+        forward_to_signal(h, self.STRANGER, "hi, Zed here", push="Zed")
         sent = len(h.waha.sent("text"))
         owner_push(h, "/to Bob are you there?")
         assert eventually(lambda: "matches several chats" in h.texts(OWNER)[-1])
@@ -7674,7 +7666,7 @@ class TestImpersonation:
         owner_push(h, "/to Zed are you there?")
         assert eventually(lambda: h.texts(OWNER)[-1].startswith("No saved contact or group is named 'Zed'"))
         assert "~Zed (+447700900999)" in h.texts(OWNER)[-1]
-        s2w_settle(h)
+        settle_s2w(h)
         assert [b["text"] for b in h.waha.sent("text")[sent:]][:-1] == []      # only the settle marker went out
 
 
@@ -7734,7 +7726,7 @@ class TestSignalCliWire:
     def test_the_bridge_delivers_a_backlog_through_the_jdk_like_server(self, bridge):
         h = bridge
         for i in range(150):
-            w2s_post(h, wa_message(SC_CHAT, "JDK%04d" % i, "burst %d" % i))
+            post_event(h, wa_message(SC_CHAT, "JDK%04d" % i, "burst %d" % i))
         assert eventually(lambda: len([t for t in h.texts() if "burst " in (t or "")]) == 150, 30.0)
         texts = [t for t in h.texts() if "burst " in (t or "")]
         assert [int(t.rsplit(" ", 1)[1]) for t in texts] == list(range(150))
@@ -7747,20 +7739,20 @@ class TestSignalCliDataUriNames:
                                       "Müller & Söhne (Entwurf) #2.pdf", "%41%zz+.pdf"])
     def test_every_file_name_arrives_exactly_as_sent(self, bridge, name):
         h = bridge
-        url = h.waha.add_file("3EB0NAME.pdf", W2S_PDF, "application/pdf")
-        w2s_post(h, wa_message(SC_CHAT, "3EB0NAME", "the offer", hasMedia=True, media={
+        url = h.waha.add_file("3EB0NAME.pdf", PDF_BYTES, "application/pdf")
+        post_event(h, wa_message(SC_CHAT, "3EB0NAME", "the offer", hasMedia=True, media={
             "url": url, "mimetype": "application/pdf", "filename": name, "error": None}))
         assert eventually(lambda: h.signal.requests("send"))
         rec = h.signal.requests("send")[0]
         assert rec["error"] is None, rec["error"]
-        assert [(a["filename"], a["data"]) for a in rec["attachments"]] == [(name, W2S_PDF)]
+        assert [(a["filename"], a["data"]) for a in rec["attachments"]] == [(name, PDF_BYTES)]
         assert rec["message"].endswith("the offer")
 
     def test_the_fake_decodes_like_signal_cli(self, bridge):
         """Names written unencoded break on signal-cli: a bad escape makes the URI a file path, '=' moves the
         key, '+' becomes a space."""
         client = ws.SignalRpcClient(bridge.signal.url, BRIDGE)
-        data = base64.b64encode(W2S_PDF).decode()
+        data = base64.b64encode(PDF_BYTES).decode()
         with pytest.raises(ws.UpstreamError):
             client.call("send", {"recipient": [OWNER], "attachments": [
                 "data:application/pdf;filename=100% sicher.pdf;base64," + data]})
@@ -7771,7 +7763,7 @@ class TestSignalCliDataUriNames:
             names.append(bridge.signal.requests("send")[-1]["attachments"][0]["filename"])
         assert names == [None, "a b.pdf"]
 
-SC_BIG = W2S_PDF + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 characters, over Jackson's limit
+SC_BIG = PDF_BYTES + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 characters, over Jackson's limit
 
 
 @pytest.fixture
@@ -7817,8 +7809,8 @@ class TestSignalCliJsonLimit:
     def test_media_over_the_limit_goes_as_a_notice_at_once_and_the_chat_moves_on(self, sc_make):
         h = sc_make(media={"maxSizeMB": 30})
         url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
-        w2s_post(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
+        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
+        post_event(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
         assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
         first, second = sc_texts(h)
         assert "[document, 16 MB, too large for signal-cli's JSON-RPC" in first and first.endswith("the contract")
@@ -7833,7 +7825,7 @@ class TestSignalCliJsonLimit:
         shared.mkdir()
         h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(shared)})
         url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract", filename="Vertrag 20%+x=y;z.pdf"))
+        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract", filename="Vertrag 20%+x=y;z.pdf"))
         assert eventually(lambda: h.signal.sent(), 20)
         rec = h.signal.requests("send")[0]
         assert rec["error"] is None and rec["message"].endswith("the contract")
@@ -7841,16 +7833,16 @@ class TestSignalCliJsonLimit:
         assert att["data"] == SC_BIG and att["filename"] == "Vertrag 20%+x=y;z.pdf"
         assert os.path.dirname(os.path.dirname(att["path"])) == str(shared)
         assert eventually(lambda: list(shared.iterdir()) == [])      # nothing private lingers
-        small = h.waha.add_file("3EB0SMALL.pdf", W2S_PDF, "application/pdf")
-        w2s_post(h, sc_media_message(h, "3EB0SMALL", small, "small one"))
+        small = h.waha.add_file("3EB0SMALL.pdf", PDF_BYTES, "application/pdf")
+        post_event(h, sc_media_message(h, "3EB0SMALL", small, "small one"))
         assert eventually(lambda: len(h.signal.sent()) == 2)
         assert h.signal.requests("send")[1]["attachments"][0].get("path") is None   # small media: a data URI
 
     def test_a_missing_attachment_dir_does_not_block_the_chat(self, sc_make, tmp_path):
         h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(tmp_path / "not-there")})
         url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        w2s_post(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
-        w2s_post(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
+        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
+        post_event(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
         assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
         assert "could not be sent to Signal" in sc_texts(h)[0] and sc_texts(h)[1].endswith("and one more")
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
@@ -7859,26 +7851,26 @@ class TestSignalCliJsonLimit:
 
     def test_an_unreadable_request_is_not_retried_and_the_text_still_arrives(self, sc_make):
         h = sc_make()
-        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         h.signal.errors.append((-32603, "An internal server error has occurred.", "send"))
-        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "see attached"))
-        w2s_post(h, wa_message(SC_CHAT, "3EB0NEXT", "next"))
+        post_event(h, sc_media_message(h, "3EB0PDF", url, "see attached"))
+        post_event(h, wa_message(SC_CHAT, "3EB0NEXT", "next"))
         assert eventually(lambda: len(sc_texts(h)) == 2, 10), sc_texts(h)
         first, second = sc_texts(h)
-        assert "[document, %d bytes, could not be sent to Signal]" % len(W2S_PDF) in first
+        assert "[document, %d bytes, could not be sent to Signal]" % len(PDF_BYTES) in first
         assert first.endswith("see attached")
         assert second.endswith("next")
         assert [r["error"] is not None for r in h.signal.requests("send")] == [True, False, False]
 
     def test_media_failing_at_signal_cli_is_capped_then_sent_as_text(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
-        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        d, clock = manual_deliverer(h)
+        url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         for _ in range(ws.Bridge.media_tries):
             h.signal.errors.append((-32603, "Failed to send message: Connection reset (IOException)", "send"))
-        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "retry me"))
-        w2s_post(h, wa_message(SC_CHAT, "3EB0NEXT", "behind it"))
-        assert w2s_drain(h, d, clock)
+        post_event(h, sc_media_message(h, "3EB0PDF", url, "retry me"))
+        post_event(h, wa_message(SC_CHAT, "3EB0NEXT", "behind it"))
+        assert drain(h, d, clock)
         reqs = h.signal.requests("send")
         assert [bool(r["params"].get("attachments")) for r in reqs] == [True] * ws.Bridge.media_tries + [False, False]
         assert "could not be sent to Signal" in reqs[-2]["message"] and reqs[-2]["message"].endswith("retry me")
@@ -7886,22 +7878,22 @@ class TestSignalCliJsonLimit:
 
     def test_an_outage_does_not_count_against_the_media(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
-        url = h.waha.add_file("3EB0PDF.pdf", W2S_PDF, "application/pdf")
+        d, clock = manual_deliverer(h)
+        url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         h.signal.mode = "down"
-        w2s_post(h, sc_media_message(h, "3EB0PDF", url, "after the outage"))
+        post_event(h, sc_media_message(h, "3EB0PDF", url, "after the outage"))
         for _ in range(ws.Bridge.media_tries + 2):
             d.run_once()
             clock.advance(301.0)
         h.signal.mode = "ok"
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         [rec] = h.signal.requests("send")
-        assert rec["attachments"][0]["data"] == W2S_PDF
+        assert rec["attachments"][0]["data"] == PDF_BYTES
 
     def test_the_owner_hears_of_a_dead_letter_from_whatsapp(self, sc_make):
         h = sc_make()
         h.signal.errors.append((-1, "Invalid group id: x", "send"))
-        w2s_post(h, wa_message(SC_CHAT, "3EB0DEAD", "lost words", push="Carol"))
+        post_event(h, wa_message(SC_CHAT, "3EB0DEAD", "lost words", push="Carol"))
         assert eventually(lambda: sc_texts(h), 10)
         [notice] = sc_texts(h)
         assert notice.startswith("A WhatsApp message from ") and "could not be delivered here" in notice
@@ -7922,11 +7914,11 @@ class TestSignalCliSetupErrors:
 
     def test_the_host_check_421_keeps_messages_logs_one_error_and_degrades_health(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         assert eventually(lambda: h.signal.stream_connections == 1)
         h.signal.bound_port = h.signal.port + 1      # signal-cli bound to another port, reached through a mapping
         for i in range(3):
-            w2s_post(h, wa_message(SC_CHAT, "3EB0HOST%d" % i, "held %d" % i))
+            post_event(h, wa_message(SC_CHAT, "3EB0HOST%d" % i, "held %d" % i))
         for _ in range(4):
             d.run_once()
             clock.advance(3600.0 * 30)              # longer than expireAfterHours: still nothing is given up
@@ -7942,7 +7934,7 @@ class TestSignalCliSetupErrors:
         assert probes["json"]["method"] == "version"                 # the probe hits the RPC endpoint
         h.signal.bound_port = None                                   # fixed
         clock.advance(60.0)
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         assert [t.rsplit(" ", 1)[1] for t in sc_texts(h)] == ["0", "1", "2"]
         assert sc_health(h)["status"] == "healthy"
         assert any("accepts the bridge's requests again" in r["msg"] for r in h.logs.records())
@@ -7971,7 +7963,7 @@ class TestSignalCliSetupErrors:
         other = envelope(text="for the other account")
         other["account"] = "+15550000009"
         h.signal.push(other)                              # the stream mixes accounts unless asked not to
-        w2s_post(h, wa_message(SC_CHAT, "3EB0MULTI", "to the owner"))
+        post_event(h, wa_message(SC_CHAT, "3EB0MULTI", "to the owner"))
         assert eventually(lambda: sc_texts(h))
         assert all(r["error"] is None for r in h.signal.requests())
         assert all(c["json"]["params"].get("account") is None for c in h.signal.calls_for("/api/v1/rpc"))  # taken out
@@ -7981,7 +7973,7 @@ class TestSignalCliSetupErrors:
 
     def test_an_envelope_of_another_account_is_ignored(self, sc_make):
         h = sc_make()
-        w2s_post(h, wa_message(SC_CHAT, "3EB0FIRST", "so the owner has a chat"))
+        post_event(h, wa_message(SC_CHAT, "3EB0FIRST", "so the owner has a chat"))
         assert eventually(lambda: sc_texts(h))
         other = envelope(text="not ours")
         other["account"] = "+15550000009"
@@ -8002,9 +7994,9 @@ class TestSignalCliSetupErrors:
 
     def test_a_daemon_without_our_account_is_a_setup_error(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.accounts = ["+15550000009"]
-        w2s_post(h, wa_message(SC_CHAT, "3EB0NOACC", "kept"))
+        post_event(h, wa_message(SC_CHAT, "3EB0NOACC", "kept"))
         d.run_once()
         assert [r["state"] for r in queue_rows(h, "w2s")] == ["pending"]
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
@@ -8015,7 +8007,7 @@ class TestSignalCliSetupErrors:
         h = Harness(tmp_path, "rest-json-rpc", raw_overrides={"server": {"metricsToken": SC_TOKEN}}).start()
         try:
             h.signal.number = "+15550000009"          # the API's signal-cli knows another account, not ours
-            w2s_post(h, wa_message(SC_CHAT, "3EB0REST", "kept too"))
+            post_event(h, wa_message(SC_CHAT, "3EB0REST", "kept too"))
             assert eventually(lambda: any(c["status"] == 400 for c in h.signal.calls_for("/v2/send")))
             assert eventually(lambda: [r for r in h.logs.records() if r["level"] == "ERROR"])
             errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
@@ -8031,7 +8023,7 @@ class TestSignalCliUntrustedOwner:
 
     def test_the_bridge_says_so_once_and_the_held_message_arrives_after_trust(self, sc_make):
         h = sc_make()
-        w2s_post(h, wa_message(SC_CHAT, "3EB0KEY", "hi"))
+        post_event(h, wa_message(SC_CHAT, "3EB0KEY", "hi"))
         assert eventually(lambda: sc_texts(h))
         h.signal.untrusted_senders.add(OWNER)
         owner_push(h, "sent from my new phone")
@@ -8054,7 +8046,7 @@ class TestSignalCliUntrustedOwner:
 
     def test_trust_new_identity_trusts_and_tells_the_owner(self, sc_make):
         h = sc_make(signal={"trustNewIdentity": True})
-        w2s_post(h, wa_message(SC_CHAT, "3EB0KEY2", "hi"))
+        post_event(h, wa_message(SC_CHAT, "3EB0KEY2", "hi"))
         assert eventually(lambda: sc_texts(h))
         h.signal.untrusted_senders.add(OWNER)
         owner_push(h, "new phone, same me")
@@ -8069,10 +8061,10 @@ class TestSignalCliRateLimits:
 
     def test_retry_after_seconds_is_honoured(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
         h.signal.retry_after_seconds = 900
-        w2s_post(h, wa_message(SC_CHAT, "3EB0RATE", "patience"))
+        post_event(h, wa_message(SC_CHAT, "3EB0RATE", "patience"))
         d.run_once()
         h.signal.recipient_results.pop(OWNER)
         clock.advance(600)
@@ -8084,11 +8076,11 @@ class TestSignalCliRateLimits:
 
     def test_a_captcha_is_reported_once_with_the_exact_step_and_messages_wait(self, sc_make):
         h = sc_make()
-        d, clock = w2s_manual(h)
+        d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
         h.signal.captcha_token = "5fd0b3c2-challenge"
         for i in range(2):
-            w2s_post(h, wa_message(SC_CHAT, "3EB0CAP%d" % i, "wait %d" % i))
+            post_event(h, wa_message(SC_CHAT, "3EB0CAP%d" % i, "wait %d" % i))
         for _ in range(5):
             d.run_once()
             clock.advance(3600.0 * 12)                      # two and a half days: nothing given up
@@ -8100,15 +8092,15 @@ class TestSignalCliRateLimits:
         notices = [r for r in h.signal.requests("send") if "captcha" in (r["params"].get("message") or "")]
         assert len(notices) == 1 and notices[0]["params"]["recipient"] == [OWNER]   # told once (best effort)
         h.signal.recipient_results.pop(OWNER)            # the operator solved it
-        assert w2s_drain(h, d, clock)
+        assert drain(h, d, clock)
         assert [t.rsplit(" ", 1)[1] for t in sc_texts(h) if "wait " in t] == ["0", "1"]
 
     def test_rest_challenge_tokens_are_a_captcha_too(self, tmp_path):
         h = Harness(tmp_path, "rest-json-rpc").start()
         try:
-            d, clock = w2s_manual(h)
+            d, clock = manual_deliverer(h)
             h.signal.recipient_failures[OWNER] = "RATE_LIMIT_FAILURE"
-            w2s_post(h, wa_message(SC_CHAT, "3EB0RCAP", "rest wait"))
+            post_event(h, wa_message(SC_CHAT, "3EB0RCAP", "rest wait"))
             for _ in range(3):
                 d.run_once()
                 clock.advance(3600.0 * 20)
@@ -8116,7 +8108,7 @@ class TestSignalCliRateLimits:
             errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
             assert len(errors) == 1 and "rate-limit-challenge" in errors[0]["msg"]
             h.signal.recipient_failures.pop(OWNER)
-            assert w2s_drain(h, d, clock)
+            assert drain(h, d, clock)
             assert h.texts()[-1].endswith("rest wait")
         finally:
             h.stop()
@@ -8125,7 +8117,7 @@ class TestSignalCliOwnerAttachments:
 
     def test_an_attachment_over_the_limit_is_refused_before_get_attachment(self, sc_make):
         h = sc_make()
-        w2s_post(h, wa_message(SC_CHAT, "3EB0ATT", "send me the film"))
+        post_event(h, wa_message(SC_CHAT, "3EB0ATT", "send me the film"))
         assert eventually(lambda: sc_texts(h))
         h.signal.attachments["film.mp4"] = b"\x00\x00\x00\x18ftypmp42" + b"0" * 64
         ts = owner_push(h, "here", attachments=[{"contentType": "video/mp4", "id": "film.mp4", "filename": "film.mp4",
@@ -8143,31 +8135,28 @@ class TestSignalCliOwnerAttachments:
 
 # ---------------------------------------------------------------------------
 # Issue 5 (operations) and issue 7 (proof under faults and abuse).
-# Helpers are prefixed ops_ so the merged test file has no collisions.
 # ---------------------------------------------------------------------------
 
 
 
-OPS_NEW_SECRET = "rotated-secret-" + "n" * 32
-OPS_ALICE = "4915111111189@c.us"
-OPS_BOB = "4915222222278@c.us"
-OPS_CAROL = "4915333333367@c.us"
-OPS_T0 = 1767225600.0          # 2026-01-01T00:00:00Z: the injected "now" of the retention tests
-OPS_DAY = 86400.0
-OPS_WS_PATH = os.path.abspath(ws.__file__)
-OPS_DEAD_URL = "http://127.0.0.1:9"   # never contacted by the offline commands
+NEW_SECRET = "rotated-secret-" + "n" * 32
+KLARA = "4915111111189@c.us"
+LUKAS = "4915222222278@c.us"
+MARTA = "4915333333367@c.us"
+T0 = 1767225600.0          # 2026-01-01T00:00:00Z: the injected "now" of the retention tests
+DAY = 86400.0
 
 
-def ops_shown(push, chat=OPS_ALICE):
+def shown_everywhere(push, chat=KLARA):
     """How the owner sees a sender known only by the push name *push* (not a saved contact)."""
     return "~%s (+%s)" % (push, chat.split("@")[0])
 
 
-def ops_body(event):
+def body_of(event):
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-class OpsPoster:
+class WebhookPoster:
     """Signed webhooks over one kept-alive connection (reconnects when the server closes it)."""
 
     def __init__(self, url, timeout=10.0):
@@ -8179,7 +8168,7 @@ class OpsPoster:
     def post(self, body, secret=WEBHOOK_SECRET, headers=None):
         """Return (status, body bytes, seconds); raises OSError/HTTPException when unreachable."""
         if isinstance(body, dict):
-            body = ops_body(body)
+            body = body_of(body)
         hdrs = {"Content-Type": "application/json", "X-Webhook-Hmac": sign(body, secret),
                 "X-Webhook-Hmac-Algorithm": "sha512"}
         hdrs.update(headers or {})
@@ -8211,12 +8200,7 @@ class OpsPoster:
             self.conn = None
 
 
-def ops_offline_raw(tmp_path, **sections):
-    """Config for the offline commands (cleanup, backup, ...): upstream URLs never contacted."""
-    return raw_config(tmp_path, OPS_DEAD_URL, rpc_url=OPS_DEAD_URL, **sections)
-
-
-def ops_sql(db_path, sql, args=()):
+def db_query(db_path, sql, args=()):
     db = sqlite3.connect(db_path, timeout=10)
     try:
         return db.execute(sql, args).fetchall()
@@ -8224,17 +8208,17 @@ def ops_sql(db_path, sql, args=()):
         db.close()
 
 
-def ops_store(path, secret=ENC_SECRET):
+def open_store(path, secret=ENC_SECRET):
     store = ws.Store(str(path))
     store.unlock(secret)
     return store
 
 
-def ops_last_id(store):
+def last_queue_id(store):
     return store.one("SELECT MAX(id) FROM queue")[0]
 
 
-def ops_rec(store, row_id):
+def row_record(store, row_id):
     return store.record_of(store.one("SELECT * FROM queue WHERE id=?", (row_id,)))
 
 
@@ -8244,33 +8228,33 @@ def ops_rec(store, row_id):
 
 class TestRetention:
 
-    def ops_fill_ages(self, store):
+    def fill_ages(self, store):
         """Old and young rows of every kind; return the ids of the queue rows by name."""
-        old, young = OPS_T0 - 40 * OPS_DAY, OPS_T0 - 1 * OPS_DAY
+        old, young = T0 - 40 * DAY, T0 - 1 * DAY
         ids = {}
         for name, at, state in (("old_done", old, "done"), ("old_dead", old, "dead"), ("old_pending", old, None),
                                 ("young_done", young, "done"), ("young_pending", young, None)):
-            assert store.enqueue("default", "w2s", "dedupe-" + name, OPS_ALICE, "message",
+            assert store.enqueue("default", "w2s", "dedupe-" + name, KLARA, "message",
                                  {"id": name, "body": "text of " + name}, at)
-            ids[name] = ops_last_id(store)
+            ids[name] = last_queue_id(store)
             if state:
                 store.finish(ids[name], state, at, error="x" if state == "dead" else None)
         with store.tx() as db:
-            store.add_mapping(db, "default", "w2s", OPS_ALICE, "false_%s_OLDMSG" % OPS_ALICE, 111, BRIDGE, old)
-            store.add_mapping(db, "default", "w2s", OPS_BOB, "false_%s_NEWMSG" % OPS_BOB, 222, BRIDGE, young)
-        store.touch_chat("default", OPS_ALICE, old, name="Alice")
-        store.touch_chat("default", OPS_BOB, young, name="Bob")
-        store.set_contact("default", OPS_ALICE, "Alice", old)
-        store.set_contact("default", OPS_BOB, "Bob", young)
-        store.set_lid("default", "111@lid", OPS_ALICE, old)
-        store.set_lid("default", "222@lid", OPS_BOB, young)
+            store.add_mapping(db, "default", "w2s", KLARA, "false_%s_OLDMSG" % KLARA, 111, BRIDGE, old)
+            store.add_mapping(db, "default", "w2s", LUKAS, "false_%s_NEWMSG" % LUKAS, 222, BRIDGE, young)
+        store.touch_chat("default", KLARA, old, name="Alice")
+        store.touch_chat("default", LUKAS, young, name="Bob")
+        store.set_contact("default", KLARA, "Alice", old)
+        store.set_contact("default", LUKAS, "Bob", young)
+        store.set_lid("default", "111@lid", KLARA, old)
+        store.set_lid("default", "222@lid", LUKAS, young)
         return ids
 
     def test_cleanup_deletes_everything_old_and_nothing_young_or_pending(self, tmp_path):
-        config = make_config(ops_offline_raw(tmp_path, retentionDays=30, media={"retentionDays": 7}))
-        store = ops_store(tmp_path / "whatsignal.db")
+        config = make_config(offline_raw(tmp_path, retentionDays=30, media={"retentionDays": 7}))
+        store = open_store(tmp_path / "whatsignal.db")
         try:
-            ids = self.ops_fill_ages(store)
+            ids = self.fill_ages(store)
             cache = tmp_path / "cache"
             cache.mkdir()
             outside = tmp_path / "outside.jpg"
@@ -8281,46 +8265,46 @@ class TestRetention:
             for key, name in files.items():
                 p = cache / name
                 p.write_bytes(b"data")
-                at = OPS_T0 - (1 if key == "young_media" else 8) * OPS_DAY
+                at = T0 - (1 if key == "young_media" else 8) * DAY
                 os.utime(p, (at, at))
             link = cache / ("m-" + "e" * 32 + ".png")
             os.symlink(str(outside), str(link))
-            os.utime(str(outside), (OPS_T0 - 90 * OPS_DAY,) * 2)
+            os.utime(str(outside), (T0 - 90 * DAY,) * 2)
 
-            counts = ws.cleanup(store, config, OPS_T0)
+            counts = ws.cleanup(store, config, T0)
 
             assert counts == {"queue": 2, "messages": 1, "chats": 1, "contacts": 1, "lids": 1, "state": 0, "media_files": 1}
             left = {r[0]: r[1] for r in store.query("SELECT id, state FROM queue")}
             assert left == {ids["old_pending"]: "pending", ids["young_done"]: "done", ids["young_pending"]: "pending"}
             # the old pending item is intact and still readable
-            assert ops_rec(store, ids["old_pending"])["body"] == "text of old_pending"
+            assert row_record(store, ids["old_pending"])["body"] == "text of old_pending"
             assert store.by_wa("default", "OLDMSG") is None
-            assert store.by_wa("default", "NEWMSG")["chat"] == OPS_BOB
-            assert [c["chat"] for c in store.all_chats("default")] == [OPS_BOB]
-            assert store.contact("default", OPS_ALICE) == (None, 0)
-            assert store.contact("default", OPS_BOB)[0] == "Bob"
+            assert store.by_wa("default", "NEWMSG")["chat"] == LUKAS
+            assert [c["chat"] for c in store.all_chats("default")] == [LUKAS]
+            assert store.contact("default", KLARA) == (None, 0)
+            assert store.contact("default", LUKAS)[0] == "Bob"
             assert store.lid("default", "111@lid") == (False, None)
-            assert store.lid("default", "222@lid") == (True, OPS_BOB)
+            assert store.lid("default", "222@lid") == (True, LUKAS)
             remaining = sorted(os.listdir(str(cache)))
             assert files["old_media"] not in remaining
             assert sorted([n for k, n in files.items() if k != "old_media"] + [link.name]) == remaining
             assert outside.read_bytes() == b"keep me"
             # a second sweep finds nothing more
-            assert ws.cleanup(store, config, OPS_T0) == {"queue": 0, "messages": 0, "chats": 0, "contacts": 0,
+            assert ws.cleanup(store, config, T0) == {"queue": 0, "messages": 0, "chats": 0, "contacts": 0,
                                                          "lids": 0, "state": 0, "media_files": 0}
         finally:
             store.close()
 
     def test_media_retention_defaults_to_retention_days(self, tmp_path):
-        config = make_config(ops_offline_raw(tmp_path, retentionDays=10))
-        store = ops_store(tmp_path / "whatsignal.db")
+        config = make_config(offline_raw(tmp_path, retentionDays=10))
+        store = open_store(tmp_path / "whatsignal.db")
         try:
             cache = tmp_path / "cache"
             cache.mkdir()
             for days, name in ((11, "m-" + "1" * 32 + ".jpg"), (9, "m-" + "2" * 32 + ".jpg")):
                 (cache / name).write_bytes(b"x")
-                os.utime(str(cache / name), (OPS_T0 - days * OPS_DAY,) * 2)
-            assert ws.cleanup(store, config, OPS_T0)["media_files"] == 1
+                os.utime(str(cache / name), (T0 - days * DAY,) * 2)
+            assert ws.cleanup(store, config, T0)["media_files"] == 1
             assert os.listdir(str(cache)) == ["m-" + "2" * 32 + ".jpg"]
         finally:
             store.close()
@@ -8328,7 +8312,7 @@ class TestRetention:
     def test_batched_sweep_of_100k_rows_keeps_webhooks_fast(self, bridge):
         h = bridge
         db_path = h.raw["database"]["path"]
-        old = time.time() - 40 * OPS_DAY
+        old = time.time() - 40 * DAY
         db = sqlite3.connect(db_path, timeout=30)
         try:
             with db:
@@ -8342,17 +8326,17 @@ class TestRetention:
                     (("m%d" % i, i, old) for i in range(30000)))
         finally:
             db.close()
-        assert ops_sql(db_path, "SELECT COUNT(*) FROM queue")[0][0] + \
-            ops_sql(db_path, "SELECT COUNT(*) FROM messages")[0][0] == 100000
+        assert db_query(db_path, "SELECT COUNT(*) FROM queue")[0][0] + \
+            db_query(db_path, "SELECT COUNT(*) FROM messages")[0][0] == 100000
 
         result, latencies, statuses = {}, [], []
         sweep = threading.Thread(target=lambda: result.update(counts=ws.run_cleanup(h.app)))
-        poster = OpsPoster(h.url)
+        poster = WebhookPoster(h.url)
         sweep.start()
         i = 0
         try:
             while sweep.is_alive() or i < 5:
-                status, _, took = poster.post(wa_message(OPS_ALICE, "SWEEP%04d" % i, "during sweep %d" % i))
+                status, _, took = poster.post(wa_message(KLARA, "SWEEP%04d" % i, "during sweep %d" % i))
                 statuses.append(status)
                 latencies.append(took)
                 i += 1
@@ -8367,17 +8351,17 @@ class TestRetention:
         assert eventually(lambda: len(h.texts()) == i, 20)
         assert all(s.endswith(": during sweep %d" % n) for n, s in enumerate(h.texts()))
         # nothing of the young traffic was swept
-        assert ops_sql(db_path, "SELECT COUNT(*) FROM queue")[0][0] == i
+        assert db_query(db_path, "SELECT COUNT(*) FROM queue")[0][0] == i
         print("\n[ops] 100k-row sweep: %d webhooks answered meanwhile, max latency %.1f ms"
               % (i, max(latencies) * 1000))
 
     def test_run_cleanup_logs_success_and_sets_metrics(self, bridge):
         h = bridge
         store = h.app.store
-        old = time.time() - 40 * OPS_DAY
+        old = time.time() - 40 * DAY
         for n in range(3):
-            store.enqueue("default", "w2s", "old%d" % n, OPS_ALICE, "message", {"x": n}, old)
-            store.finish(ops_last_id(store), "done", old)
+            store.enqueue("default", "w2s", "old%d" % n, KLARA, "message", {"x": n}, old)
+            store.finish(last_queue_id(store), "done", old)
         before = time.time()
         counts = ws.run_cleanup(h.app)
         assert counts["queue"] == 3
@@ -8396,17 +8380,17 @@ class TestRetention:
         assert last["removed"]["queue"] == 3
 
     def test_cli_cleanup_prints_removed_counts(self, tmp_path, capsys):
-        raw = ops_offline_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         cfg = write_config(tmp_path, raw)
-        store = ops_store(raw["database"]["path"])
-        old = time.time() - 40 * OPS_DAY
+        store = open_store(raw["database"]["path"])
+        old = time.time() - 40 * DAY
         try:
             for n in range(4):
-                store.enqueue("default", "w2s", "old%d" % n, OPS_ALICE, "message", {"x": n}, old)
-                store.finish(ops_last_id(store), "done" if n % 2 else "dead", old)
-            store.enqueue("default", "w2s", "pending", OPS_ALICE, "message", {"x": "p"}, old)
+                store.enqueue("default", "w2s", "old%d" % n, KLARA, "message", {"x": n}, old)
+                store.finish(last_queue_id(store), "done" if n % 2 else "dead", old)
+            store.enqueue("default", "w2s", "pending", KLARA, "message", {"x": "p"}, old)
             with store.tx() as db:
-                store.add_mapping(db, "default", "w2s", OPS_ALICE, "false_%s_X1" % OPS_ALICE, 1, BRIDGE, old)
+                store.add_mapping(db, "default", "w2s", KLARA, "false_%s_X1" % KLARA, 1, BRIDGE, old)
         finally:
             store.close()
         rc, out, err = run_main(capsys, ["--config", cfg, "cleanup"], bridge_env())
@@ -8414,7 +8398,7 @@ class TestRetention:
         report = json.loads(out)
         assert report["removed"]["queue"] == 4 and report["removed"]["messages"] == 1
         assert report["removed"]["media_files"] == 0
-        assert ops_sql(raw["database"]["path"], "SELECT state FROM queue") == [("pending",)]
+        assert db_query(raw["database"]["path"], "SELECT state FROM queue") == [("pending",)]
         rc, out, err = run_main(capsys, ["--config", cfg, "cleanup", "--vacuum"], bridge_env())
         assert rc == 0 and json.loads(out)["removed"]["queue"] == 0
 
@@ -8431,12 +8415,12 @@ class TestBackupRestore:
         store = h.app.store
         # enough data that the online copy takes several backup steps
         for n in range(1500):
-            store.enqueue("default", "w2s", "pre%d" % n, OPS_ALICE, "message", {"body": "p" * 300}, time.time())
+            store.enqueue("default", "w2s", "pre%d" % n, KLARA, "message", {"body": "p" * 300}, time.time())
         stop, written = threading.Event(), [0]
 
         def writer():
             while not stop.is_set():
-                store.enqueue("default", "w2s", "live%d" % written[0], OPS_BOB, "message", {"body": "w" * 300},
+                store.enqueue("default", "w2s", "live%d" % written[0], LUKAS, "message", {"body": "w" * 300},
                               time.time())
                 written[0] += 1
                 time.sleep(0.002)
@@ -8502,14 +8486,14 @@ class TestBackupRestore:
         assert os.stat(db_path).st_ino == before
         assert not glob.glob(db_path + ".before-restore-*")
         # the running service is unharmed
-        assert h.webhook(wa_message(OPS_ALICE, "AFTERREFUSE", "still here"))[0] == 200
+        assert h.webhook(wa_message(KLARA, "AFTERREFUSE", "still here"))[0] == 200
         assert eventually(lambda: any(s.endswith("still here") for s in h.texts()))
 
     def test_restore_and_rotation_refused_while_a_standby_instance_serves(self, tmp_path, capsys):
         """A standby instance does not hold the delivery lease but still stores webhooks: it counts as running."""
-        raw = ops_offline_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         cfg = write_config(tmp_path, raw)
-        store = ops_store(raw["database"]["path"])
+        store = open_store(raw["database"]["path"])
         good = str(tmp_path / "good.db")
         assert run_main(capsys, ["--config", cfg, "backup", good], bridge_env())[0] == 0
         standby = ws.LeaseKeeper(store, ws.Log("error", stream=io.StringIO()), ws.new_metrics(),
@@ -8529,9 +8513,9 @@ class TestBackupRestore:
         store.close()
 
     def test_restore_refuses_a_corrupt_backup(self, tmp_path, capsys):
-        raw = ops_offline_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         cfg = write_config(tmp_path, raw)
-        ops_store(raw["database"]["path"]).close()
+        open_store(raw["database"]["path"]).close()
         garbage = tmp_path / "garbage.db"
         garbage.write_bytes(b"SQLite format 3\x00" + os.urandom(8000))
         good = str(tmp_path / "good.db")
@@ -8552,12 +8536,12 @@ class TestBackupRestore:
         h = Harness(tmp_path).start()
         try:
             cfg = write_config(tmp_path, h.raw)
-            assert h.webhook(wa_message(OPS_ALICE, "BK1", "before backup"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "BK1", "before backup"))[0] == 200
             # recorded just after the send returns: wait for the mapping, not only the send
             assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM messages")[0] == 1)
             dest = str(tmp_path / "b.db")
             assert run_main(capsys, ["--config", cfg, "backup", dest], bridge_env())[0] == 0
-            assert h.webhook(wa_message(OPS_BOB, "BK2", "after backup"))[0] == 200
+            assert h.webhook(wa_message(LUKAS, "BK2", "after backup"))[0] == 200
             assert eventually(lambda: len(h.texts()) == 2)
             h.app.stop()
             h.app = None
@@ -8567,14 +8551,14 @@ class TestBackupRestore:
             report = json.loads(out)
             kept = glob.glob(db_path + ".before-restore-*")
             assert len(kept) == 1 and report["previous_kept_as"] == kept[0]
-            assert ops_sql(kept[0], "SELECT COUNT(*) FROM messages")[0][0] == 2
-            assert ops_sql(db_path, "SELECT COUNT(*) FROM messages")[0][0] == 1
+            assert db_query(kept[0], "SELECT COUNT(*) FROM messages")[0][0] == 2
+            assert db_query(db_path, "SELECT COUNT(*) FROM messages")[0][0] == 1
             h.start()
-            assert h.app.store.by_wa("default", "BK1")["chat"] == OPS_ALICE
+            assert h.app.store.by_wa("default", "BK1")["chat"] == KLARA
             assert h.app.store.by_wa("default", "BK2") is None
             # the restored database is live: the message from after the backup is new to it again
-            assert h.webhook(wa_message(OPS_BOB, "BK2", "after backup"))[1] == {"status": "stored"}
-            assert h.webhook(wa_message(OPS_ALICE, "BK1", "before backup"))[1] == {"status": "duplicate"}
+            assert h.webhook(wa_message(LUKAS, "BK2", "after backup"))[1] == {"status": "stored"}
+            assert h.webhook(wa_message(KLARA, "BK1", "before backup"))[1] == {"status": "duplicate"}
         finally:
             h.stop()
 
@@ -8589,8 +8573,8 @@ class TestKeyRotation:
         h = Harness(tmp_path).start()
         try:
             cfg = write_config(tmp_path, h.raw)
-            assert h.webhook(wa_message(OPS_ALICE, "ROTA1", "hi from alice", push="Alice"))[0] == 200
-            assert h.webhook(wa_message(OPS_BOB, "ROTB1", "hi from bob", push="Bob"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "ROTA1", "hi from alice", push="Alice"))[0] == 200
+            assert h.webhook(wa_message(LUKAS, "ROTB1", "hi from bob", push="Bob"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 2)
             copies = {r["message"]: r["timestamp"] for r in h.signal.requests("send")}
             ts_alice = copies["~Alice (+4915111111189): hi from alice"]      # push names: not saved contacts
@@ -8598,17 +8582,17 @@ class TestKeyRotation:
             now = int(time.time() * 1000)
             h.signal.push(owner_env(now, "answer before rotation", quote=bridge_quote(ts_alice, "q")))
             assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1)
-            assert h.waha.sent("text")[0]["chatId"] == OPS_ALICE
-            assert h.waha.sent("text")[0]["reply_to"] == "false_%s_ROTA1" % OPS_ALICE
+            assert h.waha.sent("text")[0]["chatId"] == KLARA
+            assert h.waha.sent("text")[0]["reply_to"] == "false_%s_ROTA1" % KLARA
 
             # a running service refuses rotation
             rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
-                                    bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+                                    bridge_env(NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
             assert rc == 2 and "stop it" in err
             h.app.stop()
             h.app = None
             rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
-                                    bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+                                    bridge_env(NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
             assert rc == 0, err
             report = json.loads(out)
             assert report["key_check"] == "updated"
@@ -8618,39 +8602,39 @@ class TestKeyRotation:
             # the old secret no longer opens it
             with pytest.raises(ws.CryptoError):
                 ws.App(make_config(h.raw), ws.Log("error", stream=LogCapture()))
-            h.environ = {"WHATSIGNAL_ENCRYPTION_SECRET": OPS_NEW_SECRET}
+            h.environ = {"WHATSIGNAL_ENCRYPTION_SECRET": NEW_SECRET}
             h.start()
             h.signal.push(owner_env(now + 1000, "answer after rotation", quote=bridge_quote(ts_bob, "q")))
             assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2)
             after = h.waha.sent("text")[1]
-            assert after["chatId"] == OPS_BOB and after["text"] == "answer after rotation"
-            assert after["reply_to"] == "false_%s_ROTB1" % OPS_BOB
+            assert after["chatId"] == LUKAS and after["text"] == "answer after rotation"
+            assert after["reply_to"] == "false_%s_ROTB1" % LUKAS
             # a plain answer goes to the last forwarded chat; dedupe survived the rotation
-            assert h.webhook(wa_message(OPS_ALICE, "ROTA1", "hi from alice", push="Alice"))[1] == {"status": "duplicate"}
-            rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
+            assert h.webhook(wa_message(KLARA, "ROTA1", "hi from alice", push="Alice"))[1] == {"status": "duplicate"}
+            rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(NEW_SECRET))
             assert rc == 0 and json.loads(out)["key"] == "opens"
         finally:
             h.stop()
 
-    def ops_fill(self, store):
+    def fill(self, store):
         for n in range(7):
-            chat = (OPS_ALICE, OPS_BOB)[n % 2]
+            chat = (KLARA, LUKAS)[n % 2]
             store.enqueue("default", "w2s", "m:%s:ID%d" % (chat, n), chat, "message", {"body": "secret %d" % n},
                           time.time())
         with store.tx() as db:
             for n in range(5):
-                chat = (OPS_ALICE, OPS_BOB)[n % 2]
+                chat = (KLARA, LUKAS)[n % 2]
                 store.add_mapping(db, "default", "w2s", chat, "false_%s_ID%d" % (chat, n), 1000 + n, BRIDGE, time.time())
-        for chat, name in ((OPS_ALICE, "Alice"), (OPS_BOB, "Bob"), (OPS_CAROL, "Carol")):
+        for chat, name in ((KLARA, "Alice"), (LUKAS, "Bob"), (MARTA, "Carol")):
             store.touch_chat("default", chat, time.time(), name=name)
-        store.set_contact("default", OPS_ALICE, "Alice", time.time())
+        store.set_contact("default", KLARA, "Alice", time.time())
 
     def test_interrupted_rotation_is_completed_by_the_next_run(self, tmp_path, capsys):
-        raw = ops_offline_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         cfg = write_config(tmp_path, raw)
         path = raw["database"]["path"]
-        store = ops_store(path)
-        self.ops_fill(store)
+        store = open_store(path)
+        self.fill(store)
         store.close()
 
         class Boom(Exception):
@@ -8663,30 +8647,30 @@ class TestKeyRotation:
         store = ws.Store(path)
         try:
             with pytest.raises(Boom):
-                ws.rotate_key(store, ENC_SECRET, OPS_NEW_SECRET, batch=2, progress=progress)
+                ws.rotate_key(store, ENC_SECRET, NEW_SECRET, batch=2, progress=progress)
         finally:
             store.close()
         assert calls == [("queue", 2)]
         # half-rotated: verify says so, and neither secret opens it for serving
-        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(NEW_SECRET))
         assert rc == 1 and "unfinished" in json.loads(out)["key"]
         rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(ENC_SECRET))
         assert rc == 1 and "unfinished" in json.loads(out)["key"]
         with pytest.raises(ws.CryptoError):
-            ops_store(path, OPS_NEW_SECRET)
+            open_store(path, NEW_SECRET)
         with pytest.raises(ws.CryptoError, match="rotation"):
-            ops_store(path, ENC_SECRET).close()
+            open_store(path, ENC_SECRET).close()
 
         totals = []
         store = ws.Store(path)
         try:
-            ws.rotate_key(store, ENC_SECRET, OPS_NEW_SECRET, batch=2, progress=lambda t, n: totals.append((t, n)))
+            ws.rotate_key(store, ENC_SECRET, NEW_SECRET, batch=2, progress=lambda t, n: totals.append((t, n)))
         finally:
             store.close()
         assert ("queue", 7) in totals or ("queue", 5) in totals
-        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(OPS_NEW_SECRET))
+        rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env(NEW_SECRET))
         assert rc == 0 and json.loads(out)["key"] == "opens"
-        store = ops_store(path, OPS_NEW_SECRET)
+        store = open_store(path, NEW_SECRET)
         try:
             new = store.cipher
             for table, (_, cols) in ws.SEALED.items():
@@ -8699,28 +8683,28 @@ class TestKeyRotation:
                 rec = store.record_of(r)
                 assert r["dedupe"] == new.token("dedupe", rec["_dedupe"]) and r["chat"] == new.token("chat", rec["_chat"])
             # lookups by token work with the new key: dedupe, mappings, chat names
-            assert not store.enqueue("default", "w2s", "m:%s:ID3" % OPS_BOB, OPS_BOB, "message", {}, time.time())
+            assert not store.enqueue("default", "w2s", "m:%s:ID3" % LUKAS, LUKAS, "message", {}, time.time())
             for n in range(5):
                 m = store.by_wa("default", "ID%d" % n)
-                assert m["chat"] == (OPS_ALICE, OPS_BOB)[n % 2] and m["sig_ts"] == 1000 + n
-            assert store.chat_name("default", OPS_CAROL)[0] == "Carol"
+                assert m["chat"] == (KLARA, LUKAS)[n % 2] and m["sig_ts"] == 1000 + n
+            assert store.chat_name("default", MARTA)[0] == "Carol"
             assert store.meta("rotation") is None
         finally:
             store.close()
 
     def test_rotate_key_with_a_wrong_old_secret_changes_nothing(self, tmp_path, capsys):
-        raw = ops_offline_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         cfg = write_config(tmp_path, raw)
-        store = ops_store(raw["database"]["path"])
-        self.ops_fill(store)
+        store = open_store(raw["database"]["path"])
+        self.fill(store)
         store.close()
         rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
-                                bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD="not-the-secret-" + "q" * 32))
+                                bridge_env(NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD="not-the-secret-" + "q" * 32))
         assert rc == 2 and "does not open" in err
-        store = ops_store(raw["database"]["path"])      # the original secret still opens everything
+        store = open_store(raw["database"]["path"])      # the original secret still opens everything
         try:
             assert len(store.query("SELECT * FROM queue")) == 7
-            assert store.by_wa("default", "ID0")["chat"] == OPS_ALICE
+            assert store.by_wa("default", "ID0")["chat"] == KLARA
         finally:
             store.close()
 
@@ -8735,11 +8719,11 @@ class TestStats:
         h = Harness(tmp_path).start()
         try:
             cfg = write_config(tmp_path, h.raw)
-            for n, chat in enumerate((OPS_ALICE, OPS_BOB, OPS_ALICE)):
+            for n, chat in enumerate((KLARA, LUKAS, KLARA)):
                 assert h.webhook(wa_message(chat, "ST%d" % n, "stats private words %d" % n, push="Zelda"))[0] == 200
             assert eventually(lambda: len(h.texts()) == 3)
             h.signal.mode = "down"
-            assert h.webhook(wa_message(OPS_BOB, "ST9", "stats pending words", push="Zelda"))[0] == 200
+            assert h.webhook(wa_message(LUKAS, "ST9", "stats pending words", push="Zelda"))[0] == 200
             ws.run_cleanup(h.app)
             rc, out, err = run_main(capsys, ["--config", cfg, "stats"], bridge_env())
         finally:
@@ -8817,7 +8801,7 @@ class TestLease:
             assert json.loads(http_get(h.url, "/health")[1])["role"] == "active"
             assert json.loads(http_get(second.url, "/health")[1])["role"] == "standby"
             # the standby accepts webhooks (the database serialises them); the active one delivers
-            st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", wa_message(OPS_ALICE, "TW1", "via standby"),
+            st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", wa_message(KLARA, "TW1", "via standby"),
                                    WEBHOOK_SECRET)
             assert st == 200
             assert eventually(lambda: len(h.texts()) == 1)
@@ -8832,7 +8816,7 @@ class TestLease:
             h.app.stop()
             h.app = None
             started = time.monotonic()
-            st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", wa_message(OPS_BOB, "TW2", "during takeover"),
+            st, _ = h.waha.webhook(second.url + "/webhook/whatsapp", wa_message(LUKAS, "TW2", "during takeover"),
                                    WEBHOOK_SECRET)
             assert st == 200
             assert eventually(lambda: second.lease.leader.is_set(), 5)
@@ -8855,7 +8839,7 @@ class TestLease:
 # Issue 7: crashes of the real process (kill -9, SIGTERM)
 # ===========================================================================
 
-class OpsBridgeProcess:
+class BridgeProcess:
     """`python whatsignal.py --config CFG serve` as a real child process."""
 
     def __init__(self, tmp_path, raw, secret=ENC_SECRET):
@@ -8878,7 +8862,7 @@ class OpsBridgeProcess:
 
     def start(self, timeout=15.0):
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, OPS_WS_PATH, "--config", self.cfg, "serve"],
+            self.proc = subprocess.Popen([sys.executable, WS_PATH, "--config", self.cfg, "serve"],
                                          env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)
         self.starts += 1
@@ -8924,18 +8908,18 @@ class OpsBridgeProcess:
 
 
 @pytest.fixture
-def ops_fakes():
+def upstream_fakes():
     waha, daemon = FakeWaha(api_key=WAHA_KEY).start(), FakeSignalDaemon(number=BRIDGE).start()
     yield waha, daemon
     daemon.stop()
     waha.stop()
 
 
-OPS_CHATS = (OPS_ALICE, OPS_BOB, OPS_CAROL, "4915444444456@c.us")
-OPS_W2S = re.compile(r"w2s (\d+)$")
+LOAD_CHATS = (KLARA, LUKAS, MARTA, "4915444444456@c.us")
+LOAD_W2S_RE = re.compile(r"w2s (\d+)$")
 
 
-class OpsLoad:
+class TwoWayLoad:
     """Both directions of load against a bridge that may die at any moment.
 
     WhatsApp side: signed webhooks, resent until answered 200 (as WAHA retries).
@@ -8957,10 +8941,10 @@ class OpsLoad:
         return self
 
     def w2s(self):
-        poster = OpsPoster(self.url, timeout=5)
+        poster = WebhookPoster(self.url, timeout=5)
         try:
             for i in range(self.first, self.first + self.n):
-                ev = wa_message(OPS_CHATS[i % 4], "K%05d" % i, "w2s %d" % i, push="P%d" % (i % 4))
+                ev = wa_message(LOAD_CHATS[i % 4], "K%05d" % i, "w2s %d" % i, push="P%d" % (i % 4))
                 while not self.stop.is_set():
                     try:
                         status = poster.post(ev)[0]
@@ -8991,7 +8975,7 @@ class OpsLoad:
         return not any(t.is_alive() for t in self.threads)
 
 
-def ops_tally(texts, pattern):
+def tally(texts, pattern):
     counts = collections.Counter()
     for t in texts:
         m = pattern.search(t or "")
@@ -9002,24 +8986,24 @@ def ops_tally(texts, pattern):
 
 class TestCrashes:
 
-    def test_kill_9_at_random_points_loses_nothing(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
+    def test_kill_9_at_random_points_loses_nothing(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
         rng = random.Random(20260101)
         n = 500
-        s2w_re = re.compile(r"s2w (\d+)$")
-        bridge = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        owner_re = re.compile(r"s2w (\d+)$")
+        bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         load = None
         try:
             bridge.start()
             # one forwarded message first, so the owner's plain answers have a chat to go to
-            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(OPS_ALICE, "WARM", "warm up"),
+            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(KLARA, "WARM", "warm up"),
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
-            assert eventually(lambda: ops_sql(bridge.raw["database"]["path"],
+            assert eventually(lambda: db_query(bridge.raw["database"]["path"],
                                             "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)   # recorded, not just sent
             kills = rng.randint(3, 5)
             uptimes = [rng.uniform(0.4, 1.4) for _ in range(kills)]
-            load = OpsLoad(bridge.url, daemon, n, pace=0.008).start()
+            load = TwoWayLoad(bridge.url, daemon, n, pace=0.008).start()
             active_at_kill = 0
             for up in uptimes:
                 time.sleep(up)
@@ -9030,8 +9014,8 @@ class TestCrashes:
             assert load.join(60), "load generators did not finish"
 
             def tallies():
-                return (ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S),
-                        ops_tally([b.get("text") for b in waha.sent("text")], s2w_re))
+                return (tally([p.get("message") for p in daemon.sent()], LOAD_W2S_RE),
+                        tally([b.get("text") for b in waha.sent("text")], owner_re))
 
             def done():
                 w, s = tallies()
@@ -9079,8 +9063,8 @@ class TestCrashes:
             # each direction delivers one item at a time: a kill can repeat at most the one in flight
             assert dup_w2s <= kills and dup_s2w <= kills
             # order per chat: the first appearances of each chat's messages are in sending order
-            order = [int(OPS_W2S.search(p["message"]).group(1)) for p in daemon.sent()
-                     if OPS_W2S.search(p.get("message") or "")]
+            order = [int(LOAD_W2S_RE.search(p["message"]).group(1)) for p in daemon.sent()
+                     if LOAD_W2S_RE.search(p.get("message") or "")]
             for c in range(4):
                 firsts = []
                 for i in order:
@@ -9088,35 +9072,35 @@ class TestCrashes:
                         firsts.append(i)
                 assert firsts == sorted(firsts), "chat %d out of order" % c
             for p in daemon.sent():
-                m = OPS_W2S.search(p.get("message") or "")
+                m = LOAD_W2S_RE.search(p.get("message") or "")
                 if m:
                     k = int(m.group(1)) % 4
-                    assert p["message"] == "%s: w2s %s" % (ops_shown("P%d" % k, OPS_CHATS[k]), m.group(1))
+                    assert p["message"] == "%s: w2s %s" % (shown_everywhere("P%d" % k, LOAD_CHATS[k]), m.group(1))
                     assert p["recipient"] == [OWNER]
             for b in waha.sent("text"):
-                if s2w_re.search(b["text"]):
-                    assert b["session"] == "default" and b["chatId"] in OPS_CHATS
+                if owner_re.search(b["text"]):
+                    assert b["session"] == "default" and b["chatId"] in LOAD_CHATS
             db = bridge.raw["database"]["path"]
-            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0, 10)
+            assert eventually(lambda: db_query(db, "SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0, 10)
         finally:
             if load is not None:
                 load.stop.set()
                 load.join(10)
             bridge.stop()
 
-    def test_restart_after_kill_9_resumes_delivery_promptly(self, tmp_path, ops_fakes):
+    def test_restart_after_kill_9_resumes_delivery_promptly(self, tmp_path, upstream_fakes):
         """A crashed instance's lease must not keep its own restart idle for LEASE_SECONDS."""
-        waha, daemon = ops_fakes
-        bridge = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        waha, daemon = upstream_fakes
+        bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         try:
             bridge.start()
-            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(OPS_ALICE, "RK1", "before"),
+            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(KLARA, "RK1", "before"),
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
             bridge.kill()
             bridge.start()
             started = time.monotonic()
-            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(OPS_ALICE, "RK2", "after"),
+            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(KLARA, "RK2", "after"),
                                 WEBHOOK_SECRET)[0] == 200
             # (the kill may land between the first send and its record: that one may come again, once)
             delivered = daemon.wait_for(lambda f: any(p["message"].endswith(": after") for p in f.sent()), 5)
@@ -9127,26 +9111,26 @@ class TestCrashes:
         finally:
             bridge.stop()
 
-    def test_sigterm_during_load_exits_0_and_loses_nothing(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
+    def test_sigterm_during_load_exits_0_and_loses_nothing(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
         n = 300
-        bridge = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+        bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         db = bridge.raw["database"]["path"]
         load = None
         try:
             bridge.start()
-            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(OPS_ALICE, "WARM", "warm up"),
+            assert waha.webhook(bridge.url + "/webhook/whatsapp", wa_message(KLARA, "WARM", "warm up"),
                                 WEBHOOK_SECRET)[0] == 200
             assert daemon.wait_for(lambda f: len(f.sent()) == 1, 10)
             assert daemon.wait_for(lambda f: f.stream_connections == 1, 10)
             # the owner answers the forwarded message: only once the bridge has recorded it (ms after the send)
-            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)
+            assert eventually(lambda: db_query(db, "SELECT COUNT(*) FROM messages")[0][0] == 1, 10)
             waha.mode = "down"             # the owner's messages are stored but cannot leave yet
             ts0 = int(time.time() * 1000)
             for j in range(50):
                 daemon.push(owner_env(ts0 + j, "s2w %d" % j))
-            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE direction='s2w'")[0][0] == 50, 10)
-            load = OpsLoad(bridge.url, daemon, n, pace=0.01, first=1000)
+            assert eventually(lambda: db_query(db, "SELECT COUNT(*) FROM queue WHERE direction='s2w'")[0][0] == 50, 10)
+            load = TwoWayLoad(bridge.url, daemon, n, pace=0.01, first=1000)
             load.threads = load.threads[:1]          # WhatsApp side only: the Signal side is queued above
             load.start()
             assert eventually(lambda: load.acked >= 30, 10)
@@ -9157,20 +9141,20 @@ class TestCrashes:
             assert rc == 0, bridge.log_tail()
             assert took < 10
             # nothing acknowledged is missing from the database; the owner's messages wait, queued
-            stored = ops_sql(db, "SELECT COUNT(*) FROM queue WHERE direction='w2s'")[0][0]
+            stored = db_query(db, "SELECT COUNT(*) FROM queue WHERE direction='w2s'")[0][0]
             assert stored >= acked_at_stop + 1
-            assert ops_sql(db, "SELECT state, COUNT(*) FROM queue WHERE direction='s2w' GROUP BY state") == [("pending", 50)], ops_sql(db, "SELECT state, error, kind FROM queue WHERE direction='s2w' AND state!='pending'")
-            assert ops_sql(db, "SELECT COUNT(*) FROM lease WHERE holder != ''")[0][0] == 0, "lease not released on SIGTERM"
+            assert db_query(db, "SELECT state, COUNT(*) FROM queue WHERE direction='s2w' GROUP BY state") == [("pending", 50)], db_query(db, "SELECT state, error, kind FROM queue WHERE direction='s2w' AND state!='pending'")
+            assert db_query(db, "SELECT COUNT(*) FROM lease WHERE holder != ''")[0][0] == 0, "lease not released on SIGTERM"
             recs = bridge.log_records()
             assert any(r["msg"] == "WhatSignal stopped" for r in recs)
             waha.mode = "ok"
             bridge.start()
             assert load.join(30)
-            assert eventually(lambda: len(ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)) == n, 20)
-            assert eventually(lambda: len(ops_tally([b.get("text") for b in waha.sent("text")],
+            assert eventually(lambda: len(tally([p.get("message") for p in daemon.sent()], LOAD_W2S_RE)) == n, 20)
+            assert eventually(lambda: len(tally([b.get("text") for b in waha.sent("text")],
                                                   re.compile(r"s2w (\d+)$"))) == 50, 20)
-            w2s = ops_tally([p.get("message") for p in daemon.sent()], OPS_W2S)
-            s2w = ops_tally([b.get("text") for b in waha.sent("text")], re.compile(r"s2w (\d+)$"))
+            w2s = tally([p.get("message") for p in daemon.sent()], LOAD_W2S_RE)
+            s2w = tally([b.get("text") for b in waha.sent("text")], re.compile(r"s2w (\d+)$"))
             assert sorted(w2s) == list(range(1000, 1000 + n)) and set(w2s.values()) == {1}
             assert sorted(s2w) == list(range(50)) and set(s2w.values()) == {1}
             # the owner's messages left in the order they were written
@@ -9190,20 +9174,20 @@ class TestCrashes:
 
 class TestCrashesUnderConcurrentWebhooks:
 
-    def test_kill_9_during_group_commits_loses_nothing_acknowledged(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
-        bridge = OpsBridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
+    def test_kill_9_during_group_commits_loses_nothing_acknowledged(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
+        bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         acked, lock, stop = set(), threading.Lock(), threading.Event()
 
         def post(t):
-            poster = OpsPoster(bridge.url, timeout=5)
+            poster = WebhookPoster(bridge.url, timeout=5)
             try:
                 for i in range(100000):
                     if stop.is_set():
                         return
                     text = "burst %d-%d" % (t, i)
                     try:
-                        status, body, _ = poster.post(wa_message(OPS_CHATS[t % 4], "GC%02d%06d" % (t, i), text))
+                        status, body, _ = poster.post(wa_message(LOAD_CHATS[t % 4], "GC%02d%06d" % (t, i), text))
                     except (OSError, http.client.HTTPException):
                         return                                  # the bridge died under this request
                     if status == 200 and json.loads(body) == {"status": "stored"}:
@@ -9223,7 +9207,7 @@ class TestCrashesUnderConcurrentWebhooks:
             for t in threads:
                 t.join(10)
             assert not any(t.is_alive() for t in threads)
-            store = ops_store(bridge.raw["database"]["path"])
+            store = open_store(bridge.raw["database"]["path"])
             try:
                 stored = [m.group(0) for r in store.query("SELECT * FROM queue WHERE direction='w2s'")
                           for m in [re.search(r"burst \d+-\d+", store.open_row(r, "queue", "body"))] if m]
@@ -9237,7 +9221,7 @@ class TestCrashesUnderConcurrentWebhooks:
             bridge.stop()
 
 
-class OpsTicker:
+class ClockTicker:
     """Moves a FakeClock along with real time (for phases that must look like real time passing)."""
 
     def __init__(self, clock, step=0.05):
@@ -9258,7 +9242,7 @@ class OpsTicker:
         self.thread.join(2)
 
 
-def ops_kick(h, clock, seconds=400.0):
+def kick(h, clock, seconds=400.0):
     """Jump the fake clock past any backoff and wake the delivery workers."""
     clock.advance(seconds)
     for ev in h.app.bridge.wake.values():
@@ -9275,10 +9259,10 @@ class TestOutages:
             h.signal.slow_seconds = 60.0               # a slow answer never comes back during the test
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 5)
             h.signal.mode = "down"
-            plan = [(OPS_ALICE, "A1"), (OPS_BOB, "B1"), (OPS_ALICE, "A2"), (OPS_BOB, "B2"), (OPS_ALICE, "A3")]
+            plan = [(KLARA, "A1"), (LUKAS, "B1"), (KLARA, "A2"), (LUKAS, "B2"), (KLARA, "A3")]
             calls_before = len(h.signal.calls)
             cpu_before = time.process_time()
-            with OpsTicker(clock):
+            with ClockTicker(clock):
                 for chat, text in plan:
                     assert h.webhook(wa_message(chat, "OUT" + text, "outage " + text, push="N"))[0] == 200
                 time.sleep(3.0)                        # three seconds of outage, in real time
@@ -9294,7 +9278,7 @@ class TestOutages:
             # one chat head of each chat is retried per phase; the others wait their turn (order per chat)
             for mode, reason in (("slow", "timeout"), ("http500", "HTTP 500")):
                 h.signal.mode = mode
-                ops_kick(h, clock)
+                kick(h, clock)
                 assert eventually(lambda: retries(reason) >= 2, 5), mode
                 time.sleep(0.1)
                 assert retries(reason) == 2, mode
@@ -9303,11 +9287,11 @@ class TestOutages:
             assert len(pending) == 5
             assert all(r["next_at"] - clock.time() <= ws.BACKOFF_CAP for r in pending)
             h.signal.mode = "ok"
-            ops_kick(h, clock)
+            kick(h, clock)
             assert eventually(lambda: len(h.texts()) == 5, 10)
             sends = h.texts()
-            assert sorted(sends) == sorted(ops_shown("N", c) + ": outage " + t for c, t in plan)
-            a, b = ops_shown("N", OPS_ALICE), ops_shown("N", OPS_BOB)
+            assert sorted(sends) == sorted(shown_everywhere("N", c) + ": outage " + t for c, t in plan)
+            a, b = shown_everywhere("N", KLARA), shown_everywhere("N", LUKAS)
             assert [s for s in sends if "A" in s.split()[-1]] == [a + ": outage A1", a + ": outage A2", a + ": outage A3"]
             assert [s for s in sends if "B" in s.split()[-1]] == [b + ": outage B1", b + ": outage B2"]
             assert h.app.store.query("SELECT COUNT(*) FROM queue WHERE state!='done'")[0][0] == 0
@@ -9320,12 +9304,12 @@ class TestOutages:
         h = Harness(tmp_path, clock=clock.time).start()
         try:
             h.app.waha.http.timeout = 0.3
-            assert h.webhook(wa_message(OPS_ALICE, "WD0", "hello", push="Alice"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "WD0", "hello", push="Alice"))[0] == 200
             assert eventually(lambda: len(h.texts()) == 1)
             h.waha.mode = "down"
             before = len(h.waha.calls)
             ts = int(time.time() * 1000)
-            with OpsTicker(clock):
+            with ClockTicker(clock):
                 for k in range(3):
                     h.signal.push(owner_env(ts + k, "owner says %d" % k))
                 time.sleep(2.0)
@@ -9333,21 +9317,21 @@ class TestOutages:
             assert 1 <= during < 15, "%d requests to WAHA during 2 s of outage" % during
             h.waha.mode = "error"
             seen = len(h.waha.calls)
-            ops_kick(h, clock)
+            kick(h, clock)
             assert h.waha.wait_for(lambda f: len(f.calls) > seen, 5)
             assert eventually(lambda: any(r["msg"] == "delivery failed, will retry" and "500" in r["reason"]
                                         for r in h.logs.records()), 5)
             assert h.waha.sent("text") == []
             h.waha.mode = "ok"
-            ops_kick(h, clock)
+            kick(h, clock)
             assert h.waha.wait_for(lambda f: len(f.sent("text")) >= 3, 10), (
                 h.waha.sent("text"), [r for r in h.logs.records() if r["level"] != "DEBUG"][-6:],
                 [tuple(r) for r in h.app.store.query("SELECT id, state, attempts, next_at - ?, error FROM queue",
                                                      (clock.time(),))])
             assert [b["text"] for b in h.waha.sent("text")] == ["owner says 0", "owner says 1", "owner says 2"]
-            assert all(b["chatId"] == OPS_ALICE for b in h.waha.sent("text"))
+            assert all(b["chatId"] == KLARA for b in h.waha.sent("text"))
             # the owner was not told about a failure: a delay is not an error
-            assert h.texts() == [ops_shown("Alice") + ": hello"]
+            assert h.texts() == [shown_everywhere("Alice") + ": hello"]
         finally:
             h.stop()
 
@@ -9361,7 +9345,7 @@ class TestOutages:
             blocker.execute("BEGIN IMMEDIATE")       # another writer holds the database
             statuses = []
             for k in range(3):
-                status, body = h.webhook(wa_message(OPS_ALICE, "LK%d" % k, "locked %d" % k))
+                status, body = h.webhook(wa_message(KLARA, "LK%d" % k, "locked %d" % k))
                 statuses.append(status)
                 assert body == {"error": "storage unavailable, retry later"}
             assert statuses == [503, 503, 503]
@@ -9371,7 +9355,7 @@ class TestOutages:
             blocker.close()
         assert any(r["level"] == "ERROR" and "503" in r["msg"] for r in h.logs.records())
         for k in range(3):                          # WAHA retries: now they are stored, once
-            assert h.webhook(wa_message(OPS_ALICE, "LK%d" % k, "locked %d" % k))[1] == {"status": "stored"}
+            assert h.webhook(wa_message(KLARA, "LK%d" % k, "locked %d" % k))[1] == {"status": "stored"}
         assert eventually(lambda: len(h.texts()) == 3)
         assert [s.split(": ", 1)[1] for s in h.texts()] == ["locked 0", "locked 1", "locked 2"]
         assert json.loads(http_get(h.url, "/health")[1])["checks"]["database"]["status"] == "ok"
@@ -9379,7 +9363,7 @@ class TestOutages:
     def test_disk_full_answers_503_and_recovers(self, bridge):
         h = bridge
         store = h.app.store
-        assert h.webhook(wa_message(OPS_ALICE, "DF0", "fits"))[0] == 200
+        assert h.webhook(wa_message(KLARA, "DF0", "fits"))[0] == 200
         assert eventually(lambda: len(h.texts()) == 1)
         with store.lock:
             pages = store.db.execute("PRAGMA page_count").fetchone()[0]
@@ -9387,20 +9371,20 @@ class TestOutages:
         big = "x" * 300000
         try:
             for k in range(2):
-                status, body = h.webhook(wa_message(OPS_BOB, "DF%d" % (k + 1), big + str(k)))
+                status, body = h.webhook(wa_message(LUKAS, "DF%d" % (k + 1), big + str(k)))
                 assert status == 503 and body == {"error": "storage unavailable, retry later"}
             assert store.query("SELECT COUNT(*) FROM queue")[0][0] == 1
         finally:
             with store.lock:
                 store.db.execute("PRAGMA max_page_count=1073741823")
         for k in range(2):
-            assert h.webhook(wa_message(OPS_BOB, "DF%d" % (k + 1), big + str(k)))[1] == {"status": "stored"}
+            assert h.webhook(wa_message(LUKAS, "DF%d" % (k + 1), big + str(k)))[1] == {"status": "stored"}
         assert eventually(lambda: len(h.texts()) == 3)
         assert [len(s) for s in h.texts()[1:]] == [len(h.texts()[1])] * 2
         assert h.texts()[1].endswith(big + "0") and h.texts()[2].endswith(big + "1")
 
     def test_clock_jumps_do_not_break_retries_dedupe_or_retention(self, tmp_path):
-        clock = FakeClock(start=OPS_T0)
+        clock = FakeClock(start=T0)
         waha, daemon = FakeWaha(api_key=WAHA_KEY).start(), FakeSignalDaemon(number=BRIDGE).start()
         app = None
         try:
@@ -9410,39 +9394,39 @@ class TestOutages:
             leader.set()
             d = ws.Deliverer(app.bridge, "w2s", leader, clock=clock.time, rand=lambda: 0.5)
             sends = lambda: [p["message"] for p in daemon.sent()]
-            assert app.bridge.ingest_webhook(wa_message(OPS_ALICE, "CJ1", "jump one", push="A")) == "stored"
+            assert app.bridge.ingest_webhook(wa_message(KLARA, "CJ1", "jump one", push="A")) == "stored"
             daemon.mode = "down"
             d.run_once()
             row = app.store.one("SELECT * FROM queue")
             assert row["attempts"] == 1 and row["next_at"] > clock.time()
             # the clock goes back a day: the retry is not postponed by a day
-            clock.advance(-OPS_DAY)
+            clock.advance(-DAY)
             daemon.mode = "ok"
             d.run_once()
-            assert sends() == [ops_shown("A") + ": jump one"]
+            assert sends() == [shown_everywhere("A") + ": jump one"]
             # dedupe does not depend on the clock
-            assert app.bridge.ingest_webhook(wa_message(OPS_ALICE, "CJ1", "jump one", push="A")) == "duplicate"
-            clock.advance(2 * OPS_DAY)
-            assert app.bridge.ingest_webhook(wa_message(OPS_ALICE, "CJ1", "jump one", push="A")) == "duplicate"
+            assert app.bridge.ingest_webhook(wa_message(KLARA, "CJ1", "jump one", push="A")) == "duplicate"
+            clock.advance(2 * DAY)
+            assert app.bridge.ingest_webhook(wa_message(KLARA, "CJ1", "jump one", push="A")) == "duplicate"
             # an ordinary backoff still waits ...
-            assert app.bridge.ingest_webhook(wa_message(OPS_BOB, "CJ2", "jump two", push="B")) == "stored"
+            assert app.bridge.ingest_webhook(wa_message(LUKAS, "CJ2", "jump two", push="B")) == "stored"
             daemon.mode = "down"
             d.run_once()
             tries = len(daemon.calls_for("/api/v1/rpc"))
             daemon.mode = "ok"
             d.run_once()
-            assert len(daemon.calls_for("/api/v1/rpc")) == tries and sends() == [ops_shown("A") + ": jump one"]
+            assert len(daemon.calls_for("/api/v1/rpc")) == tries and sends() == [shown_everywhere("A") + ": jump one"]
             # ... and a jump forward makes it due at once
             clock.advance(3600)
             d.run_once()
-            assert sends() == [ops_shown("A") + ": jump one", ops_shown("B", OPS_BOB) + ": jump two"]
+            assert sends() == [shown_everywhere("A") + ": jump one", shown_everywhere("B", LUKAS) + ": jump two"]
             # retention follows the clock it is given, and never takes what is pending
             daemon.mode = "down"
-            assert app.bridge.ingest_webhook(wa_message(OPS_CAROL, "CJ3", "jump three", push="C")) == "stored"
+            assert app.bridge.ingest_webhook(wa_message(MARTA, "CJ3", "jump three", push="C")) == "stored"
             d.run_once()
-            clock.advance(-10 * OPS_DAY)              # back in time: every row looks like it is from the future
+            clock.advance(-10 * DAY)              # back in time: every row looks like it is from the future
             assert ws.cleanup(app.store, config, clock.time())["queue"] == 0
-            clock.advance(100 * OPS_DAY)              # far forward: old done rows go, the pending one stays
+            clock.advance(100 * DAY)              # far forward: old done rows go, the pending one stays
             counts = ws.cleanup(app.store, config, clock.time())
             assert counts["queue"] == 2 and counts["messages"] == 2
             left = app.store.query("SELECT state FROM queue")
@@ -9458,11 +9442,10 @@ class TestOutages:
 # Issue 7: fuzzing every fixture
 # ===========================================================================
 
-OPS_WAHA_FIXTURES = sorted(f for f in os.listdir(FIXTURES) if f.startswith("waha-") and f != "waha-openapi.json")
-OPS_SIGNAL_FIXTURES = sorted(f for f in os.listdir(FIXTURES) if f.startswith("signal-envelope-"))
+SIGNAL_FIXTURES = sorted(f for f in os.listdir(FIXTURES) if f.startswith("signal-envelope-"))
 
 
-class OpsFuzzer:
+class Fuzzer:
     """Seeded structural mutations of JSON documents, serialised in hostile ways."""
 
     ODD = ["", " ", "\u202e\u200b\ufeff", "\U0001d54f\U0001f3f3\ufe0f\u200d\U0001f308", "\u0000", "a\u0000b",
@@ -9542,25 +9525,25 @@ class OpsFuzzer:
         return data
 
 
-def ops_envelope_of(doc):
+def envelope_of(doc):
     if isinstance(doc, dict):
         if isinstance(doc.get("envelope"), dict):
             return doc["envelope"]
         for v in doc.values():
-            e = ops_envelope_of(v)
+            e = envelope_of(v)
             if e is not None:
                 return e
     return None
 
 
-def ops_drain(h, clock, timeout=20.0):
+def drain_with_clock(h, clock, timeout=20.0):
     """Advance the fake clock in big steps until no item is pending; return the pending count left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         left = h.app.store.query("SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0]
         if not left:
             return 0
-        ops_kick(h, clock, 4 * 3600)
+        kick(h, clock, 4 * 3600)
         time.sleep(0.15)
     return h.app.store.query("SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0]
 
@@ -9573,20 +9556,20 @@ class TestFuzz:
         try:
             h.app.waha.http.timeout = 2.0
             h.app.signal.http.timeout = 2.0
-            waha_docs = [fixture(f) for f in OPS_WAHA_FIXTURES]
-            sig_docs = [fixture(f) for f in OPS_SIGNAL_FIXTURES]
+            waha_docs = [fixture(f) for f in WAHA_FIXTURES]
+            sig_docs = [fixture(f) for f in SIGNAL_FIXTURES]
             assert len(waha_docs) >= 10 and len(sig_docs) >= 10
             statuses, cases = collections.Counter(), 0
-            poster = OpsPoster(h.url)
+            poster = WebhookPoster(h.url)
             unexpected = []
             for seed in (11, 12, 13):
-                fz = OpsFuzzer(seed)
+                fz = Fuzzer(seed)
                 for k in range(700):
                     base = copy.deepcopy(waha_docs[k % len(waha_docs)])
                     if isinstance(base.get("payload"), dict) and fz.rng.random() < 0.6:
                         base["payload"]["fromMe"] = False
                         if fz.rng.random() < 0.3:
-                            base["payload"]["id"] = "false_%s_FZ%d%d" % (OPS_ALICE, seed, k)
+                            base["payload"]["id"] = "false_%s_FZ%d%d" % (KLARA, seed, k)
                     body = fz.serialize(fz.mutate(base))
                     status, data, _ = poster.post(body)
                     statuses[status] += 1
@@ -9604,10 +9587,10 @@ class TestFuzz:
             outcomes, raised, env_cases, sse_cases = collections.Counter(), [], 0, 0
             before = sum(1 for r in h.logs.records() if r["msg"] == "malformed signal envelope rejected")
             for seed in (21, 22, 23):
-                fz = OpsFuzzer(seed)
+                fz = Fuzzer(seed)
                 for k in range(900):
                     base = copy.deepcopy(sig_docs[k % len(sig_docs)])
-                    env = ops_envelope_of(base)
+                    env = envelope_of(base)
                     if env is not None and fz.rng.random() < 0.6:
                         env["source"] = env["sourceNumber"] = OWNER
                         env["sourceUuid"] = "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d"
@@ -9635,14 +9618,14 @@ class TestFuzz:
             assert after - before >= outcomes["rejected"]
 
             # afterwards: no stuck item, no dead worker, and real traffic still flows both ways
-            assert ops_drain(h, clock) == 0, "items stuck pending after the fuzz"
+            assert drain_with_clock(h, clock) == 0, "items stuck pending after the fuzz"
             assert all(w.thread.is_alive() for w in h.app.workers)
             problems["worker crashes / internal errors logged"] = [
                 r for r in h.logs.records() if "crashed" in r["msg"] or "internal error" in r["msg"]]
             h.signal.clear()
             h.waha.clear()
-            assert h.webhook(wa_message(OPS_ALICE, "AFTERFUZZ", "after the fuzz", push="Alice"))[1] == {"status": "stored"}
-            assert eventually(lambda: ops_shown("Alice") + ": after the fuzz" in h.texts(), 10)
+            assert h.webhook(wa_message(KLARA, "AFTERFUZZ", "after the fuzz", push="Alice"))[1] == {"status": "stored"}
+            assert eventually(lambda: shown_everywhere("Alice") + ": after the fuzz" in h.texts(), 10)
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 10)
             h.signal.push(owner_env(int(time.time() * 1000), "owner after the fuzz"))
             assert h.waha.wait_for(lambda f: any(b["text"] == "owner after the fuzz" for b in f.sent("text")), 10)
@@ -9658,7 +9641,7 @@ class TestFuzz:
 # Issue 7: HTTP abuse on raw sockets
 # ===========================================================================
 
-def ops_raw(url, data, shut=False, timeout=5.0, pause=None):
+def raw_exchange(url, data, shut=False, timeout=5.0, pause=None):
     """Send raw bytes; return (status or None, the raw answer, seconds to the answer)."""
     u = urllib.parse.urlsplit(url)
     s = socket.create_connection((u.hostname, u.port), timeout=timeout)
@@ -9690,7 +9673,7 @@ def ops_raw(url, data, shut=False, timeout=5.0, pause=None):
     return (int(m.group(1)) if m else None), out, took
 
 
-def ops_request(path, body=b"", method="POST", headers=None, signed=True):
+def raw_request(path, body=b"", method="POST", headers=None, signed=True):
     hdrs = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body))}
     if signed:
         hdrs["X-Webhook-Hmac"] = sign(body)
@@ -9707,7 +9690,7 @@ class TestHttpAbuse:
 
     def test_malformed_requests_get_4xx_never_500(self, bridge):
         h = bridge
-        ok_body = ops_body(wa_message(OPS_ALICE, "AB1", "abuse"))
+        ok_body = body_of(wa_message(KLARA, "AB1", "abuse"))
         cases = [
             # one word: the standard library answers HTTP/0.9 style (body only, no status line)
             ("garbage request line", b"HELLO\r\n\r\n", (400, None)),
@@ -9723,27 +9706,27 @@ class TestHttpAbuse:
             ("header without a colon", b"POST /webhook/whatsapp HTTP/1.1\r\nContent-Length: 2\r\nNoColonHere\r\n\r\n{}",
              (400, 401, 411, 415)),
             ("unknown method", b"BREW /webhook/whatsapp HTTP/1.1\r\n\r\n", (501,)),
-            ("missing Content-Length", ops_request("/webhook/whatsapp", headers={"Content-Length": None}), (411,)),
-            ("non-numeric Content-Length", ops_request("/webhook/whatsapp", b"{}", headers={"Content-Length": "12abc"}),
+            ("missing Content-Length", raw_request("/webhook/whatsapp", headers={"Content-Length": None}), (411,)),
+            ("non-numeric Content-Length", raw_request("/webhook/whatsapp", b"{}", headers={"Content-Length": "12abc"}),
              (400,)),
-            ("negative Content-Length", ops_request("/webhook/whatsapp", b"{}", headers={"Content-Length": "-1"}), (400,)),
-            ("chunked body", ops_request("/webhook/whatsapp", headers={"Content-Length": None,
+            ("negative Content-Length", raw_request("/webhook/whatsapp", b"{}", headers={"Content-Length": "-1"}), (400,)),
+            ("chunked body", raw_request("/webhook/whatsapp", headers={"Content-Length": None,
                                                                         "Transfer-Encoding": "chunked"})
              + b"2\r\n{}\r\n0\r\n\r\n", (411,)),
-            ("wrong content type", ops_request("/webhook/whatsapp", ok_body, headers={"Content-Type": "text/plain"}), (415,)),
-            ("unsigned", ops_request("/webhook/whatsapp", ok_body, signed=False), (401,)),
-            ("wrong algorithm", ops_request("/webhook/whatsapp", ok_body, headers={"X-Webhook-Hmac-Algorithm": "md5"}),
+            ("wrong content type", raw_request("/webhook/whatsapp", ok_body, headers={"Content-Type": "text/plain"}), (415,)),
+            ("unsigned", raw_request("/webhook/whatsapp", ok_body, signed=False), (401,)),
+            ("wrong algorithm", raw_request("/webhook/whatsapp", ok_body, headers={"X-Webhook-Hmac-Algorithm": "md5"}),
              (401,)),
-            ("signed malformed JSON", ops_request("/webhook/whatsapp", b"{\"event\": "), (400,)),
-            ("signed invalid UTF-8", ops_request("/webhook/whatsapp", b"{\"event\": \"\xff\xfe\"}"), (400,)),
-            ("signed deep nesting", ops_request("/webhook/whatsapp", b"[" * 100000 + b"]" * 100000), (400,)),
-            ("signed JSON array", ops_request("/webhook/whatsapp", b"[1,2,3]"), (400,)),
-            ("unknown path", ops_request("/webhook/../../etc/passwd", ok_body), (404,)),
+            ("signed malformed JSON", raw_request("/webhook/whatsapp", b"{\"event\": "), (400,)),
+            ("signed invalid UTF-8", raw_request("/webhook/whatsapp", b"{\"event\": \"\xff\xfe\"}"), (400,)),
+            ("signed deep nesting", raw_request("/webhook/whatsapp", b"[" * 100000 + b"]" * 100000), (400,)),
+            ("signed JSON array", raw_request("/webhook/whatsapp", b"[1,2,3]"), (400,)),
+            ("unknown path", raw_request("/webhook/../../etc/passwd", ok_body), (404,)),
             ("GET on the webhook", b"GET /webhook/whatsapp HTTP/1.1\r\nHost: x\r\n\r\n", (404, 405)),
         ]
         results = {}
         for name, data, expected in cases:
-            status, raw, _ = ops_raw(h.url, data)
+            status, raw, _ = raw_exchange(h.url, data)
             results[name] = status
             assert status in expected, "%s: got %s %r" % (name, status, raw[:200])
             assert raw, name
@@ -9751,18 +9734,18 @@ class TestHttpAbuse:
                 assert raw.startswith(b"{\"error\": \"") and (b"request" in raw or b"version" in raw), name
             assert b"Traceback" not in raw and b"File \"" not in raw, name
         # lying Content-Length: fewer bytes than announced, then the client half-closes
-        body = ops_body(wa_message(OPS_ALICE, "AB2", "short"))
-        status, raw, took = ops_raw(h.url, ops_request("/webhook/whatsapp", body[:20],
+        body = body_of(wa_message(KLARA, "AB2", "short"))
+        status, raw, took = raw_exchange(h.url, raw_request("/webhook/whatsapp", body[:20],
                                                        headers={"Content-Length": str(len(body)),
                                                                 "X-Webhook-Hmac": sign(body)}), shut=True)
         assert status == 400 and took < 5
         assert h.app.store.query("SELECT COUNT(*) FROM queue")[0][0] == 0
         # a body far over the limit is refused from its headers alone (1 GB announced, nothing sent)
-        status, raw, took = ops_raw(h.url, ops_request("/webhook/whatsapp", headers={"Content-Length": str(1 << 30)}),
+        status, raw, took = raw_exchange(h.url, raw_request("/webhook/whatsapp", headers={"Content-Length": str(1 << 30)}),
                                     timeout=5)
         assert status == 413 and took < 2, (status, took)
         # the server is fine and answers properly afterwards
-        assert h.webhook(wa_message(OPS_ALICE, "AB3", "after abuse"))[0] == 200
+        assert h.webhook(wa_message(KLARA, "AB3", "after abuse"))[0] == 200
         assert eventually(lambda: len(h.texts()) == 1)
         metrics = http_get(h.url, "/metrics")[1]
         assert 'status="500"' not in metrics
@@ -9779,8 +9762,8 @@ class TestHttpAbuse:
                 idle.append(socket.create_connection((u.hostname, u.port), timeout=5))
             for s in idle[:50]:                   # some of them half-way through a request
                 s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\nContent-Length: 100\r\n")
-            slow_body = ops_body(wa_message(OPS_BOB, "SLOW1", "slowly"))
-            slow_data = ops_request("/webhook/whatsapp", slow_body)
+            slow_body = body_of(wa_message(LUKAS, "SLOW1", "slowly"))
+            slow_data = raw_request("/webhook/whatsapp", slow_body)
 
             def slow_sender():
                 s = socket.create_connection((u.hostname, u.port), timeout=10)
@@ -9800,7 +9783,7 @@ class TestHttpAbuse:
             latencies = []
             for k in range(5):
                 started = time.monotonic()
-                status, body = h.webhook(wa_message(OPS_ALICE, "PIN%d" % k, "while pinned %d" % k))
+                status, body = h.webhook(wa_message(KLARA, "PIN%d" % k, "while pinned %d" % k))
                 latencies.append(time.monotonic() - started)
                 assert status == 200
             assert max(latencies) < 1.0, latencies
@@ -9828,7 +9811,7 @@ class TestHttpAbuse:
                 if k % 4 == 3:
                     conn.request("GET", "/healthz")
                 else:
-                    body = ops_body(wa_message((OPS_ALICE, OPS_BOB)[k % 2], "KA%d" % k, "keep-alive %d" % k))
+                    body = body_of(wa_message((KLARA, LUKAS)[k % 2], "KA%d" % k, "keep-alive %d" % k))
                     conn.request("POST", "/webhook/whatsapp", body=body,
                                  headers={"Content-Type": "application/json", "X-Webhook-Hmac": sign(body),
                                           "X-Webhook-Hmac-Algorithm": "sha512"})
@@ -9845,9 +9828,9 @@ class TestHttpAbuse:
     def test_stop_does_not_wait_for_idle_keep_alive_connections(self, bridge):
         """SIGTERM: stop accepting, finish in-flight work, close idle keep-alives - not wait them out."""
         h = bridge
-        poster = OpsPoster(h.url)
+        poster = WebhookPoster(h.url)
         try:
-            assert poster.post(wa_message(OPS_ALICE, "IDLE1", "then idle"))[0] == 200
+            assert poster.post(wa_message(KLARA, "IDLE1", "then idle"))[0] == 200
             started = time.monotonic()
             h.app.stop()
             took = time.monotonic() - started
@@ -9871,7 +9854,7 @@ class TestSecrets:
         try:
             cfg = write_config(tmp_path, h.raw)
             # a full round trip
-            assert h.webhook(wa_message(OPS_ALICE, "SEC1", texts[0], push="Alice"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "SEC1", texts[0], push="Alice"))[0] == 200
             assert eventually(lambda: len(h.texts()) == 1)
             copy_ts = h.signal.requests("send")[0]["timestamp"]
             now = int(time.time() * 1000)
@@ -9887,24 +9870,24 @@ class TestSecrets:
             h.waha.mode = "ok"
             # abuse: every error answer is kept
             bodies = []
-            good = ops_body(wa_message(OPS_ALICE, "SEC2", texts[0]))
-            bad_shape = ops_body({"event": "message", "session": "default",
+            good = body_of(wa_message(KLARA, "SEC2", texts[0]))
+            bad_shape = body_of({"event": "message", "session": "default",
                                   "payload": {"id": "+4915111111189 " + texts[0], "from": 4915111111189,
                                               "body": {"text": texts[0]}, "fromMe": "no"}})
-            for data in (ops_request("/webhook/whatsapp", good, signed=False),
-                         ops_request("/webhook/whatsapp", good, headers={"X-Webhook-Hmac": sign(good, "x" * 40)}),
-                         ops_request("/webhook/whatsapp", b"{\"secret\": \"" + texts[0].encode()),
-                         ops_request("/webhook/whatsapp", bad_shape),
-                         ops_request("/webhook/whatsapp", good, headers={"Content-Type": "text/plain"}),
-                         ops_request("/webhook/whatsapp", good, headers={"Content-Length": str(1 << 30)}),
-                         ops_request("/webhook/whatsapp/" + texts[0].replace(" ", "%20"), good, method="PUT"),
-                         ops_request("/4915111111189", good),
-                         ops_request("/metrics?token=" + WEBHOOK_SECRET, method="GET")):
-                status, raw, _ = ops_raw(h.url, data)
+            for data in (raw_request("/webhook/whatsapp", good, signed=False),
+                         raw_request("/webhook/whatsapp", good, headers={"X-Webhook-Hmac": sign(good, "x" * 40)}),
+                         raw_request("/webhook/whatsapp", b"{\"secret\": \"" + texts[0].encode()),
+                         raw_request("/webhook/whatsapp", bad_shape),
+                         raw_request("/webhook/whatsapp", good, headers={"Content-Type": "text/plain"}),
+                         raw_request("/webhook/whatsapp", good, headers={"Content-Length": str(1 << 30)}),
+                         raw_request("/webhook/whatsapp/" + texts[0].replace(" ", "%20"), good, method="PUT"),
+                         raw_request("/4915111111189", good),
+                         raw_request("/metrics?token=" + WEBHOOK_SECRET, method="GET")):
+                status, raw, _ = raw_exchange(h.url, data)
                 assert status != 500
                 bodies.append(raw.decode("utf-8", "replace"))
             for _ in range(22):                 # until the client is throttled
-                status, raw, _ = ops_raw(h.url, ops_request("/webhook/whatsapp", good, signed=False))
+                status, raw, _ = raw_exchange(h.url, raw_request("/webhook/whatsapp", good, signed=False))
             assert status == 429
             bodies.append(raw.decode("utf-8", "replace"))
             shown["error responses"] = "\n".join(bodies)
@@ -9957,7 +9940,7 @@ def sec_process(tmp_path, fakes, **server):
     waha, daemon = fakes
     raw = raw_config(tmp_path, waha.url, rpc_url=daemon.url)
     raw["server"].update(server)
-    return OpsBridgeProcess(tmp_path, raw)
+    return BridgeProcess(tmp_path, raw)
 
 
 class SecFlood:
@@ -10082,14 +10065,14 @@ def sec_dribble(url, data, first=b"", every=0.1, limit=8.0):
 class TestServerLimits:
     """Connections, handler threads and unverified bodies are bounded; signed webhooks still get through."""
 
-    def test_flood_of_hostile_connections_keeps_memory_bounded_and_webhooks_answered(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
-        bridge = sec_process(tmp_path, ops_fakes)
+    def test_flood_of_hostile_connections_keeps_memory_bounded_and_webhooks_answered(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
+        bridge = sec_process(tmp_path, upstream_fakes)
         flood = None
         try:
             bridge.start()
-            poster = OpsPoster(bridge.url, timeout=5)
-            assert poster.post(wa_message(OPS_ALICE, "FL0", "before the flood"))[0] == 200
+            poster = WebhookPoster(bridge.url, timeout=5)
+            assert poster.post(wa_message(KLARA, "FL0", "before the flood"))[0] == 200
             base = sec_rss_mb(bridge.proc.pid)
             flood = SecFlood(bridge.url, 200).start()
             peak, answered, k = base, [], 0
@@ -10099,7 +10082,7 @@ class TestServerLimits:
                 if peak >= 60:
                     break                                 # no point in pushing a machine further
                 k += 1
-                status, _, took = poster.post(wa_message(OPS_BOB, "FL%d" % k, "during the flood %d" % k))
+                status, _, took = poster.post(wa_message(LUKAS, "FL%d" % k, "during the flood %d" % k))
                 answered.append((status, round(took, 2)))
                 time.sleep(0.2)
             flood.stop()
@@ -10119,8 +10102,8 @@ class TestServerLimits:
                 flood.thread.join(10)
             bridge.stop()
 
-    def test_connections_over_the_cap_get_503_at_once(self, tmp_path, ops_fakes):
-        bridge = sec_process(tmp_path, ops_fakes, maxConnections=4, requestTimeoutSeconds=30)
+    def test_connections_over_the_cap_get_503_at_once(self, tmp_path, upstream_fakes):
+        bridge = sec_process(tmp_path, upstream_fakes, maxConnections=4, requestTimeoutSeconds=30)
         held = []
         try:
             bridge.start()
@@ -10130,10 +10113,10 @@ class TestServerLimits:
                 s.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\n")       # a request that never ends
                 held.append(s)
             # a fifth connection is answered before it sends anything (and no thread is started for it)
-            status, raw, took = ops_raw(bridge.url, b"")
+            status, raw, took = raw_exchange(bridge.url, b"")
             assert status == 503 and b"too many connections" in raw and took < 2.0, raw
             held.pop().close()
-            assert eventually(lambda: ops_raw(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
+            assert eventually(lambda: raw_exchange(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
             # (a connection just closed frees its place once its thread has seen the close: hence the wait)
             assert eventually(lambda: 'reason="connections"' in http_get(bridge.url, "/metrics")[1], 5)
         finally:
@@ -10141,24 +10124,24 @@ class TestServerLimits:
                 s.close()
             bridge.stop()
 
-    def test_the_whole_request_has_a_deadline_not_each_read(self, tmp_path, ops_fakes):
-        bridge = sec_process(tmp_path, ops_fakes, requestTimeoutSeconds=1.0)
+    def test_the_whole_request_has_a_deadline_not_each_read(self, tmp_path, upstream_fakes):
+        bridge = sec_process(tmp_path, upstream_fakes, requestTimeoutSeconds=1.0)
         try:
             bridge.start()
-            body = ops_body(wa_message(OPS_ALICE, "DL1", "slowly"))
+            body = body_of(wa_message(KLARA, "DL1", "slowly"))
             # the headers one byte every 0.1 s: each read is quick, the request never ends
-            cut, _ = sec_dribble(bridge.url, ops_request("/webhook/whatsapp", body))
+            cut, _ = sec_dribble(bridge.url, raw_request("/webhook/whatsapp", body))
             assert cut is not None, "a request dribbled a byte every 0.1 s was never cut off"
             # the headers at once, the body one byte every 0.1 s: answered 408 and closed
-            data = ops_request("/webhook/whatsapp", body)
+            data = raw_request("/webhook/whatsapp", body)
             head, _, rest = data.partition(b"\r\n\r\n")
             cut, answer = sec_dribble(bridge.url, rest, first=head + b"\r\n\r\n")
             assert cut is not None and answer.startswith(b"HTTP/1.1 408"), answer[:80]
             # a kept-alive connection that idles between requests is not cut by the deadline
-            poster = OpsPoster(bridge.url)
-            assert poster.post(wa_message(OPS_ALICE, "DL2", "first"))[0] == 200
+            poster = WebhookPoster(bridge.url)
+            assert poster.post(wa_message(KLARA, "DL2", "first"))[0] == 200
             time.sleep(1.5)
-            assert poster.post(wa_message(OPS_ALICE, "DL3", "second"))[0] == 200 and poster.connects == 1
+            assert poster.post(wa_message(KLARA, "DL3", "second"))[0] == 200 and poster.connects == 1
             poster.close()
         finally:
             bridge.stop()
@@ -10166,30 +10149,30 @@ class TestServerLimits:
 
 class TestMessageIds:
 
-    def test_no_message_id_length_or_form_gives_a_500(self, tmp_path, ops_fakes):
+    def test_no_message_id_length_or_form_gives_a_500(self, tmp_path, upstream_fakes):
         """Signed webhooks whose ids (message, reaction target, edit, delete, ack) have every length and form."""
-        bridge = sec_process(tmp_path, ops_fakes)
+        bridge = sec_process(tmp_path, upstream_fakes)
         lengths = (1, 2, 31, 127, 128, 129, 130, 200, 255, 256, 299, 300, 301, 1000)
         forms = {
             "bare": lambda n: "B" * n,
             "underscores": lambda n: ("U_" * n)[:n],
             "unicode": lambda n: "\u00e9" * n,
             "spaces": lambda n: (" x\n" * n)[:n],
-            "serialized": lambda n: "false_%s_%s" % (OPS_ALICE, "S" * n),
-            "serialized in a group": lambda n: "false_120363000000000001@g.us_%s_%s" % ("G" * n, OPS_BOB),
+            "serialized": lambda n: "false_%s_%s" % (KLARA, "S" * n),
+            "serialized in a group": lambda n: "false_120363000000000001@g.us_%s_%s" % ("G" * n, LUKAS),
             "serialized without a chat": lambda n: "true_nochat_%s" % ("N" * n),
         }
 
         def events(mid, k):
-            ser = mid if mid.startswith(("false_", "true_")) else "false_%s_%s" % (OPS_ALICE, mid)
+            ser = mid if mid.startswith(("false_", "true_")) else "false_%s_%s" % (KLARA, mid)
             base = {"session": "default", "engine": "GOWS", "me": {"id": "15550000001@c.us"}}
-            common = {"from": OPS_ALICE, "fromMe": False, "timestamp": 1767225600 + k}
+            common = {"from": KLARA, "fromMe": False, "timestamp": 1767225600 + k}
             yield dict(base, event="message", payload=dict(common, id=mid, body="id case %d" % k))
             yield dict(base, event="message", payload=dict(common, id={"_serialized": mid}, body="dict id %d" % k))
-            yield dict(base, event="message", payload=dict(common, id="false_%s_R%d" % (OPS_ALICE, k),
+            yield dict(base, event="message", payload=dict(common, id="false_%s_R%d" % (KLARA, k),
                                                             body="reply %d" % k, replyTo={"id": mid}))
             yield dict(base, event="message.reaction",
-                       payload=dict(common, id="false_%s_RE%d" % (OPS_ALICE, k),
+                       payload=dict(common, id="false_%s_RE%d" % (KLARA, k),
                                     reaction={"text": "+", "messageId": ser}))
             yield dict(base, event="message.edited", payload=dict(common, id="E%d" % k, editedMessageId=mid, body="e"))
             yield dict(base, event="message.revoked", payload={"revokedMessageId": mid, "after": common,
@@ -10198,7 +10181,7 @@ class TestMessageIds:
 
         try:
             bridge.start()
-            poster = OpsPoster(bridge.url)
+            poster = WebhookPoster(bridge.url)
             answers, odd, k = collections.Counter(), [], 0
             for form, make in forms.items():
                 for n in lengths:
@@ -10212,8 +10195,8 @@ class TestMessageIds:
             assert not odd, odd[:5]
             assert answers[200] > 100 and answers[400] > 20, answers
             db = bridge.raw["database"]["path"]
-            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0, 30)
-            assert ops_sql(db, "SELECT COUNT(*) FROM queue WHERE state='dead'")[0][0] == 0
+            assert eventually(lambda: db_query(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0, 30)
+            assert db_query(db, "SELECT COUNT(*) FROM queue WHERE state='dead'")[0][0] == 0
             assert http_get(bridge.url, "/healthz")[0] == 200
             assert 'status="500"' not in http_get(bridge.url, "/metrics")[1]
             assert not [r for r in bridge.log_records() if r.get("level") == "ERROR"]
@@ -10226,44 +10209,44 @@ class TestChannelScopedDedupe:
 
     def sec_shared_group_traffic(self, h, bare, sessions=("default", "work")):
         for session in sessions:
-            ev = wa_message(S2W_FAMILY, bare, "shared news", participant=S2W_DORA, session=session)
+            ev = wa_message(FAMILY, bare, "shared news", participant=DORA, session=session)
             assert h.webhook(ev) == (200, {"status": "stored"}), session
 
     def test_a_group_message_shared_by_two_channels_reaches_both_owners(self, make_bridge):
-        h = make_bridge("daemon", raw_overrides=dict(S2W_CHANNELS))
+        h = make_bridge("daemon", raw_overrides=dict(TWO_CHANNELS))
         bare = "3EB0SHARED00000001"
         self.sec_shared_group_traffic(h, bare)
         copies = lambda: sorted(o["to"] for o in h.received() if (o["text"] or "").endswith("shared news"))
-        assert eventually(lambda: copies() == sorted([OWNER, S2W_OWNER2])), h.received()
-        target = "false_%s_%s_%s" % (S2W_FAMILY, bare, S2W_DORA)
+        assert eventually(lambda: copies() == sorted([OWNER, OWNER2])), h.received()
+        target = "false_%s_%s_%s" % (FAMILY, bare, DORA)
         mapped = lambda: h.app.store.one("SELECT COUNT(*) FROM messages WHERE direction='w2s'")[0] == 2
         assert eventually(mapped)
         for session in ("default", "work"):       # the same reaction, edit and delete, seen by both accounts
-            base = {"from": S2W_FAMILY, "fromMe": False, "participant": S2W_DORA, "timestamp": int(time.time())}
+            base = {"from": FAMILY, "fromMe": False, "participant": DORA, "timestamp": int(time.time())}
             for name, payload in (
-                    ("message.reaction", dict(base, id="false_%s_R1_%s" % (S2W_FAMILY, S2W_DORA),
+                    ("message.reaction", dict(base, id="false_%s_R1_%s" % (FAMILY, DORA),
                                               reaction={"text": "\U0001F44D", "messageId": target})),
-                    ("message.edited", dict(base, id="false_%s_E1_%s" % (S2W_FAMILY, S2W_DORA), body="edited news",
+                    ("message.edited", dict(base, id="false_%s_E1_%s" % (FAMILY, DORA), body="edited news",
                                             editedMessageId=bare)),
                     ("message.revoked", {"revokedMessageId": bare, "before": None,
-                                         "after": dict(base, id="false_%s_D1_%s" % (S2W_FAMILY, S2W_DORA))})):
+                                         "after": dict(base, id="false_%s_D1_%s" % (FAMILY, DORA))})):
                 assert h.webhook(h.waha.event(name, payload, session=session)) == (200, {"status": "stored"}), \
                     (session, name)
         reacted = lambda: sorted(r["recipient"][0] for r in h.signal.sent("sendReaction"))
         deleted = lambda: sorted(r["recipient"][0] for r in h.signal.sent("remoteDelete"))
         edited = lambda: sorted(o["to"] for o in h.received() if o["edit"])
-        both = sorted([OWNER, S2W_OWNER2])
+        both = sorted([OWNER, OWNER2])
         assert eventually(lambda: reacted() == both and edited() == both and deleted() == both), \
             (reacted(), edited(), deleted())
         # and each one only once: WAHA resending any of them is a duplicate within its own channel
-        ev = wa_message(S2W_FAMILY, bare, "shared news", participant=S2W_DORA, session="work")
+        ev = wa_message(FAMILY, bare, "shared news", participant=DORA, session="work")
         assert h.webhook(ev) == (200, {"status": "duplicate"})
 
     def test_a_database_from_before_keeps_its_dedupe_memory(self, make_bridge):
         """Before, one dedupe index spanned all channels; the upgrade keeps every stored key."""
-        h = make_bridge("daemon", raw_overrides=dict(S2W_CHANNELS))
+        h = make_bridge("daemon", raw_overrides=dict(TWO_CHANNELS))
         bare = "3EB0BEFOREUPGRADE1"
-        ev = wa_message(S2W_FAMILY, bare, "shared news", participant=S2W_DORA, session="default")
+        ev = wa_message(FAMILY, bare, "shared news", participant=DORA, session="default")
         assert h.webhook(ev) == (200, {"status": "stored"})
         assert eventually(lambda: len([o for o in h.received() if (o["text"] or "").endswith("shared news")]) == 1)
         h.app.stop()
@@ -10282,59 +10265,59 @@ class TestChannelScopedDedupe:
             db.close()
         h.start()
         assert h.webhook(ev) == (200, {"status": "duplicate"})         # no second delivery after the upgrade
-        ev2 = wa_message(S2W_FAMILY, bare, "shared news", participant=S2W_DORA, session="work")
+        ev2 = wa_message(FAMILY, bare, "shared news", participant=DORA, session="work")
         assert h.webhook(ev2) == (200, {"status": "stored"})           # and the other channel now gets its copy
         copies = lambda: sorted(o["to"] for o in h.received() if (o["text"] or "").endswith("shared news"))
-        assert eventually(lambda: copies() == sorted([OWNER, S2W_OWNER2])), h.received()
+        assert eventually(lambda: copies() == sorted([OWNER, OWNER2])), h.received()
 
 
 class TestReplays:
     """A signed webhook older than the dedupe memory (retentionDays) may have been delivered and forgotten."""
 
     def test_webhooks_older_than_retention_are_refused_and_counted(self, tmp_path):
-        clock = FakeClock(start=OPS_T0)
+        clock = FakeClock(start=T0)
         h = Harness(tmp_path, clock=clock.time, raw_overrides={"retentionDays": 30}).start()
 
         def at(event, when):
             return fresh(event, when)
 
         try:
-            first = ops_body(at(wa_message(OPS_ALICE, "RP1", "said once"), OPS_T0))
+            first = body_of(at(wa_message(KLARA, "RP1", "said once"), T0))
             assert post_signed(h, first)[3] == {"status": "stored"}
             assert eventually(lambda: len(h.texts()) == 1)
             assert eventually(lambda: h.app.store.queue_depth("w2s") == 0)
-            clock.advance(31 * OPS_DAY)
+            clock.advance(31 * DAY)
             assert ws.run_cleanup(h.app)["queue"] == 1          # its dedupe memory is gone
             assert post_signed(h, first)[:4:3] == (200, {"status": "stale"})     # the same signed bytes again
             now = clock.time()
-            old = now - 40 * OPS_DAY
+            old = now - 40 * DAY
             replays = [
-                at(wa_message(OPS_BOB, "RP2", "never seen, 40 days old"), old),
-                at(h.waha.event("message.reaction", {"id": "false_%s_RP3" % OPS_ALICE, "from": OPS_ALICE,
+                at(wa_message(LUKAS, "RP2", "never seen, 40 days old"), old),
+                at(h.waha.event("message.reaction", {"id": "false_%s_RP3" % KLARA, "from": KLARA,
                                                      "fromMe": False, "timestamp": 0,
-                                                     "reaction": {"text": "+", "messageId": "false_%s_RP1" % OPS_ALICE}}),
+                                                     "reaction": {"text": "+", "messageId": "false_%s_RP1" % KLARA}}),
                    old),
-                at(h.waha.event("message.edited", {"id": "false_%s_RP4" % OPS_ALICE, "from": OPS_ALICE,
+                at(h.waha.event("message.edited", {"id": "false_%s_RP4" % KLARA, "from": KLARA,
                                                    "fromMe": False, "timestamp": 0, "body": "changed",
                                                    "editedMessageId": "RP1"}), old),
                 at(h.waha.event("message.revoked", {"revokedMessageId": "RP1", "before": None,
-                                                    "after": {"id": "false_%s_RP5" % OPS_ALICE, "from": OPS_ALICE,
+                                                    "after": {"id": "false_%s_RP5" % KLARA, "from": KLARA,
                                                               "fromMe": False, "timestamp": 0}}), old),
             ]
             replays[1]["payload"].pop("timestamp")       # no WhatsApp time: the envelope's (ms) counts
             replays[1]["timestamp"] = int(old * 1000)
             for ev in replays:
-                status, _, _, js = post_signed(h, ops_body(ev))
+                status, _, _, js = post_signed(h, body_of(ev))
                 assert (status, js) == (200, {"status": "stale"}), ev["event"]
             # inside the memory (29 days, and a WhatsApp clock a little ahead) everything is taken as usual
-            assert post_signed(h, ops_body(at(wa_message(OPS_BOB, "RP6", "29 days late"), now - 29 * OPS_DAY)))[3] == \
+            assert post_signed(h, body_of(at(wa_message(LUKAS, "RP6", "29 days late"), now - 29 * DAY)))[3] == \
                 {"status": "stored"}
-            assert post_signed(h, ops_body(at(wa_message(OPS_BOB, "RP7", "from the future"), now + 60)))[3] == \
+            assert post_signed(h, body_of(at(wa_message(LUKAS, "RP7", "from the future"), now + 60)))[3] == \
                 {"status": "stored"}
             assert eventually(lambda: len(h.texts()) == 3), h.texts()
             assert [t for t in h.texts() if "said once" in t] == [h.texts()[0]]
             assert h.app.store.one("SELECT COUNT(*) FROM queue")[0] == 2
-            assert core_metric_value(http_get(h.url, "/metrics")[1], "whatsignal_rejected_total", reason="stale") == 5
+            assert metric_value(http_get(h.url, "/metrics")[1], "whatsignal_rejected_total", reason="stale") == 5
             stale_logs = [r for r in h.logs.records() if r["msg"] == "stale webhook ignored: older than retentionDays"]
             assert len(stale_logs) == 5 and all(r["age_days"] >= 30 for r in stale_logs)
         finally:
@@ -10346,7 +10329,7 @@ class TestOwnerEnvelopeDedupe:
 
     def test_typing_and_messages_in_the_same_millisecond_all_count(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_BOB, "are you there?")
+        forward_to_signal(h, BOB, "are you there?")
         ts = new_ts()
 
         def from_device(obj, device):
@@ -10362,18 +10345,18 @@ class TestOwnerEnvelopeDedupe:
                   from_device(envelope(ts, "the real answer"), 1)]  # the very same envelope again: a duplicate
         for obj in pushed:
             assert h.signal.push(obj)
-        want = [{"session": "default", "chatId": S2W_BOB, "text": t} for t in ("the real answer", "from the laptop")]
-        assert eventually(lambda: s2w_waha_texts(h) == want and len(h.waha.calls_for("/api/startTyping")) == 2), \
-            (s2w_waha_texts(h), [c["path"] for c in h.waha.calls if "Typing" in c["path"]])
-        s2w_settle(h)                                   # everything pushed before the marker was handled
-        assert s2w_waha_texts(h, S2W_BOB) == want
+        want = [{"session": "default", "chatId": BOB, "text": t} for t in ("the real answer", "from the laptop")]
+        assert eventually(lambda: waha_texts(h) == want and len(h.waha.calls_for("/api/startTyping")) == 2), \
+            (waha_texts(h), [c["path"] for c in h.waha.calls if "Typing" in c["path"]])
+        settle_s2w(h)                                   # everything pushed before the marker was handled
+        assert waha_texts(h, BOB) == want
         assert [c["path"] for c in h.waha.calls if "Typing" in c["path"]] == \
             ["/api/startTyping", "/api/stopTyping", "/api/startTyping"]
         assert len(queue_rows(h, "s2w")) == 5 + 1               # the duplicate is not stored; the marker is
 
     def test_an_envelope_stored_under_the_old_key_stays_a_duplicate(self, make_bridge):
         h = make_bridge("daemon")
-        s2w_forward(h, S2W_BOB, "before the upgrade")
+        forward_to_signal(h, BOB, "before the upgrade")
         ts = new_ts()
         obj = envelope(ts, "answered before the upgrade")
         # what the bridge stored before keys named the device and kind: (owner, timestamp)
@@ -10382,18 +10365,18 @@ class TestOwnerEnvelopeDedupe:
         assert h.app.store.enqueue("default", "s2w", "%s:%d" % (OWNER, ts), "~owner", "message", record, time.time())
         assert h.app.bridge.ingest_envelope(obj) == "duplicate"
         assert h.signal.push(copy.deepcopy(obj))
-        s2w_settle(h)
+        settle_s2w(h)
         assert len(queue_rows(h, "s2w")) == 2                   # the old row and the marker: nothing stored twice
-        assert len([b for b in s2w_waha_texts(h) if b["text"] == "answered before the upgrade"]) <= 1
+        assert len([b for b in waha_texts(h) if b["text"] == "answered before the upgrade"]) <= 1
 
 
 class TestHealthDetails:
     """/health and /readyz keep their shape for everyone; where an upstream lives is for the token holder."""
 
-    def test_upstream_addresses_only_for_the_metrics_token(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
+    def test_upstream_addresses_only_for_the_metrics_token(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
         token = "metrics-token-" + "m" * 20
-        bridge = sec_process(tmp_path, ops_fakes, metricsToken=token)
+        bridge = sec_process(tmp_path, upstream_fakes, metricsToken=token)
         try:
             bridge.start()
             waha.mode = "down"                       # WAHA drops every connection
@@ -10425,9 +10408,9 @@ class TestHealthDetails:
                 and "%s:%d" % (where.hostname, where.port) in l], status()[0]
         assert "WAHA: " not in http_get(h.url, "/health")[1]
 
-    def test_concurrent_requests_share_one_upstream_check(self, tmp_path, ops_fakes):
-        waha, daemon = ops_fakes
-        bridge = sec_process(tmp_path, ops_fakes)
+    def test_concurrent_requests_share_one_upstream_check(self, tmp_path, upstream_fakes):
+        waha, daemon = upstream_fakes
+        bridge = sec_process(tmp_path, upstream_fakes)
         try:
             bridge.start()
             waha.slow_seconds, waha.mode = 0.6, "slow"
@@ -10451,15 +10434,15 @@ class TestHealthDetails:
 class TestSecureDelete:
 
     def test_what_retention_removes_does_not_linger_in_free_pages(self, tmp_path):
-        raw = ops_offline_raw(tmp_path, retentionDays=30)
+        raw = offline_raw(tmp_path, retentionDays=30)
         path = raw["database"]["path"]
-        store = ops_store(path)
+        store = open_store(path)
         try:
-            old, now = time.time() - 40 * OPS_DAY, time.time()
+            old, now = time.time() - 40 * DAY, time.time()
             for n in range(50):                     # old and recent rows side by side in the same pages
                 for when, name in ((old, "gone"), (now, "kept")):
-                    store.enqueue("default", "w2s", "%s%d" % (name, n), OPS_ALICE, "message", {"body": "x" * 300}, when)
-                    store.finish(ops_last_id(store), "done", when)
+                    store.enqueue("default", "w2s", "%s%d" % (name, n), KLARA, "message", {"body": "x" * 300}, when)
+                    store.finish(last_queue_id(store), "done", when)
             sealed = [bytes(r[0]) for r in store.query("SELECT body FROM queue WHERE created_at < ?", (now - 1,))]
             assert ws.cleanup(store, make_config(raw), now)["queue"] == 50
         finally:
@@ -10468,7 +10451,7 @@ class TestSecureDelete:
             data = f.read()
         lingering = [b for b in sealed if b[40:104] in data]
         assert not lingering, "%d of %d deleted values still readable in the file" % (len(lingering), len(sealed))
-        store = ops_store(path)            # set by the bridge itself, whatever the SQLite build's default
+        store = open_store(path)            # set by the bridge itself, whatever the SQLite build's default
         try:
             assert store.one("PRAGMA secure_delete")[0] == 1
         finally:
@@ -10512,9 +10495,9 @@ def sec_rotate(capsys, h, tmp_path):
         h.app = None
     cfg = write_config(tmp_path, h.raw, "rotate.json")
     rc, out, err = run_main(capsys, ["--config", cfg, "rotate-key"],
-                            bridge_env(OPS_NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
+                            bridge_env(NEW_SECRET, WHATSIGNAL_ENCRYPTION_SECRET_OLD=ENC_SECRET))
     assert rc == 0, err
-    h.environ = {"WHATSIGNAL_ENCRYPTION_SECRET": OPS_NEW_SECRET}
+    h.environ = {"WHATSIGNAL_ENCRYPTION_SECRET": NEW_SECRET}
     return json.loads(out)
 
 
@@ -10531,8 +10514,8 @@ class TestSealedPlaces:
     def test_swapped_chat_ids_between_rows_are_rejected(self, tmp_path):
         h = Harness(tmp_path).start()
         try:
-            assert h.webhook(wa_message(OPS_ALICE, "SWA1", "alice asks", push="Alice"))[0] == 200
-            assert h.webhook(wa_message(OPS_BOB, "SWB1", "bob asks", push="Bob"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "SWA1", "alice asks", push="Alice"))[0] == 200
+            assert h.webhook(wa_message(LUKAS, "SWB1", "bob asks", push="Bob"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 2)
             copies = {r["message"]: r["timestamp"] for r in h.signal.requests("send")}
             h.app.stop()
@@ -10555,8 +10538,8 @@ class TestSealedPlaces:
     def test_a_contact_name_is_not_accepted_as_a_chat_id(self, tmp_path):
         h = Harness(tmp_path).start()
         try:
-            h.waha.contacts[OPS_ALICE] = "4915999999999@c.us"   # a name an attacker could pick
-            assert h.webhook(wa_message(OPS_ALICE, "CNA1", "alice asks"))[0] == 200
+            h.waha.contacts[KLARA] = "4915999999999@c.us"   # a name an attacker could pick
+            assert h.webhook(wa_message(KLARA, "CNA1", "alice asks"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 1)
             ts = h.signal.requests("send")[0]["timestamp"]
             h.app.stop()
@@ -10573,17 +10556,17 @@ class TestSealedPlaces:
 
     def test_a_queued_body_moved_to_another_row_is_not_delivered(self, tmp_path):
         h = Harness(tmp_path)
-        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # nothing is delivered while the bodies are moved
+        h.raw["signal"]["rpcUrl"] = DEAD_URL      # nothing is delivered while the bodies are moved
         h.start()
         try:
-            assert h.webhook(wa_message(OPS_ALICE, "QB1", "first"))[0] == 200
-            assert h.webhook(wa_message(OPS_BOB, "QB2", "second"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "QB1", "first"))[0] == 200
+            assert h.webhook(wa_message(LUKAS, "QB2", "second"))[0] == 200
             h.app.stop()
             h.app = None
             db = h.raw["database"]["path"]
             (first,), = sec_sql(db, "SELECT body FROM queue WHERE id=1")
             sec_sql(db, "UPDATE queue SET body=? WHERE id=2", (first,))
-            store = ops_store(db)
+            store = open_store(db)
             try:
                 assert store.record_of(store.one("SELECT * FROM queue WHERE id=1"))["body"] == "first"
                 with pytest.raises(ws.CryptoError):
@@ -10609,19 +10592,19 @@ class TestSealedPlaces:
             conn.executescript("BEGIN;" + ws.SCHEMA[v] + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
         conn.execute("INSERT INTO meta VALUES ('salt', ?), ('key_check', ?)", (salt.hex(), old.key_check()))
         for n in range(5):
-            rec = json.dumps({"body": "queued %d" % n, "_dedupe": "m:Q%d" % n, "_chat": OPS_ALICE})
+            rec = json.dumps({"body": "queued %d" % n, "_dedupe": "m:Q%d" % n, "_chat": KLARA})
             conn.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
                          " VALUES ('default', 'w2s', ?, ?, 'message', ?, 0, 0, 0)",
-                         (old.token("dedupe", "m:Q%d" % n), old.token("chat", OPS_ALICE), v1(rec)))
+                         (old.token("dedupe", "m:Q%d" % n), old.token("chat", KLARA), v1(rec)))
         conn.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
                      " sig_author_enc, wa_sender, created_at) VALUES ('default', 'w2s', ?, ?, ?, ?, 77, ?, ?, 0)",
                      (old.token("chat", SEC_GROUP), v1(SEC_GROUP), old.token("msg", "M1"),
-                      v1("false_%s_M1_%s" % (SEC_GROUP, OPS_CAROL)), v1(BRIDGE), old.token("jid", OPS_CAROL)))
-        original = json.dumps({"body": "group original", "sender": OPS_CAROL, "_dedupe": "m:M1", "_chat": SEC_GROUP})
+                      v1("false_%s_M1_%s" % (SEC_GROUP, MARTA)), v1(BRIDGE), old.token("jid", MARTA)))
+        original = json.dumps({"body": "group original", "sender": MARTA, "_dedupe": "m:M1", "_chat": SEC_GROUP})
         conn.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, state, next_at, created_at,"
                      " updated_at) VALUES ('default', 'w2s', ?, ?, 'message', ?, 'done', 0, 0, 0)",
                      (old.token("dedupe", "m:M1"), old.token("chat", SEC_GROUP), v1(original)))
-        conn.execute("INSERT INTO state VALUES ('default', 's2w-progress:5', '1|true_%s_X' , 0)" % OPS_BOB)
+        conn.execute("INSERT INTO state VALUES ('default', 's2w-progress:5', '1|true_%s_X' , 0)" % LUKAS)
         conn.close()
         store = ws.Store(db)     # the schema upgrade itself needs no key: the re-sealing waits for unlock
         store.close()
@@ -10631,7 +10614,7 @@ class TestSealedPlaces:
         for rid, dedupe, body in sec_sql(db, "SELECT id, dedupe, body FROM queue WHERE id <= 2"):
             bound = old.encrypt(old.decrypt_legacy(body, b""), ws.seal_context("queue", "body", "default", "w2s", dedupe))
             sec_sql(db, "UPDATE queue SET body=? WHERE id=?", (bound, rid))
-        store = ops_store(db)    # goes on where it stopped
+        store = open_store(db)    # goes on where it stopped
         try:
             assert store.meta("reseal") is None
             assert [store.record_of(r)["body"] for r in store.query("SELECT * FROM queue ORDER BY id")] == \
@@ -10640,8 +10623,8 @@ class TestSealedPlaces:
             # the author, kept only as a token before, is sealed beside it (found in its queued original), so
             # a later rotate-key can recompute the token
             mapping = store.one("SELECT * FROM messages")
-            assert store.open_row(mapping, "messages", "wa_sender_enc") == OPS_CAROL
-            assert store.state("default", "s2w-progress:5", sealed=True) == "1|true_%s_X" % OPS_BOB
+            assert store.open_row(mapping, "messages", "wa_sender_enc") == MARTA
+            assert store.state("default", "s2w-progress:5", sealed=True) == "1|true_%s_X" % LUKAS
             assert sec_sql(db, "SELECT value FROM state") == [(None,)]
             for table, (_, cols) in ws.SEALED.items():
                 for row in store.query("SELECT * FROM %s" % table):
@@ -10649,19 +10632,19 @@ class TestSealedPlaces:
                         assert row[c] is None or row[c][0] == ws.Cipher.VERSION
         finally:
             store.close()
-        assert OPS_BOB[:13].encode() not in open(db, "rb").read()
+        assert LUKAS[:13].encode() not in open(db, "rb").read()
 
 
     def test_the_upgrade_waits_until_the_older_release_has_stopped(self, tmp_path):
         db = str(tmp_path / "w.db")
-        ops_store(db).close()
+        open_store(db).close()
         sec_sql(db, "INSERT OR REPLACE INTO meta VALUES ('reseal', 'pending')")   # as right after the upgrade
         sec_sql(db, "INSERT INTO lease(name, holder, expires_at) VALUES ('serving:oldhost:7:x', 'oldhost:7:x', ?)",
                 (time.time() + 60,))
         with pytest.raises(ws.CryptoError, match="older WhatSignal is still running.*stop it first"):
-            ops_store(db)
+            open_store(db)
         sec_sql(db, "DELETE FROM lease")
-        store = ops_store(db)
+        store = open_store(db)
         try:
             assert store.meta("reseal") is None
         finally:
@@ -10672,7 +10655,7 @@ class TestRotationCoverage:
     """rotate-key recomputes every token and re-seals every sealed column the schema has."""
 
     def test_every_column_of_the_schema_is_classified(self, tmp_path):
-        store = ops_store(tmp_path / "schema.db")
+        store = open_store(tmp_path / "schema.db")
         store.close()
         schema = sec_schema_columns(str(tmp_path / "schema.db"))
         for table, columns in schema.items():
@@ -10699,12 +10682,12 @@ class TestRotationCoverage:
         h = Harness(tmp_path, raw_overrides={"bridge": {"layout": "groups"}})
         h.start()
         try:
-            h.waha.contacts[OPS_CAROL] = SEC_CAROL_NAME
-            h.waha.lids["123456789012345@lid"] = OPS_CAROL
-            assert h.webhook(sec_group_message(h, "GM1", OPS_CAROL, "group hello"))[0] == 200
+            h.waha.contacts[MARTA] = SEC_CAROL_NAME
+            h.waha.lids["123456789012345@lid"] = MARTA
+            assert h.webhook(sec_group_message(h, "GM1", MARTA, "group hello"))[0] == 200
             assert h.webhook(sec_group_message(h, "GM2", "123456789012345@lid", "hello from a lid"))[0] == 200
-            assert h.webhook(wa_message(OPS_ALICE, "DM1", "direct hello"))[0] == 200
-            assert h.webhook(wa_reaction(OPS_ALICE, "DM1", "👍", "R1"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "DM1", "direct hello"))[0] == 200
+            assert h.webhook(wa_reaction(KLARA, "DM1", "👍", "R1"))[0] == 200
             assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='pending'")[0] == 0)
             db = h.raw["database"]["path"]
             h.app.stop()
@@ -10727,7 +10710,7 @@ class TestRotationCoverage:
             for table in before:
                 assert not tokens_in(table) & old, "%s still holds a token of the old key" % table
             # and every sealed value opens with the new key in its place
-            store = ops_store(db, OPS_NEW_SECRET)
+            store = open_store(db, NEW_SECRET)
             try:
                 for table, (_, cols) in ws.SEALED.items():
                     for row in store.query("SELECT * FROM %s" % table):
@@ -10741,35 +10724,35 @@ class TestRotationCoverage:
     def test_edit_of_a_group_message_bridged_before_rotation_still_reaches_signal(self, tmp_path, capsys):
         h = Harness(tmp_path).start()
         try:
-            assert h.webhook(sec_group_message(h, "ED1", OPS_CAROL, "before rotation"))[0] == 200
+            assert h.webhook(sec_group_message(h, "ED1", MARTA, "before rotation"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 1)
             sec_rotate(capsys, h, tmp_path)
             h.start()
-            assert h.webhook(sec_group_edit(h, "ED1", OPS_CAROL, "edited after rotation", "ED2"))[0] == 200
+            assert h.webhook(sec_group_edit(h, "ED1", MARTA, "edited after rotation", "ED2"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 2)
             assert h.signal.sent()[1].get("editTimestamp") == h.signal.requests("send")[0]["timestamp"]
             assert h.signal.sent()[1]["message"].endswith("edited after rotation")
             assert h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 0
             # someone else still cannot edit it
-            assert h.webhook(sec_group_edit(h, "ED1", OPS_BOB, "forged", "ED3"))[0] == 200
+            assert h.webhook(sec_group_edit(h, "ED1", LUKAS, "forged", "ED3"))[0] == 200
             assert eventually(lambda: h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 1)
         finally:
             h.stop()
 
     def test_media_cached_by_an_older_release_survives_rotation(self, tmp_path, capsys):
         h = Harness(tmp_path)
-        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # Signal is down: the photo waits, prefetched
+        h.raw["signal"]["rpcUrl"] = DEAD_URL      # Signal is down: the photo waits, prefetched
         h.start()
         try:
-            url = h.waha.add_file("photo.jpg", W2S_JPEG, "image/jpeg")
-            assert h.webhook(wa_image(OPS_ALICE, "OLDPH1", url))[0] == 200
+            url = h.waha.add_file("photo.jpg", JPEG_BYTES, "image/jpeg")
+            assert h.webhook(wa_image(KLARA, "OLDPH1", url))[0] == 200
             cache = h.raw["media"]["cacheDir"]
             assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
             h.waha.files.clear()                      # WAHA's copy expired meanwhile
             h.app.stop()
             h.app = None
             # as a release before schema 5 named it: after the item's dedupe token
-            (dedupe,), = ops_sql(h.raw["database"]["path"], "SELECT dedupe FROM queue")
+            (dedupe,), = db_query(h.raw["database"]["path"], "SELECT dedupe FROM queue")
             os.replace(os.path.join(cache, os.listdir(cache)[0]), os.path.join(cache, "m-%s.jpg" % dedupe))
             sec_rotate(capsys, h, tmp_path)
             h.raw["signal"]["rpcUrl"] = h.signal.url
@@ -10783,11 +10766,11 @@ class TestRotationCoverage:
 
     def test_prefetched_media_survives_rotation_and_leaves_no_plaintext_behind(self, tmp_path, capsys):
         h = Harness(tmp_path)
-        h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # Signal is down: the photo waits, prefetched
+        h.raw["signal"]["rpcUrl"] = DEAD_URL      # Signal is down: the photo waits, prefetched
         h.start()
         try:
-            url = h.waha.add_file("photo.jpg", W2S_JPEG, "image/jpeg")
-            assert h.webhook(wa_image(OPS_ALICE, "PH1", url))[0] == 200
+            url = h.waha.add_file("photo.jpg", JPEG_BYTES, "image/jpeg")
+            assert h.webhook(wa_image(KLARA, "PH1", url))[0] == 200
             cache = h.raw["media"]["cacheDir"]
             assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
             h.waha.files.clear()                      # WAHA's copy expired meanwhile
@@ -10815,20 +10798,20 @@ class TestAtRest:
     def test_progress_of_a_message_sent_in_parts_is_sealed(self, tmp_path):
         h = Harness(tmp_path).start()
         try:
-            assert h.webhook(wa_message(OPS_ALICE, "PP1", "send me both"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "PP1", "send me both"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 1)
-            h.signal.attachments["first.jpg"] = W2S_JPEG        # the second attachment cannot be fetched
+            h.signal.attachments["first.jpg"] = JPEG_BYTES        # the second attachment cannot be fetched
             h.signal.push(owner_env(int(time.time() * 1000), "two photos", attachments=[
-                {"contentType": "image/jpeg", "id": "first.jpg", "size": len(W2S_JPEG)},
-                {"contentType": "image/jpeg", "id": "missing.jpg", "size": len(W2S_JPEG)}]))
+                {"contentType": "image/jpeg", "id": "first.jpg", "size": len(JPEG_BYTES)},
+                {"contentType": "image/jpeg", "id": "missing.jpg", "size": len(JPEG_BYTES)}]))
             assert h.waha.wait_for(lambda f: len(f.sent()) == 1)
             db = h.raw["database"]["path"]
-            assert eventually(lambda: ops_sql(db, "SELECT COUNT(*) FROM state WHERE key LIKE 's2w-progress:%'")[0][0] == 1)
+            assert eventually(lambda: db_query(db, "SELECT COUNT(*) FROM state WHERE key LIKE 's2w-progress:%'")[0][0] == 1)
             h.app.stop()
             h.app = None
-            data = core_db_bytes(db)
-            assert OPS_ALICE.split("@")[0].encode() not in data
-            assert ops_sql(db, "SELECT value FROM state WHERE key LIKE 's2w-progress:%'") == [(None,)]
+            data = db_bytes(db)
+            assert KLARA.split("@")[0].encode() not in data
+            assert db_query(db, "SELECT value FROM state WHERE key LIKE 's2w-progress:%'") == [(None,)]
         finally:
             h.stop()
 
@@ -10836,12 +10819,12 @@ class TestAtRest:
         old = os.umask(0o022)
         try:
             h = Harness(tmp_path)
-            h.raw["signal"]["rpcUrl"] = OPS_DEAD_URL      # the photo waits in the cache
+            h.raw["signal"]["rpcUrl"] = DEAD_URL      # the photo waits in the cache
             h.raw["database"]["path"] = str(tmp_path / "data" / "whatsignal.db")
             h.start()
             try:
-                url = h.waha.add_file("p.jpg", W2S_JPEG, "image/jpeg")
-                assert h.webhook(wa_image(OPS_ALICE, "PRV1", url))[0] == 200
+                url = h.waha.add_file("p.jpg", JPEG_BYTES, "image/jpeg")
+                assert h.webhook(wa_image(KLARA, "PRV1", url))[0] == 200
                 cache = h.raw["media"]["cacheDir"]
                 assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
                 db = h.raw["database"]["path"]
@@ -10866,7 +10849,7 @@ class TestAtRest:
     def test_verify_and_status_warn_when_others_can_read(self, tmp_path, capsys):
         h = Harness(tmp_path).start()
         try:
-            assert h.webhook(wa_message(OPS_ALICE, "WR1", "hello there"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "WR1", "hello there"))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 1)
             db, cache = h.raw["database"]["path"], h.raw["media"]["cacheDir"]
             os.makedirs(cache, exist_ok=True)
@@ -10888,14 +10871,14 @@ class TestAtRest:
         h = Harness(tmp_path, clock=clock.time).start()
         try:
             h.signal.mode = "down"                        # Signal stays down until the item expires
-            url = h.waha.add_file("p.jpg", W2S_JPEG, "image/jpeg")
-            assert h.webhook(wa_image(OPS_ALICE, "DIE1", url))[0] == 200
+            url = h.waha.add_file("p.jpg", JPEG_BYTES, "image/jpeg")
+            assert h.webhook(wa_image(KLARA, "DIE1", url))[0] == 200
             cache = h.raw["media"]["cacheDir"]
             assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
             db = h.raw["database"]["path"]
-            assert eventually(lambda: ops_sql(db, "SELECT attempts FROM queue")[0][0] >= 1)
-            ops_kick(h, clock, 25 * 3600)                 # past bridge.expireAfterHours: the item dies
-            assert eventually(lambda: ops_sql(db, "SELECT state FROM queue")[0][0] == "dead")
+            assert eventually(lambda: db_query(db, "SELECT attempts FROM queue")[0][0] >= 1)
+            kick(h, clock, 25 * 3600)                 # past bridge.expireAfterHours: the item dies
+            assert eventually(lambda: db_query(db, "SELECT state FROM queue")[0][0] == "dead")
             assert eventually(lambda: os.listdir(cache) == [])
         finally:
             h.stop()
@@ -10923,7 +10906,7 @@ class TestLeaseFencing:
             assert not second.lease.leader.is_set(), "a wall-clock step handed over a lease that is renewed"
             assert h.app.lease.leader.is_set()
             for n in range(6):   # (stored by the instance whose clock is right: the other's would date them ahead)
-                assert h.webhook(wa_message(OPS_ALICE, "STEP%d" % n, "stepped %d" % n))[0] == 200
+                assert h.webhook(wa_message(KLARA, "STEP%d" % n, "stepped %d" % n))[0] == 200
             assert eventually(lambda: len(h.texts()) == 6)
             assert sorted(s.split(": ", 1)[1] for s in h.texts()) == ["stepped %d" % n for n in range(6)]
             assert second.metrics.get("whatsignal_messages_processed_total", direction="w2s", kind="text",
@@ -10944,30 +10927,30 @@ class TestLeaseFencing:
             leader = h.app.lease.leader
             d = ws.Deliverer(h.app.bridge, "w2s", leader)
             db = h.raw["database"]["path"]
-            holder, generation = ops_sql(db, "SELECT holder, generation FROM lease WHERE name='delivery'")[0]
+            holder, generation = db_query(db, "SELECT holder, generation FROM lease WHERE name='delivery'")[0]
             assert holder == h.app.lease.holder
-            assert h.webhook(wa_message(OPS_ALICE, "FEN1", "fenced"))[0] == 200
+            assert h.webhook(wa_message(KLARA, "FEN1", "fenced"))[0] == 200
             # another instance took the lease while this one was paused (it has not noticed yet)
             sec_sql(db, "UPDATE lease SET holder='otherhost:1:b', generation=generation+1, beat=beat+1"
                         " WHERE name='delivery'")
             assert leader.is_set()                 # its own monotonic deadline has not passed
             d.run_once()
             assert h.texts() == []                 # no send it cannot prove it may make
-            item = ops_sql(db, "SELECT id FROM queue WHERE direction='w2s'")[0][0]
+            item = db_query(db, "SELECT id FROM queue WHERE direction='w2s'")[0][0]
             with pytest.raises(ws.LeaseLost):       # nor any delivery recorded
                 h.app.store.finish(item, "done", time.time(), fence=leader.fence)
-            assert ops_sql(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("pending",)]
+            assert db_query(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("pending",)]
             # the lease comes back (same generation): delivered exactly once
             sec_sql(db, "UPDATE lease SET holder=?, generation=? WHERE name='delivery'", (holder, generation))
             d.run_once()
             assert [s.endswith("fenced") for s in h.texts()] == [True]
-            assert ops_sql(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("done",)]
+            assert db_query(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("done",)]
         finally:
             h.stop()
 
     def test_the_holder_stops_by_itself_when_it_cannot_renew(self, tmp_path):
         mono = FakeClock(start=1000.0)
-        store = ops_store(tmp_path / "l.db")
+        store = open_store(tmp_path / "l.db")
         try:
             keeper = ws.LeaseKeeper(store, ws.Log("error", stream=io.StringIO()), ws.new_metrics(), holder="A",
                                     seconds=15.0, monotonic=mono.time)
@@ -10987,34 +10970,17 @@ class TestLeaseFencing:
 # The fakes speak the upstream contracts ######################################
 ###############################################################################
 
-FK_FIXTURES = FIXTURES
-FK_ALICE = "+15550000002"
-OWNER_UUID = "a1b2c3d4-e5f6-4a1b-9c2d-3e4f5a6b7c8d"
-FK_BOB = "+15550000003"
-FK_ME = "+15550000001"
-FK_PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
-FK_JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
+TINY_PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+TINY_JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
 
 
-def fk_fixture(name, default=None):
-    path = os.path.join(FK_FIXTURES, name)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    return default
+TEXT_ENVELOPE = fixture("signal-envelope-text-current-derived.json")
 
 
-FK_TEXT_RECEIVE = fk_fixture("signal-envelope-text-current-derived.json", {
-    "envelope": {"source": FK_ALICE, "sourceNumber": FK_ALICE, "sourceUuid": OWNER_UUID, "sourceName": "Alice",
-                 "sourceDevice": 1, "timestamp": 1767225600123, "dataMessage": {
-                     "timestamp": 1767225600123, "message": "Hello from Signal"}},
-    "account": FK_ME})
+WAHA_AUTH = {"X-Api-Key": "waha-key"}
 
 
-FK_KEY = {"X-Api-Key": "waha-key"}
-
-
-def fk_running(fake):
+def running_fake(fake):
     """Run *fake* for one test; afterwards it must have met no internal error of its own."""
     fake.start()
     yield fake
@@ -11023,162 +10989,162 @@ def fk_running(fake):
 
 
 @pytest.fixture
-def fk_waha():
-    yield from fk_running(FakeWaha())
+def waha_fake():
+    yield from running_fake(FakeWaha())
 
 
 @pytest.fixture
-def fk_daemon():
-    yield from fk_running(FakeSignalDaemon())
+def daemon_fake():
+    yield from running_fake(FakeSignalDaemon())
 
 
 @pytest.fixture
-def fk_rest():
-    yield from fk_running(FakeSignalRest())
+def rest_fake():
+    yield from running_fake(FakeSignalRest())
 
 
 @pytest.fixture
-def fk_rest_ws():
-    yield from fk_running(FakeSignalRest(mode="json-rpc"))
+def rest_ws_fake():
+    yield from running_fake(FakeSignalRest(mode="json-rpc"))
 
 
 # ============================================================================================
 # WAHA
 # ============================================================================================
 
-def test_fakes_waha_auth_ping_health(fk_waha):
-    assert re.match(r"^http://127\.0\.0\.1:\d+$", fk_waha.url)
-    st, _, _, js = http_request(fk_waha.url, "GET", "/ping")
+def test_fakes_waha_auth_ping_health(waha_fake):
+    assert re.match(r"^http://127\.0\.0\.1:\d+$", waha_fake.url)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/ping")
     assert (st, js) == (200, {"message": "pong"})
-    st, _, _, js = http_request(fk_waha.url, "GET", "/health")
+    st, _, _, js = http_request(waha_fake.url, "GET", "/health")
     assert (st, js) == (401, {"message": "Unauthorized", "statusCode": 401})
-    st, _, _, js = http_request(fk_waha.url, "GET", "/health", headers={"X-Api-Key": "wrong"})
+    st, _, _, js = http_request(waha_fake.url, "GET", "/health", headers={"X-Api-Key": "wrong"})
     assert st == 401
-    st, _, _, js = http_request(fk_waha.url, "GET", "/health", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/health", headers=WAHA_AUTH)
     assert (st, js) == (200, {})
-    st, _, _, _ = http_request(fk_waha.url, "GET", "/health?x-api-key=waha-key")
+    st, _, _, _ = http_request(waha_fake.url, "GET", "/health?x-api-key=waha-key")
     assert st == 200
-    call = fk_waha.calls[-1]
+    call = waha_fake.calls[-1]
     assert set(["method", "path", "query", "headers", "json"]) <= set(call)
     assert call["query"] == {"x-api-key": "waha-key"}
 
 
-def test_fakes_waha_send_text_seen_typing(fk_waha):
+def test_fakes_waha_send_text_seen_typing(waha_fake):
     body = {"chatId": "15550000002@c.us", "text": "hi", "session": "default"}
-    st, r, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    st, r, _, js = http_request(waha_fake.url, "POST", "/api/sendText", body, WAHA_AUTH)
     assert st == 201 and r.get("Content-Type").startswith("application/json")
     assert re.match(r"^true_15550000002@c\.us_[0-9A-F]{20}$", js["id"]) and js["_data"] == {}
-    assert fk_waha.calls[-1]["headers"]["x-api-key"] == "waha-key"   # case-insensitive headers
-    assert fk_waha.calls[-1]["headers"]["X-API-KEY"] == "waha-key"
+    assert waha_fake.calls[-1]["headers"]["x-api-key"] == "waha-key"   # case-insensitive headers
+    assert waha_fake.calls[-1]["headers"]["X-API-KEY"] == "waha-key"
     group = {"chatId": "120363025555555555@g.us", "text": "g", "session": "default", "reply_to": None}
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", group, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", group, WAHA_AUTH)
     assert st == 201 and re.match(r"^true_120363025555555555@g\.us_[0-9A-F]{20}_15550000001@c\.us$", js["id"])
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendSeen",
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendSeen",
                            {"chatId": "15550000002@c.us", "session": "default",
-                            "messageIds": ["false_15550000002@c.us_AAA"]}, FK_KEY)
+                            "messageIds": ["false_15550000002@c.us_AAA"]}, WAHA_AUTH)
     assert (st, js) == (201, {})
     for p in ("/api/startTyping", "/api/stopTyping"):
-        st, _, _, js = http_request(fk_waha.url, "POST", p, {"chatId": "15550000002@c.us", "session": "default"}, FK_KEY)
+        st, _, _, js = http_request(waha_fake.url, "POST", p, {"chatId": "15550000002@c.us", "session": "default"}, WAHA_AUTH)
         assert (st, js) == (201, {"result": True})
-    assert fk_waha.sent() == [body, group]
-    assert fk_waha.sent("text") == [body, group] == fk_waha.sent("sendText")
-    assert len(fk_waha.sent("seen")) == 1 and fk_waha.sent("image") == []
+    assert waha_fake.sent() == [body, group]
+    assert waha_fake.sent("text") == [body, group] == waha_fake.sent("sendText")
+    assert len(waha_fake.sent("seen")) == 1 and waha_fake.sent("image") == []
 
 
-def test_fakes_waha_send_validation_and_media(fk_waha):
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"text": "x", "session": "default"}, FK_KEY)
+def test_fakes_waha_send_validation_and_media(waha_fake):
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", {"text": "x", "session": "default"}, WAHA_AUTH)
     assert st == 400 and js["statusCode"] == 400 and js["error"] == "Bad Request" and isinstance(js["message"], list)
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x"}, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x"}, WAHA_AUTH)
     assert st == 400 and any("session" in m for m in js["message"])
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", b"{not json", {**FK_KEY, "Content-Type": "application/json"})
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", b"{not json", {**WAHA_AUTH, "Content-Type": "application/json"})
     assert st == 400 and js["statusCode"] == 400
     img = {"chatId": "15550000002@c.us", "session": "default", "caption": "c",
            "file": {"mimetype": "image/jpeg", "filename": "a.jpg"}}
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendImage", img, WAHA_AUTH)
     assert st == 400
-    img["file"]["data"] = "data:image/jpeg;base64," + base64.b64encode(FK_JPEG).decode()
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    img["file"]["data"] = "data:image/jpeg;base64," + base64.b64encode(TINY_JPEG).decode()
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendImage", img, WAHA_AUTH)
     assert st == 400 and any("data URI" in m for m in js["message"])
-    img["file"]["data"] = base64.b64encode(FK_JPEG).decode()
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendImage", img, FK_KEY)
+    img["file"]["data"] = base64.b64encode(TINY_JPEG).decode()
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendImage", img, WAHA_AUTH)
     assert st == 201 and js["id"].startswith("true_15550000002@c.us_")
-    assert fk_waha.calls[-1]["file_bytes"] == FK_JPEG
+    assert waha_fake.calls[-1]["file_bytes"] == TINY_JPEG
     voice = {"chatId": "15550000002@c.us", "session": "default",
              "file": {"mimetype": "audio/ogg; codecs=opus", "url": "http://x/v.ogg"}}
-    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "POST", "/api/sendVoice", voice, WAHA_AUTH)
     assert st == 400  # convert is required
     voice["convert"] = False
-    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendVoice", voice, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "POST", "/api/sendVoice", voice, WAHA_AUTH)
     assert st == 201
     doc = {"chatId": "15550000002@c.us", "session": "default",
            "file": {"mimetype": "application/pdf", "filename": "a.pdf", "data": base64.b64encode(b"%PDF-1").decode()}}
-    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendFile", doc, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "POST", "/api/sendFile", doc, WAHA_AUTH)
     assert st == 201
-    assert [b["chatId"] for b in fk_waha.sent()] == ["15550000002@c.us"] * 3
-    assert fk_waha.sent("image") == [img] and fk_waha.sent("voice") == [voice] and fk_waha.sent("file") == [doc]
+    assert [b["chatId"] for b in waha_fake.sent()] == ["15550000002@c.us"] * 3
+    assert waha_fake.sent("image") == [img] and waha_fake.sent("voice") == [voice] and waha_fake.sent("file") == [doc]
 
 
-def test_fakes_waha_reaction_edit_delete(fk_waha):
+def test_fakes_waha_reaction_edit_delete(waha_fake):
     r = {"messageId": "false_15550000002@c.us_3EB0AAAA", "reaction": "\U0001F44D", "session": "default"}
-    st, _, _, js = http_request(fk_waha.url, "PUT", "/api/reaction", r, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "PUT", "/api/reaction", r, WAHA_AUTH)
     assert st == 200 and js["id"].startswith("true_15550000002@c.us_") and js["_data"] == {}
-    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/reaction", r, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "POST", "/api/reaction", r, WAHA_AUTH)
     assert st == 404
     g = {"messageId": "false_120363025555555555@g.us_3EB0BBBB", "reaction": "", "session": "default"}
-    st, _, _, _ = http_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "PUT", "/api/reaction", g, WAHA_AUTH)
     assert st == 400  # group message id without _participant
     g["messageId"] += "_15550000004@c.us"
-    st, _, _, _ = http_request(fk_waha.url, "PUT", "/api/reaction", g, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "PUT", "/api/reaction", g, WAHA_AUTH)
     assert st == 200
     path = "/api/default/chats/15550000002%40c.us/messages/true_15550000002%40c.us_3EB0CCCC"
-    st, _, _, js = http_request(fk_waha.url, "PUT", path, {"text": "edited"}, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "PUT", path, {"text": "edited"}, WAHA_AUTH)
     assert st == 200 and "id" in js
-    call = fk_waha.calls[-1]
+    call = waha_fake.calls[-1]
     assert call["path"] == path and call["chatId"] == "15550000002@c.us"
     assert call["messageId"] == "true_15550000002@c.us_3EB0CCCC" and call["json"] == {"text": "edited"}
-    st, _, _, _ = http_request(fk_waha.url, "PUT", path, {"nope": 1}, FK_KEY)
+    st, _, _, _ = http_request(waha_fake.url, "PUT", path, {"nope": 1}, WAHA_AUTH)
     assert st == 400
-    st, _, _, _ = http_request(fk_waha.url, "DELETE", path, headers=FK_KEY)
-    assert st == 200 and fk_waha.calls[-1]["method"] == "DELETE" and fk_waha.calls[-1]["chatId"] == "15550000002@c.us"
+    st, _, _, _ = http_request(waha_fake.url, "DELETE", path, headers=WAHA_AUTH)
+    assert st == 200 and waha_fake.calls[-1]["method"] == "DELETE" and waha_fake.calls[-1]["chatId"] == "15550000002@c.us"
 
 
-def test_fakes_waha_contacts_lids_sessions(fk_waha):
-    fk_waha.contacts["15550000002@c.us"] = "Alice"
-    fk_waha.lids["123456@lid"] = "15550000002@c.us"
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000002%40c.us&session=default", headers=FK_KEY)
+def test_fakes_waha_contacts_lids_sessions(waha_fake):
+    waha_fake.contacts["15550000002@c.us"] = "Alice"
+    waha_fake.lids["123456@lid"] = "15550000002@c.us"
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/contacts?contactId=15550000002%40c.us&session=default", headers=WAHA_AUTH)
     assert st == 200 and js["id"] == "15550000002@c.us" and js["name"] == "Alice" and js["number"] == "15550000002"
     assert {"pushname", "isMe", "isGroup"} <= set(js)
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/contacts?contactId=15550000009&session=default", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/contacts?contactId=15550000009&session=default", headers=WAHA_AUTH)
     assert st == 200 and js["id"] == "15550000009@c.us" and js["name"] is None
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/default/lids/123456%40lid", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/default/lids/123456%40lid", headers=WAHA_AUTH)
     assert (st, js) == (200, {"lid": "123456@lid", "pn": "15550000002@c.us"})
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/default/lids/999%40lid", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/default/lids/999%40lid", headers=WAHA_AUTH)
     assert js == {"lid": "999@lid", "pn": None}
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/sessions/default", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/sessions/default", headers=WAHA_AUTH)
     assert st == 200 and js["name"] == "default" and js["status"] == "WORKING" and js["config"] is None
     assert js["engine"] == {"engine": "GOWS"} and js["me"]["id"] == "15550000001@c.us"
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/sessions/nope", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/sessions/nope", headers=WAHA_AUTH)
     assert st == 404 and js["statusCode"] == 404
-    fk_waha.session_status = "STARTING"
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText",
-                           {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
+    waha_fake.session_status = "STARTING"
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText",
+                           {"chatId": "1@c.us", "text": "x", "session": "default"}, WAHA_AUTH)
     assert st == 422 and js["expected"] == ["WORKING"] and js["status"] == "STARTING" and js["session"] == "default"
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "other"}, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "other"}, WAHA_AUTH)
     assert st == 404
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sessions/default/restart", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sessions/default/restart", headers=WAHA_AUTH)
     assert (st, js["name"], js["status"]) == (201, "default", "STARTING")
-    assert fk_waha.session_status == "WORKING"
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sessions/default/start", headers=FK_KEY)
+    assert waha_fake.session_status == "WORKING"
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sessions/default/start", headers=WAHA_AUTH)
     assert st == 201
-    assert len(fk_waha.calls_for("/api/sessions/default/", "POST")) == 2
-    st, _, _, _ = http_request(fk_waha.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "default"}, FK_KEY)
+    assert len(waha_fake.calls_for("/api/sessions/default/", "POST")) == 2
+    st, _, _, _ = http_request(waha_fake.url, "POST", "/api/sendText", {"chatId": "1@c.us", "text": "x", "session": "default"}, WAHA_AUTH)
     assert st == 201
 
 
-def test_fakes_waha_history_polls_and_participants(fk_waha):
-    q = lambda path: http_request(fk_waha.url, "GET", path, headers=FK_KEY)
+def test_fakes_waha_history_polls_and_participants(waha_fake):
+    q = lambda path: http_request(waha_fake.url, "GET", path, headers=WAHA_AUTH)
     for i, (chat, ts) in enumerate((("1@c.us", 100), ("1@c.us", 300), ("2@c.us", 200))):
-        fk_waha.remember({"id": "false_%s_M%d" % (chat, i), "timestamp": ts, "fromMe": False, "source": "app",
+        waha_fake.remember({"id": "false_%s_M%d" % (chat, i), "timestamp": ts, "fromMe": False, "source": "app",
                           "body": "m%d" % i, "media": {"url": "u"}})
     st, _, _, js = q("/api/default/chats?sortBy=conversationTimestamp&sortOrder=desc&limit=5")
     assert st == 200 and js == [{"id": "1@c.us", "name": None, "conversationTimestamp": 300},
@@ -11192,66 +11158,66 @@ def test_fakes_waha_history_polls_and_participants(fk_waha):
     assert [m["body"] for m in q("/api/default/chats/1%40c.us/messages?sortOrder=asc&limit=1")[3]] == ["m0"]
     assert q("/api/default/chats/1%40c.us/messages?limit=x")[0] == 400
     assert q("/api/other/chats")[0] == 404
-    fk_waha.participants["9@g.us"] = ["1@c.us", "2@lid"]
+    waha_fake.participants["9@g.us"] = ["1@c.us", "2@lid"]
     assert q("/api/default/groups/9%40g.us/participants/v2")[3] == [{"id": "1@c.us", "role": "participant"},
                                                                    {"id": "2@lid", "role": "participant"}]
     vote = {"chatId": "1@c.us", "pollMessageId": "false_1@c.us_P1", "votes": ["Yes"], "session": "default"}
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendPollVote", vote, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendPollVote", vote, WAHA_AUTH)
     assert st == 201 and js["id"].startswith("true_1@c.us_")
-    assert http_request(fk_waha.url, "POST", "/api/sendPollVote", dict(vote, votes="Yes"), FK_KEY)[0] == 400
-    fk_waha.poll_votes = False
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendPollVote", vote, FK_KEY)
+    assert http_request(waha_fake.url, "POST", "/api/sendPollVote", dict(vote, votes="Yes"), WAHA_AUTH)[0] == 400
+    waha_fake.poll_votes = False
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendPollVote", vote, WAHA_AUTH)
     assert st == 422 and "available only in Plus" in js["message"]
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText",
-                                {"chatId": "9@g.us", "text": "@1", "session": "default", "mentions": "1@c.us"}, FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText",
+                                {"chatId": "9@g.us", "text": "@1", "session": "default", "mentions": "1@c.us"}, WAHA_AUTH)
     assert st == 400 and "mentions must be an array of strings" in js["message"]
 
 
-def test_fakes_waha_files(fk_waha):
-    url = fk_waha.add_file("ABC.jpeg", FK_JPEG, "image/jpeg")
-    assert url == fk_waha.url + "/api/files/default/ABC.jpeg"
-    st, r, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg", headers=FK_KEY)
-    assert st == 200 and raw == FK_JPEG and r.get("Content-Type") == "image/jpeg"
-    assert r.get("Content-Length") == str(len(FK_JPEG))
-    st, _, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg?x-api-key=waha-key")
-    assert st == 200 and raw == FK_JPEG
-    st, _, _, _ = http_request(fk_waha.url, "GET", "/api/files/default/ABC.jpeg")
+def test_fakes_waha_files(waha_fake):
+    url = waha_fake.add_file("ABC.jpeg", TINY_JPEG, "image/jpeg")
+    assert url == waha_fake.url + "/api/files/default/ABC.jpeg"
+    st, r, raw, _ = http_request(waha_fake.url, "GET", "/api/files/default/ABC.jpeg", headers=WAHA_AUTH)
+    assert st == 200 and raw == TINY_JPEG and r.get("Content-Type") == "image/jpeg"
+    assert r.get("Content-Length") == str(len(TINY_JPEG))
+    st, _, raw, _ = http_request(waha_fake.url, "GET", "/api/files/default/ABC.jpeg?x-api-key=waha-key")
+    assert st == 200 and raw == TINY_JPEG
+    st, _, _, _ = http_request(waha_fake.url, "GET", "/api/files/default/ABC.jpeg")
     assert st == 401
-    st, _, _, js = http_request(fk_waha.url, "GET", "/api/files/default/missing.jpeg", headers=FK_KEY)
+    st, _, _, js = http_request(waha_fake.url, "GET", "/api/files/default/missing.jpeg", headers=WAHA_AUTH)
     assert st == 404 and js == {"error": {"code": 404, "key": "FILE_NOT_FOUND", "message": "File not found",
                                           "details": "File not found or no longer available"}}
-    fk_waha.files["/api/files/default/R.jpeg"] = {"redirect_to": "http://169.254.169.254/latest"}
-    st, r, _, _ = http_request(fk_waha.url, "GET", "/api/files/default/R.jpeg", headers=FK_KEY)
+    waha_fake.files["/api/files/default/R.jpeg"] = {"redirect_to": "http://169.254.169.254/latest"}
+    st, r, _, _ = http_request(waha_fake.url, "GET", "/api/files/default/R.jpeg", headers=WAHA_AUTH)
     assert st == 302 and r.get("Location") == "http://169.254.169.254/latest"
-    fk_waha.files["/api/files/default/BIG.jpeg"] = {"body": b"0123456789", "content_type": "image/jpeg",
+    waha_fake.files["/api/files/default/BIG.jpeg"] = {"body": b"0123456789", "content_type": "image/jpeg",
                                                  "lie_length": 10_000_000}
-    c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
-    c.request("GET", "/api/files/default/BIG.jpeg", headers=FK_KEY)
+    c = http.client.HTTPConnection("127.0.0.1", waha_fake.port, timeout=5)
+    c.request("GET", "/api/files/default/BIG.jpeg", headers=WAHA_AUTH)
     r = c.getresponse()
     assert r.status == 200 and r.getheader("Content-Length") == "10000000"
     with pytest.raises(http.client.IncompleteRead):
         r.read()
     c.close()
-    fk_waha.files["/api/files/default/N.oga"] = {"body": b"x" * 100, "content_type": "audio/ogg", "no_length": True}
-    st, r, raw, _ = http_request(fk_waha.url, "GET", "/api/files/default/N.oga", headers=FK_KEY)
+    waha_fake.files["/api/files/default/N.oga"] = {"body": b"x" * 100, "content_type": "audio/ogg", "no_length": True}
+    st, r, raw, _ = http_request(waha_fake.url, "GET", "/api/files/default/N.oga", headers=WAHA_AUTH)
     assert st == 200 and r.get("Content-Length") is None and raw == b"x" * 100
 
 
-def test_fakes_waha_fault_modes(fk_waha):
+def test_fakes_waha_fault_modes(waha_fake):
     body = {"chatId": "1@c.us", "text": "x", "session": "default"}
-    fk_waha.mode = "down"
+    waha_fake.mode = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
-    assert fk_waha.calls[-1]["status"] == "dropped"
-    fk_waha.mode = "error"
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+        http_request(waha_fake.url, "POST", "/api/sendText", body, WAHA_AUTH)
+    assert waha_fake.calls[-1]["status"] == "dropped"
+    waha_fake.mode = "error"
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", body, WAHA_AUTH)
     assert st == 500 and js["statusCode"] == 500 and js["request"]["path"] == "/api/sendText"
     assert js["request"]["method"] == "POST" and "timestamp" in js and "exception" in js
-    fk_waha.mode = "session_not_working"
-    st, _, _, js = http_request(fk_waha.url, "POST", "/api/sendText", body, FK_KEY)
+    waha_fake.mode = "session_not_working"
+    st, _, _, js = http_request(waha_fake.url, "POST", "/api/sendText", body, WAHA_AUTH)
     assert st == 422 and js["error"].startswith("Session status is not as expected")
-    fk_waha.mode = "ok"
-    assert fk_waha.sent() == []
+    waha_fake.mode = "ok"
+    assert waha_fake.sent() == []
 
 
 def test_fakes_waha_slow_is_interrupted_by_stop():
@@ -11261,7 +11227,7 @@ def test_fakes_waha_slow_is_interrupted_by_stop():
 
     def client():
         try:
-            outcome.append(http_request(f.url, "GET", "/health", headers=FK_KEY, timeout=10)[0])
+            outcome.append(http_request(f.url, "GET", "/health", headers=WAHA_AUTH, timeout=10)[0])
         except Exception as e:  # noqa: BLE001 - any failure is the expected outcome
             outcome.append(e)
 
@@ -11275,7 +11241,7 @@ def test_fakes_waha_slow_is_interrupted_by_stop():
     assert outcome and isinstance(outcome[0], Exception)
 
 
-def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
+def test_fakes_waha_hmac_vector_and_webhook(waha_fake):
     vector = ("208f8a55dde9e05519e898b10b89bf0d0b3b0fdf11fdbf09b6b90476301b98d8097c462b2b17a6ce93b6b4"
               "7a136cf2e78a33a63f6752c2c1631777076153fa89")
     assert FakeWaha.sign(b'{"event":"message","session":"default","engine":"WEBJS"}', "my-secret-key") == vector
@@ -11302,11 +11268,11 @@ def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
     th.start()
     try:
         url = "http://127.0.0.1:%d/waha?x=1" % srv.server_address[1]
-        ev = fk_waha.event("message", {"id": "false_15550000002@c.us_AAA", "body": "h\u00e9llo", "fromMe": False})
+        ev = waha_fake.event("message", {"id": "false_15550000002@c.us_AAA", "body": "h\u00e9llo", "fromMe": False})
         assert re.match(r"^evt_[0-9a-hjkmnp-tv-z]{26}$", ev["id"]) and len(str(ev["timestamp"])) == 13
         assert {"session", "engine", "environment", "me", "payload"} <= set(ev)
         before = int(time.time() * 1000)
-        status, resp = fk_waha.webhook(url, ev, "sekret")
+        status, resp = waha_fake.webhook(url, ev, "sekret")
         assert (status, resp) == (200, {"ok": True})
         path, hdrs, body = got[-1]
         hdrs = {k.lower(): v for k, v in hdrs.items()}
@@ -11317,7 +11283,7 @@ def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
                                    hmac.new(b"sekret", body, hashlib.sha512).hexdigest())
         assert before - 1000 <= int(hdrs["x-webhook-timestamp"]) <= int(time.time() * 1000) + 1000
         assert hdrs["x-webhook-request-id"]
-        status, _ = fk_waha.webhook(url, b'{"raw":1}', None, headers={"X-Extra": "1", "User-Agent": None})
+        status, _ = waha_fake.webhook(url, b'{"raw":1}', None, headers={"X-Extra": "1", "User-Agent": None})
         _, hdrs, body = got[-1]
         hdrs = {k.lower(): v for k, v in hdrs.items()}
         assert body == b'{"raw":1}' and "x-webhook-hmac" not in hdrs and hdrs["x-extra"] == "1"
@@ -11326,27 +11292,27 @@ def test_fakes_waha_hmac_vector_and_webhook(fk_waha):
         srv.server_close()
 
 
-def test_fakes_waha_keepalive_and_bounded_wait(fk_waha):
-    c = http.client.HTTPConnection("127.0.0.1", fk_waha.port, timeout=5)
+def test_fakes_waha_keepalive_and_bounded_wait(waha_fake):
+    c = http.client.HTTPConnection("127.0.0.1", waha_fake.port, timeout=5)
     for _ in range(3):
-        st, r, _, _ = http_request(fk_waha.url, "GET", "/health", headers=FK_KEY, conn=c)
+        st, r, _, _ = http_request(waha_fake.url, "GET", "/health", headers=WAHA_AUTH, conn=c)
         assert st == 200 and r.get("Connection") != "close"
     c.close()
-    assert len(fk_waha.calls) == 3
+    assert len(waha_fake.calls) == 3
     t0 = time.monotonic()
-    assert fk_waha.wait_for(lambda f: False, timeout=0.2) is False
-    assert fk_waha.wait_for(lambda f: f.calls[99]["x"], timeout=0.1) is False  # exceptions = False
+    assert waha_fake.wait_for(lambda f: False, timeout=0.2) is False
+    assert waha_fake.wait_for(lambda f: f.calls[99]["x"], timeout=0.1) is False  # exceptions = False
     assert time.monotonic() - t0 < 1.5
-    assert fk_waha.wait_for(lambda f: len(f.calls) == 3, timeout=1) is True
+    assert waha_fake.wait_for(lambda f: len(f.calls) == 3, timeout=1) is True
     # the predicate runs without the fake's lock: it may itself call the fake over HTTP
     t0 = time.monotonic()
-    assert fk_waha.wait_for(lambda f: http_request(f.url, "GET", "/health", headers=FK_KEY, timeout=2)[0] == 200, 3)
+    assert waha_fake.wait_for(lambda f: http_request(f.url, "GET", "/health", headers=WAHA_AUTH, timeout=2)[0] == 200, 3)
     assert time.monotonic() - t0 < 1.0
     # a background change wakes the waiter
     done = []
-    timer = threading.Timer(0.1, lambda: done.append(http_request(fk_waha.url, "GET", "/ping")[0]))
+    timer = threading.Timer(0.1, lambda: done.append(http_request(waha_fake.url, "GET", "/ping")[0]))
     timer.start()
-    assert fk_waha.wait_for(lambda f: f.calls[-1]["path"] == "/ping", 3)
+    assert waha_fake.wait_for(lambda f: f.calls[-1]["path"] == "/ping", 3)
     timer.join(3)
     assert done == [200]
 
@@ -11355,7 +11321,7 @@ def test_fakes_waha_keepalive_and_bounded_wait(fk_waha):
 # signal-cli daemon
 # ============================================================================================
 
-def fk_rpc(fake, method, params=None, rid=1, headers=None):
+def rpc_call(fake, method, params=None, rid=1, headers=None):
     body = {"jsonrpc": "2.0", "method": method, "id": rid}
     if params is not None:
         body["params"] = params
@@ -11365,131 +11331,131 @@ def fk_rpc(fake, method, params=None, rid=1, headers=None):
     return js
 
 
-def test_fakes_daemon_send_shapes_and_attachments(fk_daemon):
-    js = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "hi"})
+def test_fakes_daemon_send_shapes_and_attachments(daemon_fake):
+    js = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "hi"})
     res = js["result"]
     assert isinstance(res["timestamp"], int) and len(str(res["timestamp"])) == 13
-    assert res["results"] == [{"recipientAddress": {"uuid": OWNER_UUID, "number": FK_ALICE, "username": None},
+    assert res["results"] == [{"recipientAddress": {"uuid": OWNER_UUID, "number": OWNER, "username": None},
                                "type": "SUCCESS"}]
-    js2 = fk_rpc(fk_daemon, "send", {"recipients": [FK_ALICE, FK_BOB], "message": "x", "quote-timestamp": 1767225600123,
-                               "quote-author": FK_ALICE, "quoteMessage": "q"}, rid="s2")
+    js2 = rpc_call(daemon_fake, "send", {"recipients": [OWNER, OWNER2], "message": "x", "quote-timestamp": 1767225600123,
+                               "quote-author": OWNER, "quoteMessage": "q"}, rid="s2")
     assert js2["result"]["timestamp"] > res["timestamp"] and len(js2["result"]["results"]) == 2
-    rec = fk_daemon.requests("send")[-1]
-    assert rec["quote"] == {"timestamp": 1767225600123, "author": FK_ALICE, "message": "q"}
-    uri = "data:image/png;filename=pic%20one.png;base64," + base64.b64encode(FK_PNG).decode()
-    plain = "data:image/jpeg;base64," + base64.b64encode(FK_JPEG).decode()
-    js3 = fk_rpc(fk_daemon, "send", {"recipient": [FK_ALICE], "attachments": [uri, plain]})
+    rec = daemon_fake.requests("send")[-1]
+    assert rec["quote"] == {"timestamp": 1767225600123, "author": OWNER, "message": "q"}
+    uri = "data:image/png;filename=pic%20one.png;base64," + base64.b64encode(TINY_PNG).decode()
+    plain = "data:image/jpeg;base64," + base64.b64encode(TINY_JPEG).decode()
+    js3 = rpc_call(daemon_fake, "send", {"recipient": [OWNER], "attachments": [uri, plain]})
     assert "result" in js3
-    atts = fk_daemon.requests("send")[-1]["attachments"]
-    assert atts == [{"mime": "image/png", "filename": "pic one.png", "data": FK_PNG},
-                    {"mime": "image/jpeg", "filename": None, "data": FK_JPEG}]
-    assert [p.get("message") for p in fk_daemon.sent()] == ["hi", "x", None]
-    stamps = [r["result"]["timestamp"] for r in fk_daemon.requests("send")]
+    atts = daemon_fake.requests("send")[-1]["attachments"]
+    assert atts == [{"mime": "image/png", "filename": "pic one.png", "data": TINY_PNG},
+                    {"mime": "image/jpeg", "filename": None, "data": TINY_JPEG}]
+    assert [p.get("message") for p in daemon_fake.sent()] == ["hi", "x", None]
+    stamps = [r["result"]["timestamp"] for r in daemon_fake.requests("send")]
     assert stamps == sorted(set(stamps))
 
 
-def test_fakes_daemon_contract_errors(fk_daemon):
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "quoteTimestamp": "1767225600123",
-                             "quoteAuthor": FK_ALICE})["error"]
+def test_fakes_daemon_contract_errors(daemon_fake):
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "x", "quoteTimestamp": "1767225600123",
+                             "quoteAuthor": OWNER})["error"]
     assert e["code"] == -32603 and "java.lang.String" in e["message"] and e["data"] is None
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "quoteTimestamp": 1767225600123})["error"]
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "x", "quoteTimestamp": 1767225600123})["error"]
     assert (e["code"], e["message"]) == (-1, "Quote author parameter is missing")
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": ""})["error"]
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": ""})["error"]
     assert e["code"] == -1 and e["message"].startswith("Sending empty message is not allowed")
-    e = fk_rpc(fk_daemon, "send", {"message": "x"})["error"]
+    e = rpc_call(daemon_fake, "send", {"message": "x"})["error"]
     assert (e["code"], e["message"]) == (-1, "No recipients given")
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x", "editTimestamp": 1.5})["error"]
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "x", "editTimestamp": 1.5})["error"]
     assert e["code"] == -32603
-    e = fk_rpc(fk_daemon, "sendReaction", {"recipient": FK_ALICE, "emoji": "x", "targetAuthor": FK_ALICE,
+    e = rpc_call(daemon_fake, "sendReaction", {"recipient": OWNER, "emoji": "x", "targetAuthor": OWNER,
                                      "targetTimestamp": "5"})["error"]
     assert e["code"] == -32603
-    e = fk_rpc(fk_daemon, "nope")["error"]
+    e = rpc_call(daemon_fake, "nope")["error"]
     assert (e["code"], e["message"]) == (-32601, "Method not implemented")
-    st, _, raw, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", b'{"jsonrpc":"2.0","method":"version","id":1}',
+    st, _, raw, _ = http_request(daemon_fake.url, "POST", "/api/v1/rpc", b'{"jsonrpc":"2.0","method":"version","id":1}',
                             {"Content-Type": "text/plain"})
     assert (st, raw) == (415, b"")
-    st, _, raw, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version"})
+    st, _, raw, _ = http_request(daemon_fake.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version"})
     assert (st, raw) == (201, b"")
     batch = [{"jsonrpc": "2.0", "method": "version", "id": 1}, {"jsonrpc": "2.0", "method": "version"},
              {"jsonrpc": "2.0", "method": "nope", "id": 3}]
-    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", batch)
+    st, _, _, js = http_request(daemon_fake.url, "POST", "/api/v1/rpc", batch)
     assert st == 200 and [x["id"] for x in js] == [1, 3] and js[0]["result"] == {"version": "0.14.6"}
     assert js[1]["error"]["code"] == -32601
-    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", b"{oops", {"Content-Type": "application/json"})
+    st, _, _, js = http_request(daemon_fake.url, "POST", "/api/v1/rpc", b"{oops", {"Content-Type": "application/json"})
     assert st == 200 and js["error"]["code"] == -32700
-    st, _, _, _ = http_request(fk_daemon.url, "GET", "/api/v1/rpc")
+    st, _, _, _ = http_request(daemon_fake.url, "GET", "/api/v1/rpc")
     assert st == 405
-    st, _, _, _ = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1},
+    st, _, _, _ = http_request(daemon_fake.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1},
                           {"Host": "evil.example:8080"})
     assert st == 421
-    st, r, raw, _ = http_request(fk_daemon.url, "GET", "/api/v1/check")
+    st, r, raw, _ = http_request(daemon_fake.url, "GET", "/api/v1/check")
     assert (st, raw, r.get("Content-Length")) == (200, b"", "0")
-    st, _, _, _ = http_request(fk_daemon.url, "GET", "/api/v1/other")
+    st, _, _, _ = http_request(daemon_fake.url, "GET", "/api/v1/other")
     assert st == 404
 
 
-def test_fakes_daemon_scripted_and_partial_failures(fk_daemon):
-    fk_daemon.errors.append((-4, "Failed to send message due to untrusted identities"))
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x"})["error"]
+def test_fakes_daemon_scripted_and_partial_failures(daemon_fake):
+    daemon_fake.errors.append((-4, "Failed to send message due to untrusted identities"))
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "x"})["error"]
     assert e["code"] == -4 and e["data"]["response"]["results"][0]["type"] == "IDENTITY_FAILURE"
-    fk_daemon.errors.append((-5, "Failed to send message due to rate limiting", "send"))
-    assert fk_rpc(fk_daemon, "version")["result"] == {"version": "0.14.6"}   # filtered: not consumed
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_ALICE, "message": "x"})["error"]
+    daemon_fake.errors.append((-5, "Failed to send message due to rate limiting", "send"))
+    assert rpc_call(daemon_fake, "version")["result"] == {"version": "0.14.6"}   # filtered: not consumed
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER, "message": "x"})["error"]
     assert e["code"] == -5 and e["data"]["response"]["results"][0]["type"] == "RATE_LIMIT_FAILURE"
-    assert not fk_daemon.errors
-    fk_daemon.recipient_results[FK_BOB] = "UNREGISTERED_FAILURE"
-    res = fk_rpc(fk_daemon, "send", {"recipient": [FK_ALICE, FK_BOB], "message": "x"})["result"]
+    assert not daemon_fake.errors
+    daemon_fake.recipient_results[OWNER2] = "UNREGISTERED_FAILURE"
+    res = rpc_call(daemon_fake, "send", {"recipient": [OWNER, OWNER2], "message": "x"})["result"]
     assert [r["type"] for r in res["results"]] == ["SUCCESS", "UNREGISTERED_FAILURE"]
-    e = fk_rpc(fk_daemon, "send", {"recipient": FK_BOB, "message": "x"})["error"]
+    e = rpc_call(daemon_fake, "send", {"recipient": OWNER2, "message": "x"})["error"]
     assert e["code"] == -1 and e["data"]["response"]["results"][0]["type"] == "UNREGISTERED_FAILURE"
 
 
-def test_fakes_daemon_methods(fk_daemon):
-    fk_daemon.attachments["Vq3kZ8bX2mYpL0rT7sWd.jpg"] = FK_JPEG
-    res = fk_rpc(fk_daemon, "getAttachment", {"id": "Vq3kZ8bX2mYpL0rT7sWd.jpg", "recipient": FK_ALICE})["result"]
-    assert base64.b64decode(res["data"]) == FK_JPEG
-    e = fk_rpc(fk_daemon, "getAttachment", {"id": "missing.jpg"})["error"]
+def test_fakes_daemon_methods(daemon_fake):
+    daemon_fake.attachments["Vq3kZ8bX2mYpL0rT7sWd.jpg"] = TINY_JPEG
+    res = rpc_call(daemon_fake, "getAttachment", {"id": "Vq3kZ8bX2mYpL0rT7sWd.jpg", "recipient": OWNER})["result"]
+    assert base64.b64decode(res["data"]) == TINY_JPEG
+    e = rpc_call(daemon_fake, "getAttachment", {"id": "missing.jpg"})["error"]
     assert (e["code"], e["message"]) == (-1, "Could not find attachment with ID: missing.jpg")
-    created = fk_rpc(fk_daemon, "updateGroup", {"name": "G", "member": [FK_ALICE, FK_BOB]})["result"]
+    created = rpc_call(daemon_fake, "updateGroup", {"name": "G", "member": [OWNER, OWNER2]})["result"]
     gid = created["groupId"]
     assert len(base64.b64decode(gid)) == 32 and isinstance(created["timestamp"], int)
-    groups = fk_rpc(fk_daemon, "listGroups")["result"]
+    groups = rpc_call(daemon_fake, "listGroups")["result"]
     assert groups[0]["id"] == gid and groups[0]["name"] == "G"
-    assert {m["number"] for m in groups[0]["members"]} == {FK_ME, FK_ALICE, FK_BOB}
-    res = fk_rpc(fk_daemon, "send", {"groupId": gid, "message": "to group"})["result"]
-    assert {r["recipientAddress"]["number"] for r in res["results"]} == {FK_ALICE, FK_BOB}
+    assert {m["number"] for m in groups[0]["members"]} == {BRIDGE, OWNER, OWNER2}
+    res = rpc_call(daemon_fake, "send", {"groupId": gid, "message": "to group"})["result"]
+    assert {r["recipientAddress"]["number"] for r in res["results"]} == {OWNER, OWNER2}
     assert all(r["groupId"] == gid for r in res["results"])
-    e = fk_rpc(fk_daemon, "send", {"group-id": base64.b64encode(b"x" * 32).decode(), "message": "m"})["error"]
+    e = rpc_call(daemon_fake, "send", {"group-id": base64.b64encode(b"x" * 32).decode(), "message": "m"})["error"]
     assert e["code"] == -1
     for method, params in [
-        ("sendReaction", {"recipient": FK_ALICE, "emoji": "\U0001F44D", "targetAuthor": FK_ALICE,
+        ("sendReaction", {"recipient": OWNER, "emoji": "\U0001F44D", "targetAuthor": OWNER,
                           "targetTimestamp": 1767225600123, "remove": True}),
-        ("remoteDelete", {"recipient": FK_ALICE, "targetTimestamp": 1767225600123}),
-        ("sendTyping", {"recipient": FK_ALICE, "stop": True}),
+        ("remoteDelete", {"recipient": OWNER, "targetTimestamp": 1767225600123}),
+        ("sendTyping", {"recipient": OWNER, "stop": True}),
         ("sendTyping", {"groupId": gid}),
-        ("sendReceipt", {"recipient": FK_ALICE, "targetTimestamp": [1767225600123], "type": "viewed"}),
+        ("sendReceipt", {"recipient": OWNER, "targetTimestamp": [1767225600123], "type": "viewed"}),
     ]:
-        res = fk_rpc(fk_daemon, method, params)["result"]
+        res = rpc_call(daemon_fake, method, params)["result"]
         assert isinstance(res["timestamp"], int) and isinstance(res["results"], list)
-    e = fk_rpc(fk_daemon, "sendTyping", {})["error"]
+    e = rpc_call(daemon_fake, "sendTyping", {})["error"]
     assert (e["code"], e["message"]) == (-1, "No recipients given")
-    assert fk_rpc(fk_daemon, "trust", {"recipient": FK_ALICE, "trustAllKnownKeys": True})["result"] == {}
-    assert fk_daemon.trusted == [FK_ALICE]
-    fk_daemon.contacts[FK_ALICE] = "Alice"
-    contacts = fk_rpc(fk_daemon, "listContacts")["result"]
-    assert contacts[0]["number"] == FK_ALICE and contacts[0]["name"] == "Alice" and contacts[0]["uuid"] == OWNER_UUID
-    fk_daemon.pending.append(FK_TEXT_RECEIVE)
-    assert fk_rpc(fk_daemon, "receive", {"timeout": 0.1})["result"] == [FK_TEXT_RECEIVE]
+    assert rpc_call(daemon_fake, "trust", {"recipient": OWNER, "trustAllKnownKeys": True})["result"] == {}
+    assert daemon_fake.trusted == [OWNER]
+    daemon_fake.contacts[OWNER] = "Alice"
+    contacts = rpc_call(daemon_fake, "listContacts")["result"]
+    assert contacts[0]["number"] == OWNER and contacts[0]["name"] == "Alice" and contacts[0]["uuid"] == OWNER_UUID
+    daemon_fake.pending.append(TEXT_ENVELOPE)
+    assert rpc_call(daemon_fake, "receive", {"timeout": 0.1})["result"] == [TEXT_ENVELOPE]
 
 
-def fk_sse_connect(fake):
+def sse_connect(fake):
     c = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
     c.request("GET", "/api/v1/events")
     r = c.getresponse()
     return c, r
 
 
-def fk_read_event(r):
+def read_sse_event(r):
     lines = []
     while True:
         line = r.readline()
@@ -11502,22 +11468,22 @@ def fk_read_event(r):
         lines.append(line)
 
 
-def test_fakes_daemon_sse_stream(fk_daemon):
-    fk_daemon.keepalive_seconds = 0.2
-    fk_daemon.push(FK_TEXT_RECEIVE)  # held until a stream connects (on-connection receive mode)
-    c, r = fk_sse_connect(fk_daemon)
+def test_fakes_daemon_sse_stream(daemon_fake):
+    daemon_fake.keepalive_seconds = 0.2
+    daemon_fake.push(TEXT_ENVELOPE)  # held until a stream connects (on-connection receive mode)
+    c, r = sse_connect(daemon_fake)
     assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
     assert r.getheader("Content-Length") is None and r.getheader("Transfer-Encoding") == "chunked"
-    lines = fk_read_event(r)
+    lines = read_sse_event(r)
     assert lines[0] == b"event:receive\n" and lines[1].startswith(b"data:{")
-    assert json.loads(lines[1][5:]) == FK_TEXT_RECEIVE and len(lines) == 2
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
-    second = dict(FK_TEXT_RECEIVE, account=FK_ME)
-    fk_daemon.push_envelope(second["envelope"])
-    assert json.loads(fk_read_event(r)[1][5:]) == second
+    assert json.loads(lines[1][5:]) == TEXT_ENVELOPE and len(lines) == 2
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 1)
+    second = dict(TEXT_ENVELOPE, account=BRIDGE)
+    daemon_fake.push_envelope(second["envelope"])
+    assert json.loads(read_sse_event(r)[1][5:]) == second
     assert r.readline() == b":\n"  # keep-alive comment
-    assert fk_daemon.delivered == [FK_TEXT_RECEIVE, second]
-    assert fk_daemon.cut_mid_event() == 1
+    assert daemon_fake.delivered == [TEXT_ENVELOPE, second]
+    assert daemon_fake.cut_mid_event() == 1
     got = b""
     with pytest.raises((http.client.IncompleteRead, EOFError, ConnectionError, ValueError)):
         while True:
@@ -11529,195 +11495,195 @@ def test_fakes_daemon_sse_stream(fk_daemon):
                 break
     assert not got.endswith(b"\n\n")
     c.close()
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 0)
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 0)
     # a client that goes away is noticed without waiting for a keep-alive
-    fk_daemon.keepalive_seconds = 30
-    c, r = fk_sse_connect(fk_daemon)
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    daemon_fake.keepalive_seconds = 30
+    c, r = sse_connect(daemon_fake)
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 1)
     c.close()
     r.close()
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 0, 3)
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 0, 3)
     # stop() ends an open stream promptly
-    c, r = fk_sse_connect(fk_daemon)
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
+    c, r = sse_connect(daemon_fake)
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 1)
     t0 = time.monotonic()
-    fk_daemon.stop()
+    daemon_fake.stop()
     assert time.monotonic() - t0 < 2.0
     with pytest.raises((http.client.IncompleteRead, EOFError, ConnectionError, ValueError)):
-        fk_read_event(r)
+        read_sse_event(r)
     c.close()
 
 
-def test_fakes_daemon_close_streams_and_on_start_mode(fk_daemon):
-    c, r = fk_sse_connect(fk_daemon)
-    assert fk_daemon.wait_for(lambda f: f.stream_connections == 1)
-    assert fk_daemon.close_streams() == 1
+def test_fakes_daemon_close_streams_and_on_start_mode(daemon_fake):
+    c, r = sse_connect(daemon_fake)
+    assert daemon_fake.wait_for(lambda f: f.stream_connections == 1)
+    assert daemon_fake.close_streams() == 1
     assert r.read() == b""  # clean end of the chunked stream
     c.close()
-    fk_daemon.receive_mode = "on-start"
-    assert fk_daemon.push(FK_TEXT_RECEIVE) is False and fk_daemon.dropped == 1 and not fk_daemon.pending
+    daemon_fake.receive_mode = "on-start"
+    assert daemon_fake.push(TEXT_ENVELOPE) is False and daemon_fake.dropped == 1 and not daemon_fake.pending
 
 
-def test_fakes_daemon_faults(fk_daemon):
-    fk_daemon.mode = "http500"
-    st, _, _, js = http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+def test_fakes_daemon_faults(daemon_fake):
+    daemon_fake.mode = "http500"
+    st, _, _, js = http_request(daemon_fake.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
     assert st == 500 and js["error"]["code"] == -32603
-    fk_daemon.mode = "down"
+    daemon_fake.mode = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        http_request(fk_daemon.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
-    fk_daemon.mode = "ok"
-    assert fk_rpc(fk_daemon, "version")["result"]["version"] == "0.14.6"
-    port = fk_daemon.port
-    fk_daemon.stop()
-    fk_daemon.start()   # restart keeps the port so clients can reconnect
-    assert fk_daemon.port == port and fk_rpc(fk_daemon, "version")["result"]["version"] == "0.14.6"
+        http_request(daemon_fake.url, "POST", "/api/v1/rpc", {"jsonrpc": "2.0", "method": "version", "id": 1})
+    daemon_fake.mode = "ok"
+    assert rpc_call(daemon_fake, "version")["result"]["version"] == "0.14.6"
+    port = daemon_fake.port
+    daemon_fake.stop()
+    daemon_fake.start()   # restart keeps the port so clients can reconnect
+    assert daemon_fake.port == port and rpc_call(daemon_fake, "version")["result"]["version"] == "0.14.6"
 
 
 # ============================================================================================
 # signal-cli-rest-api
 # ============================================================================================
 
-def test_fakes_rest_about_health(fk_rest):
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/about")
+def test_fakes_rest_about_health(rest_fake):
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/about")
     assert st == 200 and js == {"versions": ["v1", "v2"], "build": 2, "mode": "normal", "version": "0.100",
                                 "capabilities": {"v2/send": ["quotes", "mentions"]}}
-    st, r, raw, _ = http_request(fk_rest.url, "GET", "/v1/health")
+    st, r, raw, _ = http_request(rest_fake.url, "GET", "/v1/health")
     assert (st, raw) == (204, b"")
-    st, _, raw, _ = http_request(fk_rest.url, "GET", "/v1/nope")
+    st, _, raw, _ = http_request(rest_fake.url, "GET", "/v1/nope")
     assert (st, raw) == (404, b"404 page not found")
 
 
-def test_fakes_rest_send(fk_rest):
-    body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "hi"}
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
+def test_fakes_rest_send(rest_fake):
+    body = {"number": BRIDGE, "recipients": [OWNER], "message": "hi"}
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", body)
     assert st == 201 and isinstance(js["timestamp"], str) and js["timestamp"].isdigit()
-    st, _, _, js2 = http_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js2 = http_request(rest_fake.url, "POST", "/v2/send", body)
     assert int(js2["timestamp"]) > int(js["timestamp"])
-    att = {"number": FK_ME, "recipients": [FK_ALICE], "message": "",
-           "base64_attachments": [base64.b64encode(FK_PNG).decode(),
-                                  "data:image/jpeg;filename=a b.jpg;base64," + base64.b64encode(FK_JPEG).decode()]}
-    st, _, _, _ = http_request(fk_rest.url, "POST", "/v2/send", att)
+    att = {"number": BRIDGE, "recipients": [OWNER], "message": "",
+           "base64_attachments": [base64.b64encode(TINY_PNG).decode(),
+                                  "data:image/jpeg;filename=a b.jpg;base64," + base64.b64encode(TINY_JPEG).decode()]}
+    st, _, _, _ = http_request(rest_fake.url, "POST", "/v2/send", att)
     assert st == 201
-    assert fk_rest.calls[-1]["attachments"] == [{"mime": "image/png", "filename": None, "data": FK_PNG},
-                                             {"mime": "image/jpeg", "filename": "a b.jpg", "data": FK_JPEG}]
-    for bad, msg in [({"recipients": [FK_ALICE], "message": "x"}, "number"),
-                     ({"number": FK_ME, "message": "x"}, "recipient"),
-                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": "x", "quote_timestamp": 1}, "Quote author"),
-                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": ""}, "empty message"),
-                     ({"number": FK_ME, "recipients": [FK_ALICE], "message": "x", "quote_timestamp": "1",
-                       "quote_author": FK_ALICE}, "invalid request"),
-                     ({"number": FK_ME, "recipients": [FK_ALICE, "group.abc"], "message": "x"}, "Groups")]:
-        st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", bad)
+    assert rest_fake.calls[-1]["attachments"] == [{"mime": "image/png", "filename": None, "data": TINY_PNG},
+                                             {"mime": "image/jpeg", "filename": "a b.jpg", "data": TINY_JPEG}]
+    for bad, msg in [({"recipients": [OWNER], "message": "x"}, "number"),
+                     ({"number": BRIDGE, "message": "x"}, "recipient"),
+                     ({"number": BRIDGE, "recipients": [OWNER], "message": "x", "quote_timestamp": 1}, "Quote author"),
+                     ({"number": BRIDGE, "recipients": [OWNER], "message": ""}, "empty message"),
+                     ({"number": BRIDGE, "recipients": [OWNER], "message": "x", "quote_timestamp": "1",
+                       "quote_author": OWNER}, "invalid request"),
+                     ({"number": BRIDGE, "recipients": [OWNER, "group.abc"], "message": "x"}, "Groups")]:
+        st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", bad)
         assert st == 400 and msg in js["error"], (bad, js)
-    gid = fk_rest.add_group("G", [FK_ALICE])
-    st, _, _, _ = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [gid], "message": "g",
-                                                         "quote_timestamp": 5, "quote_author": FK_ALICE})
+    gid = rest_fake.add_group("G", [OWNER])
+    st, _, _, _ = http_request(rest_fake.url, "POST", "/v2/send", {"number": BRIDGE, "recipients": [gid], "message": "g",
+                                                         "quote_timestamp": 5, "quote_author": OWNER})
     assert st == 201
-    assert len(fk_rest.sent()) == 4
-    fk_rest.send_shape = "array"
-    fk_rest.recipient_failures[FK_BOB] = "UNREGISTERED_FAILURE"
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    assert len(rest_fake.sent()) == 4
+    rest_fake.send_shape = "array"
+    rest_fake.recipient_failures[OWNER2] = "UNREGISTERED_FAILURE"
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", {"number": BRIDGE, "recipients": [OWNER, OWNER2], "message": "x"})
     assert st == 201 and isinstance(js, list) and js[0]["timestamp"].isdigit()
-    assert js[0]["errors"]["recipients"][0]["number"] == FK_BOB
+    assert js[0]["errors"]["recipients"][0]["number"] == OWNER2
     assert js[0]["errors"]["recipients"][0]["reason"] == "UNREGISTERED_FAILURE"
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipient": FK_ALICE, "message": "x"})
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", {"number": BRIDGE, "recipient": OWNER, "message": "x"})
     assert st == 201 and "errors" not in js[0]
-    fk_rest.send_shape = "object"
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", {"number": FK_ME, "recipients": [FK_ALICE, FK_BOB], "message": "x"})
+    rest_fake.send_shape = "object"
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", {"number": BRIDGE, "recipients": [OWNER, OWNER2], "message": "x"})
     assert st == 400  # 0.100 normal mode: a partial failure is a 400
 
 
-def test_fakes_rest_actions(fk_rest):
+def test_fakes_rest_actions(rest_fake):
     num = "/%2B15550000001"
-    react = {"recipient": FK_ALICE, "reaction": "\U0001F44D", "target_author": FK_ALICE, "timestamp": 1767225600123}
-    st, _, raw, _ = http_request(fk_rest.url, "POST", "/v1/reactions" + num, react)
+    react = {"recipient": OWNER, "reaction": "\U0001F44D", "target_author": OWNER, "timestamp": 1767225600123}
+    st, _, raw, _ = http_request(rest_fake.url, "POST", "/v1/reactions" + num, react)
     assert (st, raw) == (204, b"")
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, reaction=""))
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v1/reactions/" + BRIDGE, dict(react, reaction=""))
     assert st == 400 and "reaction" in js["error"]
-    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/reactions/" + FK_ME, dict(react, timestamp="1767225600123"))
+    st, _, _, _ = http_request(rest_fake.url, "POST", "/v1/reactions/" + BRIDGE, dict(react, timestamp="1767225600123"))
     assert st == 400
-    st, _, _, _ = http_request(fk_rest.url, "DELETE", "/v1/reactions/" + FK_ME, {k: v for k, v in react.items() if k != "reaction"})
+    st, _, _, _ = http_request(rest_fake.url, "DELETE", "/v1/reactions/" + BRIDGE, {k: v for k, v in react.items() if k != "reaction"})
     assert st == 204
-    st, _, _, js = http_request(fk_rest.url, "DELETE", "/v1/remote-delete/" + FK_ME, {"recipient": FK_ALICE, "timestamp": 5})
+    st, _, _, js = http_request(rest_fake.url, "DELETE", "/v1/remote-delete/" + BRIDGE, {"recipient": OWNER, "timestamp": 5})
     assert st == 201 and js["timestamp"].isdigit()
     for m in ("PUT", "DELETE"):
-        st, _, _, _ = http_request(fk_rest.url, m, "/v1/typing-indicator/" + FK_ME, {"recipient": FK_ALICE})
+        st, _, _, _ = http_request(rest_fake.url, m, "/v1/typing-indicator/" + BRIDGE, {"recipient": OWNER})
         assert st == 204
-    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "read",
+    st, _, _, _ = http_request(rest_fake.url, "POST", "/v1/receipts/" + BRIDGE, {"recipient": OWNER, "receipt_type": "read",
                                                                    "timestamp": 5})
     assert st == 204
-    st, _, _, _ = http_request(fk_rest.url, "POST", "/v1/receipts/" + FK_ME, {"recipient": FK_ALICE, "receipt_type": "seen",
+    st, _, _, _ = http_request(rest_fake.url, "POST", "/v1/receipts/" + BRIDGE, {"recipient": OWNER, "receipt_type": "seen",
                                                                    "timestamp": 5})
     assert st == 400
-    st, _, _, _ = http_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {"trust_all_known_keys": True})
-    assert st == 204 and fk_rest.trusted == [FK_ALICE]
-    st, _, _, _ = http_request(fk_rest.url, "PUT", "/v1/identities/%s/trust/%s" % (FK_ME, FK_ALICE), {})
+    st, _, _, _ = http_request(rest_fake.url, "PUT", "/v1/identities/%s/trust/%s" % (BRIDGE, OWNER), {"trust_all_known_keys": True})
+    assert st == 204 and rest_fake.trusted == [OWNER]
+    st, _, _, _ = http_request(rest_fake.url, "PUT", "/v1/identities/%s/trust/%s" % (BRIDGE, OWNER), {})
     assert st == 400
-    st, _, _, js = http_request(fk_rest.url, "PUT", "/v1/typing-indicator/+15559999999", {"recipient": FK_ALICE})
+    st, _, _, js = http_request(rest_fake.url, "PUT", "/v1/typing-indicator/+15559999999", {"recipient": OWNER})
     assert st == 400 and "error" in js
 
 
-def test_fakes_rest_attachments_and_groups(fk_rest):
-    fk_rest.attachments["Vq3kZ8bX2mYpL0rT7sWd.png"] = FK_PNG
-    st, r, raw, _ = http_request(fk_rest.url, "GET", "/v1/attachments/Vq3kZ8bX2mYpL0rT7sWd.png")
-    assert st == 200 and raw == FK_PNG and r.get("Content-Type") == "image/png"
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/attachments/nope.jpg")
+def test_fakes_rest_attachments_and_groups(rest_fake):
+    rest_fake.attachments["Vq3kZ8bX2mYpL0rT7sWd.png"] = TINY_PNG
+    st, r, raw, _ = http_request(rest_fake.url, "GET", "/v1/attachments/Vq3kZ8bX2mYpL0rT7sWd.png")
+    assert st == 200 and raw == TINY_PNG and r.get("Content-Type") == "image/png"
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/attachments/nope.jpg")
     assert (st, js) == (404, {"error": "No attachment with that name found"})
     internal = "b+hd++b2BpZA4n88MhTdsuNefYE/CPbd+FdDgFrEg4c="
     rest_id = "group.YitoZCsrYjJCcFpBNG44OE1oVGRzdU5lZllFL0NQYmQrRmREZ0ZyRWc0Yz0="
     assert FakeSignalRest.rest_group_id(internal) == rest_id
     assert FakeSignalRest.internal_group_id(rest_id) == internal
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v1/groups/" + FK_ME, {"name": "Bridge", "members": [FK_ALICE]})
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v1/groups/" + BRIDGE, {"name": "Bridge", "members": [OWNER]})
     assert st == 201 and js["id"].startswith("group.")
     new_internal = FakeSignalRest.internal_group_id(js["id"])
-    st, _, _, lst = http_request(fk_rest.url, "GET", "/v1/groups/" + FK_ME)
+    st, _, _, lst = http_request(rest_fake.url, "GET", "/v1/groups/" + BRIDGE)
     assert st == 200 and lst[0]["id"] == js["id"] and lst[0]["internal_id"] == new_internal
-    assert lst[0]["members"] == [FK_ALICE] and lst[0]["name"] == "Bridge"
-    st, _, _, one = http_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(js["id"], safe="")))
+    assert lst[0]["members"] == [OWNER] and lst[0]["name"] == "Bridge"
+    st, _, _, one = http_request(rest_fake.url, "GET", "/v1/groups/%s/%s" % (BRIDGE, urllib.parse.quote(js["id"], safe="")))
     assert st == 200 and one["internal_id"] == new_internal
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/groups/%s/%s" % (FK_ME, urllib.parse.quote(rest_id, safe="")))
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/groups/%s/%s" % (BRIDGE, urllib.parse.quote(rest_id, safe="")))
     assert (st, js) == (404, {"error": "No group with that id found"})
 
 
-def test_fakes_rest_receive_polling(fk_rest):
-    fk_rest.push(FK_TEXT_RECEIVE)
-    fk_rest.push(dict(FK_TEXT_RECEIVE))
-    st, r, raw, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=1" % FK_ME)
-    assert st == 200 and r.get("Content-Type") == "text/plain; charset=utf-8" and js == [FK_TEXT_RECEIVE] * 2
+def test_fakes_rest_receive_polling(rest_fake):
+    rest_fake.push(TEXT_ENVELOPE)
+    rest_fake.push(dict(TEXT_ENVELOPE))
+    st, r, raw, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=1" % BRIDGE)
+    assert st == 200 and r.get("Content-Type") == "text/plain; charset=utf-8" and js == [TEXT_ENVELOPE] * 2
     t0 = time.monotonic()
-    st, _, raw, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    st, _, raw, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=0" % BRIDGE)
     assert (st, raw) == (200, b"[]") and time.monotonic() - t0 < 1
-    threading.Timer(0.2, fk_rest.push, args=(FK_TEXT_RECEIVE,)).start()   # long poll wakes on push
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=3" % FK_ME)
-    assert js == [FK_TEXT_RECEIVE] and time.monotonic() - t0 < 2.5
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % FK_ME)
+    threading.Timer(0.2, rest_fake.push, args=(TEXT_ENVELOPE,)).start()   # long poll wakes on push
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=3" % BRIDGE)
+    assert js == [TEXT_ENVELOPE] and time.monotonic() - t0 < 2.5
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % BRIDGE)
     assert st == 400 and "ignore_attachments" in js["error"]
 
 
-def test_fakes_rest_scripted_errors_and_faults(fk_rest):
-    fk_rest.errors.append((429, {"error": "Failed to send message due to rate limiting. Use the attached challenge "
-                                       "tokens", "challenge_tokens": ["tok"], "account": FK_ME}))
-    fk_rest.errors.append((400, "Failed to send message due to untrusted identities"))
-    assert http_request(fk_rest.url, "GET", "/v1/about")[0] == 200   # GET does not consume 2-tuples
-    body = {"number": FK_ME, "recipients": [FK_ALICE], "message": "x"}
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
+def test_fakes_rest_scripted_errors_and_faults(rest_fake):
+    rest_fake.errors.append((429, {"error": "Failed to send message due to rate limiting. Use the attached challenge "
+                                       "tokens", "challenge_tokens": ["tok"], "account": BRIDGE}))
+    rest_fake.errors.append((400, "Failed to send message due to untrusted identities"))
+    assert http_request(rest_fake.url, "GET", "/v1/about")[0] == 200   # GET does not consume 2-tuples
+    body = {"number": BRIDGE, "recipients": [OWNER], "message": "x"}
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", body)
     assert st == 429 and js["challenge_tokens"] == ["tok"]
-    st, _, _, js = http_request(fk_rest.url, "POST", "/v2/send", body)
+    st, _, _, js = http_request(rest_fake.url, "POST", "/v2/send", body)
     assert (st, js) == (400, {"error": "Failed to send message due to untrusted identities"})
-    fk_rest.errors.append((500, {"error": "boom"}, "/v1/receive"))
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/%s?timeout=0" % FK_ME)
+    rest_fake.errors.append((500, {"error": "boom"}, "/v1/receive"))
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=0" % BRIDGE)
     assert (st, js) == (500, {"error": "boom"})
-    assert fk_rest.sent() == []
-    fk_rest.fault = "http500"
-    assert http_request(fk_rest.url, "POST", "/v2/send", body)[0] == 500
-    fk_rest.fault = "down"
+    assert rest_fake.sent() == []
+    rest_fake.fault = "http500"
+    assert http_request(rest_fake.url, "POST", "/v2/send", body)[0] == 500
+    rest_fake.fault = "down"
     with pytest.raises((http.client.HTTPException, ConnectionError)):
-        http_request(fk_rest.url, "POST", "/v2/send", body)
-    fk_rest.fault = "ok"
-    assert http_request(fk_rest.url, "POST", "/v2/send", body)[0] == 201
+        http_request(rest_fake.url, "POST", "/v2/send", body)
+    rest_fake.fault = "ok"
+    assert http_request(rest_fake.url, "POST", "/v2/send", body)[0] == 201
 
 
-class FK_WsClient:
+class WsClient:
     """Tiny RFC 6455 client: masked frames out, unmasked frames in."""
 
     def __init__(self, port, path, key=None):
@@ -11769,61 +11735,61 @@ class FK_WsClient:
         self.sock.close()
 
 
-def test_fakes_rest_websocket(fk_rest_ws):
-    fk_rest = fk_rest_ws
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/about")
+def test_fakes_rest_websocket(rest_ws_fake):
+    rest_fake = rest_ws_fake
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/about")
     assert js["mode"] == "json-rpc"
-    assert fk_rest.push(FK_TEXT_RECEIVE) is False and fk_rest.dropped == 1   # no socket: dropped, not buffered
-    st, _, _, js = http_request(fk_rest.url, "GET", "/v1/receive/" + FK_ME)
+    assert rest_fake.push(TEXT_ENVELOPE) is False and rest_fake.dropped == 1   # no socket: dropped, not buffered
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/" + BRIDGE)
     assert st == 400 and "websocket" in js["error"]
-    ws = FK_WsClient(fk_rest.port, "/v1/receive/%2B15550000001")
+    ws = WsClient(rest_fake.port, "/v1/receive/%2B15550000001")
     expect = base64.b64encode(hashlib.sha1((ws.key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
     assert ws.status == 101 and ws.headers["sec-websocket-accept"] == expect.decode()
     assert ws.headers["upgrade"].lower() == "websocket"
-    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
-    assert fk_rest.push(FK_TEXT_RECEIVE) is True
+    assert rest_fake.wait_for(lambda f: f.ws_connections == 1)
+    assert rest_fake.push(TEXT_ENVELOPE) is True
     op, payload = ws.recv_frame()
-    assert op == 0x1 and json.loads(payload) == FK_TEXT_RECEIVE
-    assert fk_rest.push(dict(FK_TEXT_RECEIVE, account="+19999999999")) is False   # other account: not forwarded
+    assert op == 0x1 and json.loads(payload) == TEXT_ENVELOPE
+    assert rest_fake.push(dict(TEXT_ENVELOPE, account="+19999999999")) is False   # other account: not forwarded
     ws.send_frame(0x9, b"hb")
     assert ws.recv_frame() == (0xA, b"hb")
     ws.send_frame(0x1, b'{"hello":1}')
-    assert fk_rest.wait_for(lambda f: f.ws_received == ['{"hello":1}'])
-    fk_rest.ping_seconds = 0.1
-    fk_rest.push(FK_TEXT_RECEIVE)  # wakes the writer so the new ping interval applies
+    assert rest_fake.wait_for(lambda f: f.ws_received == ['{"hello":1}'])
+    rest_fake.ping_seconds = 0.1
+    rest_fake.push(TEXT_ENVELOPE)  # wakes the writer so the new ping interval applies
     assert ws.recv_frame()[0] == 0x1
     op, _ = ws.recv_frame()
     assert op == 0x9
     ws.send_frame(0xA, b"")
-    assert fk_rest.wait_for(lambda f: f.pongs >= 1)
-    fk_rest.ping_seconds = 54
+    assert rest_fake.wait_for(lambda f: f.pongs >= 1)
+    rest_fake.ping_seconds = 54
     ws.send_frame(0x8, struct.pack("!H", 1000))
     while True:
         op, payload = ws.recv_frame()
         if op == 0x8:
             break
-    assert struct.unpack("!H", payload[:2])[0] == 1000 and fk_rest.ws_close_codes == [1000]
-    assert fk_rest.wait_for(lambda f: f.ws_connections == 0)
+    assert struct.unpack("!H", payload[:2])[0] == 1000 and rest_fake.ws_close_codes == [1000]
+    assert rest_fake.wait_for(lambda f: f.ws_connections == 0)
     ws.close()
     # unmasked client frame -> protocol error close 1002
-    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
+    ws = WsClient(rest_fake.port, "/v1/receive/" + BRIDGE)
     ws.send_frame(0x1, b"x", mask=False)
     op, payload = ws.recv_frame()
     assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1002
     ws.close()
-    assert fk_rest.wait_for(lambda f: f.ws_connections == 0)
+    assert rest_fake.wait_for(lambda f: f.ws_connections == 0)
     # abrupt close: EOF without a close frame
-    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
-    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
-    assert fk_rest.close_ws_abruptly() == 1
+    ws = WsClient(rest_fake.port, "/v1/receive/" + BRIDGE)
+    assert rest_fake.wait_for(lambda f: f.ws_connections == 1)
+    assert rest_fake.close_ws_abruptly() == 1
     with pytest.raises((EOFError, ConnectionError)):
         ws.recv_frame()
     ws.close()
     # stop(): close frame 1001, then EOF, promptly
-    ws = FK_WsClient(fk_rest.port, "/v1/receive/" + FK_ME)
-    assert fk_rest.wait_for(lambda f: f.ws_connections == 1)
+    ws = WsClient(rest_fake.port, "/v1/receive/" + BRIDGE)
+    assert rest_fake.wait_for(lambda f: f.ws_connections == 1)
     t0 = time.monotonic()
-    fk_rest.stop()
+    rest_fake.stop()
     assert time.monotonic() - t0 < 2.0
     op, payload = ws.recv_frame()
     assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
@@ -11832,8 +11798,8 @@ def test_fakes_rest_websocket(fk_rest_ws):
     ws.close()
 
 
-def test_fakes_rest_websocket_bad_handshake(fk_rest_ws):
-    st, _, _, js = http_request(fk_rest_ws.url, "GET", "/v1/receive/" + FK_ME,
+def test_fakes_rest_websocket_bad_handshake(rest_ws_fake):
+    st, _, _, js = http_request(rest_ws_fake.url, "GET", "/v1/receive/" + BRIDGE,
                            headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                                     "Sec-WebSocket-Key": "short"})
     assert st == 400 and "Sec-WebSocket-Key" in js["error"]
@@ -11887,22 +11853,22 @@ class TestReadinessAndProcessMetrics:
 
     def test_process_and_filesystem_metrics(self, bridge):
         text = http_request(bridge.url, "GET", "/metrics")[2].decode()
-        rss = core_metric_value(text, "process_resident_memory_bytes")
+        rss = metric_value(text, "process_resident_memory_bytes")
         assert rss is not None and 1 << 20 < rss < 1 << 34
-        assert core_metric_value(text, "process_cpu_seconds_total") > 0
-        assert core_metric_value(text, "process_open_fds") >= 3
-        started = core_metric_value(text, "process_start_time_seconds")
+        assert metric_value(text, "process_cpu_seconds_total") > 0
+        assert metric_value(text, "process_open_fds") >= 3
+        started = metric_value(text, "process_start_time_seconds")
         assert time.time() - 24 * 3600 < started <= time.time() + 5
-        free, size = (core_metric_value(text, "whatsignal_data_fs_free_bytes"),
-                      core_metric_value(text, "whatsignal_data_fs_size_bytes"))
+        free, size = (metric_value(text, "whatsignal_data_fs_free_bytes"),
+                      metric_value(text, "whatsignal_data_fs_size_bytes"))
         st = os.statvfs(str(bridge.tmp_path))
         assert 0 <= free <= size == st.f_blocks * st.f_frsize
-        assert core_metric_value(text, "whatsignal_memory_limit_bytes") > rss
+        assert metric_value(text, "whatsignal_memory_limit_bytes") > rss
         for name in ("process_cpu_seconds_total", "whatsignal_encryption_errors_total",
                      "whatsignal_cleanup_failures_total"):
             assert "# TYPE %s counter" % name in text
-        assert core_metric_value(text, "whatsignal_encryption_errors_total") == 0
-        assert core_metric_value(text, "whatsignal_http_requests_total", path="/metrics", status="200") is None
+        assert metric_value(text, "whatsignal_encryption_errors_total") == 0
+        assert metric_value(text, "whatsignal_http_requests_total", path="/metrics", status="200") is None
 
     def test_cleanup_failure_is_counted(self, bridge):
         h = bridge
@@ -11912,7 +11878,7 @@ class TestReadinessAndProcessMetrics:
         assert h.app.metrics.get("whatsignal_cleanup_failures_total") == 1
 
     def test_port_environment_override(self, tmp_path):
-        raw = core_base_raw(tmp_path)
+        raw = offline_raw(tmp_path)
         assert ws.validate_config(copy.deepcopy(raw), bridge_env(PORT="9099")).get("server.port") == 9099
         with pytest.raises(ws.ConfigError) as e:
             ws.validate_config(copy.deepcopy(raw), bridge_env(PORT="80a"))
@@ -12048,8 +12014,8 @@ class TestInit:
         sig = FakeSignalDaemon(number=BRIDGE).start()
         try:
             answers = [waha.url, WAHA_KEY, "", sig.url, "12345", BRIDGE, OWNER, "", "", "", "", ""]
-            p = subprocess.run([sys.executable, CORE_WS_PATH, "--config", str(tmp_path / "config.json"), "init"],
-                               input="\n".join(answers) + "\n", cwd=str(tmp_path), env=core_subprocess_env(),
+            p = subprocess.run([sys.executable, WS_PATH, "--config", str(tmp_path / "config.json"), "init"],
+                               input="\n".join(answers) + "\n", cwd=str(tmp_path), env=clean_env(),
                                capture_output=True, text=True, timeout=60)
             assert p.returncode == 0, p.stdout + p.stderr
             assert "WAHA URL [http://localhost:3000]: " in p.stdout
@@ -12291,7 +12257,7 @@ class TestPackagingAndMonitoring:
         assert by["WhatSignalWebhookAuthFailures"]["labels"]["severity"] == "warning"
 
     def test_every_metric_the_rules_and_dashboard_use_is_exported(self, bridge):
-        core_round_trip(bridge)
+        round_trip(bridge)
         assert post_signed(bridge, b"{not json")[0] == 400
         ws.run_cleanup(bridge.app)
         text = http_request(bridge.url, "GET", "/metrics")[2].decode()
