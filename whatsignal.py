@@ -7255,6 +7255,8 @@ def build_parser():
             sp.add_argument("--send-test", action="store_true", help="also send the owner a test message on Signal")
         elif name == "bench":
             sp.add_argument("--quick", action="store_true", help="smaller loads (a smoke run)")
+            sp.add_argument("--tiny", action="store_true",
+                            help="a run of seconds that only proves every figure is produced (the tests use it)")
             sp.add_argument("--growth-rows", type=int, default=1000000, help="rows for the growth test")
             sp.add_argument("--profile", metavar="DIR", help="profile the bridge (cProfile, all threads) into DIR")
     return p
@@ -7292,7 +7294,7 @@ def main(argv=None, environ=None, stdout=None):
         if command == "demo":
             return run_demo(keep=args.keep)
         if command == "bench":
-            return run_bench(quick=args.quick, growth_rows=args.growth_rows, profile=args.profile)
+            return run_bench(quick=args.quick, growth_rows=args.growth_rows, profile=args.profile, tiny=args.tiny)
         if command == "init":
             return cmd_init(args, environ)
         if command == "doctor":
@@ -7909,16 +7911,19 @@ def _fill(db_path, rows):
     db.close()
 
 
-def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
-    """Measure this machine: baseline, ingest, end to end both ways, burst, memory, media, growth."""
+def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=False):
+    """Measure this machine: baseline, ingest, end to end both ways, burst, memory, media, growth.
+    *tiny*: loads so small that the run takes seconds; its figures only prove that each one is produced."""
     import multiprocessing
     import tempfile
     out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)
-    secs = 1.5 if quick else 3.0
-    burst = 1000 if quick else 5000
-    history = 4000 if quick else 20000
-    growth_rows = min(growth_rows, 20000) if quick else growth_rows
+    quick = quick or tiny
+    quiet = 0.3 if tiny else 1.0          # seconds without a new call: the bridge's backlog is drained
+    secs = 0.5 if tiny else 1.5 if quick else 3.0
+    burst = 100 if tiny else 1000 if quick else 5000
+    history = 100 if tiny else 4000 if quick else 20000
+    growth_rows = 2000 if tiny else min(growth_rows, 20000) if quick else growth_rows
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}}
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
@@ -7936,31 +7941,31 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
             bridge.env["WHATSIGNAL_PROFILE"] = os.path.abspath(profile)
         try:
             results["startup_s"] = round(bridge.start(), 3)
-            time.sleep(1.0)
+            time.sleep(0.2 if tiny else 1.0)
             results["rss_idle_mb"], results["rss_hwm_start_mb"] = _rss(bridge.proc.pid)
             sampler = _RssSampler(bridge.proc.pid)
             say("bench: ingest...")
             results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c)
                                  for c in (1, 8, 32)}
-            _quiet(sig)
+            _quiet(sig, quiet)
             say("bench: end to end WhatsApp -> Signal...")
-            results["w2s_at_200"] = _e2e_w2s(bridge, sig, secret, 200, 2 if quick else 5)
-            _quiet(sig)
+            results["w2s_at_200"] = _e2e_w2s(bridge, sig, secret, 200, 1 if tiny else 2 if quick else 5)
+            _quiet(sig, quiet)
             results["burst"] = _burst_w2s(bridge, sig, secret, burst, 32)
-            _quiet(sig)
+            _quiet(sig, quiet)
             say("bench: end to end Signal -> WhatsApp...")
-            results["s2w_at_200"] = _e2e_s2w(waha, sig, 200, 400 if quick else 1000)
-            _quiet(waha)
+            results["s2w_at_200"] = _e2e_s2w(waha, sig, 200, 100 if tiny else 400 if quick else 1000)
+            _quiet(waha, quiet)
             results["s2w_burst"] = _e2e_s2w(waha, sig, 0, burst)
-            _quiet(waha)
+            _quiet(waha, quiet)
             results["rss_peak_mb"] = sampler.reset()
             say("bench: history sync after a re-login (%d messages)..." % history)
             results["history"] = _burst_w2s(bridge, sig, secret, history, 8, tag="h")
-            _quiet(sig)
+            _quiet(sig, quiet)
             results["history"]["peak_rss_mb"] = sampler.reset()
             results["history"]["vmhwm_mb"] = _rss(bridge.proc.pid)[1]
             say("bench: media...")
-            results["media"] = _media(bridge, waha, sig, secret, 5 if quick else 20)
+            results["media"] = _media(bridge, waha, sig, secret, 1 if tiny else 5 if quick else 20)
             results["media"]["peak_rss_mb"] = sampler.reset()
             results["media"]["peak_increase_mb"] = round(results["media"]["peak_rss_mb"] - results["media"]["rss_before_mb"], 1)
             sampler.stop.set()
@@ -7968,7 +7973,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None):
             bridge.stop()
             say("bench: growth (%d rows)..." % growth_rows)
             growth = {}
-            for rows in (10000, growth_rows):
+            for rows in ((1000 if tiny else 10000), growth_rows):
                 _fill(os.path.join(tmp, "bench.db"), rows)
                 bridge.start()
                 runs = [_drive(bridge.url + "/webhook/whatsapp", secret, 8, seconds=secs, tag="g%d%d" % (rows, k))
