@@ -5413,7 +5413,7 @@ class BridgeServer(http.server.ThreadingHTTPServer):
                 self.active -= 1
 
     def _refuse(self, request):
-        """Answer 503 from the accept loop and close: no thread, nothing read."""
+        """Answer 503 from the accept loop and close: no thread is started for the connection."""
         self.app.metrics.inc("whatsignal_rejected_total", reason="connections")
         with contextlib.suppress(OSError):
             request.setblocking(False)
