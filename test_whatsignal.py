@@ -6614,6 +6614,116 @@ class TestMute:
             make_config(raw_config(h.tmp_path, h.waha.url, rpc_url=h.signal.url, bridge={"ignoreChats": [7]}))
         assert any(p.startswith("bridge.ignoreChats") for p in e.value.problems)
 
+# -- paths no ordinary input reaches ---------------------------------------------------------------
+
+class TestUnexpectedFailures:
+    """The catch-alls and the retry loops behind them: each proven with an input or an injected dependency."""
+
+    def test_a_row_the_worker_cannot_handle_is_parked_and_the_next_one_goes(self, make_bridge):
+        h = make_bridge()
+        # a queued row with fields of the wrong types (as a damaged or foreign row would be): an internal error
+        h.app.store.enqueue("default", "w2s", "m:odd:1", ANNA, "message", {"id": 5, "body": {"x": 1}}, time.time())
+        h.app.bridge.wake["w2s"].set()
+        assert eventually(lambda: [r["state"] for r in queue_rows(h, "w2s")] == ["dead"])
+        assert queue_rows(h, "w2s")[0]["error"].startswith("internal error (")
+        errors = [r for r in h.logs.records() if r["msg"] == "internal error while delivering; item parked"]
+        assert len(errors) == 1 and errors[0]["error"] and errors[0]["where"]
+        post_event(h, wa_message(ANNA, "3EB0AFTER", "the worker lives on"))
+        assert eventually(lambda: "+15550001111: the worker lives on" in h.texts())
+
+    def test_an_internal_error_in_the_webhook_handler_is_a_500_without_internals(self, make_bridge):
+        broken = threading.Event()
+
+        def clock():   # the injected clock fails, only in HTTP handler threads, while `broken` is set
+            if broken.is_set() and "process_request" in threading.current_thread().name:
+                raise RuntimeError("the clock broke /secret/path")
+            return time.time()
+        h = make_bridge(clock=clock)
+        broken.set()
+        try:
+            status, headers, raw, js = post_signed(h, wa_message(ANNA, "3EB0BROKEN", "hi"))
+        finally:
+            broken.clear()
+        assert (status, js) == (500, {"error": "internal error"})
+        assert headers.get("Connection", "").lower() == "close"
+        assert b"secret" not in raw and b"Traceback" not in raw
+        errors = [r for r in h.logs.records() if r["msg"] == "internal error handling a webhook"]
+        assert len(errors) == 1 and errors[0]["error"] == "RuntimeError" and "/secret/path" not in json.dumps(errors)
+        assert post_signed(h, wa_message(ANNA, "3EB0FINE", "fine again"))[::3] == (200, {"status": "stored"})
+        assert eventually(lambda: h.texts() == ["+15550001111: fine again"])
+
+    def test_sent_but_the_database_cannot_record_it_is_retried_not_sent_again(self, make_bridge):
+        h = make_bridge()
+        with h.app.store.lock:
+            h.app.store.db.execute("PRAGMA busy_timeout=100")
+        blocker = sqlite3.connect(h.app.store.path, isolation_level=None, timeout=5, check_same_thread=False)
+        real_send, released = h.signal._methods["send"], threading.Event()
+
+        def send(params, rec):          # signal-cli takes the message; right then the database is locked
+            result = real_send(params, rec)
+            if not released.is_set():
+                blocker.execute("BEGIN EXCLUSIVE")
+            return result
+        h.signal._methods["send"] = send
+        try:
+            post_event(h, wa_message(ANNA, "3EB0LOCK", "sent once"))
+            assert eventually(lambda: [r for r in h.logs.records()
+                                       if r["msg"] == "delivered, but the database cannot record it yet; retrying"])
+        finally:
+            released.set()
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert eventually(lambda: [r["state"] for r in queue_rows(h, "w2s")] == ["done"])
+        assert h.texts() == ["+15550001111: sent once"]
+
+
+class TestClientsAndTimers:
+    def test_send_timestamp_reads_partial_results(self):
+        ok = {"type": "SUCCESS", "recipientAddress": {"number": OWNER}}
+        assert ws._send_timestamp({"timestamp": 5, "results": [ok]}, OWNER) == 5
+        # a group send that reached some members is sent; the failures are the members' own
+        assert ws._send_timestamp({"timestamp": 6, "results": [ok, {"type": "NETWORK_FAILURE"}]}, "group:abc") == 6
+        for failure, error in (("IDENTITY_FAILURE", ws.IdentityError), ("UNREGISTERED_FAILURE", ws.PermanentError),
+                               ("NETWORK_FAILURE", ws.TransientError), ("RATE_LIMIT_FAILURE", ws.TransientError)):
+            with pytest.raises(error):
+                ws._send_timestamp({"timestamp": 7, "results": [ok, {"type": failure}]}, OWNER)
+        for answer in (None, [], {"results": [ok]}, {"timestamp": True}, {"timestamp": "8"}):
+            with pytest.raises(ws.TransientError):
+                ws._send_timestamp(answer, OWNER)
+
+    def test_waha_message_id_of_every_engine(self):
+        assert ws.WahaClient.message_id({"id": "true_%s_3EB0GO" % ANNA, "_data": {}}) == "true_%s_3EB0GO" % ANNA
+        webjs = {"id": {"fromMe": True, "remote": ANNA, "id": "3EB0WJ", "_serialized": "true_%s_3EB0WJ" % ANNA}}
+        assert ws.WahaClient.message_id(webjs) == "true_%s_3EB0WJ" % ANNA
+        noweb = {"key": {"remoteJid": "15550001111@s.whatsapp.net", "fromMe": True, "id": "3EB0NW"},
+                 "message": {"extendedTextMessage": {"text": "x"}}, "status": "PENDING"}
+        assert ws.WahaClient.message_id(noweb) == "true_%s_3EB0NW" % ANNA
+        for nothing in (None, [], {}, {"id": 5}, {"key": {"remoteJid": "nobody", "id": "X"}}, {"key": "x"}):
+            assert ws.WahaClient.message_id(nothing) is None
+
+    @pytest.mark.parametrize("backend", ["daemon", "rest"])
+    def test_list_groups_of_the_bridge_account(self, make_bridge, backend):
+        h = make_bridge(backend)
+        made = h.signal.add_group("Family", [OWNER, "+15550000033"])
+        client = h.app.bridge.signal
+        groups = client.list_groups()
+        want_id = made if backend == "daemon" else FakeSignalRest.internal_group_id(made)
+        assert [(g["id"], g["name"], g["description"]) for g in groups] == [(want_id, "Family", "")]
+        assert {OWNER, "+15550000033"} <= set(groups[0]["members"])
+
+    def test_the_cleanup_timer_sweeps_and_comes_back(self, make_bridge):
+        clock = FakeClock(start=time.time())
+        h = make_bridge(clock=clock.time, raw_overrides={"cleanupIntervalHours": 0.0003})   # about a second
+        for k in range(2):
+            post_event(h, wa_message(ANNA, "3EB0OLD%d" % k, "old news %d" % k, timestamp=int(clock.time())))
+            assert eventually(lambda: queue_count(h) == 1 and queue_rows(h, "w2s")[0]["state"] == "done")
+            clock.advance(31 * 86400)                  # past retentionDays: the next tick removes it
+            assert eventually(lambda: queue_count(h) == 0, 15), "tick %d never swept" % k
+            assert eventually(lambda: json.loads(h.app.store.meta("last_cleanup") or "{}").get("at") == clock.time())
+        text = http_get(h.url, "/metrics")[1]
+        assert metric_value(text, "whatsignal_cleanup_last_success_timestamp_seconds") == pytest.approx(clock.time())
+
+
 ###############################################################################
 # Signal to WhatsApp, and the groups layout ###################################
 ###############################################################################
