@@ -7927,21 +7927,12 @@ SC_BIG = PDF_BYTES + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 c
 
 
 @pytest.fixture
-def sc_make(tmp_path):
-    """Factory of running Harnesses over the signal-cli fake; every one is stopped at the end."""
-    made = []
-
+def sc_make(make_bridge):
+    """make_bridge on the signal-cli daemon, with a metrics token; `raw_overrides` as keyword arguments."""
     def make(clock=None, **raw_overrides):
         raw_overrides.setdefault("server", {"metricsToken": SC_TOKEN})
-        path = tmp_path / ("bridge%d" % len(made))
-        path.mkdir()
-        h = Harness(path, "daemon", clock=clock, raw_overrides=raw_overrides)
-        made.append(h)
-        return h.start()
-    yield make
-    for h in made:
-        h.stop()
-    assert [e for h in made for e in h.waha.server_errors + h.signal.server_errors] == []
+        return make_bridge("daemon", clock=clock, raw_overrides=raw_overrides)
+    return make
 
 
 def sc_media_message(h, wa, url, body, filename="Vertrag 2026.pdf", chat=SC_CHAT):
@@ -9025,17 +9016,10 @@ class BridgeProcess:
                                          env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("bridge exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
-            try:
-                if http_get(self.url, "/healthz")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise AssertionError("bridge did not answer /healthz:\n" + self.log_tail())
+        up = lambda: self.proc.poll() is not None or http_get(self.url, "/healthz")[0] == 200
+        assert eventually(up, timeout) and self.proc.poll() is None, \
+            "bridge did not answer /healthz (exit code %s):\n%s" % (self.proc.returncode, self.log_tail())
+        return self
 
     def kill(self):
         os.kill(self.proc.pid, signal.SIGKILL)
