@@ -509,7 +509,7 @@ class FakeWaha(_FakeBase):
     session_status ("WORKING" ...; anything else makes messaging endpoints answer 422),
     status_after_restart, me, engine, version, contacts {chatId: name | dict}, lids {lid: pn|None},
     files {"/api/files/...": bytes | {"body", "content_type", "lie_length", "no_length", "redirect_to"}},
-    require_group_participant (reaction messageIds of @g.us chats need the _participant suffix),
+    reaction messageIds of @g.us chats need the _participant suffix,
     engine ("GOWS" | "NOWEB" | "WEBJS": the shape of send responses and group info),
     old_core (a WAHA Core before 2026.6.1: media sends refused with 422 / 501),
     group_names {groupId: subject}, sessions (names served), refuse {path: (status, message)};
@@ -536,7 +536,6 @@ class FakeWaha(_FakeBase):
         self.group_names = {}     # {groupId: subject} for GET /api/{session}/groups/{id}
         self.sessions = {session}  # session names this WAHA serves (all backed by the one fake account)
         self.refuse = {}          # {path: (status, message)}: answer every call of that path with this error
-        self.require_group_participant = True
         self.session_config = None     # the session's config (config.webhooks ...), set by PUT /api/sessions/{s}
         self.restarts = 0              # restarts caused by a config change of a running session
         self.old_core = False
@@ -934,7 +933,7 @@ class FakeWaha(_FakeBase):
             parsed = self.parse_message_id(b["messageId"])
             if parsed is None:
                 errs.append("messageId must be a serialized id {fromMe}_{chatId}_{messageId}[_{participant}]")
-            elif parsed[1].endswith("@g.us") and parsed[3] is None and self.require_group_participant:
+            elif parsed[1].endswith("@g.us") and parsed[3] is None:
                 errs.append("messageId of a group message must include the _{participant} suffix")
         if errs:
             return self._bad_request(h, call, errs)
@@ -1232,10 +1231,10 @@ class FakeSignalDaemon(_FakeBase):
     number, uuid, mode ("ok"|"down"|"slow"|"http500"), slow_seconds, errors (deque of
     (code, message[, method[, data]]) scripted JSON-RPC errors), keepalive_seconds (SSE),
     receive_mode ("on-connection" holds pushes until a stream connects | "on-start" drops them),
-    check_host (421 on a foreign Host header), bound_port (the port the daemon believes it is bound to, as behind
+    a foreign Host header gets 421, bound_port (the port the daemon believes it is bound to, as behind
     a published Docker port; None = its real one), identities {number: trustLevel}, unregistered (numbers Signal
-    does not know; getUserStatus), sse_chunked (Transfer-Encoding: chunked like the JDK
-    server), attachments {id: bytes}, contacts {number: name | dict}, groups {groupId: {...}},
+    does not know; getUserStatus), SSE is sent chunked like the JDK
+    server, attachments {id: bytes}, contacts {number: name | dict}, groups {groupId: {...}},
     uuids {number: uuid}, recipient_results {recipient|groupId: failure type},
     rpc (list of per-JSON-RPC-request records), pending (deque held for the next stream),
     delivered (objects written to a stream), dropped (count), trusted (list).
@@ -1256,11 +1255,9 @@ class FakeSignalDaemon(_FakeBase):
         self.errors = collections.deque()
         self.keepalive_seconds = 15.0
         self.receive_mode = "on-connection"
-        self.check_host = True
         self.bound_port = None
         self.identities = {}
         self.unregistered = set()
-        self.sse_chunked = True
         self.attachments = {}
         self.contacts = {}
         self.groups = {}
@@ -1408,7 +1405,7 @@ class FakeSignalDaemon(_FakeBase):
             return self._send_raw(h, call, 200 if m == "GET" else 405)
         if path not in ("/api/v1/rpc", "/api/v1/events"):
             return self._send_raw(h, call, 404)
-        if self.check_host and not self._host_ok(call):
+        if not self._host_ok(call):
             return self._send_raw(h, call, 421)
         if path == "/api/v1/rpc":
             if m != "POST":
@@ -1906,16 +1903,12 @@ class FakeSignalDaemon(_FakeBase):
         h.close_connection = True
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
-        chunked = bool(self.sse_chunked)
-        if chunked:
-            h.send_header("Transfer-Encoding", "chunked")
-        else:
-            h.send_header("Connection", "close")
+        h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
         h.wfile.flush()
 
         def write(data):
-            h.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if chunked else data)
+            h.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
 
         with self._cond:
             st.queue.extend(self.pending)
@@ -1955,8 +1948,7 @@ class FakeSignalDaemon(_FakeBase):
                         self.delivered_on.append(serial)
                         self._bump()
                 if st.close:
-                    if chunked:
-                        h.wfile.write(b"0\r\n\r\n")
+                    h.wfile.write(b"0\r\n\r\n")
                     break
                 if time.monotonic() >= last_ka + float(self.keepalive_seconds):
                     write(b":\n")
@@ -2041,7 +2033,6 @@ class _FakeWs:
         self.close_req = None
         self.peer_closed = False
         self.close_sent = False
-        self.client_close_code = None
 
     def send(self, opcode, payload=b""):
         with self.wlock:
@@ -2062,9 +2053,9 @@ class FakeSignalRest(_FakeBase):
     fault ("ok"|"down"|"slow"|"http500"), slow_seconds, version, errors (deque of
     (status, body[, path_prefix]); 2-tuples hit the next non-GET request), attachments {id: bytes},
     groups {internal_id: {...}}, recipient_failures {recipient: reason}, pending (normal-mode queue),
-    dropped / dropped_messages (json-rpc pushes with no socket), delivered, ping_seconds,
+    dropped (json-rpc pushes with no socket), delivered, ping_seconds,
     read_limit (client frame limit, 512 like gorilla), ws_received (client text frames),
-    pongs, pings_sent, ws_close_codes, trusted, receive_max_wait (cap on the long-poll wait),
+    pongs, ws_close_codes, trusted, receive_max_wait (cap on the long-poll wait),
     identities {number: status} (GET /v1/identities/{number}).
     """
 
@@ -2084,13 +2075,11 @@ class FakeSignalRest(_FakeBase):
         self.recipient_failures = {}
         self.pending = collections.deque()
         self.dropped = 0
-        self.dropped_messages = []
         self.delivered = []
         self.ping_seconds = 54.0
         self.read_limit = 512
         self.ws_received = []
         self.pongs = 0
-        self.pings_sent = 0
         self.ws_close_codes = []
         self.trusted = []
         self.receive_max_wait = 5.0
@@ -2144,7 +2133,6 @@ class FakeSignalRest(_FakeBase):
                 return False
             if not self._ws:
                 self.dropped += 1
-                self.dropped_messages.append(obj)
                 self._bump()
                 return False
             for wsock in self._ws:
@@ -2623,9 +2611,6 @@ class FakeSignalRest(_FakeBase):
                 return
             if time.monotonic() >= last_ping + float(self.ping_seconds):
                 wsock.send(0x9, b"")
-                with self._cond:
-                    self.pings_sent += 1
-                    self._bump()
                 last_ping = time.monotonic()
 
     def _ws_reader(self, wsock):
@@ -2658,7 +2643,6 @@ class FakeSignalRest(_FakeBase):
                 elif op == 0x8:
                     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                     with self._cond:
-                        wsock.client_close_code = code
                         self.ws_close_codes.append(code)
                     try:
                         wsock.send_close(code if code != 1005 else 1000)
