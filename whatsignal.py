@@ -1231,6 +1231,12 @@ VIEW_ONCE_KINDS = {"imageMessage": "photo", "videoMessage": "video", "audioMessa
                    "image": "photo", "video": "video", "ptt": "voice message", "audio": "voice message"}
 
 
+def _content_of(data):
+    """The engine's message content in ``_data``: GOWS ``Message``, NOWEB ``message``; {} when neither."""
+    msg = data.get("Message") if isinstance(data.get("Message"), dict) else data.get("message")
+    return msg if isinstance(msg, dict) else {}
+
+
 def _view_once_of(payload):
     """'photo', 'video' or 'voice message' for view-once media, else None.
 
@@ -1242,8 +1248,7 @@ def _view_once_of(payload):
         return None
     if data.get("isViewOnce") is True:
         return VIEW_ONCE_KINDS.get(data.get("type"), "media")
-    msg = data.get("Message") if isinstance(data.get("Message"), dict) else data.get("message")
-    msg = msg if isinstance(msg, dict) else {}
+    msg = _content_of(data)
     flagged = any(data.get(k) is True for k in ("IsViewOnce", "IsViewOnceV2", "IsViewOnceV2Extension"))
     for wrapper in ("viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension"):
         inner = msg.get(wrapper)
@@ -1263,8 +1268,8 @@ def _mentions_of(payload):
     if not isinstance(data, dict):
         return []
     found = data.get("mentionedJidList") if isinstance(data.get("mentionedJidList"), list) else []
-    msg = data.get("Message") if isinstance(data.get("Message"), dict) else data.get("message")
-    for content in (msg.values() if isinstance(msg, dict) else ()):
+    msg = _content_of(data)
+    for content in msg.values():
         ctx = content.get("contextInfo") if isinstance(content, dict) else None
         if isinstance(ctx, dict):
             for key in ("mentionedJID", "mentionedJid"):
@@ -1272,8 +1277,7 @@ def _mentions_of(payload):
                     found = found + ctx[key]
     out = []
     for j in found[:50]:
-        j = j.get("_serialized") if isinstance(j, dict) else j
-        j = normalize_jid(j) if isinstance(j, str) else None
+        j = _jid_of(j)
         if j and j not in out:
             out.append(j)
     return out
@@ -1292,8 +1296,7 @@ def _poll_of(payload):
         name, opts, count = data["pollName"], data.get("pollOptions"), data.get("pollSelectableOptionsCount")
         key = "name"
     else:
-        msg = data.get("Message") if isinstance(data.get("Message"), dict) else data.get("message")
-        msg = msg if isinstance(msg, dict) else {}
+        msg = _content_of(data)
         poll = next((msg[k] for k in ("pollCreationMessageV3", "pollCreationMessageV2", "pollCreationMessage")
                      if isinstance(msg.get(k), dict)), None)
         if poll is None or not isinstance(poll.get("name"), str):
