@@ -73,6 +73,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -6833,7 +6834,7 @@ class Doctor:
                     loose.append(p)
         if loose:
             raise CheckFailed("readable by other users: %s" % ", ".join(loose),
-                              "chmod 600 %s" % " ".join(shlex_quote(p) for p in loose))
+                              "chmod 600 %s" % " ".join(shlex.quote(p) for p in loose))
         return "config, .env and database are private (no group or other access)"
 
     def check_database(self):
@@ -7019,10 +7020,6 @@ def _ago(seconds):
         if seconds >= size:
             return "%d %s" % (seconds // size, unit)
     return "%d s" % seconds
-
-
-def shlex_quote(s):
-    return s if re.fullmatch(r"[A-Za-z0-9_./:+-]+", s) else "'" + s.replace("'", "'\"'\"'") + "'"
 
 
 # -- init --------------------------------------------------------------------
@@ -7326,7 +7323,7 @@ def cmd_init(args, environ):
         print(_probe_waha(answers["waha_url"], env["WAHA_API_KEY"], answers["session"]))
         print(_probe_signal(answers.get("signal_rpc_url"), answers.get("signal_rest_url"), answers["number"]))
     run = "docker compose exec whatsignal python /app/whatsignal.py" if args.compose else \
-        "python3 whatsignal.py --config %s" % shlex_quote(path)
+        "python3 whatsignal.py --config %s" % shlex.quote(path)
     print("next steps:")
     print("  1. start the stack: docker compose up -d" if args.compose else
           "  1. start WAHA (WAHA_API_KEY from .env) and signal-cli, then the bridge: %s" % run)
