@@ -856,6 +856,11 @@ def iso_now(clock=time.time):
     return datetime.datetime.fromtimestamp(clock(), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def utc_minute(ts):
+    """Unix time *ts* as the owner reads it in bridge messages: ``2026-12-01 17:30 UTC``."""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 MAGIC = (  # (family, prefix test) for the media types we bridge
     ("image/jpeg", lambda b: b[:3] == b"\xff\xd8\xff"),
     ("image/png", lambda b: b[:8] == b"\x89PNG\r\n\x1a\n"),
@@ -4583,8 +4588,7 @@ class Bridge:
             return None
         until = self.clock() + seconds if seconds else None
         self._set_mute(channel, chat, until)
-        when = "until %s" % datetime.datetime.fromtimestamp(until, datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC") if until else "until you unmute it"
+        when = "until " + utc_minute(until) if until else "until you unmute it"
         self.notify(channel, "Muted %s %s. Its messages are kept, not forwarded; /unmute %s brings it back."
                     % (self._chat_title(channel, chat), when, self._chat_title(channel, chat)), quote=quote)
         return None
@@ -4624,8 +4628,7 @@ class Bridge:
             if until is not None and until <= now:
                 continue
             lines.append("%s: %s, %d kept" % (
-                self._chat_title(channel, chat), "until " + datetime.datetime.fromtimestamp(
-                    until, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if until else "until unmuted",
+                self._chat_title(channel, chat), "until " + utc_minute(until) if until else "until unmuted",
                 self.held_while_muted(channel, chat)))
         ignore = len(self.ignore_ids) + len(self.ignore_names)
         if ignore:
@@ -4669,7 +4672,7 @@ def describe_catchup(raw):
         c = None
     if not isinstance(c, dict):
         return "none yet"
-    when = datetime.datetime.fromtimestamp(c.get("at", 0), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = utc_minute(c.get("at", 0))
     if c.get("error"):
         return "%s, failed: %s (tried again in a minute)" % (when, c["error"])
     if c.get("first"):
