@@ -89,7 +89,7 @@ import urllib.parse
 ###############################################################################
 
 DEFAULT_PORT = 8082
-MAX_BODY_BYTES = 10 * 1024 * 1024     # webhook bodies above this get 413, unread
+WEBHOOK_PATH = "/webhook/whatsapp"    # where WAHA posts its events
 READ_TIMEOUT = 30.0                   # idle keep-alive / slow client limit (s)
 REQUEST_TIMEOUT = 10.0                # a whole request (line, headers, body) must arrive within this (s)
 MAX_CONNECTIONS = 256                 # open HTTP connections (one handler thread each); more get 503 at once
@@ -5556,7 +5556,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _count(self, status):
         path = getattr(self, "path", None)
         path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
-        known = path if path in ("/webhook/whatsapp", "/health", "/healthz", "/readyz", "/metrics") else "other"
+        known = path if path in (WEBHOOK_PATH, "/health", "/healthz", "/readyz", "/metrics") else "other"
         self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
 
     def do_GET(self):
@@ -5572,7 +5572,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = urllib.parse.urlsplit(self.path).path
-        if path not in ("/webhook/whatsapp", "/webhook/whatsapp/"):
+        if path not in (WEBHOOK_PATH, WEBHOOK_PATH + "/"):
             self._discard_or_close()
             self.reply(404, {"error": "not found"})
             return
@@ -6550,7 +6550,6 @@ def post_webhook(url, event, secret, conn=None):
 # session's webhook through WAHA's sessions API, and `doctor` checks every link of
 # a set-up, each with the cause and the exact fix when it is broken.
 
-WEBHOOK_PATH = "/webhook/whatsapp"
 # WAHA's retry policy for the bridge's webhook (waha.md 2.2; the spec's example defaults).
 WEBHOOK_RETRIES = {"policy": "exponential", "delaySeconds": 2, "attempts": 15}
 
