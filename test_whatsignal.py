@@ -3341,6 +3341,18 @@ BROKEN_CONFIGS = [
      {"channels": [{"whatsappSession": "default", "signalDestination": OWNER, "signalDest": OWNER}]}, {},
      "channels[0].signalDest:", ["unknown key"], []),
     ("channels-empty", {"channels": []}, {}, "channels:", ["non-empty"], []),
+    ("no-owner-and-no-channels", {"signal.destination": REMOVE_KEY}, {}, "signal.destination:", ["missing", "channels"],
+     []),
+    ("channel-not-an-object", {"channels": ["default"]}, {}, "channels[0]:", ["must be an object"], []),
+    ("channel-without-session", {"channels": [{"signalDestination": OWNER}]}, {}, "channels[0].whatsappSession:",
+     ["missing"], []),
+    ("channel-without-owner", {"channels": [{"whatsappSession": "default"}]}, {}, "channels[0].signalDestination:",
+     ["missing"], []),
+    ("media-retention-zero", {"media.retentionDays": 0}, {}, "media.retentionDays:", ["at least 1"], []),
+    ("request-timeout-out-of-range", {"server.requestTimeoutSeconds": 1000}, {}, "server.requestTimeoutSeconds:",
+     ["0.5-600"], []),
+    ("cleanup-interval-zero", {"cleanupIntervalHours": 0}, {}, "cleanupIntervalHours,", ["must be > 0"], []),
+    ("catch-up-negative", {"bridge.catchUpHours": -1}, {}, "bridge.catchUpHours", ["must be >= 0"], []),
 ]
 
 
