@@ -6720,6 +6720,17 @@ class TestClientsAndTimers:
         assert metric_value(text, "whatsignal_cleanup_last_success_timestamp_seconds") == pytest.approx(clock.time())
 
 
+class TestViewOnceOddType:
+    def test_a_view_once_flag_with_a_type_that_is_no_string_is_stored_not_a_500(self, make_bridge):
+        h = cu_bridge(make_bridge)
+        for n, odd in enumerate(([], {"a": 1})):
+            status, body = h.webhook(h.waha.event("message", cu_payload(CU_ALICE, "VOX%d" % n, "", _data={
+                "isViewOnce": True, "type": odd})))
+            assert (status, body) == (200, {"status": "stored"})
+        settle_w2s(h)
+        assert h.texts() == ["view-once media from Alice Example: open it on your phone"] * 2
+
+
 ###############################################################################
 # Signal to WhatsApp, and the groups layout ###################################
 ###############################################################################

@@ -1253,7 +1253,7 @@ def _view_once_of(payload):
     if not isinstance(data, dict):
         return None
     if data.get("isViewOnce") is True:
-        return VIEW_ONCE_KINDS.get(data.get("type"), "media")
+        return VIEW_ONCE_KINDS.get(data["type"], "media") if isinstance(data.get("type"), str) else "media"
     msg = _content_of(data)
     flagged = any(data.get(k) is True for k in ("IsViewOnce", "IsViewOnceV2", "IsViewOnceV2Extension"))
     for wrapper in ("viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension"):
