@@ -12498,6 +12498,17 @@ class TestDoctorRest:
             rest.stop()
 
 
+class TestDoctorMultiAccount:
+    def test_the_owner_identity_is_read_from_the_bridge_account_of_a_multi_account_daemon(self, setup_stack):
+        s = setup_stack
+        s.signal.accounts = ["+15550000009", BRIDGE]      # a daemon started without -a
+        s.signal.identities[OWNER] = "UNTRUSTED"
+        doctor = ws.Doctor(ws.load_config(s.cfg, ws.with_env_file(s.cfg, {})), s.cfg, {}, io.StringIO())
+        with pytest.raises(ws.CheckFailed) as failed:
+            doctor.check_identity(OWNER)
+        assert "UNTRUSTED" in failed.value.cause and "trust -a %s" % OWNER in failed.value.fix
+
+
 def test_fakes_waha_session_update_like_waha():
     waha = FakeWaha(api_key=WAHA_KEY).start()
     try:

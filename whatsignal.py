@@ -6921,8 +6921,10 @@ class Doctor:
 
     # -- Signal --------------------------------------------------------------
     def _rpc(self, method, params):
-        """(HTTP status, JSON-RPC message) of one call to signal-cli's JSON-RPC endpoint."""
-        req = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).encode()
+        """(HTTP status, JSON-RPC message) of one call to signal-cli's JSON-RPC endpoint, for the bridge's account
+        (a daemon started without -a serves several and answers per-account methods only with it, as SignalRpcClient)."""
+        req = json.dumps({"jsonrpc": "2.0", "method": method, "params": dict(params, account=self.signal.number),
+                          "id": 1}).encode()
         resp = self.signal.http.request("POST", self.signal.base + "/api/v1/rpc", {"Content-Type": "application/json"},
                                         req, timeout=10)
         return resp.status, _json_body(resp)
