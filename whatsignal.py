@@ -6829,11 +6829,7 @@ class Doctor:
         paths = [self.config_path, env_file_for(self.config_path)]
         db = self.config.get("database.path")
         paths += [db, db + "-wal", db + "-shm"]
-        loose = []
-        for p in paths:
-            with contextlib.suppress(OSError):
-                if os.stat(p).st_mode & 0o077:
-                    loose.append(p)
+        loose = readable_by_others(paths)
         if loose:
             raise CheckFailed("readable by other users: %s" % ", ".join(loose),
                               "chmod 600 %s" % " ".join(shlex.quote(p) for p in loose))
