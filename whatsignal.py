@@ -4834,16 +4834,12 @@ class Deliverer(Worker):
             (self.log.info if took > 5000 else self.log.debug)(
                 "delivered, processing time %.0f ms" % took, direction=self.direction, kind=row["kind"], item=row["id"])
             return True
-        except IdentityError as e:
-            channel = self.bridge.config.channel(row["channel"])
-            if channel is not None:
-                self.bridge.owner_key_changed(channel, "send")
-            return self._retry(row, e)
         except TransientError as e:
-            if isinstance(e, CaptchaRequired):
-                channel = self.bridge.config.channel(row["channel"])
-                if channel is not None:
-                    self.bridge.captcha_required(channel, e)
+            channel = self.bridge.config.channel(row["channel"])
+            if channel is not None and isinstance(e, IdentityError):
+                self.bridge.owner_key_changed(channel, "send")
+            elif channel is not None and isinstance(e, CaptchaRequired):
+                self.bridge.captcha_required(channel, e)
             return self._retry(row, e)
         except Muted:
             self.store.finish(row["id"], "muted", self.clock())
@@ -4913,12 +4909,11 @@ class Deliverer(Worker):
         if channel is None:
             return
         try:
+            rec = self.store.record_of(row)
             if self.direction == "s2w":
-                rec = self.store.record_of(row)
                 self.bridge.notify(channel, "Not delivered to WhatsApp: %s" % shorten(reason, 160),
                                    quote=(rec["ts"], channel.destination, None))
                 return
-            rec = self.store.record_of(row)
             chat = rec.get("chat") or rec.get("_chat") or ""
             saved = self.store.contact(channel.session, chat)[0] or ""      # "=name" when saved (display_name)
             name = saved[1:] if saved[:1] == "=" else self.store.chat_name(channel.session, chat)[0]
