@@ -9984,6 +9984,41 @@ class TestHttpAbuse:
         assert took < 5.0, "stop took %.1f s with one idle kept-alive connection open" % took
 
 
+class TestHeaderParsing:
+    """The server's own header reader gives the same headers as the standard library's, odd blocks included."""
+
+    def test_header_blocks_read_like_http_client(self):
+        blocks = [b"Host: a\r\nX-A:  b \t\r\nx-a: second\r\n", b"Host: a\r\n folded\r\n\tagain\r\n",
+                  b"Bad Header: x\r\nHost: y\r\n", b"X: a\rb\r\n", b":x\r\nHost: y\r\n", b"From foo\r\nA: b\r\n",
+                  b"A:\r\n", b"A: \xff\xfe\r\n", b"A: b\nB: c\n", b"A\t: x\r\n", b"NoColonHere\r\nA: b\r\n"]
+        for block in blocks:
+            mine = ws.parse_header_block(io.BytesIO(block).readlines())
+            std = http.client.parse_headers(io.BytesIO(block + b"\r\n"))
+            assert mine.items() == std.items(), block
+            assert mine.get("host") == std.get("host") and mine.get_all("x-a") == std.get_all("x-a"), block
+
+    def test_connection_and_expect_headers_are_honoured(self, bridge):
+        h = bridge
+        body = body_of(wa_message(KLARA, "HP1", "expect"))
+        u = urllib.parse.urlsplit(h.url)
+        s = socket.create_connection((u.hostname, u.port), timeout=5)
+        try:      # Expect: 100-continue gets its interim answer before the body is sent
+            s.sendall(raw_request("/webhook/whatsapp", headers={"Expect": "100-continue",
+                                                                 "Content-Length": str(len(body)),
+                                                                 "X-Webhook-Hmac": sign(body)}))
+            assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n")
+            s.sendall(body)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        finally:
+            s.close()
+        status, raw, _ = raw_exchange(h.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 200 and b"\r\nConnection: close\r\n" in raw
+        status, raw, _ = raw_exchange(h.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n")
+        assert status == 200
+        assert eventually(lambda: len(h.texts()) == 1)
+
+
+
 # ===========================================================================
 # Issue 7: no secret, text or number in anything the bridge shows
 # ===========================================================================
