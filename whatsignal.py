@@ -6951,9 +6951,8 @@ class Doctor:
 
     # -- the bridge itself ---------------------------------------------------
     def check_self_webhook(self):
-        host, port = self.config.get("server.host"), self.config.get("server.port")
-        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        url = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, port, WEBHOOK_PATH)
+        host = self.config.get("server.host")
+        url = webhook_url(self.config, "127.0.0.1" if host in ("0.0.0.0", "", "::") else host)   # the bridge itself
         event = {"id": "evt_doctor_" + secrets.token_hex(8), "timestamp": int(time.time() * 1000),
                  "event": "engine.event", "session": self.config.channels[0].session, "payload": {}}
         try:
