@@ -3420,6 +3420,7 @@ class Bridge:
         self.wake_media = threading.Event()
         self.layout = config.get("bridge.layout")
         self.catchup_wanted, self.wake_catchup = set(), threading.Event()
+        self.catchup_lock = threading.Lock()    # want_catchup runs on handler threads, the worker takes the set
         self.ignore_ids, self.ignore_names = ignore_list(config.get("bridge.ignoreChats"))
         self.mute_cache = {}
         self.sent_ids, self.sent_order = set(), collections.deque(maxlen=2000)   # see _sent
@@ -3462,8 +3463,15 @@ class Bridge:
     # -- catch-up ---------------------------------------------------------------
     def want_catchup(self, session):
         """Ask the catch-up worker for a pass over *session*."""
-        self.catchup_wanted.add(session)
+        with self.catchup_lock:
+            self.catchup_wanted.add(session)
         self.wake_catchup.set()
+
+    def take_catchups(self):
+        """The sessions waiting for a catch-up pass, taken at once (none is lost to a concurrent request)."""
+        with self.catchup_lock:
+            wanted, self.catchup_wanted = self.catchup_wanted, set()
+        return wanted
 
     def catch_up(self, channel, pause=lambda: False):
         """Read from WAHA what the webhooks missed since the last event stored for *channel*; return a summary.
@@ -5033,8 +5041,7 @@ class CatchUp(Worker):
                     del self.due[s]
                     self.bridge.want_catchup(s)
             self.bridge.wake_catchup.clear()
-            wanted, self.bridge.catchup_wanted = self.bridge.catchup_wanted, set()
-            for s in sorted(wanted):
+            for s in sorted(self.bridge.take_catchups()):
                 if not self.stopping.is_set():
                     self.pass_once(s)
             waits = [at - time.monotonic() for at in self.due.values()]
