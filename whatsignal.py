@@ -5359,9 +5359,15 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, sock, idle):
         self.sock, self.idle = sock, idle
         self.deadline = None       # monotonic time by which the current request must have arrived
+        self.timeout = sock.gettimeout()   # the socket's: set again only when it changes (each call drops the GIL)
 
     def readable(self):
         return True
+
+    def _set(self, timeout):
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
 
     def readinto(self, buf):
         timeout = self.idle
@@ -5369,8 +5375,13 @@ class _DeadlineReader(io.RawIOBase):
             timeout = min(self.idle, self.deadline - time.monotonic())
             if timeout <= 0:
                 raise socket.timeout("request not received within server.requestTimeoutSeconds")
-        self.sock.settimeout(timeout)
+        self._set(timeout)
         return self.sock.recv_into(buf)
+
+    def received(self):
+        """The request has been read: the deadline ends, the idle limit is back."""
+        self.deadline = None
+        self._set(self.idle)
 
 
 class _NoHeaders:
@@ -5584,9 +5595,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _received(self):
         """The request has been read: answering and the next idle wait are not under its deadline."""
-        self.reader.deadline = None
         with contextlib.suppress(OSError):
-            self.connection.settimeout(self.timeout)
+            self.reader.received()
 
     def send_error(self, code, message=None, explain=None):
         """Malformed request lines and headers: a short JSON reason, counted, never a traceback."""
