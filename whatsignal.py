@@ -5384,12 +5384,19 @@ class _DeadlineReader(io.RawIOBase):
         self._set(self.idle)
 
 
+class _HeadersNext(Exception):
+    """The standard library has parsed the request line and goes on to the headers, which the server reads itself."""
+
+
 class _NoHeaders:
-    """Stands in for rfile while the standard library parses the request line: the header block it sees is empty."""
+    """Stands in for rfile while the standard library parses the request line; stops it at the headers.
+
+    Left to go on, it would run the email parser even on an empty header block.
+    """
 
     @staticmethod
     def readline(limit=-1):
-        return b"\r\n"
+        raise _HeadersNext()
 
 
 HEADER_LINE = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")   # name: value, as the email parser reads it
@@ -5541,7 +5548,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         rfile, self.rfile = self.rfile, _NoHeaders      # the request line by the standard library, headers below
         try:
-            ok = super().parse_request()
+            ok = super().parse_request()                # False: the request line was refused (answered)
+        except _HeadersNext:
+            ok = True
         finally:
             self.rfile = rfile
         if ok:
