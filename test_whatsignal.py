@@ -5669,9 +5669,21 @@ SESSION_QR = ("WhatsApp session default is SCAN_QR_CODE: WhatsApp logged this de
 SESSION_BACK = "WhatsApp session default is working again."
 
 
+def poll_watcher(h):
+    """The bridge's session watcher, once its first read (at start) is done; tests call tick() themselves.
+
+    Its next read is a minute away: a test that posts session.status webhooks after this barrier is not raced
+    by a read of WAHA's status landing between two of them."""
+    watcher = next(w for w in h.app.workers if isinstance(w, ws.SessionWatcher))
+    assert eventually(lambda: watcher.ticks >= 1)
+    settle_w2s(h)
+    return watcher
+
+
 class TestSessionStatus:
     def test_one_notice_down_none_repeated_one_back(self, make_bridge):
         h = make_bridge()
+        poll_watcher(h)
         for s in ("WORKING", "SCAN_QR_CODE", "SCAN_QR_CODE", "SCAN_QR_CODE", "WORKING", "WORKING"):
             post_event(h, wa_session_status(s))
         settle_w2s(h)
@@ -5682,6 +5694,7 @@ class TestSessionStatus:
     def test_back_notice_after_starting(self, make_bridge):
         """WAHA's normal recovery is STOPPED -> STARTING -> WORKING (see the derived fixture's statuses)."""
         h = make_bridge()
+        poll_watcher(h)
         for s in ("WORKING", "STOPPED", "STARTING", "WORKING"):
             post_event(h, wa_session_status(s))
         settle_w2s(h)
@@ -5691,6 +5704,7 @@ class TestSessionStatus:
 
     def test_qr_refresh_through_starting_not_repeated(self, make_bridge):
         h = make_bridge()
+        poll_watcher(h)
         for s in ("SCAN_QR_CODE", "STARTING", "SCAN_QR_CODE"):
             post_event(h, wa_session_status(s))
         settle_w2s(h)
@@ -5698,6 +5712,7 @@ class TestSessionStatus:
 
     def test_auto_restart(self, make_bridge):
         h = make_bridge(raw_overrides={"whatsapp": {"sessionAutoRestart": True}})
+        poll_watcher(h)
         h.waha.session_status = "FAILED"
         post_event(h, wa_session_status("FAILED"))
         post_event(h, wa_session_status("FAILED"))     # again at once: no tight restart loop, no repeat
@@ -6042,6 +6057,7 @@ class TestEngines:
     @pytest.mark.parametrize("engine", ENGINES)
     def test_every_event_as_the_engine_sends_it(self, make_bridge, engine):
         h = eng_harness(make_bridge, engine)
+        poll_watcher(h)     # the session-status step below is not raced by the watcher's read at start
         owner_ts, group_ts = new_ts(), new_ts()
         h.waha.next_ids.extend([ENG_IDS["owner"], ENG_IDS["group_owner"]])
         steps = [   # (what happens, check of what the owner sees)
@@ -6119,14 +6135,6 @@ class TestEngines:
 # ===============================================================================================
 # Session status read from WAHA (lost session.status webhooks, a session stuck STARTING)
 # ===============================================================================================
-
-def poll_watcher(h):
-    """The bridge's session watcher, once its first read (at start) is done; tests call tick() themselves."""
-    watcher = next(w for w in h.app.workers if isinstance(w, ws.SessionWatcher))
-    assert eventually(lambda: watcher.ticks >= 1)
-    settle_w2s(h)
-    return watcher
-
 
 class TestSessionPolling:
     def test_a_change_missed_while_the_bridge_was_down_is_told_at_start(self, make_bridge):
@@ -6273,6 +6281,7 @@ class TestCatchUp:
     def test_session_back_to_working_catches_up_bounded_and_reports(self, make_bridge):
         h = make_bridge(raw_overrides={"bridge": {"catchUpMaxChats": 2, "catchUpMaxMessages": 3}})
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("first"))
+        poll_watcher(h)     # its read at start cannot land between STARTING and WORKING below
         now = int(time.time())
         post_event(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "L1", "hello", ts=now))))
         assert eventually(lambda: len(h.texts()) == 1)
