@@ -1382,6 +1382,10 @@ class FakeSignalDaemon(_FakeBase):
         with self._lock:
             return [r["params"] for r in self.rpc if r["method"] == method and r["error"] is None]
 
+    def texts(self):
+        """The texts of successful sends, oldest first (Harness.texts() for a fake with no harness around it)."""
+        return [p.get("message") for p in self.sent("send")]
+
     def clear(self):
         with self._cond:
             del self.calls[:]
@@ -3066,14 +3070,25 @@ def waha_event(event, payload, session="default"):
     return FakeWaha(api_key=WAHA_KEY, session=session).event(event, payload)
 
 
+def wa_payload(chat, mid, body="", ts=None, participant=None, from_me=False, source=None, push=None, **fields):
+    """A GOWS WAMessage as WAHA's webhooks and its messages endpoint carry it: from `chat` with bare id `mid`;
+    `participant` for groups, `push` the sender's push name; `source` ("app", "api") is there only for the owner's
+    own messages unless given; other keyword arguments override payload fields."""
+    sid = "%s_%s_%s" % ("true" if from_me else "false", chat, mid) + ("_" + participant if participant else "")
+    p = {"id": sid, "timestamp": int(ts if ts is not None else time.time()), "from": chat, "fromMe": from_me,
+         "body": body, "to": participant, "participant": participant, "hasMedia": False, "media": None,
+         "ack": 1 if from_me else 2, "ackName": "SERVER" if from_me else "DEVICE", "location": None, "vCards": None,
+         "replyTo": None, "_data": {"Info": {"PushName": push}} if push else {}}
+    if from_me or source:
+        p["source"] = source or "app"
+    p.update(fields)
+    return p
+
+
 def wa_message(chat, mid, body="", participant=None, push=None, session="default", **payload_fields):
-    """A WAHA `message` event (GOWS engine shape) from `chat` with bare id `mid`; `participant` for groups,
-    `push` the sender's push name; other keyword arguments override payload fields."""
-    sid = "false_%s_%s" % (chat, mid) + ("_" + participant if participant else "")
-    payload = {"id": sid, "timestamp": int(time.time()), "from": chat, "fromMe": False, "source": "app",
-               "body": body, "to": participant, "participant": participant, "hasMedia": False, "media": None,
-               "ack": 2, "ackName": "DEVICE", "location": None, "vCards": None, "replyTo": None,
-               "_data": {"Info": {"PushName": push}} if push else {}}
+    """A WAHA `message` event (GOWS engine shape, wa_payload with source "app") from `chat` with bare id `mid`;
+    other keyword arguments override payload fields."""
+    payload = wa_payload(chat, mid, body, participant=participant, push=push, source="app")
     payload.update(payload_fields)
     return waha_event("message", payload, session)
 
@@ -3090,11 +3105,12 @@ def wa_reaction(chat, target_wa, emoji, rid, target_from_me=False):
         "source": "app", "to": None, "participant": None, "reaction": {"text": emoji, "messageId": target}})
 
 
-def wa_edit(chat, target_wa, body, eid):
+def wa_edit(chat, target_wa, body, eid, participant=None):
+    """`participant`: the group member who edits (the edit's id carries it, as a group message's does)."""
     return waha_event("message.edited", {
-        "id": "false_%s_%s" % (chat, eid), "timestamp": int(time.time()), "from": chat, "fromMe": False,
-        "source": "app", "body": body, "to": None, "participant": None, "hasMedia": False, "media": None,
-        "replyTo": None, "editedMessageId": target_wa})
+        "id": "false_%s_%s" % (chat, eid) + ("_" + participant if participant else ""), "timestamp": int(time.time()),
+        "from": chat, "fromMe": False, "source": "app", "body": body, "to": None, "participant": participant,
+        "hasMedia": False, "media": None, "replyTo": None, "editedMessageId": target_wa})
 
 
 def wa_revoke(chat, target_wa, rid):
@@ -4573,47 +4589,33 @@ class TestCommandLine:
             assert len(lines) == 1 and "not found" in lines[0] and missing in lines[0], p.stderr
             assert p.stdout == ""
 
-    def test_serve_subprocess_health_webhook_and_sigterm(self, tmp_path):
-        waha = FakeWaha(api_key=WAHA_KEY).start()
-        sig = FakeSignalDaemon(number=BRIDGE).start()
-        proc = None
+    def test_serve_subprocess_health_webhook_and_sigterm(self, tmp_path, upstream_fakes):
+        """No command is serve; the webhook secret comes from the environment; SIGTERM stops it cleanly."""
+        waha, sig = upstream_fakes
+        raw = raw_config(tmp_path, waha.url, rpc_url=sig.url)
+        raw["whatsapp"]["webhookSecret"] = "env:WEBHOOK_SECRET"
+        proc = BridgeProcess(tmp_path, raw, environ={"WEBHOOK_SECRET": WEBHOOK_SECRET}, command=())
         try:
-            port = free_port()
-            raw = raw_config(tmp_path, waha.url, rpc_url=sig.url, server={"port": port}, logLevel="info")
-            raw["whatsapp"]["webhookSecret"] = "env:WEBHOOK_SECRET"
-            cfg = write_config(tmp_path, raw)
-            err_path = tmp_path / "stderr.log"
-            with open(err_path, "wb") as err, open(tmp_path / "stdout.log", "wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, WS_PATH, "--config", cfg], cwd=str(tmp_path), stdout=out, stderr=err,
-                    env=clean_env(WEBHOOK_SECRET=WEBHOOK_SECRET, WHATSIGNAL_ENCRYPTION_SECRET=ENC_SECRET))
-            url = "http://127.0.0.1:%d" % port
-            up = lambda: proc.poll() is not None or http_request(url, "GET", "/healthz", timeout=2)[::3] == (
-                200, {"status": "ok"})
-            assert eventually(up, 20) and proc.poll() is None, err_path.read_text()
+            proc.start(timeout=20)
+            assert http_request(proc.url, "GET", "/healthz", timeout=2)[::3] == (200, {"status": "ok"})
             ev = waha.event("message", {"id": "false_%s_SUBPROC1" % PEER_JID, "timestamp": int(time.time()),
                                         "from": PEER_JID, "fromMe": False, "body": TEXT,
                                         "hasMedia": False, "_data": {"notifyName": PEER_NAME}})
-            assert waha.webhook(url + "/webhook/whatsapp", ev, WEBHOOK_SECRET) == (200, {"status": "stored"})
-            assert waha.webhook(url + "/webhook/whatsapp", ev, None)[0] == 401
+            assert waha.webhook(proc.url + "/webhook/whatsapp", ev, WEBHOOK_SECRET) == (200, {"status": "stored"})
+            assert waha.webhook(proc.url + "/webhook/whatsapp", ev, None)[0] == 401
             assert sig.wait_for(lambda f: f.sent("send"), 10)
             assert sig.sent("send")[0]["message"] == "%s: %s" % (PEER_SHOWN, TEXT)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 0
+            assert proc.terminate() == 0
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            waha.stop()
-            sig.stop()
-        err_text = err_path.read_text()
-        assert "Traceback" not in err_text
-        recs = [json.loads(l) for l in err_text.splitlines() if l.strip()]
+            proc.stop()
+        log_text = proc.log_tail(1 << 24)
+        assert "Traceback" not in log_text
+        recs = [json.loads(l) for l in log_text.splitlines() if l.strip()]
         msgs = [r["msg"] for r in recs]
         assert "WhatSignal started" in msgs and msgs[-1] == "WhatSignal stopped"
         assert not [r for r in recs if r["level"] == "DEBUG"], "logLevel info shows no debug lines"
         assert any(r["level"] == "WARN" and "authentication failed" in r["msg"] for r in recs)
-        assert TEXT not in err_text and PEER not in err_text
+        assert TEXT not in log_text and PEER not in log_text
 
     def test_stats_prints_counts_without_decrypting(self, capsys, tmp_path):
         raw = offline_raw(tmp_path)
@@ -6001,18 +6003,18 @@ class TestSignalBackends:
 # Each WAHA engine's own payloads (testdata/waha/<engine>/, see its README.md)
 # ===============================================================================================
 
-ENG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "waha")
+ENGINE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "waha")
 ENGINES = ("GOWS", "NOWEB", "WEBJS")
-ENG_ALICE, ENG_BOB, ENG_BOB_LID = "447700900123@c.us", "447700900456@c.us", "81234567890123@lid"
-ENG_GROUP = "120363040000000001@g.us"
-ENG_IDS = {"text": "3EB0C5D1A1CE000000000001", "group": "3EB0C5D1B0B0000000000002",
+ENGINE_ALICE, ENGINE_BOB, ENGINE_BOB_LID = "447700900123@c.us", "447700900456@c.us", "81234567890123@lid"
+ENGINE_GROUP = "120363040000000001@g.us"
+ENGINE_IDS = {"text": "3EB0C5D1A1CE000000000001", "group": "3EB0C5D1B0B0000000000002",
            "media": "3EB0C5D1A1CE000000000004", "owner": "3EB0C5D1000000000000000A",
            "group_owner": "3EB0C5D1000000000000000C"}
 
 
-def eng_event(engine, name, replace=None):
+def engine_event(engine, name, replace=None):
     """An engine's recorded webhook, dated now (and with *replace* {old: new} applied to its text)."""
-    with open(os.path.join(ENG_DIR, engine.lower(), name + ".json"), encoding="utf-8") as f:
+    with open(os.path.join(ENGINE_DIR, engine.lower(), name + ".json"), encoding="utf-8") as f:
         text = f.read()
     for old, new in (replace or {}).items():
         text = text.replace(old, new)
@@ -6025,28 +6027,28 @@ def eng_event(engine, name, replace=None):
     return event
 
 
-def eng_harness(make_bridge, engine, **raw):
+def engine_bridge(make_bridge, engine, **raw):
     """A bridge on WAHA's *engine*, with the contacts, group and media of the recorded payloads."""
     overrides = {"whatsapp": {"mediaBaseUrl": "http://localhost:3000"}}
     overrides.update(raw)
     h = make_bridge(raw_overrides=overrides)
     h.waha.engine = engine
-    h.waha.contacts.update({ENG_ALICE: "Alice Example", ENG_BOB: "Bob Example"})
-    h.waha.lids[ENG_BOB_LID] = ENG_BOB
-    h.waha.group_names[ENG_GROUP] = "Book Club"
-    media = ENG_IDS["media"] if engine != "WEBJS" else "false_%s_%s" % (ENG_ALICE, ENG_IDS["media"])
+    h.waha.contacts.update({ENGINE_ALICE: "Alice Example", ENGINE_BOB: "Bob Example"})
+    h.waha.lids[ENGINE_BOB_LID] = ENGINE_BOB
+    h.waha.group_names[ENGINE_GROUP] = "Book Club"
+    media = ENGINE_IDS["media"] if engine != "WEBJS" else "false_%s_%s" % (ENGINE_ALICE, ENGINE_IDS["media"])
     h.waha.add_file("/api/files/default/%s.jpeg" % media, JPEG_BYTES, "image/jpeg")   # MediaLocalStorage key
     return h
 
 
-def eng_copy(h, wa):
+def owner_copy_ts(h, wa):
     """Signal timestamp of the owner's copy of WhatsApp message *wa*."""
     m = h.app.store.by_wa("default", wa)
     assert m and m["sig_ts"], wa
     return m["sig_ts"]
 
 
-def eng_reactions(h):
+def signal_reactions(h):
     return [(p["emoji"], p["targetTimestamp"], p["targetAuthor"]) for m, p in other_signal_calls(h)
             if m == "sendReaction"]
 
@@ -6056,53 +6058,53 @@ class TestEngines:
 
     @pytest.mark.parametrize("engine", ENGINES)
     def test_every_event_as_the_engine_sends_it(self, make_bridge, engine):
-        h = eng_harness(make_bridge, engine)
+        h = engine_bridge(make_bridge, engine)
         poll_watcher(h)     # the session-status step below is not raced by the watcher's read at start
         owner_ts, group_ts = new_ts(), new_ts()
-        h.waha.next_ids.extend([ENG_IDS["owner"], ENG_IDS["group_owner"]])
+        h.waha.next_ids.extend([ENGINE_IDS["owner"], ENGINE_IDS["group_owner"]])
         steps = [   # (what happens, check of what the owner sees)
             ("message-text", lambda: h.texts()[-1] == "Alice Example: Hello from Alice"),
             ("message-reply", lambda: (h.received()[-1]["text"], h.received()[-1]["quote"])
-             == ("Alice Example: Yes, that one", (eng_copy(h, ENG_IDS["text"]), BRIDGE))),
+             == ("Alice Example: Yes, that one", (owner_copy_ts(h, ENGINE_IDS["text"]), BRIDGE))),
             ("message-media", lambda: (h.received()[-1]["text"], h.received()[-1]["atts"][0][2])
              == ("Alice Example: Our cat", JPEG_BYTES)),
             # the owner answers Alice; the send response's id (in the engine's shape) is remembered
-            (lambda: h.signal.push(owner_env(owner_ts, "Glad you like it", quote=bridge_quote(eng_copy(h, ENG_IDS["text"])))),
-             lambda: h.app.store.by_sig("default", owner_ts)["wa_id"].split("_")[2] == ENG_IDS["owner"]),
+            (lambda: h.signal.push(owner_env(owner_ts, "Glad you like it", quote=bridge_quote(owner_copy_ts(h, ENGINE_IDS["text"])))),
+             lambda: h.app.store.by_sig("default", owner_ts)["wa_id"].split("_")[2] == ENGINE_IDS["owner"]),
             ("ack", lambda: h.app.store.by_sig("default", owner_ts)["ack"] == 3),      # read
             # Alice's reaction to the owner's message: a Signal reaction, not a text notice
-            ("reaction", lambda: eng_reactions(h) == [("👍", owner_ts, OWNER)]),
+            ("reaction", lambda: signal_reactions(h) == [("👍", owner_ts, OWNER)]),
             ("message-group", lambda: h.texts()[-1] == "Bob Example in Book Club: Hi book club"),
-            (lambda: h.signal.push(owner_env(group_ts, "See you all there", quote=bridge_quote(eng_copy(h, ENG_IDS["group"])))),
-             lambda: h.app.store.by_sig("default", group_ts)["wa_id"].split("_")[2] == ENG_IDS["group_owner"]),
+            (lambda: h.signal.push(owner_env(group_ts, "See you all there", quote=bridge_quote(owner_copy_ts(h, ENGINE_IDS["group"])))),
+             lambda: h.app.store.by_sig("default", group_ts)["wa_id"].split("_")[2] == ENGINE_IDS["group_owner"]),
             ("ack-group", lambda: h.app.store.by_sig("default", group_ts)["ack"] == 3),
             ("message-lid", lambda: h.texts()[-1] == "Bob Example in Book Club: Sent from my hidden number"),
-            ("reaction-group", lambda: eng_reactions(h)[-1] == ("❤️", eng_copy(h, ENG_IDS["group"]), BRIDGE)),
+            ("reaction-group", lambda: signal_reactions(h)[-1] == ("❤️", owner_copy_ts(h, ENGINE_IDS["group"]), BRIDGE)),
             ("edited", lambda: (h.received()[-1]["text"], h.received()[-1]["edit"])
-             == ("Alice Example: Hello from Alice (edited)", eng_copy(h, ENG_IDS["text"]))),
+             == ("Alice Example: Hello from Alice (edited)", owner_copy_ts(h, ENGINE_IDS["text"]))),
             ("edited-group", lambda: (h.received()[-1]["text"], h.received()[-1]["edit"])
-             == ("Bob Example in Book Club: Hi book club (edited)", eng_copy(h, ENG_IDS["group"]))),
+             == ("Bob Example in Book Club: Hi book club (edited)", owner_copy_ts(h, ENGINE_IDS["group"]))),
             ("revoked", lambda: [p["targetTimestamp"] for m, p in other_signal_calls(h) if m == "remoteDelete"]
-             == [eng_copy(h, ENG_IDS["text"])]),
+             == [owner_copy_ts(h, ENGINE_IDS["text"])]),
             ("session-status", lambda: h.texts()[-1] == SESSION_QR),
         ]
         for step, check in steps:
             if callable(step):
                 step()
             else:
-                post_event(h, eng_event(engine, step))
+                post_event(h, engine_event(engine, step))
             settle_w2s(h)
-            assert eventually(check, 5), (engine, step, h.received()[-1:], eng_reactions(h))
+            assert eventually(check, 5), (engine, step, h.received()[-1:], signal_reactions(h))
         assert not any("reacted" in t for t in h.texts())
-        assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENG_ALICE, ENG_GROUP]
+        assert [c["json"]["chatId"] for c in h.waha.calls_for("/api/sendText")] == [ENGINE_ALICE, ENGINE_GROUP]
 
     @pytest.mark.parametrize("engine", ENGINES)
     def test_only_the_author_may_edit_a_group_message(self, make_bridge, engine):
         """WEBJS names the sender only in _data.author: without it, group and group would always match."""
-        h = eng_harness(make_bridge, engine)
-        post_event(h, eng_event(engine, "message-group"))
+        h = engine_bridge(make_bridge, engine)
+        post_event(h, engine_event(engine, "message-group"))
         settle_w2s(h)
-        forged = eng_event(engine, "edited-group", {"447700900456": "447700900123", "Hi book club (edited)": "Pay here"})
+        forged = engine_event(engine, "edited-group", {"447700900456": "447700900123", "Hi book club (edited)": "Pay here"})
         post_event(h, forged)
         settle_w2s(h)
         assert h.texts() == ["Bob Example in Book Club: Hi book club"]
@@ -6110,16 +6112,16 @@ class TestEngines:
 
     @pytest.mark.parametrize("engine", ENGINES)
     def test_groups_layout_titles_the_signal_group_with_the_whatsapp_name(self, make_bridge, engine):
-        h = eng_harness(make_bridge, engine, bridge={"layout": "groups"})
-        post_event(h, eng_event(engine, "message-group"))
+        h = engine_bridge(make_bridge, engine, bridge={"layout": "groups"})
+        post_event(h, engine_event(engine, "message-group"))
         settle_w2s(h)
         assert [g["name"] for g in created_groups(h)] == ["Book Club (WhatsApp)"]
         assert h.texts() == ["Bob Example: Hi book club"]
 
     def test_a_group_name_an_older_release_could_not_read_is_looked_up_again(self, make_bridge):
-        h = eng_harness(make_bridge, "GOWS")
-        h.app.store.set_contact("default", ENG_GROUP, None, time.time())   # an older release found no subject
-        post_event(h, eng_event("GOWS", "message-group"))
+        h = engine_bridge(make_bridge, "GOWS")
+        h.app.store.set_contact("default", ENGINE_GROUP, None, time.time())   # an older release found no subject
+        post_event(h, engine_event("GOWS", "message-group"))
         settle_w2s(h)
         assert h.texts() == ["Bob Example in Book Club: Hi book club"]
 
@@ -6127,7 +6129,7 @@ class TestEngines:
     def test_send_response_id_read_from_each_shape(self, engine):
         fake = FakeWaha()
         fake.engine = engine
-        for chat in (ENG_ALICE, ENG_GROUP):
+        for chat in (ENGINE_ALICE, ENGINE_GROUP):
             wa = fake._new_id(chat)
             assert ws.WahaClient.message_id(json.loads(json.dumps(fake.message_response(chat, wa, "hi")))) == wa
 
@@ -6193,23 +6195,10 @@ class TestSessionPolling:
 # Catch-up after downtime, the owner's own phone messages, calls, polls, view-once, mentions, mute
 # ===============================================================================================
 
-CU_ALICE, CU_BOB, CU_CAROL = "4915111111189@c.us", "4915222222278@c.us", "4915333333367@c.us"
+ALICE_DE, BOB_DE, CAROL_DE = "4915111111189@c.us", "4915222222278@c.us", "4915333333367@c.us"
 
 
-def cu_payload(chat, wa, body, ts=None, participant=None, from_me=False, source=None, **fields):
-    """A GOWS WAMessage as WAHA's webhooks and its messages endpoint carry it."""
-    mid = "%s_%s_%s" % ("true" if from_me else "false", chat, wa) + ("_" + participant if participant else "")
-    p = {"id": mid, "timestamp": int(ts if ts is not None else time.time()), "from": chat, "fromMe": from_me,
-         "body": body, "to": participant, "participant": participant, "hasMedia": False, "media": None,
-         "ack": 1 if from_me else 2, "ackName": "SERVER" if from_me else "DEVICE", "location": None, "vCards": None,
-         "replyTo": None, "_data": {}}
-    if from_me or source:
-        p["source"] = source or "app"
-    p.update(fields)
-    return p
-
-
-def cu_post(url, waha, event_name, payload, expect=200):
+def post_webhook(url, waha, event_name, payload, expect=200):
     """Sign and POST one webhook the way WAHA does; return the status (None when the bridge is unreachable)."""
     try:
         status, _ = waha.webhook(url + "/webhook/whatsapp", waha.event(event_name, payload), WEBHOOK_SECRET, timeout=5)
@@ -6220,13 +6209,9 @@ def cu_post(url, waha, event_name, payload, expect=200):
     return status
 
 
-def cu_state(db_path, key):
+def state_json(db_path, key):
     rows = db_query(db_path, "SELECT value FROM state WHERE channel='default' AND key=?", (key,))
     return json.loads(rows[0][0]) if rows and rows[0][0] else None
-
-
-def cu_texts(daemon):
-    return [p.get("message") for p in daemon.sent("send")]
 
 
 class TestCatchUp:
@@ -6238,24 +6223,24 @@ class TestCatchUp:
         db = str(tmp_path / "whatsignal.db")
         now = int(time.time())
         for i in range(5):          # history from before the bridge existed: never imported
-            waha.remember(cu_payload(CU_ALICE, "OLD%d" % i, "old %d" % i, ts=now - 3600 + i))
+            waha.remember(wa_payload(ALICE_DE, "OLD%d" % i, "old %d" % i, ts=now - 3600 + i))
         proc = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         try:
             proc.start()
-            assert eventually(lambda: (cu_state(db, "catchup_last") or {}).get("first"), 15)
-            for i, chat in enumerate((CU_ALICE, CU_BOB)):
-                p = waha.remember(cu_payload(chat, "LIVE%d" % i, "live %d" % i, ts=now + i))
-                assert cu_post(proc.url, waha, "message", p) == 200
+            assert eventually(lambda: (state_json(db, "catchup_last") or {}).get("first"), 15)
+            for i, chat in enumerate((ALICE_DE, BOB_DE)):
+                p = waha.remember(wa_payload(chat, "LIVE%d" % i, "live %d" % i, ts=now + i))
+                assert post_webhook(proc.url, waha, "message", p) == 200
             assert daemon.wait_for(lambda d: len(d.sent("send")) == 2, 15)
             assert proc.terminate() == 0
-            chats = (CU_ALICE, CU_BOB, CU_CAROL)
+            chats = (ALICE_DE, BOB_DE, CAROL_DE)
             for i in range(20):        # WAHA stores them; its webhooks find nobody listening
-                p = waha.remember(cu_payload(chats[i % 3], "MISS%02d" % i, "missed %d" % i, ts=now + 10 + i))
-                assert cu_post(proc.url, waha, "message", p, expect=None) is None
+                p = waha.remember(wa_payload(chats[i % 3], "MISS%02d" % i, "missed %d" % i, ts=now + 10 + i))
+                assert post_webhook(proc.url, waha, "message", p, expect=None) is None
             proc.start()
-            assert daemon.wait_for(lambda d: len(d.sent("send")) >= 22, 20), cu_texts(daemon)
-            assert eventually(lambda: (cu_state(db, "catchup_last") or {}).get("recovered") == 20, 10)
-            texts = cu_texts(daemon)[2:]
+            assert daemon.wait_for(lambda d: len(d.sent("send")) >= 22, 20), daemon.texts()
+            assert eventually(lambda: (state_json(db, "catchup_last") or {}).get("recovered") == 20, 10)
+            texts = daemon.texts()[2:]
             bodies = [t.split(": ")[-1] for t in texts]
             assert sorted(bodies) == sorted("missed %d" % i for i in range(20))     # all 20, exactly once
             for c, chat in enumerate(chats):
@@ -6265,13 +6250,13 @@ class TestCatchUp:
                 first = [t for t in texts if phone in t][0]
                 assert first.startswith("%d messages while the bridge was offline:\n" % len(mine))
             assert sum("while the bridge was offline" in t for t in texts) == 3
-            assert not any("old " in t for t in cu_texts(daemon))
+            assert not any("old " in t for t in daemon.texts())
             # a clean restart without downtime: the pass runs, finds nothing, sends nothing
             assert proc.terminate() == 0
-            before = cu_state(db, "catchup_last")["at"]
+            before = state_json(db, "catchup_last")["at"]
             proc.start()
-            assert eventually(lambda: cu_state(db, "catchup_last")["at"] > before, 15)
-            assert cu_state(db, "catchup_last")["recovered"] == 0
+            assert eventually(lambda: state_json(db, "catchup_last")["at"] > before, 15)
+            assert state_json(db, "catchup_last")["recovered"] == 0
             assert db_query(db, "SELECT COUNT(*) FROM queue WHERE state='pending'")[0][0] == 0
             assert len(daemon.sent("send")) == 22
             assert "whatsignal_catchup_recovered_total 0.0" in http_get(proc.url, "/metrics")[1].splitlines()
@@ -6283,11 +6268,11 @@ class TestCatchUp:
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("first"))
         poll_watcher(h)     # its read at start cannot land between STARTING and WORKING below
         now = int(time.time())
-        post_event(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "L1", "hello", ts=now))))
+        post_event(h, h.waha.event("message", h.waha.remember(wa_payload(ALICE_DE, "L1", "hello", ts=now))))
         assert eventually(lambda: len(h.texts()) == 1)
         post_event(h, wa_session_status("STARTING"))
         for i in range(15):          # 3 chats x 5 messages while WAHA reconnected and its webhooks failed
-            h.waha.remember(cu_payload((CU_ALICE, CU_BOB, CU_CAROL)[i % 3], "G%02d" % i, "gap %d" % i, ts=now + 1 + i))
+            h.waha.remember(wa_payload((ALICE_DE, BOB_DE, CAROL_DE)[i % 3], "G%02d" % i, "gap %d" % i, ts=now + 1 + i))
         post_event(h, wa_session_status("WORKING"))
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("chats") == 2)
         settle_w2s(h)
@@ -6330,90 +6315,90 @@ class TestCatchUp:
         (the dedupe memory may have forgotten it); a NOWEB Long timestamp counts as its number."""
         h = make_bridge()
         now = int(time.time())
-        old = cu_payload(CU_ALICE, "OLD1", "from last year", ts=now - 400 * 86400)
-        new = cu_payload(CU_ALICE, "NEW1", "just now", timestamp={"low": now, "high": 0, "unsigned": False})
+        old = wa_payload(ALICE_DE, "OLD1", "from last year", ts=now - 400 * 86400)
+        new = wa_payload(ALICE_DE, "NEW1", "just now", timestamp={"low": now, "high": 0, "unsigned": False})
         assert h.app.bridge._recover("default", [new, old], now - 3600) == 1
         settle_w2s(h)
         assert h.texts() == ["1 message while the bridge was offline:\n+4915111111189: just now"]
 
-def cu_bridge(make_bridge, **bridge):
+def bridge_with_contacts(make_bridge, **bridge):
     h = make_bridge(raw_overrides={"bridge": bridge} if bridge else None)
-    h.waha.contacts.update({CU_ALICE: "Alice Example", CU_BOB: "Bob Builder"})
+    h.waha.contacts.update({ALICE_DE: "Alice Example", BOB_DE: "Bob Builder"})
     return h
 
 
-def cu_any(h, payload, expect="stored"):
+def post_message_any(h, payload, expect="stored"):
     return post_event(h, h.waha.event("message.any", payload), expect)
 
 
 class TestOwnMessages:
     def test_phone_messages_are_mirrored_and_the_bridges_own_sends_never_echo(self, make_bridge):
-        h = cu_bridge(make_bridge)
-        incoming = cu_payload(CU_ALICE, "IN1", "Lunch at noon?")
+        h = bridge_with_contacts(make_bridge)
+        incoming = wa_payload(ALICE_DE, "IN1", "Lunch at noon?")
         post_event(h, h.waha.event("message", incoming))
-        cu_any(h, incoming, expect="duplicate")            # `message` and `message.any` both subscribed: once
-        cu_any(h, cu_payload(CU_ALICE, "PH1", "Yes, see you there", from_me=True, source="app"))
+        post_message_any(h, incoming, expect="duplicate")            # `message` and `message.any` both subscribed: once
+        post_message_any(h, wa_payload(ALICE_DE, "PH1", "Yes, see you there", from_me=True, source="app"))
         settle_w2s(h)
         assert h.texts() == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
         h.signal.push(owner_env(int(time.time() * 1000), "Bringing cake"))     # unquoted: the latest chat
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         sent = h.waha.calls_for("/api/sendText")[0]
-        assert (sent["json"]["chatId"], sent["json"]["text"]) == (CU_ALICE, "Bringing cake")
+        assert (sent["json"]["chatId"], sent["json"]["text"]) == (ALICE_DE, "Bringing cake")
         wa = sent["wa_id"].split("_")[2]
-        echo = cu_payload(CU_ALICE, wa, "Bringing cake", from_me=True, source="api")
-        cu_any(h, echo, expect="ignored")                  # WAHA marks API sends source "api"
+        echo = wa_payload(ALICE_DE, wa, "Bringing cake", from_me=True, source="api")
+        post_message_any(h, echo, expect="ignored")                  # WAHA marks API sends source "api"
         del echo["source"]                                 # and without a source the id gives it away
-        cu_any(h, echo)
+        post_message_any(h, echo)
         settle_w2s(h)
         assert h.texts() == ["Alice Example: Lunch at noon?", "You → Alice Example: Yes, see you there"]
 
     def test_an_own_message_changes_the_unquoted_target_only_while_it_is_the_latest(self, make_bridge):
-        h = cu_bridge(make_bridge)
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN2", "Are you there?")))
-        cu_any(h, cu_payload(CU_BOB, "PH2", "Call me", from_me=True, source="app"))
+        h = bridge_with_contacts(make_bridge)
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "IN2", "Are you there?")))
+        post_message_any(h, wa_payload(BOB_DE, "PH2", "Call me", from_me=True, source="app"))
         settle_w2s(h)
         h.signal.push(owner_env(int(time.time() * 1000), "first"))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1, 10)
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN3", "Hello?")))
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "IN3", "Hello?")))
         assert eventually(lambda: len(h.texts()) == 3)
         h.signal.push(owner_env(int(time.time() * 1000), "second"))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
-        assert [(b["chatId"], b["text"]) for b in h.waha.sent("text")] == [(CU_BOB, "first"), (CU_ALICE, "second")]
+        assert [(b["chatId"], b["text"]) for b in h.waha.sent("text")] == [(BOB_DE, "first"), (ALICE_DE, "second")]
 
     def test_groups_layout_and_switching_it_off(self, make_bridge):
-        h = cu_bridge(make_bridge, layout="groups")
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IN4", "hi")))
-        cu_any(h, cu_payload(CU_ALICE, "PH4", "hello from my phone", from_me=True, source="app"))
+        h = bridge_with_contacts(make_bridge, layout="groups")
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "IN4", "hi")))
+        post_message_any(h, wa_payload(ALICE_DE, "PH4", "hello from my phone", from_me=True, source="app"))
         settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == ["hi", "You: hello from my phone"]
         assert d[0]["to"] == d[1]["to"] and d[0]["to"] != [OWNER]        # both in Alice's Signal group
-        off = cu_bridge(make_bridge, mirrorOwnMessages=False)
-        cu_any(off, cu_payload(CU_ALICE, "PH5", "not mirrored", from_me=True, source="app"))
-        post_event(off, off.waha.event("message", cu_payload(CU_ALICE, "IN5", "mirrored")))
+        off = bridge_with_contacts(make_bridge, mirrorOwnMessages=False)
+        post_message_any(off, wa_payload(ALICE_DE, "PH5", "not mirrored", from_me=True, source="app"))
+        post_event(off, off.waha.event("message", wa_payload(ALICE_DE, "IN5", "mirrored")))
         settle_w2s(off)
         assert off.texts() == ["Alice Example: mirrored"]
 
     def test_catch_up_mirrors_phone_messages_but_not_the_bridges_own(self, make_bridge):
-        h = cu_bridge(make_bridge)
+        h = bridge_with_contacts(make_bridge)
         now = int(time.time())
-        post_event(h, h.waha.event("message", h.waha.remember(cu_payload(CU_ALICE, "IN6", "ping", ts=now))))
+        post_event(h, h.waha.event("message", h.waha.remember(wa_payload(ALICE_DE, "IN6", "ping", ts=now))))
         settle_w2s(h)
         h.signal.push(owner_env(int(time.time() * 1000), "pong"))
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         assert eventually(lambda: h.app.store.queue_depth("s2w") == 0)
         wa = h.waha.calls_for("/api/sendText")[0]["wa_id"].split("_")[2]
         h.app.stop()
-        h.waha.remember(cu_payload(CU_ALICE, wa, "pong", ts=now + 1, from_me=True, source="api"))
-        h.waha.remember(cu_payload(CU_ALICE, "PH6", "typed on the phone", ts=now + 2, from_me=True, source="app"))
-        h.waha.remember(cu_payload(CU_ALICE, "IN7", "thanks", ts=now + 3))
+        h.waha.remember(wa_payload(ALICE_DE, wa, "pong", ts=now + 1, from_me=True, source="api"))
+        h.waha.remember(wa_payload(ALICE_DE, "PH6", "typed on the phone", ts=now + 2, from_me=True, source="app"))
+        h.waha.remember(wa_payload(ALICE_DE, "IN7", "thanks", ts=now + 3))
         h.start()
         assert eventually(lambda: (json.loads(h.app.store.state("default", "catchup_last") or "{}")).get("recovered") == 2)
         settle_w2s(h)
         assert h.texts()[1:] == ["2 messages while the bridge was offline:\nYou → Alice Example: typed on the phone",
                                     "Alice Example: thanks"]
 
-def cu_call(h, event_name, call_id, caller, video=False, expect="stored"):
+def post_call(h, event_name, call_id, caller, video=False, expect="stored"):
     """A GOWS call event (CallData: id, from, timestamp, isVideo, isGroup)."""
     return post_event(h, h.waha.event(event_name, {"id": call_id, "from": caller, "timestamp": time.time(),
                                                  "isVideo": video, "isGroup": False, "_data": {}}), expect)
@@ -6421,35 +6406,35 @@ def cu_call(h, event_name, call_id, caller, video=False, expect="stored"):
 
 class TestCallsAndViewOnce:
     def test_calls_one_line_each_and_a_missed_call_says_so(self, make_bridge):
-        h = cu_bridge(make_bridge)
-        cu_call(h, "call.received", "CALL1", CU_ALICE, video=True)
-        cu_call(h, "call.received", "CALL1", CU_ALICE, video=True, expect="duplicate")
-        cu_call(h, "call.rejected", "CALL1", CU_ALICE, video=True)           # never answered: missed
-        cu_call(h, "call.received", "CALL2", CU_BOB)
-        cu_call(h, "call.accepted", "CALL2", CU_BOB)
-        cu_call(h, "call.rejected", "CALL2", CU_BOB)                         # answered, then ended: nothing
+        h = bridge_with_contacts(make_bridge)
+        post_call(h, "call.received", "CALL1", ALICE_DE, video=True)
+        post_call(h, "call.received", "CALL1", ALICE_DE, video=True, expect="duplicate")
+        post_call(h, "call.rejected", "CALL1", ALICE_DE, video=True)           # never answered: missed
+        post_call(h, "call.received", "CALL2", BOB_DE)
+        post_call(h, "call.accepted", "CALL2", BOB_DE)
+        post_call(h, "call.rejected", "CALL2", BOB_DE)                         # answered, then ended: nothing
         settle_w2s(h)
         assert h.texts() == ["📞 Alice Example is calling you on WhatsApp (video)",
                                 "📞 Missed call from Alice Example on WhatsApp (video)",
                                 "📞 Bob Builder is calling you on WhatsApp (voice)"]
         h.signal.push(owner_env(int(time.time() * 1000), "Can't talk, later"))   # unquoted: the last caller
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
-        assert h.waha.sent("text")[0]["chatId"] == CU_BOB
+        assert h.waha.sent("text")[0]["chatId"] == BOB_DE
         status, body = h.webhook(h.waha.event("call.received", {"id": "X", "timestamp": 1, "isVideo": False,
                                                                 "isGroup": False}))
         assert status == 400 and "payload.from" in body["error"]
 
     def test_view_once_media_is_a_notice_never_an_attachment(self, make_bridge):
-        h = cu_bridge(make_bridge)
+        h = bridge_with_contacts(make_bridge)
         h.waha.group_names[FAMILY] = "Family"
         url = h.waha.add_file("VO1.jpeg", JPEG_BYTES, "image/jpeg")
         media = {"url": url, "mimetype": "image/jpeg", "filename": None, "error": None}
         # GOWS: whatsmeow's IsViewOnce flag beside the unwrapped message; WEBJS: isViewOnce and type
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "VO1", "", hasMedia=True, media=media, _data={
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "VO1", "", hasMedia=True, media=media, _data={
             "IsViewOnce": True, "Message": {"imageMessage": {"mimetype": "image/jpeg", "viewOnce": True}}})))
-        post_event(h, h.waha.event("message", cu_payload(FAMILY, "VO2", "", participant=CU_BOB, hasMedia=True,
+        post_event(h, h.waha.event("message", wa_payload(FAMILY, "VO2", "", participant=BOB_DE, hasMedia=True,
                                                        media=None, _data={"isViewOnce": True, "type": "video"})))
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "VO3", "", hasMedia=True, media=None, _data={
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "VO3", "", hasMedia=True, media=None, _data={
             "message": {"viewOnceMessageV2": {"message": {"audioMessage": {"mimetype": "audio/ogg"}}}}})))
         settle_w2s(h)
         d = h.received()
@@ -6460,11 +6445,11 @@ class TestCallsAndViewOnce:
         assert all(x["atts"] == [] for x in d)
         assert not h.waha.calls_for("/api/files/")                    # not even downloaded
 
-CU_POLL_GOWS = {"Message": {"pollCreationMessageV3": {"name": "Lunch?", "selectableOptionsCount": 1,
+POLL_GOWS = {"Message": {"pollCreationMessageV3": {"name": "Lunch?", "selectableOptionsCount": 1,
                                                       "options": [{"optionName": "Pizza"}, {"optionName": "Sushi"}]}}}
 
 
-def cu_vote(h, chat, vote_wa, poll_id, options, voter=None):
+def post_vote(h, chat, vote_wa, poll_id, options, voter=None):
     """A poll.vote event (PollVotePayload: vote = MessageDestination + selectedOptions, poll = MessageDestination)."""
     return h.waha.event("poll.vote", {
         "vote": {"id": "false_%s_%s" % (chat, vote_wa), "from": voter or chat, "to": "15550000001@c.us",
@@ -6474,10 +6459,10 @@ def cu_vote(h, chat, vote_wa, poll_id, options, voter=None):
 
 class TestPolls:
     def test_poll_votes_and_voting_from_signal(self, make_bridge):
-        h = cu_bridge(make_bridge)
-        poll = cu_payload(CU_ALICE, "POLL1", None, _data=CU_POLL_GOWS)
+        h = bridge_with_contacts(make_bridge)
+        poll = wa_payload(ALICE_DE, "POLL1", None, _data=POLL_GOWS)
         post_event(h, h.waha.event("message", poll))
-        post_event(h, cu_vote(h, CU_ALICE, "V1", poll["id"], ["Sushi"]))
+        post_event(h, post_vote(h, ALICE_DE, "V1", poll["id"], ["Sushi"]))
         settle_w2s(h)
         d = h.received()
         assert d[0]["text"] == "Alice Example: 📊 Lunch?\n1. Pizza\n2. Sushi\n(quote with a number to vote)"
@@ -6485,7 +6470,7 @@ class TestPolls:
         h.signal.push(owner_env(int(time.time() * 1000), "2", quote=bridge_quote(d[0]["ts"])))
         assert h.waha.wait_for(lambda f: [c for c in f.calls_for("/api/sendPollVote") if c["status"]], 10)
         call = h.waha.calls_for("/api/sendPollVote")[0]
-        assert (call["status"], call["json"]) == (201, {"session": "default", "chatId": CU_ALICE,
+        assert (call["status"], call["json"]) == (201, {"session": "default", "chatId": ALICE_DE,
                                                         "pollMessageId": poll["id"], "votes": ["Sushi"]})
         assert eventually(lambda: "You voted: Sushi" in h.texts())
         h.signal.push(owner_env(int(time.time() * 1000), "7", quote=bridge_quote(d[0]["ts"])))
@@ -6499,13 +6484,13 @@ class TestPolls:
         assert h.waha.sent("text")[0]["reply_to"] == poll["id"]
 
     def test_voting_in_a_chats_signal_group(self, make_bridge):
-        h = cu_bridge(make_bridge, layout="groups")
-        poll = cu_payload(CU_ALICE, "POLL2", None, _data=CU_POLL_GOWS)
+        h = bridge_with_contacts(make_bridge, layout="groups")
+        poll = wa_payload(ALICE_DE, "POLL2", None, _data=POLL_GOWS)
         post_event(h, h.waha.event("message", poll))
         settle_w2s(h)
         d = h.received()[0]
         assert d["text"].startswith("📊 Lunch?") and d["to"] != [OWNER]
-        group = h.app.store.group_of_chat("default", CU_ALICE)["group"]
+        group = h.app.store.group_of_chat("default", ALICE_DE)["group"]
         h.signal.push(owner_env(int(time.time() * 1000), "1", groupInfo={"groupId": group, "type": "DELIVER"},
                                 quote={"id": d["ts"], "author": BRIDGE, "authorNumber": BRIDGE, "text": "poll",
                                        "attachments": []}))
@@ -6514,53 +6499,53 @@ class TestPolls:
         assert eventually(lambda: "You voted: Pizza" in h.texts())
 
     def test_engine_shapes_of_a_poll_and_a_vote(self):
-        webjs = {"event": "message", "session": "default", "payload": cu_payload(CU_ALICE, "P2", "", _data={
+        webjs = {"event": "message", "session": "default", "payload": wa_payload(ALICE_DE, "P2", "", _data={
             "type": "poll_creation", "pollName": "Where?", "pollOptions": [{"name": "Here", "localId": 0},
                                                                           {"name": "There", "localId": 1}]})}
-        noweb = {"event": "message", "session": "default", "payload": cu_payload(CU_ALICE, "P3", None, _data={
+        noweb = {"event": "message", "session": "default", "payload": wa_payload(ALICE_DE, "P3", None, _data={
             "message": {"pollCreationMessage": {"name": "When?", "options": [{"optionName": "Now"}]}}})}
         assert ws.parse_waha_event(webjs).record["poll"] == {"name": "Where?", "options": ["Here", "There"],
                                                              "multi": False}
         assert ws.parse_waha_event(noweb).record["body"].startswith("📊 When?\n1. Now")
         group_vote = {"event": "poll.vote", "session": "default", "payload": {
-            "vote": {"id": "false_%s_V9_%s" % (FAMILY, CU_BOB), "from": FAMILY, "participant": CU_BOB,
+            "vote": {"id": "false_%s_V9_%s" % (FAMILY, BOB_DE), "from": FAMILY, "participant": BOB_DE,
                      "fromMe": False, "selectedOptions": [], "to": FAMILY, "timestamp": 1},
             "poll": {"id": "true_%s_P9" % FAMILY, "from": FAMILY, "fromMe": True, "to": FAMILY}}}
         inbound = ws.parse_waha_event(group_vote)
         assert (inbound.chat, inbound.record["sender"], inbound.record["poll_bare"], inbound.record["options"]) == \
-            (FAMILY, CU_BOB, "P9", [])
+            (FAMILY, BOB_DE, "P9", [])
         with pytest.raises(ws.PayloadError):
             ws.parse_waha_event({"event": "poll.vote", "session": "default", "payload": {"vote": {}, "poll": {}}})
 
 class TestMentions:
     def test_mentions_show_names_and_the_owners_at_name_becomes_a_mention(self, make_bridge):
-        h = cu_bridge(make_bridge)
+        h = bridge_with_contacts(make_bridge)
         h.waha.group_names[FAMILY] = "Family"
-        h.waha.contacts.update({CU_CAROL: "Carol Singer", "4915444444456@c.us": "Alice Other"})
-        h.waha.lids["123456789012345@lid"] = CU_CAROL
-        gows = cu_payload(FAMILY, "MN1", "@4915111111189 are you coming? @123456789012345 too", participant=CU_BOB,
+        h.waha.contacts.update({CAROL_DE: "Carol Singer", "4915444444456@c.us": "Alice Other"})
+        h.waha.lids["123456789012345@lid"] = CAROL_DE
+        gows = wa_payload(FAMILY, "MN1", "@4915111111189 are you coming? @123456789012345 too", participant=BOB_DE,
                           _data={"Message": {"extendedTextMessage": {"text": "...", "contextInfo": {
                               "mentionedJID": ["4915111111189@s.whatsapp.net", "123456789012345@lid"]}}}})
-        webjs = cu_payload(FAMILY, "MN2", "thanks @4915222222278", participant=CU_CAROL,
-                           _data={"mentionedJidList": [CU_BOB]})
+        webjs = wa_payload(FAMILY, "MN2", "thanks @4915222222278", participant=CAROL_DE,
+                           _data={"mentionedJidList": [BOB_DE]})
         post_event(h, h.waha.event("message", gows))
         post_event(h, h.waha.event("message", webjs))
         settle_w2s(h)
         d = h.received()
         assert [x["text"] for x in d] == ["Bob Builder in Family: @Alice Example are you coming? @Carol Singer too",
                                           "Carol Singer in Family: thanks @Bob Builder"]
-        h.waha.participants[FAMILY] = [CU_ALICE, CU_BOB, "4915444444456@c.us"]
+        h.waha.participants[FAMILY] = [ALICE_DE, BOB_DE, "4915444444456@c.us"]
         h.signal.push(owner_env(int(time.time() * 1000), "@bob builder yes, and @Alice Example too; @Alice?", quote=bridge_quote(d[0]["ts"])))
         assert h.waha.wait_for(lambda f: f.sent("text"), 10)
         sent = h.waha.sent("text")[0]
         assert sent["chatId"] == FAMILY
         assert sent["text"] == "@4915222222278 yes, and @4915111111189 too; @Alice?"     # "Alice" is two people
-        assert sent["mentions"] == [CU_BOB, CU_ALICE]
+        assert sent["mentions"] == [BOB_DE, ALICE_DE]
         h.signal.push(owner_env(int(time.time() * 1000), "mail me at a@b.example", quote=bridge_quote(d[1]["ts"])))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
         assert "mentions" not in h.waha.sent("text")[1]
 
-def cu_command(h, text, reply_starts, timeout=10.0):
+def owner_command(h, text, reply_starts, timeout=10.0):
     """The owner sends a command in the bridge's 1:1 conversation; return the bridge's answer."""
     h.signal.push(owner_env(int(time.time() * 1000) + random.randint(0, 999), text))
     assert eventually(lambda: any((t or "").startswith(reply_starts) for t in h.texts()), timeout), h.texts()
@@ -6569,52 +6554,52 @@ def cu_command(h, text, reply_starts, timeout=10.0):
 
 class TestMute:
     def test_a_muted_chat_is_kept_and_counted_and_unmute_offers_it(self, make_bridge):
-        h = cu_bridge(make_bridge)
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU0", "hello")))
-        post_event(h, h.waha.event("message", cu_payload(CU_BOB, "MU9", "hi")))
+        h = bridge_with_contacts(make_bridge)
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "MU0", "hello")))
+        post_event(h, h.waha.event("message", wa_payload(BOB_DE, "MU9", "hi")))
         settle_w2s(h)
-        assert cu_command(h, "/mute Alice Example", "Muted ") == \
+        assert owner_command(h, "/mute Alice Example", "Muted ") == \
             "Muted Alice Example until you unmute it. Its messages are kept, not forwarded; /unmute Alice Example " \
             "brings it back."
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU1", "one")))
-        cu_call(h, "call.received", "CALLM", CU_ALICE)
-        cu_any(h, cu_payload(CU_ALICE, "MU2", "from my phone", from_me=True, source="app"))
-        post_event(h, h.waha.event("message", cu_payload(CU_BOB, "MU3", "still here")))
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "MU1", "one")))
+        post_call(h, "call.received", "CALLM", ALICE_DE)
+        post_message_any(h, wa_payload(ALICE_DE, "MU2", "from my phone", from_me=True, source="app"))
+        post_event(h, h.waha.event("message", wa_payload(BOB_DE, "MU3", "still here")))
         settle_w2s(h)
         assert [t for t in h.texts() if not t.startswith("Muted")] == \
             ["Alice Example: hello", "Bob Builder: hi", "Bob Builder: still here"]
         assert [r["state"] for r in queue_rows(h, "w2s")].count("muted") == 3
-        assert cu_command(h, "/muted", "Muted chats:") == "Muted chats:\nAlice Example: until unmuted, 3 kept"
-        assert "\nMuted chats: 1 (see /muted)" in cu_command(h, "/status", "WhatSignal")
-        assert cu_command(h, "/unmute Alice", "Unmuted") == \
+        assert owner_command(h, "/muted", "Muted chats:") == "Muted chats:\nAlice Example: until unmuted, 3 kept"
+        assert "\nMuted chats: 1 (see /muted)" in owner_command(h, "/status", "WhatSignal")
+        assert owner_command(h, "/unmute Alice", "Unmuted") == \
             "Unmuted Alice Example. 3 message(s) came while it was muted; /deliver Alice Example sends them."
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "MU4", "are you there?")))
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "MU4", "are you there?")))
         assert eventually(lambda: "Alice Example: are you there?" in h.texts())
-        assert cu_command(h, "/deliver Alice Example", "3 message(s)") == "3 message(s) from Alice Example follow."
+        assert owner_command(h, "/deliver Alice Example", "3 message(s)") == "3 message(s) from Alice Example follow."
         settle_w2s(h)
         assert h.texts()[-3:] == ["Alice Example: one", "📞 Alice Example is calling you on WhatsApp (voice)",
                                      "You → Alice Example: from my phone"]
-        timed = cu_command(h, "/mute Bob Builder 8h", "Muted Bob")
+        timed = owner_command(h, "/mute Bob Builder 8h", "Muted Bob")
         until = datetime.datetime.strptime(timed.split(" until ")[1][:20], "%Y-%m-%d %H:%M UTC").replace(
             tzinfo=datetime.timezone.utc).timestamp()
         assert abs(until - (time.time() + 8 * 3600)) < 120
-        assert cu_command(h, "/mute Nobody", "No chat named") == "No chat named 'Nobody'; see /chats."
+        assert owner_command(h, "/mute Nobody", "No chat named") == "No chat named 'Nobody'; see /chats."
         assert "No muted chats." not in h.texts()
-        cu_command(h, "/unmute Bob Builder", "Unmuted Bob")
-        assert cu_command(h, "/muted", "No muted chats.") == "No muted chats."
+        owner_command(h, "/unmute Bob Builder", "Unmuted Bob")
+        assert owner_command(h, "/muted", "No muted chats.") == "No muted chats."
 
     def test_ignore_chats_by_id_or_name_and_status_stays_ignored(self, make_bridge):
-        h = cu_bridge(make_bridge, ignoreChats=["+4915333333367", "spam group"])
+        h = bridge_with_contacts(make_bridge, ignoreChats=["+4915333333367", "spam group"])
         h.waha.group_names[FAMILY] = "Spam Group"
-        post_event(h, h.waha.event("message", cu_payload(CU_CAROL, "IG1", "never")), expect="ignored")
-        post_event(h, h.waha.event("message", cu_payload(FAMILY, "IG2", "nor this", participant=CU_BOB)))
-        post_event(h, h.waha.event("message", cu_payload("status@broadcast", "IG3", "my status", participant=CU_BOB)),
+        post_event(h, h.waha.event("message", wa_payload(CAROL_DE, "IG1", "never")), expect="ignored")
+        post_event(h, h.waha.event("message", wa_payload(FAMILY, "IG2", "nor this", participant=BOB_DE)))
+        post_event(h, h.waha.event("message", wa_payload("status@broadcast", "IG3", "my status", participant=BOB_DE)),
                  expect="ignored")
-        post_event(h, h.waha.event("message", cu_payload("12036300000001@newsletter", "IG4", "news")), expect="ignored")
-        post_event(h, h.waha.event("message", cu_payload(CU_ALICE, "IG5", "this one")))
+        post_event(h, h.waha.event("message", wa_payload("12036300000001@newsletter", "IG4", "news")), expect="ignored")
+        post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "IG5", "this one")))
         settle_w2s(h)
         assert h.texts() == ["Alice Example: this one"]
-        assert "and 2 chat(s) in bridge.ignoreChats" in cu_command(h, "/muted", "Muted chats:")
+        assert "and 2 chat(s) in bridge.ignoreChats" in owner_command(h, "/muted", "Muted chats:")
         with pytest.raises(ws.ConfigError) as e:
             make_config(raw_config(h.tmp_path, h.waha.url, rpc_url=h.signal.url, bridge={"ignoreChats": [7]}))
         assert any(p.startswith("bridge.ignoreChats") for p in e.value.problems)
@@ -6731,9 +6716,9 @@ class TestClientsAndTimers:
 
 class TestViewOnceOddType:
     def test_a_view_once_flag_with_a_type_that_is_no_string_is_stored_not_a_500(self, make_bridge):
-        h = cu_bridge(make_bridge)
+        h = bridge_with_contacts(make_bridge)
         for n, odd in enumerate(([], {"a": 1})):
-            status, body = h.webhook(h.waha.event("message", cu_payload(CU_ALICE, "VOX%d" % n, "", _data={
+            status, body = h.webhook(h.waha.event("message", wa_payload(ALICE_DE, "VOX%d" % n, "", _data={
                 "isViewOnce": True, "type": odd})))
             assert (status, body) == (200, {"status": "stored"})
         settle_w2s(h)
@@ -7864,7 +7849,7 @@ class TestImpersonation:
 # Helpers are prefixed sc_.
 # ---------------------------------------------------------------------------
 
-SC_CHAT = "15550002222@c.us"
+LIMIT_CHAT = "15550002222@c.us"
 
 
 class TestSignalCliWire:
@@ -7902,7 +7887,7 @@ class TestSignalCliWire:
     def test_the_bridge_delivers_a_backlog_through_the_jdk_like_server(self, bridge):
         h = bridge
         for i in range(150):
-            post_event(h, wa_message(SC_CHAT, "JDK%04d" % i, "burst %d" % i))
+            post_event(h, wa_message(LIMIT_CHAT, "JDK%04d" % i, "burst %d" % i))
         assert eventually(lambda: len([t for t in h.texts() if "burst " in (t or "")]) == 150, 30.0)
         texts = [t for t in h.texts() if "burst " in (t or "")]
         assert [int(t.rsplit(" ", 1)[1]) for t in texts] == list(range(150))
@@ -7916,7 +7901,7 @@ class TestSignalCliDataUriNames:
     def test_every_file_name_arrives_exactly_as_sent(self, bridge, name):
         h = bridge
         url = h.waha.add_file("3EB0NAME.pdf", PDF_BYTES, "application/pdf")
-        post_event(h, wa_message(SC_CHAT, "3EB0NAME", "the offer", hasMedia=True, media={
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0NAME", "the offer", hasMedia=True, media={
             "url": url, "mimetype": "application/pdf", "filename": name, "error": None}))
         assert eventually(lambda: h.signal.requests("send"))
         rec = h.signal.requests("send")[0]
@@ -7939,33 +7924,29 @@ class TestSignalCliDataUriNames:
             names.append(bridge.signal.requests("send")[-1]["attachments"][0]["filename"])
         assert names == [None, "a b.pdf"]
 
-SC_BIG = PDF_BYTES + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 characters, over Jackson's limit
+OVER_JSON_LIMIT_PDF = PDF_BYTES + b"0" * (16 * 1024 * 1024)     # 16 MB: ~22,400,000 base64 characters, over Jackson's limit
 
 
 @pytest.fixture
-def sc_make(make_bridge):
+def daemon_bridge(make_bridge):
     """make_bridge on the signal-cli daemon, with a metrics token; `raw_overrides` as keyword arguments."""
     def make(clock=None, **raw_overrides):
-        raw_overrides.setdefault("server", {"metricsToken": SC_TOKEN})
+        raw_overrides.setdefault("server", {"metricsToken": METRICS_TOKEN})
         return make_bridge("daemon", clock=clock, raw_overrides=raw_overrides)
     return make
 
 
-def sc_media_message(h, wa, url, body, filename="Vertrag 2026.pdf", chat=SC_CHAT):
-    return wa_message(chat, wa, body, hasMedia=True, media={"url": url, "mimetype": "application/pdf", "filename": filename, "error": None})
-
-
-def sc_texts(h):
-    return [p.get("message") or "" for p in h.signal.sent()]
+def pdf_message(h, wa, url, body, filename="Vertrag 2026.pdf", chat=LIMIT_CHAT):
+    return wa_image(chat, wa, url, "application/pdf", body, filename)
 
 
 class TestSignalCliJsonLimit:
     """Jackson's 20,000,000-character string limit, -32603 by its message, media retries, dead letters."""
 
-    def test_the_fake_refuses_a_string_over_the_limit_like_signal_cli(self, sc_make, tmp_path):
-        h = sc_make()
+    def test_the_fake_refuses_a_string_over_the_limit_like_signal_cli(self, daemon_bridge, tmp_path):
+        h = daemon_bridge()
         path = tmp_path / "big.pdf"
-        path.write_bytes(SC_BIG)
+        path.write_bytes(OVER_JSON_LIMIT_PDF)
         client = ws.SignalRpcClient(h.signal.url, BRIDGE)
         with pytest.raises(ws.MediaRefused):
             client.send(OWNER, "x", [ws.SignalAttachment("application/pdf", "big.pdf", str(path))])
@@ -7973,13 +7954,13 @@ class TestSignalCliJsonLimit:
         assert last["status"] == 200 and last["response"] == {"jsonrpc": "2.0", "error": {
             "code": -32603, "message": "An internal server error has occurred."}, "id": None}
 
-    def test_media_over_the_limit_goes_as_a_notice_at_once_and_the_chat_moves_on(self, sc_make):
-        h = sc_make(media={"maxSizeMB": 30})
-        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
-        post_event(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
-        assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
-        first, second = sc_texts(h)
+    def test_media_over_the_limit_goes_as_a_notice_at_once_and_the_chat_moves_on(self, daemon_bridge):
+        h = daemon_bridge(media={"maxSizeMB": 30})
+        url = h.waha.add_file("3EB0BIG.pdf", OVER_JSON_LIMIT_PDF, "application/pdf")
+        post_event(h, pdf_message(h, "3EB0BIG", url, "the contract"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0AFTER", "and one more"))
+        assert eventually(lambda: len(h.texts()) == 2, 20), h.texts()
+        first, second = h.texts()
         assert "[document, 16 MB, too large for signal-cli's JSON-RPC" in first and first.endswith("the contract")
         assert second.endswith("and one more")
         assert all(not r["attachments"] for r in h.signal.requests("send"))
@@ -7987,68 +7968,68 @@ class TestSignalCliJsonLimit:
         assert len(warns) == 1 and warns[0]["level"] == "WARN"
         assert eventually(lambda: h.app.store.queue_depth("w2s") == 0)
 
-    def test_with_attachment_dir_the_file_goes_by_path_and_is_removed(self, sc_make, tmp_path):
+    def test_with_attachment_dir_the_file_goes_by_path_and_is_removed(self, daemon_bridge, tmp_path):
         shared = tmp_path / "shared"
         shared.mkdir()
-        h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(shared)})
-        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract", filename="Vertrag 20%+x=y;z.pdf"))
+        h = daemon_bridge(media={"maxSizeMB": 30}, signal={"attachmentDir": str(shared)})
+        url = h.waha.add_file("3EB0BIG.pdf", OVER_JSON_LIMIT_PDF, "application/pdf")
+        post_event(h, pdf_message(h, "3EB0BIG", url, "the contract", filename="Vertrag 20%+x=y;z.pdf"))
         assert eventually(lambda: h.signal.sent(), 20)
         rec = h.signal.requests("send")[0]
         assert rec["error"] is None and rec["message"].endswith("the contract")
         [att] = rec["attachments"]
-        assert att["data"] == SC_BIG and att["filename"] == "Vertrag 20%+x=y;z.pdf"
+        assert att["data"] == OVER_JSON_LIMIT_PDF and att["filename"] == "Vertrag 20%+x=y;z.pdf"
         assert os.path.dirname(os.path.dirname(att["path"])) == str(shared)
         assert eventually(lambda: list(shared.iterdir()) == [])      # nothing private lingers
         small = h.waha.add_file("3EB0SMALL.pdf", PDF_BYTES, "application/pdf")
-        post_event(h, sc_media_message(h, "3EB0SMALL", small, "small one"))
+        post_event(h, pdf_message(h, "3EB0SMALL", small, "small one"))
         assert eventually(lambda: len(h.signal.sent()) == 2)
         assert h.signal.requests("send")[1]["attachments"][0].get("path") is None   # small media: a data URI
 
-    def test_a_missing_attachment_dir_does_not_block_the_chat(self, sc_make, tmp_path):
-        h = sc_make(media={"maxSizeMB": 30}, signal={"attachmentDir": str(tmp_path / "not-there")})
-        url = h.waha.add_file("3EB0BIG.pdf", SC_BIG, "application/pdf")
-        post_event(h, sc_media_message(h, "3EB0BIG", url, "the contract"))
-        post_event(h, wa_message(SC_CHAT, "3EB0AFTER", "and one more"))
-        assert eventually(lambda: len(sc_texts(h)) == 2, 20), sc_texts(h)
-        assert "could not be sent to Signal" in sc_texts(h)[0] and sc_texts(h)[1].endswith("and one more")
+    def test_a_missing_attachment_dir_does_not_block_the_chat(self, daemon_bridge, tmp_path):
+        h = daemon_bridge(media={"maxSizeMB": 30}, signal={"attachmentDir": str(tmp_path / "not-there")})
+        url = h.waha.add_file("3EB0BIG.pdf", OVER_JSON_LIMIT_PDF, "application/pdf")
+        post_event(h, pdf_message(h, "3EB0BIG", url, "the contract"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0AFTER", "and one more"))
+        assert eventually(lambda: len(h.texts()) == 2, 20), h.texts()
+        assert "could not be sent to Signal" in h.texts()[0] and h.texts()[1].endswith("and one more")
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert len(errors) == 1 and "signal.attachmentDir" in errors[0]["msg"] and "Fix:" in errors[0]["msg"]
         assert not (tmp_path / "not-there").exists()
 
-    def test_an_unreadable_request_is_not_retried_and_the_text_still_arrives(self, sc_make):
-        h = sc_make()
+    def test_an_unreadable_request_is_not_retried_and_the_text_still_arrives(self, daemon_bridge):
+        h = daemon_bridge()
         url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         h.signal.errors.append((-32603, "An internal server error has occurred.", "send"))
-        post_event(h, sc_media_message(h, "3EB0PDF", url, "see attached"))
-        post_event(h, wa_message(SC_CHAT, "3EB0NEXT", "next"))
-        assert eventually(lambda: len(sc_texts(h)) == 2, 10), sc_texts(h)
-        first, second = sc_texts(h)
+        post_event(h, pdf_message(h, "3EB0PDF", url, "see attached"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0NEXT", "next"))
+        assert eventually(lambda: len(h.texts()) == 2, 10), h.texts()
+        first, second = h.texts()
         assert "[document, %d bytes, could not be sent to Signal]" % len(PDF_BYTES) in first
         assert first.endswith("see attached")
         assert second.endswith("next")
         assert [r["error"] is not None for r in h.signal.requests("send")] == [True, False, False]
 
-    def test_media_failing_at_signal_cli_is_capped_then_sent_as_text(self, sc_make):
-        h = sc_make()
+    def test_media_failing_at_signal_cli_is_capped_then_sent_as_text(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         for _ in range(ws.Bridge.media_tries):
             h.signal.errors.append((-32603, "Failed to send message: Connection reset (IOException)", "send"))
-        post_event(h, sc_media_message(h, "3EB0PDF", url, "retry me"))
-        post_event(h, wa_message(SC_CHAT, "3EB0NEXT", "behind it"))
+        post_event(h, pdf_message(h, "3EB0PDF", url, "retry me"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0NEXT", "behind it"))
         assert drain(h, d, clock)
         reqs = h.signal.requests("send")
         assert [bool(r["params"].get("attachments")) for r in reqs] == [True] * ws.Bridge.media_tries + [False, False]
         assert "could not be sent to Signal" in reqs[-2]["message"] and reqs[-2]["message"].endswith("retry me")
         assert reqs[-1]["message"].endswith("behind it")
 
-    def test_an_outage_does_not_count_against_the_media(self, sc_make):
-        h = sc_make()
+    def test_an_outage_does_not_count_against_the_media(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         url = h.waha.add_file("3EB0PDF.pdf", PDF_BYTES, "application/pdf")
         h.signal.mode = "down"
-        post_event(h, sc_media_message(h, "3EB0PDF", url, "after the outage"))
+        post_event(h, pdf_message(h, "3EB0PDF", url, "after the outage"))
         for _ in range(ws.Bridge.media_tries + 2):
             d.run_once()
             clock.advance(301.0)
@@ -8057,35 +8038,35 @@ class TestSignalCliJsonLimit:
         [rec] = h.signal.requests("send")
         assert rec["attachments"][0]["data"] == PDF_BYTES
 
-    def test_the_owner_hears_of_a_dead_letter_from_whatsapp(self, sc_make):
-        h = sc_make()
+    def test_the_owner_hears_of_a_dead_letter_from_whatsapp(self, daemon_bridge):
+        h = daemon_bridge()
         h.signal.errors.append((-1, "Invalid group id: x", "send"))
-        post_event(h, wa_message(SC_CHAT, "3EB0DEAD", "lost words", push="Carol"))
-        assert eventually(lambda: sc_texts(h), 10)
-        [notice] = sc_texts(h)
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0DEAD", "lost words", push="Carol"))
+        assert eventually(lambda: h.texts(), 10)
+        [notice] = h.texts()
         assert notice.startswith("A WhatsApp message from ") and "could not be delivered here" in notice
         assert "outbox" in notice and "lost words" not in notice
         assert h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0] == 1
 
-SC_TOKEN = "metrics-token-" + "m" * 24
+METRICS_TOKEN = "metrics-token-" + "m" * 24
 
 
-def sc_health(h, details=True):
+def health_of(h, details=True):
     """/health as the operator sees it (with server.metricsToken: the checks' messages) or as anyone does."""
     h.app.health_cache.clear()
-    return http_request(h.url, "GET", "/health", headers={"Authorization": "Bearer " + SC_TOKEN} if details else {})[3]
+    return http_request(h.url, "GET", "/health", headers={"Authorization": "Bearer " + METRICS_TOKEN} if details else {})[3]
 
 
 class TestSignalCliSetupErrors:
     """signal-cli refusing the bridge itself is a configuration error: keep the messages, say so once."""
 
-    def test_the_host_check_421_keeps_messages_logs_one_error_and_degrades_health(self, sc_make):
-        h = sc_make()
+    def test_the_host_check_421_keeps_messages_logs_one_error_and_degrades_health(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         assert eventually(lambda: h.signal.stream_connections == 1)
         h.signal.bound_port = h.signal.port + 1      # signal-cli bound to another port, reached through a mapping
         for i in range(3):
-            post_event(h, wa_message(SC_CHAT, "3EB0HOST%d" % i, "held %d" % i))
+            post_event(h, wa_message(LIMIT_CHAT, "3EB0HOST%d" % i, "held %d" % i))
         for _ in range(4):
             d.run_once()
             clock.advance(3600.0 * 30)              # longer than expireAfterHours: still nothing is given up
@@ -8094,34 +8075,34 @@ class TestSignalCliSetupErrors:
         assert h.signal.sent() == []
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert len(errors) == 1 and "421" in errors[0]["msg"] and "--http 0.0.0.0" in errors[0]["msg"]
-        rep = sc_health(h)
+        rep = health_of(h)
         assert rep["status"] == "degraded" and "421" in rep["checks"]["signal"]["error"]
-        assert sc_health(h, details=False)["checks"]["signal"]["error"] == "misconfigured"   # no address for anyone
+        assert health_of(h, details=False)["checks"]["signal"]["error"] == "misconfigured"   # no address for anyone
         probes = h.signal.calls_for("/api/v1/rpc")[-1]
         assert probes["json"]["method"] == "version"                 # the probe hits the RPC endpoint
         h.signal.bound_port = None                                   # fixed
         clock.advance(60.0)
         assert drain(h, d, clock)
-        assert [t.rsplit(" ", 1)[1] for t in sc_texts(h)] == ["0", "1", "2"]
-        assert sc_health(h)["status"] == "healthy"
+        assert [t.rsplit(" ", 1)[1] for t in h.texts()] == ["0", "1", "2"]
+        assert health_of(h)["status"] == "healthy"
         assert any("accepts the bridge's requests again" in r["msg"] for r in h.logs.records())
 
-    def test_the_event_stream_is_host_checked_too(self, sc_make):
-        h = sc_make()
+    def test_the_event_stream_is_host_checked_too(self, daemon_bridge):
+        h = daemon_bridge()
         assert eventually(lambda: h.signal.stream_connections == 1)
         h.signal.bound_port = h.signal.port + 1
         h.signal.close_streams()
         assert eventually(lambda: any(c["status"] == 421 for c in h.signal.calls_for("/api/v1/events")))
-        assert eventually(lambda: sc_health(h)["status"] == "degraded")
+        assert eventually(lambda: health_of(h)["status"] == "degraded")
         assert h.signal.calls_for("/api/v1/check")[-1]["status"] == 200      # /api/v1/check alone would say fine
         h.signal.bound_port = None
         assert eventually(lambda: h.signal.stream_connections == 1, 15)
         owner_push(h, "/status")
-        assert eventually(lambda: sc_texts(h))
-        assert sc_texts(h)[0].startswith("WhatSignal ")
+        assert eventually(lambda: h.texts())
+        assert h.texts()[0].startswith("WhatSignal ")
 
-    def test_a_daemon_serving_several_accounts(self, sc_make):
-        h = sc_make()
+    def test_a_daemon_serving_several_accounts(self, daemon_bridge):
+        h = daemon_bridge()
         h.signal.accounts = ["+15550000009", BRIDGE]
         h.signal.close_streams()
         assert eventually(lambda: h.signal.stream_connections == 1)
@@ -8130,18 +8111,18 @@ class TestSignalCliSetupErrors:
         other = envelope(text="for the other account")
         other["account"] = "+15550000009"
         h.signal.push(other)                              # the stream mixes accounts unless asked not to
-        post_event(h, wa_message(SC_CHAT, "3EB0MULTI", "to the owner"))
-        assert eventually(lambda: sc_texts(h))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0MULTI", "to the owner"))
+        assert eventually(lambda: h.texts())
         assert all(r["error"] is None for r in h.signal.requests())
         assert all(c["json"]["params"].get("account") is None for c in h.signal.calls_for("/api/v1/rpc"))  # taken out
         sent = [c for c in h.signal.calls_for("/api/v1/rpc") if c["json"]["method"] == "send"]
         assert sent and all(b'"account":"%s"' % BRIDGE.encode() in c["body"] for c in sent)
         assert h.app.store.queue_depth("s2w") == 0 and h.waha.sent() == []
 
-    def test_an_envelope_of_another_account_is_ignored(self, sc_make):
-        h = sc_make()
-        post_event(h, wa_message(SC_CHAT, "3EB0FIRST", "so the owner has a chat"))
-        assert eventually(lambda: sc_texts(h))
+    def test_an_envelope_of_another_account_is_ignored(self, daemon_bridge):
+        h = daemon_bridge()
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0FIRST", "so the owner has a chat"))
+        assert eventually(lambda: h.texts())
         other = envelope(text="not ours")
         other["account"] = "+15550000009"
         h.signal.push(other)
@@ -8150,8 +8131,8 @@ class TestSignalCliSetupErrors:
         assert eventually(lambda: h.waha.sent())
         assert [b.get("text") for b in h.waha.sent()] == ["ours"]
 
-    def test_without_the_account_parameter_a_multi_account_daemon_refuses(self, sc_make):
-        h = sc_make()
+    def test_without_the_account_parameter_a_multi_account_daemon_refuses(self, daemon_bridge):
+        h = daemon_bridge()
         h.signal.accounts = ["+15550000009", BRIDGE]
         c = ws.HttpTransport().request("POST", h.signal.url + "/api/v1/rpc", {"Content-Type": "application/json"},
                                        json.dumps({"jsonrpc": "2.0", "method": "send", "id": 1, "params": {
@@ -8159,39 +8140,39 @@ class TestSignalCliSetupErrors:
         assert json.loads(c.body)["error"] == {"code": -32602, "message": "Method requires valid account parameter",
                                                "data": None}
 
-    def test_a_daemon_without_our_account_is_a_setup_error(self, sc_make):
-        h = sc_make()
+    def test_a_daemon_without_our_account_is_a_setup_error(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         h.signal.accounts = ["+15550000009"]
-        post_event(h, wa_message(SC_CHAT, "3EB0NOACC", "kept"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0NOACC", "kept"))
         d.run_once()
         assert [r["state"] for r in queue_rows(h, "w2s")] == ["pending"]
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert len(errors) == 1 and "signal.number" in errors[0]["msg"] and "Specified account" in errors[0]["msg"]
-        assert "signal.number" in sc_health(h)["checks"]["signal"]["error"]
+        assert "signal.number" in health_of(h)["checks"]["signal"]["error"]
 
     def test_rest_json_rpc_number_not_registered_is_our_own_account(self, tmp_path):
-        h = Harness(tmp_path, "rest-json-rpc", raw_overrides={"server": {"metricsToken": SC_TOKEN}}).start()
+        h = Harness(tmp_path, "rest-json-rpc", raw_overrides={"server": {"metricsToken": METRICS_TOKEN}}).start()
         try:
             h.signal.number = "+15550000009"          # the API's signal-cli knows another account, not ours
-            post_event(h, wa_message(SC_CHAT, "3EB0REST", "kept too"))
+            post_event(h, wa_message(LIMIT_CHAT, "3EB0REST", "kept too"))
             assert eventually(lambda: any(c["status"] == 400 for c in h.signal.calls_for("/v2/send")))
             assert eventually(lambda: [r for r in h.logs.records() if r["level"] == "ERROR"])
             errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
             assert len(errors) == 1 and "own number signal.number" in errors[0]["msg"]
             assert "recipient" not in errors[0]["msg"]
             assert [r["state"] for r in queue_rows(h, "w2s")] == ["pending"]
-            assert "own number" in sc_health(h)["checks"]["signal"]["error"]
+            assert "own number" in health_of(h)["checks"]["signal"]["error"]
         finally:
             h.stop()
 
 class TestSignalCliUntrustedOwner:
     """The owner's new safety number on receive: signal-cli emits only an UntrustedIdentityException."""
 
-    def test_the_bridge_says_so_once_and_the_held_message_arrives_after_trust(self, sc_make):
-        h = sc_make()
-        post_event(h, wa_message(SC_CHAT, "3EB0KEY", "hi"))
-        assert eventually(lambda: sc_texts(h))
+    def test_the_bridge_says_so_once_and_the_held_message_arrives_after_trust(self, daemon_bridge):
+        h = daemon_bridge()
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0KEY", "hi"))
+        assert eventually(lambda: h.texts())
         h.signal.untrusted_senders.add(OWNER)
         owner_push(h, "sent from my new phone")
         owner_push(h, "and again")
@@ -8201,37 +8182,37 @@ class TestSignalCliUntrustedOwner:
         assert all(o.get("exception", {}).get("type") == "UntrustedIdentityException" for o in h.signal.delivered)
         errors = [r for r in h.logs.records() if r["level"] == "ERROR"]
         assert len(errors) == 1 and "trust -a OWNER" in errors[0]["msg"] and "signal.trustNewIdentity" in errors[0]["msg"]
-        metrics = http_request(h.url, "GET", "/metrics", headers={"Authorization": "Bearer " + SC_TOKEN})[2].decode()
+        metrics = http_request(h.url, "GET", "/metrics", headers={"Authorization": "Bearer " + METRICS_TOKEN})[2].decode()
         assert "whatsignal_untrusted_identity_total 2.0" in metrics.splitlines()
         assert h.waha.sent() == [] and h.signal.trusted == []
         # the operator trusts the key with signal-cli itself
         ws.SignalRpcClient(h.signal.url, BRIDGE).trust(OWNER)
         assert eventually(lambda: len(h.waha.sent()) == 2)
         assert [b["text"] for b in h.waha.sent()] == ["sent from my new phone", "and again"]
-        told = [t for t in sc_texts(h) if "safety number" in t]
+        told = [t for t in h.texts() if "safety number" in t]
         assert len(told) == 1 and "now trusted" in told[0]
 
-    def test_trust_new_identity_trusts_and_tells_the_owner(self, sc_make):
-        h = sc_make(signal={"trustNewIdentity": True})
-        post_event(h, wa_message(SC_CHAT, "3EB0KEY2", "hi"))
-        assert eventually(lambda: sc_texts(h))
+    def test_trust_new_identity_trusts_and_tells_the_owner(self, daemon_bridge):
+        h = daemon_bridge(signal={"trustNewIdentity": True})
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0KEY2", "hi"))
+        assert eventually(lambda: h.texts())
         h.signal.untrusted_senders.add(OWNER)
         owner_push(h, "new phone, same me")
         assert eventually(lambda: [b["text"] for b in h.waha.sent()] == ["new phone, same me"])
         assert h.signal.trusted == [OWNER]
-        told = [t for t in sc_texts(h) if "safety number" in t]
+        told = [t for t in h.texts() if "safety number" in t]
         assert len(told) == 1
         assert any("trusted the owner's new safety number" in r["msg"] for r in h.logs.records())
 
 class TestSignalCliRateLimits:
     """Send results carry retryAfterSeconds and, when Signal wants a captcha, a challenge token."""
 
-    def test_retry_after_seconds_is_honoured(self, sc_make):
-        h = sc_make()
+    def test_retry_after_seconds_is_honoured(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
         h.signal.retry_after_seconds = 900
-        post_event(h, wa_message(SC_CHAT, "3EB0RATE", "patience"))
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0RATE", "patience"))
         d.run_once()
         h.signal.recipient_results.pop(OWNER)
         clock.advance(600)
@@ -8239,15 +8220,15 @@ class TestSignalCliRateLimits:
         assert len(h.signal.requests("send")) == 1          # 600 s < 900 s: not yet
         clock.advance(301)
         d.run_once()
-        assert sc_texts(h)[-1].endswith("patience")
+        assert h.texts()[-1].endswith("patience")
 
-    def test_a_captcha_is_reported_once_with_the_exact_step_and_messages_wait(self, sc_make):
-        h = sc_make()
+    def test_a_captcha_is_reported_once_with_the_exact_step_and_messages_wait(self, daemon_bridge):
+        h = daemon_bridge()
         d, clock = manual_deliverer(h)
         h.signal.recipient_results[OWNER] = "RATE_LIMIT_FAILURE"
         h.signal.captcha_token = "5fd0b3c2-challenge"
         for i in range(2):
-            post_event(h, wa_message(SC_CHAT, "3EB0CAP%d" % i, "wait %d" % i))
+            post_event(h, wa_message(LIMIT_CHAT, "3EB0CAP%d" % i, "wait %d" % i))
         for _ in range(5):
             d.run_once()
             clock.advance(3600.0 * 12)                      # two and a half days: nothing given up
@@ -8260,14 +8241,14 @@ class TestSignalCliRateLimits:
         assert len(notices) == 1 and notices[0]["params"]["recipient"] == [OWNER]   # told once (best effort)
         h.signal.recipient_results.pop(OWNER)            # the operator solved it
         assert drain(h, d, clock)
-        assert [t.rsplit(" ", 1)[1] for t in sc_texts(h) if "wait " in t] == ["0", "1"]
+        assert [t.rsplit(" ", 1)[1] for t in h.texts() if "wait " in t] == ["0", "1"]
 
     def test_rest_challenge_tokens_are_a_captcha_too(self, tmp_path):
         h = Harness(tmp_path, "rest-json-rpc").start()
         try:
             d, clock = manual_deliverer(h)
             h.signal.recipient_failures[OWNER] = "RATE_LIMIT_FAILURE"
-            post_event(h, wa_message(SC_CHAT, "3EB0RCAP", "rest wait"))
+            post_event(h, wa_message(LIMIT_CHAT, "3EB0RCAP", "rest wait"))
             for _ in range(3):
                 d.run_once()
                 clock.advance(3600.0 * 20)
@@ -8282,16 +8263,16 @@ class TestSignalCliRateLimits:
 
 class TestSignalCliOwnerAttachments:
 
-    def test_an_attachment_over_the_limit_is_refused_before_get_attachment(self, sc_make):
-        h = sc_make()
-        post_event(h, wa_message(SC_CHAT, "3EB0ATT", "send me the film"))
-        assert eventually(lambda: sc_texts(h))
+    def test_an_attachment_over_the_limit_is_refused_before_get_attachment(self, daemon_bridge):
+        h = daemon_bridge()
+        post_event(h, wa_message(LIMIT_CHAT, "3EB0ATT", "send me the film"))
+        assert eventually(lambda: h.texts())
         h.signal.attachments["film.mp4"] = b"\x00\x00\x00\x18ftypmp42" + b"0" * 64
         ts = owner_push(h, "here", attachments=[{"contentType": "video/mp4", "id": "film.mp4", "filename": "film.mp4",
                                                "size": 60 * 1024 * 1024, "width": None, "height": None,
                                                "caption": None, "uploadTimestamp": None}])
-        assert eventually(lambda: [t for t in sc_texts(h) if t.startswith("Not delivered to WhatsApp")])
-        [told] = [t for t in sc_texts(h) if t.startswith("Not delivered to WhatsApp")]
+        assert eventually(lambda: [t for t in h.texts() if t.startswith("Not delivered to WhatsApp")])
+        [told] = [t for t in h.texts() if t.startswith("Not delivered to WhatsApp")]
         assert "60 MB over media.maxSizeMB (5 MB)" in told
         assert h.signal.requests("getAttachment") == [] and h.waha.sent() == []
         assert [r["params"].get("quoteTimestamp") for r in h.signal.requests("send")][-1] == ts
@@ -8368,9 +8349,11 @@ class WebhookPoster:
 
 
 def db_query(db_path, sql, args=()):
+    """Run one statement on the raw database file and commit it (what someone with the file can do)."""
     db = sqlite3.connect(db_path, timeout=10)
     try:
-        return db.execute(sql, args).fetchall()
+        with db:
+            return db.execute(sql, args).fetchall()
     finally:
         db.close()
 
@@ -9006,9 +8989,10 @@ class TestLease:
 # ===========================================================================
 
 class BridgeProcess:
-    """`python whatsignal.py --config CFG serve` as a real child process."""
+    """`python whatsignal.py --config CFG serve` as a real child process (`command=()`: no command, the default);
+    `environ` adds to its environment; its stdout and stderr go to one log file."""
 
-    def __init__(self, tmp_path, raw, secret=ENC_SECRET):
+    def __init__(self, tmp_path, raw, secret=ENC_SECRET, environ=None, command=("serve",)):
         self.port = free_port()
         raw = json.loads(json.dumps(raw))
         raw["server"]["port"] = self.port
@@ -9017,10 +9001,18 @@ class BridgeProcess:
         self.cfg = write_config(tmp_path, raw, "process-config.json")
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1",
                     "WHATSIGNAL_ENCRYPTION_SECRET": secret}
+        self.env.update(environ or {})
+        self.command = list(command)
         self.log_path = str(tmp_path / "bridge-process.log")
         self.cwd = str(tmp_path)
         self.proc = None
         self.starts = 0
+
+    @classmethod
+    def against(cls, tmp_path, fakes, **server):
+        """A bridge process wired to (FakeWaha, FakeSignalDaemon); keyword arguments go to its server section."""
+        waha, daemon = fakes
+        return cls(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url, server=server))
 
     @property
     def url(self):
@@ -9028,7 +9020,7 @@ class BridgeProcess:
 
     def start(self, timeout=15.0):
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, WS_PATH, "--config", self.cfg, "serve"],
+            self.proc = subprocess.Popen([sys.executable, WS_PATH, "--config", self.cfg] + self.command,
                                          env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)
         self.starts += 1
@@ -10112,10 +10104,10 @@ class TestSecrets:
 # Issue 13: what an adversarial review found (the server, dedupe, replays)
 # ===========================================================================
 
-SEC_NINE_MB = 9 * 1024 * 1024
+NINE_MB = 9 * 1024 * 1024
 
 
-def sec_rss_mb(pid):
+def rss_mb(pid):
     """Resident set size of process *pid* in MB, from /proc."""
     with open("/proc/%d/status" % pid, encoding="ascii") as f:
         for line in f:
@@ -10124,14 +10116,7 @@ def sec_rss_mb(pid):
     raise AssertionError("no VmRSS for %d" % pid)
 
 
-def sec_process(tmp_path, fakes, **server):
-    waha, daemon = fakes
-    raw = raw_config(tmp_path, waha.url, rpc_url=daemon.url)
-    raw["server"].update(server)
-    return BridgeProcess(tmp_path, raw)
-
-
-class SecFlood:
+class HostileFlood:
     """*n* hostile connections announcing 9 MB webhook bodies, unsigned or with a forged signature.
 
     One thread drives every socket without blocking: headers, then as much of
@@ -10151,7 +10136,7 @@ class SecFlood:
     def _open(self, k):
         s = socket.create_connection(self.addr, timeout=2)
         s.setblocking(False)
-        head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(SEC_NINE_MB)}
+        head = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(NINE_MB)}
         if k % 2:
             head["X-Webhook-Hmac"] = "%0128x" % (k + 1)      # the right shape, the wrong value
             head["X-Webhook-Hmac-Algorithm"] = "sha512"
@@ -10175,8 +10160,8 @@ class SecFlood:
             n = s.send(c["pending"])
             c["pending"] = c["pending"][n:]
             return
-        if c["sent"] < SEC_NINE_MB - 1:
-            c["sent"] += s.send(chunk[:SEC_NINE_MB - 1 - c["sent"]])
+        if c["sent"] < NINE_MB - 1:
+            c["sent"] += s.send(chunk[:NINE_MB - 1 - c["sent"]])
         elif now >= c["next"]:
             c["next"] = now + 1.0                    # the last byte never comes: one byte a second instead
             s.send(b" ")
@@ -10219,7 +10204,7 @@ class SecFlood:
         assert not self.thread.is_alive()
 
 
-def sec_dribble(url, data, first=b"", every=0.1, limit=8.0):
+def dribble(url, data, first=b"", every=0.1, limit=8.0):
     """Send *first* at once, then *data* a byte every *every* s.
 
     Return (seconds until the server cut the connection off, or None when it
@@ -10255,18 +10240,18 @@ class TestServerLimits:
 
     def test_flood_of_hostile_connections_keeps_memory_bounded_and_webhooks_answered(self, tmp_path, upstream_fakes):
         waha, daemon = upstream_fakes
-        bridge = sec_process(tmp_path, upstream_fakes)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes)
         flood = None
         try:
             bridge.start()
             poster = WebhookPoster(bridge.url, timeout=5)
             assert poster.post(wa_message(KLARA, "FL0", "before the flood"))[0] == 200
-            base = sec_rss_mb(bridge.proc.pid)
-            flood = SecFlood(bridge.url, 200).start()
+            base = rss_mb(bridge.proc.pid)
+            flood = HostileFlood(bridge.url, 200).start()
             peak, answered, k = base, [], 0
             deadline = time.monotonic() + 6.0
             while time.monotonic() < deadline:
-                peak = max(peak, sec_rss_mb(bridge.proc.pid))
+                peak = max(peak, rss_mb(bridge.proc.pid))
                 if peak >= 60:
                     break                                 # no point in pushing a machine further
                 k += 1
@@ -10291,7 +10276,7 @@ class TestServerLimits:
             bridge.stop()
 
     def test_connections_over_the_cap_get_503_at_once(self, tmp_path, upstream_fakes):
-        bridge = sec_process(tmp_path, upstream_fakes, maxConnections=4, requestTimeoutSeconds=30)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes, maxConnections=4, requestTimeoutSeconds=30)
         held = []
         try:
             bridge.start()
@@ -10313,17 +10298,17 @@ class TestServerLimits:
             bridge.stop()
 
     def test_the_whole_request_has_a_deadline_not_each_read(self, tmp_path, upstream_fakes):
-        bridge = sec_process(tmp_path, upstream_fakes, requestTimeoutSeconds=1.0)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes, requestTimeoutSeconds=1.0)
         try:
             bridge.start()
             body = body_of(wa_message(KLARA, "DL1", "slowly"))
             # the headers one byte every 0.1 s: each read is quick, the request never ends
-            cut, _ = sec_dribble(bridge.url, raw_request("/webhook/whatsapp", body))
+            cut, _ = dribble(bridge.url, raw_request("/webhook/whatsapp", body))
             assert cut is not None, "a request dribbled a byte every 0.1 s was never cut off"
             # the headers at once, the body one byte every 0.1 s: answered 408 and closed
             data = raw_request("/webhook/whatsapp", body)
             head, _, rest = data.partition(b"\r\n\r\n")
-            cut, answer = sec_dribble(bridge.url, rest, first=head + b"\r\n\r\n")
+            cut, answer = dribble(bridge.url, rest, first=head + b"\r\n\r\n")
             assert cut is not None and answer.startswith(b"HTTP/1.1 408"), answer[:80]
             # a kept-alive connection that idles between requests is not cut by the deadline
             poster = WebhookPoster(bridge.url)
@@ -10339,7 +10324,7 @@ class TestMessageIds:
 
     def test_no_message_id_length_or_form_gives_a_500(self, tmp_path, upstream_fakes):
         """Signed webhooks whose ids (message, reaction target, edit, delete, ack) have every length and form."""
-        bridge = sec_process(tmp_path, upstream_fakes)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes)
         lengths = (1, 2, 31, 127, 128, 129, 130, 200, 255, 256, 299, 300, 301, 1000)
         forms = {
             "bare": lambda n: "B" * n,
@@ -10395,7 +10380,7 @@ class TestMessageIds:
 class TestChannelScopedDedupe:
     """WhatsApp gives a group message the same id for every member: each channel must still get its copy."""
 
-    def sec_shared_group_traffic(self, h, bare, sessions=("default", "work")):
+    def shared_group_traffic(self, h, bare, sessions=("default", "work")):
         for session in sessions:
             ev = wa_message(FAMILY, bare, "shared news", participant=DORA, session=session)
             assert h.webhook(ev) == (200, {"status": "stored"}), session
@@ -10403,7 +10388,7 @@ class TestChannelScopedDedupe:
     def test_a_group_message_shared_by_two_channels_reaches_both_owners(self, make_bridge):
         h = make_bridge("daemon", raw_overrides=dict(TWO_CHANNELS))
         bare = "3EB0SHARED00000001"
-        self.sec_shared_group_traffic(h, bare)
+        self.shared_group_traffic(h, bare)
         copies = lambda: sorted(o["to"] for o in h.received() if (o["text"] or "").endswith("shared news"))
         assert eventually(lambda: copies() == sorted([OWNER, OWNER2])), h.received()
         target = "false_%s_%s_%s" % (FAMILY, bare, DORA)
@@ -10564,7 +10549,7 @@ class TestHealthDetails:
     def test_upstream_addresses_only_for_the_metrics_token(self, tmp_path, upstream_fakes):
         waha, daemon = upstream_fakes
         token = "metrics-token-" + "m" * 20
-        bridge = sec_process(tmp_path, upstream_fakes, metricsToken=token)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes, metricsToken=token)
         try:
             bridge.start()
             waha.mode = "down"                       # WAHA drops every connection
@@ -10598,7 +10583,7 @@ class TestHealthDetails:
 
     def test_concurrent_requests_share_one_upstream_check(self, tmp_path, upstream_fakes):
         waha, daemon = upstream_fakes
-        bridge = sec_process(tmp_path, upstream_fakes)
+        bridge = BridgeProcess.against(tmp_path, upstream_fakes)
         try:
             bridge.start()
             waha.slow_seconds, waha.mode = 0.6, "slow"
@@ -10650,33 +10635,11 @@ class TestSecureDelete:
 # Sealed values bound to their place; rotate-key covers every column
 # ===========================================================================
 
-SEC_GROUP = "120363099999999999@g.us"
-SEC_CAROL_NAME = "Carol Quartermaine"
+SHARED_GROUP = "120363099999999999@g.us"
+CAROL_NAME = "Carol Quartermaine"
 
 
-def sec_sql(db_path, sql, args=()):
-    """Run one statement on the raw database file and commit it (what someone with the file can do)."""
-    db = sqlite3.connect(db_path, timeout=10)
-    try:
-        with db:
-            return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
-
-
-def sec_group_message(h, mid, participant, text):
-    return wa_message(SEC_GROUP, mid, text, participant=participant)
-
-
-def sec_group_edit(h, target_mid, participant, text, eid):
-    target = "false_%s_%s_%s" % (SEC_GROUP, target_mid, participant)
-    return h.waha.event("message.edited", {
-        "id": "false_%s_%s_%s" % (SEC_GROUP, eid, participant), "timestamp": int(time.time()), "from": SEC_GROUP,
-        "fromMe": False, "source": "app", "body": text, "to": None, "participant": participant, "hasMedia": False,
-        "media": None, "replyTo": None, "editedMessageId": target})
-
-
-def sec_rotate(capsys, h, tmp_path):
+def rotate_key_via_cli(capsys, h, tmp_path):
     """Stop the bridge (if running), rotate-key through the command line; start() then uses the new secret."""
     if h.app:
         h.app.stop()
@@ -10689,11 +10652,11 @@ def sec_rotate(capsys, h, tmp_path):
     return json.loads(out)
 
 
-def sec_schema_columns(db_path):
+def schema_columns(db_path):
     """{table: [column, ...]} of a database, read from SQLite itself."""
-    tables = [r[0] for r in sec_sql(db_path, "SELECT name FROM sqlite_master WHERE type='table'"
+    tables = [r[0] for r in db_query(db_path, "SELECT name FROM sqlite_master WHERE type='table'"
                                              " AND name NOT LIKE 'sqlite_%'")]
-    return {t: [r[1] for r in sec_sql(db_path, 'PRAGMA table_info("%s")' % t)] for t in tables}
+    return {t: [r[1] for r in db_query(db_path, 'PRAGMA table_info("%s")' % t)] for t in tables}
 
 
 class TestSealedPlaces:
@@ -10709,11 +10672,11 @@ class TestSealedPlaces:
             h.app.stop()
             h.app = None
             db = h.raw["database"]["path"]
-            rows = sec_sql(db, "SELECT id, wa_chat_enc FROM messages ORDER BY id")
+            rows = db_query(db, "SELECT id, wa_chat_enc FROM messages ORDER BY id")
             assert len(rows) == 2
             (a, a_enc), (b, b_enc) = rows
-            sec_sql(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (b_enc, a))
-            sec_sql(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (a_enc, b))
+            db_query(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (b_enc, a))
+            db_query(db, "UPDATE messages SET wa_chat_enc=? WHERE id=?", (a_enc, b))
             h.start()
             # the owner answers Alice: the swapped chat id must not send it to Bob
             h.signal.push(owner_env(int(time.time() * 1000), "for alice only", quote=bridge_quote(copies["~Alice (+4915111111189): alice asks"], "q")))
@@ -10733,8 +10696,8 @@ class TestSealedPlaces:
             h.app.stop()
             h.app = None
             db = h.raw["database"]["path"]
-            (name_enc,), = sec_sql(db, "SELECT name_enc FROM contacts")
-            sec_sql(db, "UPDATE messages SET wa_chat_enc=?", (name_enc,))
+            (name_enc,), = db_query(db, "SELECT name_enc FROM contacts")
+            db_query(db, "UPDATE messages SET wa_chat_enc=?", (name_enc,))
             h.start()
             h.signal.push(owner_env(int(time.time() * 1000), "for alice only", quote=bridge_quote(ts, "q")))
             assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE direction='s2w' AND state='dead'")[0] == 1)
@@ -10752,8 +10715,8 @@ class TestSealedPlaces:
             h.app.stop()
             h.app = None
             db = h.raw["database"]["path"]
-            (first,), = sec_sql(db, "SELECT body FROM queue WHERE id=1")
-            sec_sql(db, "UPDATE queue SET body=? WHERE id=2", (first,))
+            (first,), = db_query(db, "SELECT body FROM queue WHERE id=1")
+            db_query(db, "UPDATE queue SET body=? WHERE id=2", (first,))
             store = open_store(db)
             try:
                 assert store.record_of(store.one("SELECT * FROM queue WHERE id=1"))["body"] == "first"
@@ -10786,34 +10749,34 @@ class TestSealedPlaces:
                          (old.token("dedupe", "m:Q%d" % n), old.token("chat", KLARA), v1(rec)))
         conn.execute("INSERT INTO messages(channel, direction, wa_chat, wa_chat_enc, wa_msg, wa_msg_enc, sig_ts,"
                      " sig_author_enc, wa_sender, created_at) VALUES ('default', 'w2s', ?, ?, ?, ?, 77, ?, ?, 0)",
-                     (old.token("chat", SEC_GROUP), v1(SEC_GROUP), old.token("msg", "M1"),
-                      v1("false_%s_M1_%s" % (SEC_GROUP, MARTA)), v1(BRIDGE), old.token("jid", MARTA)))
-        original = json.dumps({"body": "group original", "sender": MARTA, "_dedupe": "m:M1", "_chat": SEC_GROUP})
+                     (old.token("chat", SHARED_GROUP), v1(SHARED_GROUP), old.token("msg", "M1"),
+                      v1("false_%s_M1_%s" % (SHARED_GROUP, MARTA)), v1(BRIDGE), old.token("jid", MARTA)))
+        original = json.dumps({"body": "group original", "sender": MARTA, "_dedupe": "m:M1", "_chat": SHARED_GROUP})
         conn.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, state, next_at, created_at,"
                      " updated_at) VALUES ('default', 'w2s', ?, ?, 'message', ?, 'done', 0, 0, 0)",
-                     (old.token("dedupe", "m:M1"), old.token("chat", SEC_GROUP), v1(original)))
+                     (old.token("dedupe", "m:M1"), old.token("chat", SHARED_GROUP), v1(original)))
         conn.execute("INSERT INTO state VALUES ('default', 's2w-progress:5', '1|true_%s_X' , 0)" % LUKAS)
         conn.close()
         store = ws.Store(db)     # the schema upgrade itself needs no key: the re-sealing waits for unlock
         store.close()
-        assert sec_sql(db, "PRAGMA user_version")[0][0] == ws.SCHEMA_VERSION
-        assert sec_sql(db, "SELECT value FROM meta WHERE key='reseal'") == [("pending",)]
+        assert db_query(db, "PRAGMA user_version")[0][0] == ws.SCHEMA_VERSION
+        assert db_query(db, "SELECT value FROM meta WHERE key='reseal'") == [("pending",)]
         # as left by an upgrade interrupted half-way: the first two queue rows are re-sealed already
-        for rid, dedupe, body in sec_sql(db, "SELECT id, dedupe, body FROM queue WHERE id <= 2"):
+        for rid, dedupe, body in db_query(db, "SELECT id, dedupe, body FROM queue WHERE id <= 2"):
             bound = old.encrypt(old.decrypt_legacy(body, b""), ws.seal_context("queue", "body", "default", "w2s", dedupe))
-            sec_sql(db, "UPDATE queue SET body=? WHERE id=?", (bound, rid))
+            db_query(db, "UPDATE queue SET body=? WHERE id=?", (bound, rid))
         store = open_store(db)    # goes on where it stopped
         try:
             assert store.meta("reseal") is None
             assert [store.record_of(r)["body"] for r in store.query("SELECT * FROM queue ORDER BY id")] == \
                 ["queued %d" % n for n in range(5)] + ["group original"]
-            assert store.by_sig("default", 77)["chat"] == SEC_GROUP
+            assert store.by_sig("default", 77)["chat"] == SHARED_GROUP
             # the author, kept only as a token before, is sealed beside it (found in its queued original), so
             # a later rotate-key can recompute the token
             mapping = store.one("SELECT * FROM messages")
             assert store.open_row(mapping, "messages", "wa_sender_enc") == MARTA
             assert store.state("default", "s2w-progress:5", sealed=True) == "1|true_%s_X" % LUKAS
-            assert sec_sql(db, "SELECT value FROM state") == [(None,)]
+            assert db_query(db, "SELECT value FROM state") == [(None,)]
             for table, (_, cols) in ws.SEALED.items():
                 for row in store.query("SELECT * FROM %s" % table):
                     for c in cols:
@@ -10826,12 +10789,12 @@ class TestSealedPlaces:
     def test_the_upgrade_waits_until_the_older_release_has_stopped(self, tmp_path):
         db = str(tmp_path / "w.db")
         open_store(db).close()
-        sec_sql(db, "INSERT OR REPLACE INTO meta VALUES ('reseal', 'pending')")   # as right after the upgrade
-        sec_sql(db, "INSERT INTO lease(name, holder, expires_at) VALUES ('serving:oldhost:7:x', 'oldhost:7:x', ?)",
+        db_query(db, "INSERT OR REPLACE INTO meta VALUES ('reseal', 'pending')")   # as right after the upgrade
+        db_query(db, "INSERT INTO lease(name, holder, expires_at) VALUES ('serving:oldhost:7:x', 'oldhost:7:x', ?)",
                 (time.time() + 60,))
         with pytest.raises(ws.CryptoError, match="older WhatSignal is still running.*stop it first"):
             open_store(db)
-        sec_sql(db, "DELETE FROM lease")
+        db_query(db, "DELETE FROM lease")
         store = open_store(db)
         try:
             assert store.meta("reseal") is None
@@ -10845,7 +10808,7 @@ class TestRotationCoverage:
     def test_every_column_of_the_schema_is_classified(self, tmp_path):
         store = open_store(tmp_path / "schema.db")
         store.close()
-        schema = sec_schema_columns(str(tmp_path / "schema.db"))
+        schema = schema_columns(str(tmp_path / "schema.db"))
         for table, columns in schema.items():
             sealed = set(ws.SEALED.get(table, ((), ()))[1])
             tokens = set(ws.TOKENS.get(table, {}))
@@ -10870,30 +10833,31 @@ class TestRotationCoverage:
         h = Harness(tmp_path, raw_overrides={"bridge": {"layout": "groups"}})
         h.start()
         try:
-            h.waha.contacts[MARTA] = SEC_CAROL_NAME
+            h.waha.contacts[MARTA] = CAROL_NAME
             h.waha.lids["123456789012345@lid"] = MARTA
-            assert h.webhook(sec_group_message(h, "GM1", MARTA, "group hello"))[0] == 200
-            assert h.webhook(sec_group_message(h, "GM2", "123456789012345@lid", "hello from a lid"))[0] == 200
+            assert h.webhook(wa_message(SHARED_GROUP, "GM1", "group hello", participant=MARTA))[0] == 200
+            lid_sender = "123456789012345@lid"
+            assert h.webhook(wa_message(SHARED_GROUP, "GM2", "hello from a lid", participant=lid_sender))[0] == 200
             assert h.webhook(wa_message(KLARA, "DM1", "direct hello"))[0] == 200
             assert h.webhook(wa_reaction(KLARA, "DM1", "👍", "R1"))[0] == 200
             assert eventually(lambda: h.app.store.one("SELECT COUNT(*) FROM queue WHERE state='pending'")[0] == 0)
             db = h.raw["database"]["path"]
             h.app.stop()
             h.app = None
-            schema = sec_schema_columns(db)
+            schema = schema_columns(db)
             hexes = re.compile(rb"[0-9a-f]{32}")
 
             def tokens_in(table):   # every 32-hex-digit string in any text column (tokens are such strings)
                 found = set()
                 for col in schema[table]:
-                    for (v,) in sec_sql(db, 'SELECT "%s" FROM "%s"' % (col, table)):
+                    for (v,) in db_query(db, 'SELECT "%s" FROM "%s"' % (col, table)):
                         if isinstance(v, str):
                             found.update(hexes.findall(v.encode()))
                 return found
             before = {t: tokens_in(t) for t in schema if t != "meta"}
             assert before["messages"] and before["chats"] and before["signal_groups"] and before["queue"]
-            assert sec_sql(db, "SELECT COUNT(*) FROM messages WHERE wa_sender IS NOT NULL")[0][0] >= 1
-            sec_rotate(capsys, h, tmp_path)
+            assert db_query(db, "SELECT COUNT(*) FROM messages WHERE wa_sender IS NOT NULL")[0][0] >= 1
+            rotate_key_via_cli(capsys, h, tmp_path)
             old = set().union(*before.values())
             for table in before:
                 assert not tokens_in(table) & old, "%s still holds a token of the old key" % table
@@ -10912,17 +10876,19 @@ class TestRotationCoverage:
     def test_edit_of_a_group_message_bridged_before_rotation_still_reaches_signal(self, tmp_path, capsys):
         h = Harness(tmp_path).start()
         try:
-            assert h.webhook(sec_group_message(h, "ED1", MARTA, "before rotation"))[0] == 200
+            assert h.webhook(wa_message(SHARED_GROUP, "ED1", "before rotation", participant=MARTA))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 1)
-            sec_rotate(capsys, h, tmp_path)
+            rotate_key_via_cli(capsys, h, tmp_path)
             h.start()
-            assert h.webhook(sec_group_edit(h, "ED1", MARTA, "edited after rotation", "ED2"))[0] == 200
+            target = "false_%s_ED1_%s" % (SHARED_GROUP, MARTA)
+            assert h.webhook(wa_edit(SHARED_GROUP, target, "edited after rotation", "ED2", participant=MARTA))[0] == 200
             assert eventually(lambda: len(h.signal.sent()) == 2)
             assert h.signal.sent()[1].get("editTimestamp") == h.signal.requests("send")[0]["timestamp"]
             assert h.signal.sent()[1]["message"].endswith("edited after rotation")
             assert h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 0
             # someone else still cannot edit it
-            assert h.webhook(sec_group_edit(h, "ED1", LUKAS, "forged", "ED3"))[0] == 200
+            target = "false_%s_ED1_%s" % (SHARED_GROUP, LUKAS)
+            assert h.webhook(wa_edit(SHARED_GROUP, target, "forged", "ED3", participant=LUKAS))[0] == 200
             assert eventually(lambda: h.app.metrics.get("whatsignal_rejected_total", reason="edit_not_by_author") == 1)
         finally:
             h.stop()
@@ -10942,7 +10908,7 @@ class TestRotationCoverage:
             # as a release before schema 5 named it: after the item's dedupe token
             (dedupe,), = db_query(h.raw["database"]["path"], "SELECT dedupe FROM queue")
             os.replace(os.path.join(cache, os.listdir(cache)[0]), os.path.join(cache, "m-%s.jpg" % dedupe))
-            sec_rotate(capsys, h, tmp_path)
+            rotate_key_via_cli(capsys, h, tmp_path)
             h.raw["signal"]["rpcUrl"] = h.signal.url
             h.start()
             assert eventually(lambda: len(h.signal.sent()) == 1, 20)
@@ -10962,7 +10928,7 @@ class TestRotationCoverage:
             cache = h.raw["media"]["cacheDir"]
             assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
             h.waha.files.clear()                      # WAHA's copy expired meanwhile
-            sec_rotate(capsys, h, tmp_path)
+            rotate_key_via_cli(capsys, h, tmp_path)
             h.raw["signal"]["rpcUrl"] = h.signal.url
             h.start()
             assert eventually(lambda: len(h.signal.sent()) == 1, 20)
@@ -10977,7 +10943,7 @@ class TestRotationCoverage:
 # Nothing identifying unsealed; private files; media gone when its item ends
 # ===========================================================================
 
-def sec_mode(path):
+def file_mode(path):
     return os.stat(path).st_mode & 0o777
 
 
@@ -11016,17 +10982,17 @@ class TestAtRest:
                 cache = h.raw["media"]["cacheDir"]
                 assert eventually(lambda: os.path.isdir(cache) and len(os.listdir(cache)) == 1)
                 db = h.raw["database"]["path"]
-                assert sec_mode(db) == 0o600 and sec_mode(db + "-wal") == 0o600 and sec_mode(db + "-shm") == 0o600
-                assert sec_mode(os.path.dirname(db)) == 0o700
-                assert sec_mode(cache) == 0o700
-                assert sec_mode(os.path.join(cache, os.listdir(cache)[0])) == 0o600
+                assert file_mode(db) == 0o600 and file_mode(db + "-wal") == 0o600 and file_mode(db + "-shm") == 0o600
+                assert file_mode(os.path.dirname(db)) == 0o700
+                assert file_mode(cache) == 0o700
+                assert file_mode(os.path.join(cache, os.listdir(cache)[0])) == 0o600
                 cfg = write_config(tmp_path, h.raw)
                 rc, out, err = run_main(capsys, ["--config", cfg, "backup", str(tmp_path / "backups") + "/",
                                                  "--with-config"], bridge_env())
                 assert rc == 0, err
                 report = json.loads(out)
-                assert sec_mode(str(tmp_path / "backups")) == 0o700
-                assert sec_mode(report["backup"]) == 0o600 and sec_mode(report["config"]) == 0o600
+                assert file_mode(str(tmp_path / "backups")) == 0o700
+                assert file_mode(report["backup"]) == 0o600 and file_mode(report["config"]) == 0o600
                 rc, out, err = run_main(capsys, ["--config", cfg, "verify"], bridge_env())
                 assert rc == 0 and "warning" not in json.loads(out)
             finally:
@@ -11119,7 +11085,7 @@ class TestLeaseFencing:
             assert holder == h.app.lease.holder
             assert h.webhook(wa_message(KLARA, "FEN1", "fenced"))[0] == 200
             # another instance took the lease while this one was paused (it has not noticed yet)
-            sec_sql(db, "UPDATE lease SET holder='otherhost:1:b', generation=generation+1, beat=beat+1"
+            db_query(db, "UPDATE lease SET holder='otherhost:1:b', generation=generation+1, beat=beat+1"
                         " WHERE name='delivery'")
             assert leader.is_set()                 # its own monotonic deadline has not passed
             d.run_once()
@@ -11129,7 +11095,7 @@ class TestLeaseFencing:
                 h.app.store.finish(item, "done", time.time(), fence=leader.fence)
             assert db_query(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("pending",)]
             # the lease comes back (same generation): delivered exactly once
-            sec_sql(db, "UPDATE lease SET holder=?, generation=? WHERE name='delivery'", (holder, generation))
+            db_query(db, "UPDATE lease SET holder=?, generation=? WHERE name='delivery'", (holder, generation))
             d.run_once()
             assert [s.endswith("fenced") for s in h.texts()] == [True]
             assert db_query(db, "SELECT state FROM queue WHERE id=?", (item,)) == [("done",)]
@@ -12010,9 +11976,6 @@ def test_fakes_fake_clock():
 # `init`, `webhook install|show`, `doctor`, /readyz, PORT, the process and file-system metrics the
 # alert rules use, and the shipped monitoring files.  Helpers carry the prefix ``setup_``.
 
-SETUP_DIR = os.path.dirname(os.path.abspath(ws.__file__))
-
-
 class TestReadinessAndProcessMetrics:
     def test_readyz_200_when_leader_and_all_upstreams_answer(self, bridge):
         status, _, _, rep = http_request(bridge.url, "GET", "/readyz")
@@ -12074,7 +12037,7 @@ class TestReadinessAndProcessMetrics:
 
 # -- init, webhook, doctor against the fakes ---------------------------------------------------
 
-class SetupStack:
+class DeployedStack:
     """Fake WAHA and signal-cli, config.json and .env written by `init --yes`, and a bridge serving that config."""
 
     def __init__(self, tmp_path, capsys):
@@ -12111,9 +12074,9 @@ class SetupStack:
 
 
 @pytest.fixture
-def setup_stack(tmp_path, capsys):
+def deployed_stack(tmp_path, capsys):
     """A stack ready for `webhook install`: init --yes done, the bridge serving."""
-    s = SetupStack(tmp_path, capsys)
+    s = DeployedStack(tmp_path, capsys)
     try:
         rc, out, err = run_main(capsys, s.init_argv(), {})
         assert rc == 0, err
@@ -12123,17 +12086,17 @@ def setup_stack(tmp_path, capsys):
         s.stop()
 
 
-def setup_doctor_lines(out):
+def doctor_lines(out):
     return [line for line in out.splitlines() if line.startswith(("ok ", "FAIL "))]
 
 
-def setup_fails(out):
-    return [line for line in setup_doctor_lines(out) if line.startswith("FAIL ")]
+def doctor_failures(out):
+    return [line for line in doctor_lines(out) if line.startswith("FAIL ")]
 
 
 class TestInit:
     def test_init_yes_writes_private_files_that_check_config_accepts(self, tmp_path, capsys):
-        s = SetupStack(tmp_path, capsys)
+        s = DeployedStack(tmp_path, capsys)
         try:
             rc, out, err = run_main(capsys, s.init_argv(), {})
             assert rc == 0, err
@@ -12161,7 +12124,7 @@ class TestInit:
             s.stop()
 
     def test_init_never_overwrites_without_force(self, tmp_path, capsys):
-        s = SetupStack(tmp_path, capsys)
+        s = DeployedStack(tmp_path, capsys)
         try:
             assert run_main(capsys, s.init_argv(), {})[0] == 0
             before = (open(s.cfg).read(), open(s.env_path).read())
@@ -12182,7 +12145,7 @@ class TestInit:
         ("--port", "99999", "--port: '99999' is not a port number"),
     ])
     def test_init_refuses_a_bad_answer_and_writes_nothing(self, tmp_path, capsys, flag, value, expect):
-        s = SetupStack(tmp_path, capsys)
+        s = DeployedStack(tmp_path, capsys)
         try:
             argv = s.init_argv()
             argv[argv.index(flag) + 1] = value
@@ -12231,8 +12194,8 @@ class TestInit:
 
 
 class TestWebhookInstall:
-    def test_install_sets_exactly_the_right_webhook_keeps_others_and_is_a_noop_the_second_time(self, setup_stack):
-        s = setup_stack
+    def test_install_sets_exactly_the_right_webhook_keeps_others_and_is_a_noop_the_second_time(self, deployed_stack):
+        s = deployed_stack
         other = {"url": "https://n8n.example/hook", "events": ["message.any"], "hmac": None, "retries": None,
                  "customHeaders": [{"name": "X-Team", "value": "ops"}]}
         s.waha.session_config = {"metadata": {"owner": "me"}, "webhooks": [other]}
@@ -12251,8 +12214,8 @@ class TestWebhookInstall:
         assert len(s.waha.calls_for("/api/sessions/default", method="PUT")) == puts == 1
         assert s.waha.restarts == 1 and "restarts" not in err
 
-    def test_install_replaces_an_earlier_url_of_the_bridge(self, setup_stack):
-        s = setup_stack
+    def test_install_replaces_an_earlier_url_of_the_bridge(self, deployed_stack):
+        s = deployed_stack
         old = {"url": "http://old-host:8082/webhook/whatsapp", "events": ["message"], "hmac": {"key": "k" * 40},
                "retries": None, "customHeaders": None}
         s.waha.session_config = {"webhooks": [old]}
@@ -12263,8 +12226,8 @@ class TestWebhookInstall:
         assert [h["url"] for h in hooks] == ["http://127.0.0.1:%d/webhook/whatsapp" % s.port]
         assert s.waha.restarts == 0 and "warning" not in err     # a stopped session is not restarted
 
-    def test_show_names_each_difference_with_the_fix(self, setup_stack):
-        s = setup_stack
+    def test_show_names_each_difference_with_the_fix(self, deployed_stack):
+        s = deployed_stack
         url = "http://127.0.0.1:%d/webhook/whatsapp" % s.port
         s.waha.session_config = {"webhooks": [{"url": url, "events": ["message"], "hmac": {"key": "x" * 40},
                                                "retries": None, "customHeaders": None}]}
@@ -12282,8 +12245,8 @@ class TestWebhookInstall:
         rc, out, err = s.main("webhook", "show")
         assert rc == 0 and out.strip().endswith("HMAC, retries)") and "DIFF" not in out
 
-    def test_errors_say_cause_and_fix(self, setup_stack):
-        s = setup_stack
+    def test_errors_say_cause_and_fix(self, deployed_stack):
+        s = deployed_stack
         s.waha.api_key = "another-key"
         rc, out, err = s.main("webhook", "install")
         assert rc == 2 and "WAHA refused the API key (401)" in err and "WAHA_API_KEY" in err
@@ -12294,7 +12257,7 @@ class TestWebhookInstall:
 
 
 # (id, how to break the set-up, the failing check, cause must contain, fix must contain)
-SETUP_BROKEN = [
+BROKEN_SETUPS = [
     ("wrong-hmac-key", lambda s: s.waha.session_config["webhooks"][0]["hmac"].update(key="k" * 44),
      "webhook default", "HMAC key is not WEBHOOK_SECRET", "webhook install"),
     ("session-scan-qr", lambda s: setattr(s.waha, "session_status", "SCAN_QR_CODE"),
@@ -12305,44 +12268,44 @@ SETUP_BROKEN = [
      "signal number", "+1555*****01 is not registered", "link -n WhatSignal"),
     ("owner-untrusted", lambda s: s.signal.identities.update({OWNER: "UNTRUSTED"}),
      "owner identity +1555*****02", "UNTRUSTED", "trust -a %s" % OWNER),
-    ("db-secret-wrong", lambda s: setup_rewrite_env(s, WHATSIGNAL_ENCRYPTION_SECRET="another-secret-" + "z" * 30),
+    ("db-secret-wrong", lambda s: rewrite_env(s, WHATSIGNAL_ENCRYPTION_SECRET="another-secret-" + "z" * 30),
      "database", "does not open this database", "use the secret it was created with"),
     ("env-readable-by-others", lambda s: os.chmod(s.env_path, 0o644),
      "files", "readable by other users", "chmod 600"),
-    ("no-public-url", lambda s: setup_edit_config(s, ("server", "host"), "0.0.0.0"),
+    ("no-public-url", lambda s: edit_config(s, ("server", "host"), "0.0.0.0"),
      "webhook default", "server.publicUrl is not set", "set server.publicUrl to it, e.g. http://whatsignal:"),
-    ("bridge-not-running", lambda s: setup_stop_bridge(s),
+    ("bridge-not-running", lambda s: stop_stack_bridge(s),
      "self-test webhook", "nothing answers at http://127.0.0.1:", "start the bridge"),
 ]
 
 
-def setup_rewrite_env(s, **changes):
+def rewrite_env(s, **changes):
     env = s.env()
     env.update(changes)
     ws._write_private(s.env_path, "".join("%s=%s\n" % kv for kv in env.items()))
 
 
-def setup_edit_config(s, path, value):
+def edit_config(s, path, value):
     with open(s.cfg, encoding="utf-8") as f:
         raw = json.load(f)
     raw[path[0]][path[1]] = value
     ws._write_private(s.cfg, json.dumps(raw))
 
 
-def setup_stop_bridge(s):
+def stop_stack_bridge(s):
     s.app.stop()
     s.app = None
 
 
 class TestDoctor:
-    def test_doctor_passes_on_a_correct_setup_and_sends_the_test_message(self, setup_stack):
-        s = setup_stack
+    def test_doctor_passes_on_a_correct_setup_and_sends_the_test_message(self, deployed_stack):
+        s = deployed_stack
         s.signal.identities[OWNER] = "TRUSTED_UNVERIFIED"
         assert s.main("webhook", "install")[0] == 0
         rc, out, err = s.main("doctor", "--send-test")
         assert rc == 0, out + err
-        lines = setup_doctor_lines(out)
-        assert not setup_fails(out)
+        lines = doctor_lines(out)
+        assert not doctor_failures(out)
         names = [l.split(":", 1)[0].split(None, 1)[1] for l in lines]
         assert names == ["config", "files", "database", "waha", "waha session default", "webhook default",
                          "self-test webhook", "signal-cli", "signal number", "owner identity +1555*****02",
@@ -12359,42 +12322,42 @@ class TestDoctor:
         assert s.env()["WEBHOOK_SECRET"] not in out and s.env()["WHATSIGNAL_ENCRYPTION_SECRET"] not in out
         assert s.app.metrics.get("whatsignal_webhook_auth_failures_total") == 0
 
-    @pytest.mark.parametrize("name,breakit,check,cause,fix", SETUP_BROKEN, ids=[b[0] for b in SETUP_BROKEN])
-    def test_doctor_names_the_broken_link_and_its_fix(self, setup_stack, name, breakit, check, cause, fix):
-        s = setup_stack
+    @pytest.mark.parametrize("name,breakit,check,cause,fix", BROKEN_SETUPS, ids=[b[0] for b in BROKEN_SETUPS])
+    def test_doctor_names_the_broken_link_and_its_fix(self, deployed_stack, name, breakit, check, cause, fix):
+        s = deployed_stack
         assert s.main("webhook", "install")[0] == 0
         assert s.main("doctor")[0] == 0
         breakit(s)
         rc, out, err = s.main("doctor")
         assert rc == 1, out
-        fails = setup_fails(out)
+        fails = doctor_failures(out)
         assert len(fails) == 1, out
         head, _, tail = fails[0].partition("; fix: ")
         assert head.startswith("FAIL  %s: " % check), fails[0]
         assert cause in head and fix in tail, fails[0]
         assert "Traceback" not in out + err and out.strip().endswith("1 check failed")
 
-    def test_doctor_reports_an_invalid_config_as_failed_lines(self, setup_stack):
-        s = setup_stack
-        setup_rewrite_env(s, WEBHOOK_SECRET="short")
+    def test_doctor_reports_an_invalid_config_as_failed_lines(self, deployed_stack):
+        s = deployed_stack
+        rewrite_env(s, WEBHOOK_SECRET="short")
         rc, out, err = s.main("doctor")
         assert rc == 1
-        fails = setup_fails(out)
+        fails = doctor_failures(out)
         assert len(fails) == 1 and fails[0].startswith("FAIL  config: whatsapp.webhookSecret: only 5 characters")
         assert "fix: use at least 32" in fails[0]
 
 
 # -- packaging and monitoring files ------------------------------------------------------------
 
-def setup_read(*parts):
-    with open(os.path.join(SETUP_DIR, *parts), encoding="utf-8") as f:
+def read_repo_file(*parts):
+    with open(os.path.join(REPO_DIR, *parts), encoding="utf-8") as f:
         return f.read()
 
 
-def setup_alert_rules():
+def alert_rules():
     """The rules of monitoring/alerts.yml as dicts, read with a small parser for this file's plain YAML subset."""
     rules, rule, section = [], None, None
-    for line in setup_read("monitoring", "alerts.yml").splitlines():
+    for line in read_repo_file("monitoring", "alerts.yml").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = re.match(r"^      - alert: (\S+)$", line)
@@ -12418,17 +12381,17 @@ def setup_alert_rules():
     return rules
 
 
-def setup_dashboard_exprs():
-    dash = json.loads(setup_read("monitoring", "dashboard.json"))
+def dashboard_exprs():
+    dash = json.loads(read_repo_file("monitoring", "dashboard.json"))
     return dash, [t["expr"] for p in dash["panels"] for t in p["targets"]]
 
 
-SETUP_METRIC = re.compile(r"\b((?:whatsignal|process)_[a-z_]+)\b")
+METRIC_NAME = re.compile(r"\b((?:whatsignal|process)_[a-z_]+)\b")
 
 
 class TestPackagingAndMonitoring:
     def test_alerts_cover_the_operations_guide(self):
-        rules = setup_alert_rules()
+        rules = alert_rules()
         names = {r["alert"] for r in rules}
         assert {"WhatSignalDown", "WhatSignalEncryptionErrors", "WhatSignalDiskAlmostFull", "WhatSignalMemoryHigh",
                 "WhatSignalCleanupFailed", "WhatSignalHighLatency", "WhatSignalWebhookAuthFailures"} <= names
@@ -12449,10 +12412,10 @@ class TestPackagingAndMonitoring:
         text = http_request(bridge.url, "GET", "/metrics")[2].decode()
         exported = set(re.findall(r"^# TYPE (\S+) (\w+)$", text, re.M))
         kinds = dict(exported)
-        dash, exprs = setup_dashboard_exprs()
+        dash, exprs = dashboard_exprs()
         used = set()
-        for expr in [r["expr"] for r in setup_alert_rules()] + exprs:
-            for name in SETUP_METRIC.findall(expr):
+        for expr in [r["expr"] for r in alert_rules()] + exprs:
+            for name in METRIC_NAME.findall(expr):
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
                 used.add(base if kinds.get(base) == "histogram" else name)
         assert used - set(kinds) == set(), "used but not exported: %s" % sorted(used - set(kinds))
@@ -12466,14 +12429,14 @@ class TestPackagingAndMonitoring:
         promtool = shutil.which("promtool")
         if not promtool:
             pytest.skip("promtool is not installed (apt-get install prometheus); the other tests check the names")
-        p = subprocess.run([promtool, "check", "rules", os.path.join(SETUP_DIR, "monitoring", "alerts.yml")],
+        p = subprocess.run([promtool, "check", "rules", os.path.join(REPO_DIR, "monitoring", "alerts.yml")],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
         # the alerts fire on made-up series: disk 95 % full, memory 85 %, auth failures, p95 57 s, target down
-        p = subprocess.run([promtool, "test", "rules", os.path.join(SETUP_DIR, "monitoring", "alerts.test.yml")],
+        p = subprocess.run([promtool, "test", "rules", os.path.join(REPO_DIR, "monitoring", "alerts.test.yml")],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
-        _, exprs = setup_dashboard_exprs()
+        _, exprs = dashboard_exprs()
         rules = "groups:\n  - name: dashboard\n    rules:\n" + "".join(
             "      - record: dashboard:q%d\n        expr: %s\n" % (i, json.dumps(e)) for i, e in enumerate(exprs))
         (tmp_path / "dashboard-rules.yml").write_text(rules)
@@ -12482,7 +12445,7 @@ class TestPackagingAndMonitoring:
         assert p.returncode == 0, p.stdout + p.stderr
 
     def test_dockerfile_is_pinned_and_installs_nothing(self):
-        text = setup_read("Dockerfile")
+        text = read_repo_file("Dockerfile")
         froms = re.findall(r"^FROM (\S+)", text, re.M)
         assert len(froms) == 1 and re.fullmatch(r"python:3\.\d+-slim@sha256:[0-9a-f]{64}", froms[0]), froms
         assert not re.search(r"apt-get|apk |pip install|wget|curl", text)
@@ -12490,7 +12453,7 @@ class TestPackagingAndMonitoring:
         assert re.search(r"^USER 10001:10001$", text, re.M)
 
     def test_compose_runs_the_whole_stack(self):
-        text = setup_read("docker-compose.yml")
+        text = read_repo_file("docker-compose.yml")
         services = dict(re.findall(r"^  ([a-z-]+):\n((?:    .*\n|\n)+)", text.split("\nnetworks:\n")[0], re.M))
         assert set(services) == {"waha", "signal-cli", "whatsignal"}
         for name, body in services.items():
@@ -12532,7 +12495,7 @@ class TestDoctorRest:
             assert "signal-cli-rest-api 0.100 (mode normal)" in out and "trusted (TRUSTED_VERIFIED)" in out
             rest.identities[OWNER] = "UNTRUSTED"
             rc, out, err = run_main(capsys, ["--config", cfg, "doctor"], {})
-            fails = setup_fails(out)
+            fails = doctor_failures(out)
             assert rc == 1 and len(fails) == 1 and "UNTRUSTED" in fails[0]
             assert "/v1/identities/%s/trust/%s" % (BRIDGE, OWNER) in fails[0]
         finally:
@@ -12543,8 +12506,8 @@ class TestDoctorRest:
 
 
 class TestDoctorMultiAccount:
-    def test_the_owner_identity_is_read_from_the_bridge_account_of_a_multi_account_daemon(self, setup_stack):
-        s = setup_stack
+    def test_the_owner_identity_is_read_from_the_bridge_account_of_a_multi_account_daemon(self, deployed_stack):
+        s = deployed_stack
         s.signal.accounts = ["+15550000009", BRIDGE]      # a daemon started without -a
         s.signal.identities[OWNER] = "UNTRUSTED"
         doctor = ws.Doctor(ws.load_config(s.cfg, ws.with_env_file(s.cfg, {})), s.cfg, {}, io.StringIO())
