@@ -7725,11 +7725,11 @@ def _load_worker(url, secret, seconds, count, threads, tag, out):
     out.put({"latencies": lat, "errors": errors[0], "sent": sent[0], "elapsed": time.perf_counter() - t0})
 
 
-def _drive(url, secret, concurrency, seconds=0.0, count=0, tag="x"):
-    """Run load-generator processes; return rps and latency percentiles (ms)."""
+def _drive(url, secret, concurrency, seconds=0.0, count=0, tag="x", procs=4):
+    """Run up to *procs* load-generator processes; return rps and latency percentiles (ms)."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    procs_n = max(1, min(concurrency, 4))
+    procs_n = max(1, min(concurrency, procs))
     out = ctx.Queue()
     share = [count // procs_n + (1 if i < count % procs_n else 0) for i in range(procs_n)]
     procs = [ctx.Process(target=_load_worker, args=(url, secret, seconds, share[i],
@@ -7898,7 +7898,7 @@ def _e2e_w2s(bridge, sig, secret, rate, seconds):
             "p50_ms": round(_pct(lat, 0.5) * 1000, 1), "p99_ms": round(_pct(lat, 0.99) * 1000, 1)}
 
 
-def _burst_w2s(bridge, sig, secret, count, concurrency, tag="u"):
+def _burst_w2s(bridge, sig, secret, count, concurrency, tag="u", procs=4):
     """Post *count* messages as fast as WAHA would after a reconnect; time until all reach Signal."""
     seen = collections.Counter()
     lock = threading.Lock()
@@ -7912,7 +7912,8 @@ def _burst_w2s(bridge, sig, secret, count, concurrency, tag="u"):
                 first_last.append(call["at"])
     sig.listeners.append(listen)
     t0 = time.time()
-    ingest = _drive(bridge.url + "/webhook/whatsapp", secret, concurrency, count=count, tag=tag)   # own ids per burst
+    ingest = _drive(bridge.url + "/webhook/whatsapp", secret, concurrency, count=count, tag=tag,   # own ids per burst
+                    procs=procs)
     _await(lambda: len(seen) >= ingest["requests"], 120)
     sig.listeners.remove(listen)
     done = max(first_last) if first_last else time.time()
@@ -8005,6 +8006,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
     burst = 100 if tiny else 1000 if quick else 5000
     history = 100 if tiny else 4000 if quick else 20000
     growth_rows = 2000 if tiny else min(growth_rows, 20000) if quick else growth_rows
+    procs = 1 if tiny else 4              # load-generator processes (each a fresh interpreter to spawn)
     results = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}}
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
@@ -8013,7 +8015,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
     base_url = "http://127.0.0.1:%d/webhook/whatsapp" % q.get(timeout=30)
     secret = secrets.token_urlsafe(32)
     say("bench: baseline (bare ThreadingHTTPServer, same load generator)...")
-    results["baseline"] = {c: _drive(base_url, secret, c, seconds=secs, tag="b") for c in (1, 8, 32)}
+    results["baseline"] = {c: _drive(base_url, secret, c, seconds=secs, tag="b", procs=procs) for c in (1, 8, 32)}
     base_proc.terminate()
     with tempfile.TemporaryDirectory(prefix="whatsignal-bench-") as tmp:
         waha, sig = WahaSim(), SignalSim(keepalive=5.0)
@@ -8026,13 +8028,13 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
             results["rss_idle_mb"], results["rss_hwm_start_mb"] = _rss(bridge.proc.pid)
             sampler = _RssSampler(bridge.proc.pid)
             say("bench: ingest...")
-            results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c)
-                                 for c in (1, 8, 32)}
+            results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c,
+                                           procs=procs) for c in (1, 8, 32)}
             _quiet(sig, quiet)
             say("bench: end to end WhatsApp -> Signal...")
             results["w2s_at_200"] = _e2e_w2s(bridge, sig, secret, 200, 1 if tiny else 2 if quick else 5)
             _quiet(sig, quiet)
-            results["burst"] = _burst_w2s(bridge, sig, secret, burst, 32)
+            results["burst"] = _burst_w2s(bridge, sig, secret, burst, 32, procs=procs)
             _quiet(sig, quiet)
             say("bench: end to end Signal -> WhatsApp...")
             results["s2w_at_200"] = _e2e_s2w(waha, sig, 200, 100 if tiny else 400 if quick else 1000)
@@ -8041,7 +8043,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
             _quiet(waha, quiet)
             results["rss_peak_mb"] = sampler.reset()
             say("bench: history sync after a re-login (%d messages)..." % history)
-            results["history"] = _burst_w2s(bridge, sig, secret, history, 8, tag="h")
+            results["history"] = _burst_w2s(bridge, sig, secret, history, 8, tag="h", procs=procs)
             _quiet(sig, quiet)
             results["history"]["peak_rss_mb"] = sampler.reset()
             results["history"]["vmhwm_mb"] = _rss(bridge.proc.pid)[1]
@@ -8057,8 +8059,9 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
             for rows in ((1000 if tiny else 10000), growth_rows):
                 _fill(os.path.join(tmp, "bench.db"), rows)
                 bridge.start()
-                runs = [_drive(bridge.url + "/webhook/whatsapp", secret, 8, seconds=secs, tag="g%d%d" % (rows, k))
-                        for k in range(2)]       # two runs, averaged: one 3 s run on 2 shared cores is noisy
+                runs = [_drive(bridge.url + "/webhook/whatsapp", secret, 8, seconds=secs, tag="g%d%d" % (rows, k),
+                               procs=procs)
+                        for k in range(1 if tiny else 2)]   # two runs, averaged: one 3 s run on 2 shared cores is noisy
                 growth[rows] = {k: round(sum(r[k] for r in runs) / len(runs), 2)
                                 for k in ("rps", "p50_ms", "p95_ms", "p99_ms")}
                 growth[rows]["errors"] = sum(r["errors"] for r in runs)
