@@ -9140,7 +9140,7 @@ class TestCrashes:
     def test_kill_9_at_random_points_loses_nothing(self, tmp_path, upstream_fakes):
         waha, daemon = upstream_fakes
         rng = random.Random(20260101)
-        n = 500
+        n = 300             # enough to keep both directions busy across every kill; each one is checked
         owner_re = re.compile(r"s2w (\d+)$")
         bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         load = None
@@ -9266,7 +9266,7 @@ class TestCrashes:
 
     def test_sigterm_during_load_exits_0_and_loses_nothing(self, tmp_path, upstream_fakes):
         waha, daemon = upstream_fakes
-        n = 300
+        n = 120             # SIGTERM lands after 30 are acknowledged; the rest arrive after the restart
         bridge = BridgeProcess(tmp_path, raw_config(tmp_path, waha.url, rpc_url=daemon.url))
         db = bridge.raw["database"]["path"]
         load = None
@@ -10249,8 +10249,12 @@ class TestServerLimits:
             base = rss_mb(bridge.proc.pid)
             flood = HostileFlood(bridge.url, 200).start()
             peak, answered, k = base, [], 0
+
+            def seen_enough():      # every kind of refusal met, and a run of signed webhooks answered meanwhile
+                return (len(answered) >= 10 and flood.answers[503] > 0 and flood.answers[401] + flood.answers[429] > 0
+                        and flood.opened > 200 and flood.closed_by_server > 0)
             deadline = time.monotonic() + 6.0
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not seen_enough():
                 peak = max(peak, rss_mb(bridge.proc.pid))
                 if peak >= 60:
                     break                                 # no point in pushing a machine further
@@ -10258,6 +10262,7 @@ class TestServerLimits:
                 status, _, took = poster.post(wa_message(LUKAS, "FL%d" % k, "during the flood %d" % k))
                 answered.append((status, round(took, 2)))
                 time.sleep(0.2)
+            peak = max(peak, rss_mb(bridge.proc.pid))
             flood.stop()
             assert peak < 60, "RSS went from %.0f MB to %.0f MB under 200 hostile connections" % (base, peak)
             assert len(answered) >= 10 and all(st == 200 and took < 5.0 for st, took in answered), answered
