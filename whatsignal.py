@@ -8005,7 +8005,7 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
     say = lambda *a: print(*a, file=out, flush=True)
     quick = quick or tiny
     quiet = 0.3 if tiny else 1.0          # seconds without a new call: the bridge's backlog is drained
-    secs = 0.5 if tiny else 1.5 if quick else 3.0
+    secs = 0.2 if tiny else 1.5 if quick else 3.0
     burst = 100 if tiny else 1000 if quick else 5000
     history = 100 if tiny else 4000 if quick else 20000
     growth_rows = 2000 if tiny else min(growth_rows, 20000) if quick else growth_rows
