@@ -6172,7 +6172,8 @@ class App:
         except OSError as e:
             raise WhatSignalError("cannot listen on %s:%d (%s); pick a free server.port or stop what uses it"
                                   % (host, port, e.strerror or e))
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+        # stop() waits out one poll interval; 50 ms keeps that short (20 idle wake-ups a second cost ~0.02 % CPU)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="http", daemon=True).start()
         self.lease.tick()          # take the lease now, so delivery starts without waiting a lease period
         self.lease.start()
         for w in self.workers:
@@ -6353,7 +6354,7 @@ class Simulator:
         self.cond = threading.Condition()
         self.calls = []
         self.listeners = []
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @property
     def url(self):
