@@ -4748,7 +4748,7 @@ class TestMisc:
             with open(path, encoding="utf-8") as f:
                 assert self.paths_leaving_the_repository(f.read(), os.path.basename(path)) == []
         # The scan finds what it is meant to find.
-        old = 'D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "x")\n'
+        old = 'D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "elsewhere", "x")\n'
         assert len(self.paths_leaving_the_repository(old, "old.py")) == 1
         assert len(self.paths_leaving_the_repository('P = "../' + 'shared' + '/contracts/fixtures"\n', "p.py")) == 1
         assert self.paths_leaving_the_repository('os.path.join(cache, "..", "escape.pdf")\n', "ok.py") == []
