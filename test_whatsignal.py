@@ -6321,6 +6321,7 @@ class TestCatchUp:
         settle_w2s(h)
         assert h.texts() == ["1 message while the bridge was offline:\n+4915111111189: just now"]
 
+
 def bridge_with_contacts(make_bridge, **bridge):
     h = make_bridge(raw_overrides={"bridge": bridge} if bridge else None)
     h.waha.contacts.update({ALICE_DE: "Alice Example", BOB_DE: "Bob Builder"})
@@ -6397,6 +6398,7 @@ class TestOwnMessages:
         settle_w2s(h)
         assert h.texts()[1:] == ["2 messages while the bridge was offline:\nYou → Alice Example: typed on the phone",
                                     "Alice Example: thanks"]
+
 
 def post_call(h, event_name, call_id, caller, video=False, expect="stored"):
     """A GOWS call event (CallData: id, from, timestamp, isVideo, isGroup)."""
@@ -6517,6 +6519,7 @@ class TestPolls:
         with pytest.raises(ws.PayloadError):
             ws.parse_waha_event({"event": "poll.vote", "session": "default", "payload": {"vote": {}, "poll": {}}})
 
+
 class TestMentions:
     def test_mentions_show_names_and_the_owners_at_name_becomes_a_mention(self, make_bridge):
         h = bridge_with_contacts(make_bridge)
@@ -6544,6 +6547,7 @@ class TestMentions:
         h.signal.push(owner_env(int(time.time() * 1000), "mail me at a@b.example", quote=bridge_quote(d[1]["ts"])))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
         assert "mentions" not in h.waha.sent("text")[1]
+
 
 def owner_command(h, text, reply_starts, timeout=10.0):
     """The owner sends a command in the bridge's 1:1 conversation; return the bridge's answer."""
@@ -7899,6 +7903,7 @@ class TestSignalCliWire:
         assert [int(t.rsplit(" ", 1)[1]) for t in texts] == list(range(150))
         assert h.signal.connections_opened <= 6     # kept alive: the receiver's stream, the worker, health
 
+
 class TestSignalCliDataUriNames:
     """signal-cli URL-decodes data-URI parameters and cuts them at ';', '=' and ',' (DataURI.java)."""
 
@@ -8172,6 +8177,7 @@ class TestSignalCliSetupErrors:
         finally:
             h.stop()
 
+
 class TestSignalCliUntrustedOwner:
     """The owner's new safety number on receive: signal-cli emits only an UntrustedIdentityException."""
 
@@ -8209,6 +8215,7 @@ class TestSignalCliUntrustedOwner:
         told = [t for t in h.texts() if "safety number" in t]
         assert len(told) == 1
         assert any("trusted the owner's new safety number" in r["msg"] for r in h.logs.records())
+
 
 class TestSignalCliRateLimits:
     """Send results carry retryAfterSeconds and, when Signal wants a captcha, a challenge token."""
@@ -8266,6 +8273,7 @@ class TestSignalCliRateLimits:
             assert h.texts()[-1].endswith("rest wait")
         finally:
             h.stop()
+
 
 class TestSignalCliOwnerAttachments:
 
