@@ -4588,15 +4588,21 @@ class Bridge:
     def _chat_title(self, channel, chat):
         return self.store.chat_name(channel.session, chat)[0] or jid_to_phone(chat) or chat.split("@")[0]
 
+    def _chat_arg(self, channel, args, usage, quote):
+        """The chat a command names, or None after telling the owner why (its *usage*, or find_chat's answer)."""
+        chat, error = self.find_chat(channel, args) if args else (None, usage)
+        if not chat:
+            self.notify(channel, error, quote=quote)
+        return chat
+
     def _cmd_mute(self, channel, rec, args, quote):
         words = args.split()
         seconds = None
         if len(words) > 1 and re.fullmatch(r"\d{1,5}[mhdw]", words[-1].lower()):
             seconds = int(words[-1][:-1]) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[words[-1][-1].lower()]
             words = words[:-1]
-        chat, error = self.find_chat(channel, " ".join(words)) if words else (None, "Use /mute <chat> [30m|8h|2d|1w].")
+        chat = self._chat_arg(channel, " ".join(words), "Use /mute <chat> [30m|8h|2d|1w].", quote)
         if not chat:
-            self.notify(channel, error, quote=quote)
             return None
         until = self.clock() + seconds if seconds else None
         self._set_mute(channel, chat, until)
@@ -4606,9 +4612,8 @@ class Bridge:
         return None
 
     def _cmd_unmute(self, channel, rec, args, quote):
-        chat, error = self.find_chat(channel, args) if args else (None, "Use /unmute <chat>.")
+        chat = self._chat_arg(channel, args, "Use /unmute <chat>.", quote)
         if not chat:
-            self.notify(channel, error, quote=quote)
             return None
         self._set_mute(channel, chat, None, remove=True)
         n, title = self.held_while_muted(channel, chat), self._chat_title(channel, chat)
@@ -4617,9 +4622,8 @@ class Bridge:
         return None
 
     def _cmd_deliver(self, channel, rec, args, quote):
-        chat, error = self.find_chat(channel, args) if args else (None, "Use /deliver <chat>.")
+        chat = self._chat_arg(channel, args, "Use /deliver <chat>.", quote)
         if not chat:
-            self.notify(channel, error, quote=quote)
             return None
         if self.muted(channel, chat):
             self.notify(channel, "%s is muted; /unmute it first." % self._chat_title(channel, chat), quote=quote)
