@@ -3951,6 +3951,67 @@ class TestStore:
             ws.Store(path)
         assert "newer" in str(e.value)
 
+    def test_upgrade_to_schema_6_keeps_the_queue_and_indexes_only_what_each_index_serves(self, tmp_path):
+        path = str(tmp_path / "v5.db")
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        for v in range(5):
+            db.executescript("BEGIN;" + ws.SCHEMA[v] + "PRAGMA user_version=%d; COMMIT;" % (v + 1))
+        for i, state in enumerate(("pending", "done", "dead", "muted", "pending")):
+            db.execute("INSERT INTO queue(channel, direction, dedupe, chat, kind, body, state, next_at, created_at,"
+                       " updated_at) VALUES ('default', 'w2s', ?, 'c', 'message', x'00', ?, 1, 1, ?)",
+                       ("d%d" % i, state, 10.0 + i))
+        db.close()
+        s = ws.Store(path)
+        try:
+            assert s.one("PRAGMA user_version")[0] == 6
+            indexes = {r[0]: r[1] for r in s.query("SELECT name, sql FROM sqlite_master WHERE type='index'"
+                                                    " AND tbl_name='queue' AND sql IS NOT NULL")}
+            assert sorted(indexes) == ["queue_dedupe_channel", "queue_ended", "queue_pending_only"]
+            assert "WHERE state='pending'" in indexes["queue_pending_only"]
+            assert ws.ENDED in indexes["queue_ended"]
+            assert [r["dedupe"] for r in s.pending("w2s")] == ["d0", "d4"]
+            assert s.queue_depth("w2s") == 2
+            assert s.one("SELECT COUNT(*) FROM queue INDEXED BY queue_ended WHERE " + ws.ENDED)[0] == 3
+        finally:
+            s.close()
+
+    def test_no_statement_on_the_queue_reads_the_whole_table(self, tmp_path):
+        """Every query the delivery, retention, dead-letter and hold paths run on the queue goes through an index.
+
+        The statements are those the store really runs (traced), each planned with SQLite's own EXPLAIN QUERY PLAN.
+        """
+        config = make_config(offline_raw(tmp_path, retentionDays=30))
+        store = open_store(tmp_path / "whatsignal.db")
+        seen = []
+        try:
+            for i in range(3):
+                assert store.enqueue("default", "w2s", "dedupe-%d" % i, KLARA, "message", {"id": i}, T0 - 40 * DAY)
+            first = store.pending("w2s")[0]["id"]
+            store.db.set_trace_callback(seen.append)
+            store.pending("w2s", after=first)
+            store.queue_depth("w2s")
+            store.finish(first, "dead", T0 - 40 * DAY, error="x")
+            store.finish(first + 1, "done", T0 - 40 * DAY)
+            store.release_held("default", KLARA, T0)
+            assert ws.outbox(store, T0)["dead"][0]["id"] == first
+            assert ws.outbox(store, T0, retry="all") == {"requeued": 1}
+            assert ws.cleanup(store, config, T0)["queue"] == 1
+            store.db.set_trace_callback(None)
+            statements = {q for q in seen if re.search(r"\b(FROM|UPDATE|INTO) queue\b", q) and
+                          not q.lstrip().upper().startswith("INSERT")}
+            assert len(statements) >= 7, statements
+            for q in statements:
+                plan = [r[3] for r in store.db.execute("EXPLAIN QUERY PLAN " + q, (None,) * q.count("?"))]
+                # by row id, by a whole dedupe key, or through the index of the state asked for; never by channel
+                # alone (every item the channel ever had) nor the whole table
+                wide = [p for p in plan if re.search(r"\bqueue\b", p) and not re.search(
+                    r"INTEGER PRIMARY KEY|queue_pending_only|queue_ended|dedupe=\?", p)]
+                assert wide == [], (q, plan)
+        finally:
+            store.db.set_trace_callback(None)
+            store.close()
+
     def test_enqueue_dedupe(self, fresh_store):
         s = fresh_store
         assert s.enqueue("default", "w2s", "m:x:1", PEER_JID, "message", {"n": 1}, 1.0) is True

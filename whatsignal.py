@@ -119,7 +119,7 @@ STARTING_STUCK_SECONDS = 300.0        # a session STARTING longer than this is s
 CATCHUP_MARGIN = 600.0                # catch-up reads this far before the last stored event (s): clock skew, retries
 CATCHUP_PACE = 0.25                   # pause between two WAHA calls of a catch-up pass (s)
 CATCHUP_RETRY = 60.0                  # a catch-up pass that failed (WAHA down) is tried again after this (s)
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # WAHA events the bridge handles; every other event is stored nowhere and answered 200.
 WAHA_EVENTS = ("message", "message.reaction", "message.edited", "message.revoked",
@@ -1692,6 +1692,16 @@ SCHEMA = [
     ALTER TABLE lease ADD COLUMN period REAL NOT NULL DEFAULT 0;          -- the holder's lease period (s)
     INSERT OR REPLACE INTO meta(key, value) VALUES ('reseal', 'pending');
     """,
+    # version 6: the queue's two working indexes hold only the rows they serve (partial indexes): pending
+    # items for delivery, ended ones for retention and the dead-letter list.  A new item is written to one
+    # index page fewer, and the delivered items of years no longer sit in the index every new one goes into.
+    # Queries on ended items name the ENDED condition, so SQLite can use queue_ended.
+    """
+    DROP INDEX IF EXISTS queue_pending;
+    DROP INDEX IF EXISTS queue_age;
+    CREATE INDEX IF NOT EXISTS queue_pending_only ON queue(direction, id) WHERE state='pending';
+    CREATE INDEX IF NOT EXISTS queue_ended ON queue(state, updated_at) WHERE state IN ('done', 'dead', 'muted');
+    """,
 ]
 # Where every column of the schema stands.  A test checks these against the schema itself, so a column
 # added later cannot be forgotten by rotate-key or the re-sealing migration.
@@ -1726,6 +1736,7 @@ PLAIN = {    # table -> columns that name nobody and hold no message content
     "lease": ("name", "holder", "expires_at", "generation", "beat", "period"),
     "signal_groups": ("channel", "tag", "state", "created_at", "renamed_at"),
 }
+ENDED = "state IN ('done', 'dead', 'muted')"   # the condition of the partial index queue_ended, word for word
 SEALED_STATE = ("s2w-progress:", "reaction:")   # state keys whose value is sealed (value_enc)
 Row = sqlite3.Row
 ENQUEUE_SQL = ("INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
@@ -2218,9 +2229,11 @@ class Store:
         chats still left are simply held again.
         """
         with self.tx() as db:
-            db.execute("UPDATE queue SET next_at=? WHERE channel=? AND state='pending' AND error LIKE ?",
-                       (now, channel, "%" + HELD_REASON + "%"))
-            return db.execute("UPDATE queue SET next_at=? WHERE channel=? AND chat=? AND state='pending'",
+            # pending items only, through their index: not every item the channel ever had
+            db.execute("UPDATE queue INDEXED BY queue_pending_only SET next_at=? WHERE channel=? AND state='pending'"
+                       " AND error LIKE ?", (now, channel, "%" + HELD_REASON + "%"))
+            return db.execute("UPDATE queue INDEXED BY queue_pending_only SET next_at=? WHERE channel=? AND chat=?"
+                              " AND state='pending'",
                               (now, channel, self.tok("chat", chat))).rowcount
 
     # -- lease ------------------------------------------------------------------
@@ -3910,8 +3923,8 @@ class Bridge:
     def held_while_muted(self, channel, chat):
         """Items of *chat* (and its other id form) kept while it was muted."""
         toks = [self.store.tok("chat", c) for c in self._forms(channel, chat)]
-        return self.store.one("SELECT COUNT(*) FROM queue WHERE channel=? AND state='muted' AND chat IN (%s)"
-                              % ",".join("?" * len(toks)), [channel.session] + toks)[0]
+        return self.store.one("SELECT COUNT(*) FROM queue WHERE channel=? AND state='muted' AND " + ENDED +
+                              " AND chat IN (%s)" % ",".join("?" * len(toks)), [channel.session] + toks)[0]
 
     def _forms(self, channel, chat):
         """A chat's id forms the bridge has seen: the id, and @lid ids that resolve to it."""
@@ -4631,7 +4644,7 @@ class Bridge:
         toks = [self.store.tok("chat", c) for c in self._forms(channel, chat)]
         with self.store.tx() as db:
             n = db.execute("UPDATE queue SET state='pending', next_at=?, updated_at=? WHERE channel=? AND state='muted'"
-                           " AND chat IN (%s)" % ",".join("?" * len(toks)),
+                           " AND " + ENDED + " AND chat IN (%s)" % ",".join("?" * len(toks)),
                            [self.clock(), self.clock(), channel.session] + toks).rowcount
         self.wake["w2s"].set()
         self.notify(channel, "%d message(s) from %s follow." % (n, self._chat_title(channel, chat)), quote=quote)
@@ -4661,7 +4674,7 @@ class Bridge:
         if refused:
             lines.append("Media to WhatsApp: sent as text, WAHA cannot send %s (needs WAHA Plus or another engine)"
                          % ", ".join(sorted(refused)))
-        dead = self.store.one("SELECT COUNT(*) FROM queue WHERE state='dead'")[0]
+        dead = self.store.one("SELECT COUNT(*) FROM queue WHERE state='dead' AND " + ENDED)[0]
         if dead:
             lines.append("Undeliverable (see `whatsignal.py outbox`): %d" % dead)
         if self.signal.problem:
@@ -5821,7 +5834,7 @@ def private_files_warning(db_path, cache_dir):
 
 
 RETENTION_SWEEPS = (   # table, what is old enough to go (never a pending queue item)
-    ("queue", "state IN ('done', 'dead', 'muted') AND updated_at < ?"),
+    ("queue", ENDED + " AND updated_at < ?"),
     ("messages", "created_at < ?"),
     ("chats", "last_at < ?"),
     ("contacts", "updated_at < ?"),
@@ -6118,12 +6131,13 @@ def stats(store, config, now):
 def outbox(store, now, retry=None):
     """List dead letters, or put them (``retry`` = id or 'all') back in the queue."""
     if retry is not None:
-        where, args = ("state='dead'", ()) if retry == "all" else ("state='dead' AND id=?", (int(retry),))
+        where, args = ("state='dead' AND " + ENDED, ()) if retry == "all" else ("state='dead' AND id=?", (int(retry),))
         with store.tx() as db:
             n = db.execute("UPDATE queue SET state='pending', attempts=0, next_at=?, created_at=?, updated_at=?"
                            " WHERE " + where, (now, now, now) + args).rowcount
         return {"requeued": n}
-    rows = store.query("SELECT id, direction, kind, attempts, created_at, error FROM queue WHERE state='dead' ORDER BY id")
+    rows = store.query("SELECT id, direction, kind, attempts, created_at, error FROM queue WHERE state='dead' AND "
+                       + ENDED + " ORDER BY id")
     return {"dead": [{"id": r[0], "direction": r[1], "kind": r[2], "attempts": r[3],
                       "age_s": round(now - r[4]), "error": r[5]} for r in rows]}
 
