@@ -3657,6 +3657,31 @@ class TestEncryption:
             kat_cipher.decrypt(v1, b"")
         assert kat_cipher.token("chat", PEER_JID) == "1de90d17b393e46b2e754ce0d21fa19e"
 
+    def test_nonce_pool_hands_out_each_byte_once_across_refills_and_forks(self):
+        pool = ws.NoncePool(size=40)                       # a refill every 2 nonces of 16 bytes
+        nonces = [pool(16) for _ in range(200)]
+        assert all(len(n) == 16 for n in nonces) and len(set(nonces)) == 200
+        assert len(pool(100)) == 100                        # more than the pool holds: one read of that size
+        if not hasattr(os, "fork"):
+            return
+        assert ws.NONCES(16)                                # the shared pool has bytes left to be copied by fork
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                        # the child: its pool starts empty, not the parent's
+            try:
+                os.write(write, ws.NONCES(16))
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            child = os.read(read, 16)
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        assert len(child) == 16 and child != ws.NONCES(16)
+        sealed = {ws.Cipher("s", b"salt" * 4, n=2, r=1, p=1).encrypt("same", AAD) for _ in range(2)}
+        assert len(sealed) == 2                             # the default nonces differ
+
     def test_tokens_separate_domains_and_values(self, random_cipher):
         t = random_cipher.token("chat", PEER_JID)
         assert re.fullmatch(r"[0-9a-f]{32}", t)

@@ -915,6 +915,36 @@ def safe_filename(name, mime):
 ###############################################################################
 
 
+class NoncePool:
+    """Random bytes for nonces, read from ``os.urandom`` 4 KiB at a time; each byte is handed out once.
+
+    ``os.urandom`` lets go of the interpreter lock for its getrandom(2) call, so with webhooks arriving on
+    several threads every sealed value cost a hand-off of the lock to another thread and a wait to get it
+    back; from the pool that is one call per 256 nonces.  Nonces are stored beside their ciphertext, so
+    holding a few of them ahead is no secret kept.  A forked child starts with an empty pool.
+    """
+
+    def __init__(self, size=4096):
+        self.size = size
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
+        self.lock, self.buf, self.pos = threading.Lock(), b"", 0
+
+    def __call__(self, n):
+        with self.lock:
+            if self.pos + n > len(self.buf):
+                self.buf, self.pos = os.urandom(max(self.size, n)), 0
+            out = self.buf[self.pos:self.pos + n]
+            self.pos += n
+        return out
+
+
+NONCES = NoncePool()
+
+
 class Cipher:
     """Authenticated encryption from the standard library alone.
 
@@ -941,7 +971,7 @@ class Cipher:
     NONCE = 16
     TAG = 32
 
-    def __init__(self, secret, salt, enabled=True, rand=os.urandom, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
+    def __init__(self, secret, salt, enabled=True, rand=NONCES, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P):
         self.enabled = enabled
         self.rand = rand
         if enabled:
@@ -1920,7 +1950,7 @@ class Store:
         """
         return kdf_params(self.meta("kdf"), self.meta("key_check") is not None)
 
-    def unlock(self, secret, enabled=True, rand=os.urandom):
+    def unlock(self, secret, enabled=True, rand=NONCES):
         """Derive the cipher from *secret* and check it against the stored key check value."""
         n, r, p = self.kdf()
         cipher = Cipher(secret or "", self.salt(), enabled=enabled, rand=rand, n=n, r=r, p=p)
