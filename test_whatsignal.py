@@ -4118,6 +4118,28 @@ class TestGroupCommit:
         assert sorted(done) == list(range(8)) and problems == []
         assert fresh_store.one("SELECT COUNT(*) FROM queue")[0] == 240
 
+    @pytest.mark.parametrize("size", [2, 7, ws.ENQUEUE_MANY, ws.ENQUEUE_MANY + 1])
+    def test_a_batch_says_for_each_row_whether_it_was_new(self, fresh_store, size):
+        """One multi-row statement (up to ENQUEUE_MANY rows; more go row by row in one transaction)."""
+        s = fresh_store
+        assert s.enqueue("default", "w2s", "seen-before", "c", "message", {"n": -1}, 1.0)
+        rows, expected, sent = [], [], set()
+        for i in range(size):
+            dedupe = ("seen-before" if i % 3 == 1 else          # there already
+                      "twice-%d" % (i // 4) if i % 3 == 2 else  # twice (or more) in this batch: new once
+                      "new-%d" % i)
+            key = s.tok("dedupe", dedupe)
+            rows.append(("default", "w2s", key, s.tok("chat", "c"), "message",
+                         s.seal(json.dumps({"n": i}), "queue", "body", "default", "w2s", key), 2.0, 2.0, 2.0))
+            expected.append(dedupe != "seen-before" and dedupe not in sent)
+            sent.add(dedupe)
+        assert s._enqueue_rows(rows) == expected
+        stored = sorted(s.record_of(r)["n"] for r in s.pending("w2s", 10000))
+        assert stored == [-1] + [i for i in range(size) if expected[i]]
+        assert s._enqueue_rows(rows) == [False] * size             # all of them there now
+        other = [("work",) + row[1:] for row in rows[:2]]          # the same keys in another channel are new
+        assert s._enqueue_rows(other) == [True, rows[1][2] != rows[0][2]]
+
     def test_a_failing_batch_fails_every_waiter_of_it_and_passes_the_lead_on(self):
         batches, written = [], []
         first_in, release = threading.Event(), threading.Event()
@@ -10083,6 +10105,33 @@ class TestHttpAbuse:
         finally:
             poster.close()
         assert took < 5.0, "stop took %.1f s with one idle kept-alive connection open" % took
+
+
+class TestKernelTimeouts:
+    """On Linux a connection's limits are the kernel's (one call per read or write, no poll before it)."""
+
+    @pytest.mark.skipif(not ws.KERNEL_TIMEOUTS, reason="Linux only; elsewhere Python's socket timeouts are kept")
+    def test_a_silent_or_unread_peer_is_a_timeout_never_a_blocking_error(self):
+        a, b = socket.socketpair()
+        try:
+            assert ws.kernel_timeouts(a, 0.2) and a.gettimeout() is None
+            reader = ws._DeadlineReader(a, 0.2, kernel=True)
+            started = time.monotonic()
+            with pytest.raises(socket.timeout):
+                reader.readinto(bytearray(10))                  # the peer says nothing
+            assert time.monotonic() - started < 5
+            b.sendall(b"hi")
+            assert reader.readinto(bytearray(10)) == 2          # the limit does not outlive the data
+            reader.deadline = time.monotonic() + 0.1            # a request deadline shorter than the idle limit
+            with pytest.raises(socket.timeout):
+                reader.readinto(bytearray(10))
+            writer = ws._SocketWriter(a)
+            with pytest.raises(socket.timeout):
+                for _ in range(10000):                           # the peer reads nothing: the buffers fill up
+                    writer.write(b"x" * 65536)
+        finally:
+            a.close()
+            b.close()
 
 
 class TestHeaderParsing:

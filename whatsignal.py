@@ -1769,6 +1769,7 @@ PLAIN = {    # table -> columns that name nobody and hold no message content
 ENDED = "state IN ('done', 'dead', 'muted')"   # the condition of the partial index queue_ended, word for word
 SEALED_STATE = ("s2w-progress:", "reaction:")   # state keys whose value is sealed (value_enc)
 Row = sqlite3.Row
+ENQUEUE_MANY = 100    # rows in one multi-row INSERT: 9 values each, under SQLite's old limit of 999 variables
 ENQUEUE_SQL = ("INSERT OR IGNORE INTO queue(channel, direction, dedupe, chat, kind, body, next_at, created_at, updated_at)"
                " VALUES (?,?,?,?,?,?,?,?,?)")
 
@@ -2062,15 +2063,37 @@ class Store:
         return self.group.submit(row)     # sealed and tokenised before: only the commit is serialized
 
     def _enqueue_rows(self, rows):
-        """Commit *rows* in one transaction; return, for each, whether it was new."""
+        """Commit *rows* in one transaction; return, for each, whether it was new.
+
+        Up to ENQUEUE_MANY rows go in as one multi-row statement in autocommit: its own transaction and
+        one call into SQLite, which lets go of the interpreter lock once (a statement per row in BEGIN ...
+        COMMIT let go of it for each).  The rows a statement inserts get consecutive row ids, so when some
+        were there already, the new ones are read back by id.  A key twice in one batch is new once.
+        """
         with self.lock:
-            if len(rows) == 1:     # one statement in autocommit: its own transaction, one call into SQLite
-                try:
+            try:
+                if len(rows) == 1:
                     return [self.db.execute(ENQUEUE_SQL, rows[0]).rowcount == 1]
-                except sqlite3.Error as e:
-                    raise StoreError("database write failed: %s" % e) from e
-            with self.tx() as db:
-                return [db.execute(ENQUEUE_SQL, row).rowcount == 1 for row in rows]
+                if len(rows) > ENQUEUE_MANY:
+                    with self.tx() as db:
+                        return [db.execute(ENQUEUE_SQL, row).rowcount == 1 for row in rows]
+                first = {}
+                for i, row in enumerate(rows):
+                    first.setdefault(row[:3], i)      # (channel, direction, dedupe)
+                fresh = [rows[i] for i in sorted(first.values())]
+                cur = self.db.execute(ENQUEUE_SQL + ",(?,?,?,?,?,?,?,?,?)" * (len(fresh) - 1),
+                                      [v for row in fresh for v in row])
+                n, last = cur.rowcount, cur.lastrowid
+                if n == len(fresh):
+                    new = set(first)
+                elif n == 0:
+                    new = set()
+                else:
+                    new = {tuple(r) for r in self.db.execute(
+                        "SELECT channel, direction, dedupe FROM queue WHERE id > ? AND id <= ?", (last - n, last))}
+            except sqlite3.Error as e:
+                raise StoreError("database write failed: %s" % e) from e
+            return [row[:3] in new and first[row[:3]] == i for i, row in enumerate(rows)]
 
     def pending(self, direction, limit=256, after=0):
         """Pending items in the order they arrived, from id *after* on."""
@@ -3429,6 +3452,38 @@ def ignore_list(entries):
     return ids, names
 
 
+class Intake:
+    """Webhooks being taken in right now; the delivery workers give way to them.
+
+    Intake and delivery share one interpreter.  When WAHA floods the bridge (a history sync after a
+    re-login, a backlog after an outage), every delivery in between delays the answers WAHA is waiting
+    for.  So while webhooks are in flight a delivery worker waits before its next item, at most *limit*
+    seconds an item: delivery still moves during a flood and catches up when it ends.  At the rates one
+    person's chats produce, nothing is in flight most of the time and nothing waits.
+    """
+
+    def __init__(self, limit=0.02, step=0.002, sleep=time.sleep, monotonic=time.monotonic):
+        self.limit, self.step, self.sleep, self.monotonic = limit, step, sleep, monotonic
+        self.lock = threading.Lock()
+        self.active = 0
+
+    def __enter__(self):
+        with self.lock:
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.active -= 1
+
+    def give_way(self, stopping):
+        """Wait while webhooks are in flight, at most *limit* seconds (or until *stopping* is set)."""
+        if not self.active:
+            return
+        deadline = self.monotonic() + self.limit
+        while self.active and not stopping.is_set() and self.monotonic() < deadline:
+            self.sleep(self.step)
+
+
 class Bridge:
     """Routing between one or more channels' WhatsApp chats and their owners' Signal.
 
@@ -3453,6 +3508,7 @@ class Bridge:
         self.max_media = config.get("media.maxSizeMB") * 1024 * 1024
         self.cache_dir = config.get("media.cacheDir")
         self.wake = {"w2s": threading.Event(), "s2w": threading.Event()}
+        self.intake = Intake()    # webhooks in flight: delivery gives way to them
         self.names = {}   # (channel, jid) -> (name, looked up at): spares a query per message
         self._locks, self._locks_lock = {}, threading.Lock()   # one download per queued item at a time
         self._media_failed = {}   # queued item -> notice, for media that cannot come
@@ -4862,6 +4918,7 @@ class Deliverer(Worker):
                 self.waiting.add(row["chat"])
                 delay = min(delay, wait)
                 continue
+            self.bridge.intake.give_way(self.stopping)
             if not self.proves():               # no send without proof that the lease is still ours
                 self.seen = row["id"] - 1       # (read again once it is)
                 break
@@ -5403,20 +5460,49 @@ class BodyBudget:
             self.used -= n
 
 
+# Where the kernel keeps a connection's time limits (SO_RCVTIMEO/SO_SNDTIMEO, struct timeval of two longs).  A
+# socket with a Python timeout polls before every recv and send, and each of the two calls lets go of the
+# interpreter lock: with webhooks on several threads, two hand-offs of the lock per read or write.  Elsewhere
+# the server keeps Python's timeouts.
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+
+
+def _timeval(seconds):
+    """*seconds* as a struct timeval, at least 1 ms: a zero timeval would mean no limit at all."""
+    seconds = max(0.001, seconds)
+    return struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
+
+
+def kernel_timeouts(sock, seconds):
+    """Make *sock* blocking with its reads and writes limited to *seconds* by the kernel; False if it cannot."""
+    if not KERNEL_TIMEOUTS:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    except (OSError, struct.error):
+        return False
+    sock.settimeout(None)
+    return True
+
+
 class _DeadlineReader(io.RawIOBase):
     """A connection's reads, each limited by what is left of the request's deadline (not per read)."""
 
-    def __init__(self, sock, idle):
-        self.sock, self.idle = sock, idle
+    def __init__(self, sock, idle, kernel=False):
+        self.sock, self.idle, self.kernel = sock, idle, kernel
         self.deadline = None       # monotonic time by which the current request must have arrived
-        self.timeout = sock.gettimeout()   # the socket's: set again only when it changes (each call drops the GIL)
+        self.timeout = idle if kernel else sock.gettimeout()   # set again only when it changes
 
     def readable(self):
         return True
 
     def _set(self, timeout):
         if timeout != self.timeout:
-            self.sock.settimeout(timeout)
+            if self.kernel:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            else:
+                self.sock.settimeout(timeout)
             self.timeout = timeout
 
     def readinto(self, buf):
@@ -5426,12 +5512,36 @@ class _DeadlineReader(io.RawIOBase):
             if timeout <= 0:
                 raise socket.timeout("request not received within server.requestTimeoutSeconds")
         self._set(timeout)
-        return self.sock.recv_into(buf)
+        try:
+            return self.sock.recv_into(buf)
+        except BlockingIOError:     # the kernel's limit ran out (EAGAIN on a blocking socket)
+            raise socket.timeout("timed out") from None
 
     def received(self):
         """The request has been read: the deadline ends, the idle limit is back."""
         self.deadline = None
         self._set(self.idle)
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """A connection's writes (``socketserver``'s own writer), a send the kernel's limit ended being a timeout."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        try:
+            self.sock.sendall(b)
+        except BlockingIOError:     # SO_SNDTIMEO ran out: the client does not take the answer
+            raise socket.timeout("timed out") from None
+        with memoryview(b) as view:
+            return view.nbytes
+
+    def fileno(self):
+        return self.sock.fileno()
 
 
 class _HeadersNext(Exception):
@@ -5565,7 +5675,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile.close()                 # reads go through the request deadline instead
-        self.reader = _DeadlineReader(self.connection, self.timeout)
+        kernel = kernel_timeouts(self.connection, self.timeout)
+        if kernel:
+            self.wfile = _SocketWriter(self.connection)
+        self.reader = _DeadlineReader(self.connection, self.timeout, kernel)
         self.reader.deadline = time.monotonic() + self.server.request_timeout   # the first request: from accept
         self.rfile = io.BufferedReader(self.reader, 65536)
         with self.server.conn_lock:
@@ -5709,7 +5822,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.reply(404, {"error": "not found"})
             return
         try:
-            self.route_webhook()
+            with self.server.app.bridge.intake:
+                self.route_webhook()
         except (ConnectionError, socket.timeout):    # the client hung up mid-request or mid-answer
             self.close_connection = True
         except Exception as e:  # never a 500 body with internals; logged once with the place
