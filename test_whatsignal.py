@@ -10146,6 +10146,11 @@ class TestHeaderParsing:
             std = http.client.parse_headers(io.BytesIO(block + b"\r\n"))
             assert mine.items() == std.items(), block
             assert mine.get("host") == std.get("host") and mine.get_all("x-a") == std.get_all("x-a"), block
+            for name in ("HOST", "x-A", "a", "b", "nocolonhere", "missing"):     # any case, first value, default
+                assert mine.get(name) == std.get(name) and mine.get(name, "-") == std.get(name, "-"), (block, name)
+            mine["Late"], std["Late"] = "added", "added"                       # changed after parsing
+            del mine["host"], std["host"]
+            assert mine.get("late") == "added" and mine.get("host") == std.get("host") is None, block
 
     def test_connection_and_expect_headers_are_honoured(self, bridge):
         h = bridge

@@ -5563,6 +5563,34 @@ HEADER_LINE = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")   # name: value,
 MAX_HEADER_LINE, MAX_HEADERS = 65536, 100                              # http.client's limits
 
 
+class _Headers(http.client.HTTPMessage):
+    """An HTTPMessage whose ``get`` is a dict look-up: the first value of a name, as ``Message.get`` gives it.
+
+    ``Message.get`` lower-cases every stored name on every call; a webhook asks for eight headers.  Values
+    decoded from ISO-8859-1 hold no surrogates, so the email policy would hand them back unchanged.
+    """
+
+    _first = None     # lower-cased name -> first value; dropped by every method that changes the headers
+
+    def get(self, name, failobj=None):
+        if self._first is None:
+            self._first = {}
+            for k, v in self._headers:
+                self._first.setdefault(k.lower(), v)
+        return self._first.get(name.lower(), failobj)
+
+
+def _drops_index(method):
+    def changed(self, *args, **kwargs):
+        self._first = None
+        return method(self, *args, **kwargs)
+    return changed
+
+
+for _name in ("__setitem__", "__delitem__", "set_raw", "add_header", "replace_header", "set_boundary"):   # Message's
+    setattr(_Headers, _name, _drops_index(getattr(http.client.HTTPMessage, _name)))     # writers of its header list
+
+
 def parse_header_block(lines):
     """An HTTPMessage of *lines* (each ending in a line break), equal to what ``http.client.parse_headers`` builds.
 
@@ -5571,7 +5599,7 @@ def parse_header_block(lines):
     else (folded lines, a bare CR, a line without a name) goes to the email
     parser unchanged.
     """
-    msg = http.client.HTTPMessage()
+    msg = _Headers()
     for line in lines:
         m = HEADER_LINE.fullmatch(line)
         if m is None:
@@ -5776,10 +5804,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.reply(code, {"error": shorten(message or http.HTTPStatus(code).phrase, 80)})
 
+    _ok = (0, b"")
+
     def reply(self, status, obj, headers=None, content_type="application/json", close=False):
         if hasattr(self, "reader"):
             self._received()
         body = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
+        if status == 200 and not headers and content_type == "application/json" and not (close or self.close_connection) \
+                and self.command == "POST" and getattr(self, "request_version", "HTTP/0.9") != "HTTP/0.9":
+            # a webhook's answer: the same bytes send_response and send_header would write, in one piece
+            now = int(time.time())
+            if Handler._ok[0] != now:
+                Handler._ok = (now, ("%s 200 OK\r\nServer: %s\r\nDate: %s\r\nContent-Type: application/json\r\n"
+                                     % (self.protocol_version, self.version_string(), self.date_time_string())
+                                     ).encode("latin-1", "strict"))
+            self.wfile.write(Handler._ok[1] + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            return self._count(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -5800,7 +5840,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _count(self, status):
         path = getattr(self, "path", None)
-        path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
+        if path != WEBHOOK_PATH:
+            path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
         known = path if path in (WEBHOOK_PATH, "/health", "/healthz", "/readyz", "/metrics") else "other"
         self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
 
@@ -5816,7 +5857,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
-        path = urllib.parse.urlsplit(self.path).path
+        path = self.path if self.path == WEBHOOK_PATH else urllib.parse.urlsplit(self.path).path
         if path not in (WEBHOOK_PATH, WEBHOOK_PATH + "/"):
             self._discard_or_close()
             self.reply(404, {"error": "not found"})
