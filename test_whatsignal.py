@@ -9312,8 +9312,8 @@ class TestCrashes:
                 never = [ts for ts in load.pushed if ts not in written()]
                 for ts in never:
                     daemon.push(owner_env(ts, "s2w %d" % load.pushed[ts]))
-                if never:
-                    eventually(done, 10)
+                if never:      # those offered again arrive (what was in flight at a kill may still be missing)
+                    eventually(lambda: all(load.pushed[ts] in tallies()[1] for ts in never), 10)
             w2s, s2w = tallies()
             lost_w2s = sorted(set(range(n)) - set(w2s))
             missing_s2w = sorted(set(range(n)) - set(s2w))
