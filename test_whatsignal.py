@@ -4891,6 +4891,7 @@ BENCH_FIGURES = {
     "growth": None,
 }
 LOAD_FIGURES = {"concurrency", "errors", "p50_ms", "p95_ms", "p99_ms", "requests", "rps"}
+MEASURED_FIGURES = {"cpu_user_us", "cpu_sys_us", "machine_busy_pct"} if os.path.exists("/proc/stat") else set()
 
 
 class TestDemoAndBench:
@@ -4921,14 +4922,18 @@ class TestDemoAndBench:
             else:
                 assert isinstance(r[name], (int, float, dict)), name
         for name in ("baseline", "ingest"):
-            assert all(set(x) == LOAD_FIGURES and x["requests"] > 0 for x in r[name].values()), r[name]
+            assert all(set(x) == LOAD_FIGURES | MEASURED_FIGURES and x["requests"] > 0 for x in r[name].values()), r[name]
+            for x in r[name].values():     # the server's CPU per request and the machine's load, where /proc has them
+                assert all(isinstance(x[k], int) and x[k] >= 0 for k in MEASURED_FIGURES), x
+                assert not MEASURED_FIGURES or (x["cpu_user_us"] + x["cpu_sys_us"] > 0 and x["machine_busy_pct"] <= 100), x
         assert len(r["growth"]) == 2 and all(set(g) == {"rps", "p50_ms", "p95_ms", "p99_ms", "errors"}
                                              for g in r["growth"].values()), r["growth"]
         # what the run proves about the bridge whatever the machine: nothing lost or duplicated, the video went
         for name in ("w2s_at_200", "burst", "s2w_at_200", "s2w_burst", "history"):
             assert (r[name]["lost"], r[name]["duplicated"]) == (0, 0), (name, r[name])
         assert r["media"]["delivered"] is True
-        for label in ("ingest/baseline at concurrency 8", "WhatsApp->Signal burst of", "history sync of", "growth:"):
+        for label in ("ingest/baseline at concurrency 8", "WhatsApp->Signal burst of", "history sync of", "growth:",
+                      "server CPU/req"):
             assert label in p.stdout, label
 
 

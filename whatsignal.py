@@ -7932,6 +7932,40 @@ def _load_worker(url, secret, seconds, count, threads, tag, out):
     out.put({"latencies": lat, "errors": errors[0], "sent": sent[0], "elapsed": time.perf_counter() - t0})
 
 
+def _cpu_times(pid):
+    """(user, system) CPU seconds of process *pid* so far, all its threads; None without /proc."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _machine_ticks():
+    """(busy, total) clock ticks of all CPUs of the machine so far; None without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)      # idle and iowait are not busy
+
+
+def _drive_measured(pid, url, secret, concurrency, **kw):
+    """``_drive``, and the server's CPU per request (user and system, µs) and how busy the machine was (%)."""
+    cpu0, m0 = _cpu_times(pid), _machine_ticks()
+    r = _drive(url, secret, concurrency, **kw)
+    cpu1, m1 = _cpu_times(pid), _machine_ticks()
+    if cpu0 and cpu1 and r["requests"]:
+        r["cpu_user_us"] = round((cpu1[0] - cpu0[0]) / r["requests"] * 1e6)
+        r["cpu_sys_us"] = round((cpu1[1] - cpu0[1]) / r["requests"] * 1e6)
+    if m0 and m1 and m1[1] > m0[1]:
+        r["machine_busy_pct"] = round(100.0 * (m1[0] - m0[0]) / (m1[1] - m0[1]))
+    return r
+
+
 def _drive(url, secret, concurrency, seconds=0.0, count=0, tag="x", procs=4):
     """Run up to *procs* load-generator processes; return rps and latency percentiles (ms)."""
     import multiprocessing
@@ -8222,7 +8256,8 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
     base_url = "http://127.0.0.1:%d/webhook/whatsapp" % q.get(timeout=30)
     secret = secrets.token_urlsafe(32)
     say("bench: baseline (bare ThreadingHTTPServer, same load generator)...")
-    results["baseline"] = {c: _drive(base_url, secret, c, seconds=secs, tag="b", procs=procs) for c in (1, 8, 32)}
+    results["baseline"] = {c: _drive_measured(base_proc.pid, base_url, secret, c, seconds=secs, tag="b", procs=procs)
+                           for c in (1, 8, 32)}
     base_proc.terminate()
     with tempfile.TemporaryDirectory(prefix="whatsignal-bench-") as tmp:
         waha, sig = WahaSim(), SignalSim(keepalive=5.0)
@@ -8235,8 +8270,8 @@ def run_bench(quick=False, growth_rows=1000000, out=None, profile=None, tiny=Fal
             results["rss_idle_mb"], results["rss_hwm_start_mb"] = _rss(bridge.proc.pid)
             sampler = _RssSampler(bridge.proc.pid)
             say("bench: ingest...")
-            results["ingest"] = {c: _drive(bridge.url + "/webhook/whatsapp", secret, c, seconds=secs, tag="i%d" % c,
-                                           procs=procs) for c in (1, 8, 32)}
+            results["ingest"] = {c: _drive_measured(bridge.proc.pid, bridge.url + "/webhook/whatsapp", secret, c,
+                                                    seconds=secs, tag="i%d" % c, procs=procs) for c in (1, 8, 32)}
             _quiet(sig, quiet)
             say("bench: end to end WhatsApp -> Signal...")
             results["w2s_at_200"] = _e2e_w2s(bridge, sig, secret, 200, 1 if tiny else 2 if quick else 5)
@@ -8326,11 +8361,16 @@ class ThreadProfiler:
 
 def _bench_report(r, say):
     b8 = r["baseline"][8]["rps"]
-    say("\n%-44s %10s %9s %9s %9s %7s" % ("", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"))
+    say("\n%-30s %8s %8s %8s %8s %7s %17s %7s" % ("", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+                                                "server CPU/req", "busy"))
     for name in ("baseline", "ingest"):
         for c, x in r[name].items():
-            say("%-44s %10.0f %9.2f %9.2f %9.2f %7d" % ("%s, concurrency %d" % (name, c), x["rps"], x["p50_ms"],
-                                                          x["p95_ms"], x["p99_ms"], x["errors"]))
+            cpu = ("%d+%d us" % (x["cpu_user_us"], x["cpu_sys_us"])) if "cpu_user_us" in x else "-"
+            busy = ("%d %%" % x["machine_busy_pct"]) if "machine_busy_pct" in x else "-"
+            say("%-30s %8.0f %8.2f %8.2f %8.2f %7d %17s %7s" % ("%s, concurrency %d" % (name, c), x["rps"], x["p50_ms"],
+                                                              x["p95_ms"], x["p99_ms"], x["errors"], cpu, busy))
+    say("(server CPU/req: user+system CPU of the server process per request; busy: all CPUs of the machine, "
+        "load generators included)")
     say("ingest/baseline at concurrency 8: %.0f%%" % (100.0 * r["ingest"][8]["rps"] / b8))
     w, s2 = r["w2s_at_200"], r["s2w_at_200"]
     say("WhatsApp->Signal at %s/s: p50 %.1f ms, p99 %.1f ms, lost %d, duplicated %d"
