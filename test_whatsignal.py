@@ -4433,6 +4433,55 @@ class TestHttpServer:
         assert http_request(bridge.url, "POST", "/webhook/other", b"{}", {"Content-Type": "application/json"})[0] == 404
 
 
+class TestIntakeFirst:
+    """Delivery gives way to webhooks in flight, for a bounded time an item."""
+
+    def test_give_way_waits_while_webhooks_are_in_flight_and_never_longer_than_its_limit(self):
+        now, slept, ends_at = [100.0], [], [None]
+        intake = None
+
+        def sleep(seconds):
+            slept.append(seconds)
+            now[0] += seconds
+            if ends_at[0] is not None and now[0] >= ends_at[0] and intake.active:
+                intake.__exit__(None, None, None)        # the webhook in flight is answered
+
+        intake = ws.Intake(limit=0.02, step=0.002, sleep=sleep, monotonic=lambda: now[0])
+        stopping = threading.Event()
+        intake.give_way(stopping)
+        assert slept == []                                 # nothing in flight: no wait at all
+        with intake:
+            assert intake.active == 1
+            intake.give_way(stopping)                      # a webhook that does not end: the limit
+            assert abs(sum(slept) - 0.02) < 0.0021 and intake.active == 1
+            stopping.set()
+            slept.clear()
+            intake.give_way(stopping)                      # stopping: no wait
+            assert slept == []
+        assert intake.active == 0
+        stopping.clear()
+        intake.__enter__()
+        ends_at[0] = now[0] + 0.005
+        intake.give_way(stopping)                          # waits until the webhook ends, not the whole limit
+        assert intake.active == 0 and 0.004 <= sum(slept) <= 0.007
+
+    def test_a_webhook_held_in_flight_by_a_slow_sender_does_not_stop_delivery(self, bridge):
+        h = bridge
+        body = body_of(wa_message(KLARA, "3EB0SLOWSENDER01", "slowly"))
+        host, port = bridge_addr(h)
+        slow = socket.create_connection((host, port), timeout=5)
+        try:
+            slow.sendall(raw_request("/webhook/whatsapp", body)[:-len(body) + 10])   # headers and 10 bytes of body
+            assert eventually(lambda: h.app.bridge.intake.active == 1, 5)
+            for i in range(5):
+                post_event(h, wa_message(PEER_JID, "3EB0INFLIGHT%04d" % i, "meanwhile %d" % i))
+            assert eventually(lambda: len([t for t in h.texts() if "meanwhile" in t]) == 5, 5), h.texts()
+            assert h.app.bridge.intake.active == 1         # delivered while the slow one was still in flight
+        finally:
+            slow.close()
+        assert eventually(lambda: h.app.bridge.intake.active == 0, 10)
+
+
 class TestIngestCommit:
     """Webhooks arriving together are committed together; each is answered only after its commit."""
 

@@ -3464,16 +3464,17 @@ class Intake:
 
     def __init__(self, limit=0.02, step=0.002, sleep=time.sleep, monotonic=time.monotonic):
         self.limit, self.step, self.sleep, self.monotonic = limit, step, sleep, monotonic
-        self.lock = threading.Lock()
-        self.active = 0
+        self.flights = collections.deque()     # one entry a webhook in flight: appends and pops need no lock
+
+    @property
+    def active(self):
+        return len(self.flights)
 
     def __enter__(self):
-        with self.lock:
-            self.active += 1
+        self.flights.append(None)
 
     def __exit__(self, *exc):
-        with self.lock:
-            self.active -= 1
+        self.flights.pop()
 
     def give_way(self, stopping):
         """Wait while webhooks are in flight, at most *limit* seconds (or until *stopping* is set)."""
@@ -5733,8 +5734,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return Handler._date[1]
 
     def parse_request(self):
-        with self.server.conn_lock:       # busy from the request line on, not while waiting for one
-            self.server.connections[self.connection] = True
+        # busy from the request line on, not while waiting for one.  Only this thread sets its connection's
+        # value, between setup and finish, which add and remove the key under the lock; a value set on a key
+        # that is there is one atomic step, and close_idle copies the items under the lock
+        self.server.connections[self.connection] = True
         if self.server.draining:
             self.close_connection = True
         rfile, self.rfile = self.rfile, _NoHeaders      # the request line by the standard library, headers below
@@ -5789,9 +5792,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self._received()
-            with self.server.conn_lock:
-                if self.connection in self.server.connections:
-                    self.server.connections[self.connection] = False
+            self.server.connections[self.connection] = False     # idle again (see parse_request)
 
     def _received(self):
         """The request has been read: answering and the next idle wait are not under its deadline."""
