@@ -5590,6 +5590,7 @@ def _drops_index(method):
 
 for _name in ("__setitem__", "__delitem__", "set_raw", "add_header", "replace_header", "set_boundary"):   # Message's
     setattr(_Headers, _name, _drops_index(getattr(http.client.HTTPMessage, _name)))     # writers of its header list
+del _name
 
 
 def parse_header_block(lines):
