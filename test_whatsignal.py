@@ -6524,6 +6524,7 @@ class TestOwnMessages:
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 1, 10)
         post_event(h, h.waha.event("message", wa_payload(ALICE_DE, "IN3", "Hello?")))
         assert eventually(lambda: len(h.texts()) == 3)
+        settle_w2s(h)        # recorded too, not only sent: the latest chat is what the record says
         h.signal.push(owner_env(int(time.time() * 1000), "second"))
         assert h.waha.wait_for(lambda f: len(f.sent("text")) == 2, 10)
         assert [(b["chatId"], b["text"]) for b in h.waha.sent("text")] == [(BOB_DE, "first"), (ALICE_DE, "second")]
