@@ -7251,6 +7251,7 @@ class TestCommands:
         ev = h.waha.event("session.status", {"name": "default", "status": "WORKING"})
         assert h.webhook(ev)[0] == 200
         assert eventually(lambda: h.app.store.state("default", "session_status") == "WORKING")
+        settle_w2s(h)        # the status event's own item recorded as delivered, not only acted on
         r = self.command_reply(h, "/status", len(h.received()))
         assert r["to"] == OWNER
         assert "WhatSignal " + ws.__version__ in r["text"]
