@@ -5840,15 +5840,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.flush_headers()
         self._count(status)
 
-    def _count(self, status):
+    def _route_path(self):
+        """The request's path without its query; the webhook's own path is taken as it is, unparsed."""
         path = getattr(self, "path", None)
-        if path != WEBHOOK_PATH:
-            path = urllib.parse.urlsplit(path).path if isinstance(path, str) else "?"
+        if not isinstance(path, str):
+            return "?"
+        return path if path == WEBHOOK_PATH else urllib.parse.urlsplit(path).path
+
+    def _count(self, status):
+        path = self._route_path()
         known = path if path in (WEBHOOK_PATH, "/health", "/healthz", "/readyz", "/metrics") else "other"
         self.server.app.metrics.inc("whatsignal_http_requests_total", path=known, status=str(status))
 
     def do_GET(self):
-        path = urllib.parse.urlsplit(self.path).path
+        path = self._route_path()
         route = {"/healthz": self.route_healthz, "/health": self.route_health, "/readyz": self.route_readyz,
                  "/metrics": self.route_metrics}.get(path)
         if route is None:
@@ -5859,7 +5864,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self):
-        path = self.path if self.path == WEBHOOK_PATH else urllib.parse.urlsplit(self.path).path
+        path = self._route_path()
         if path not in (WEBHOOK_PATH, WEBHOOK_PATH + "/"):
             self._discard_or_close()
             self.reply(404, {"error": "not found"})
